@@ -1,0 +1,113 @@
+"""knnflow datasets, build-index and index-info."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from knnflow.data import dataset_infos, load_dataset
+from knnflow.errors import InputError
+from knnflow.index import DTYPES, KINDS, Index, read_manifest
+
+from .console import console, human_bytes, key_value_table, progress_bar
+
+RootOption = Annotated[Optional[Path], typer.Option(
+    help="Folder holding the data set's files (default: data/NAME, or $KNNFLOW_DATA/NAME).")]
+SplitOption = Annotated[str, typer.Option(help="Which split to load: train or test.")]
+LimitOption = Annotated[Optional[int], typer.Option(
+    help="Keep only the first N images of the split (default: all).")]
+SizeOption = Annotated[Optional[int], typer.Option(
+    help="folder:PATH only: center-crop and resize every image to SIZE×SIZE.")]
+
+
+def datasets() -> None:
+    """List the data sets knnflow can load, their shapes, and where it expects their files."""
+    table = Table(title="Data sets: float32 images in [-1, 1], C×H×W", title_justify="left",
+                  caption="--root DIR replaces data/NAME (or set $KNNFLOW_DATA to replace data/)",
+                  caption_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
+    table.add_column("train / test", no_wrap=True)
+    table.add_column("files expected at", overflow="fold")
+    for info in dataset_infos():
+        table.add_row(info.name, info.shape, info.size, info.location)
+    console.print(table)
+
+
+def default_index_folder(dataset: str, split: str) -> Path:
+    """indices/<dataset>-<split>; for folder:/npz:/npy: paths, the kind and the file's stem."""
+    kind, _, path = dataset.partition(":")
+    name = f"{kind}-{Path(path).stem}" if path else dataset
+    return Path("indices") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{split}"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def build_index(
+    dataset: Annotated[str, typer.Argument(
+        help="Data set: digits, mnist, cifar10, celeba64, synthetic, folder:PATH, npz:PATH, "
+             "npy:PATH.")] = "digits",
+    root: RootOption = None,
+    split: SplitOption = "train",
+    limit: LimitOption = None,
+    size: SizeOption = None,
+    kind: Annotated[str, typer.Option(
+        help=f"Index kind: {' or '.join(KINDS)}. flat is exact brute force; ivf clusters the "
+             "data (exact search still scans every list).")] = "flat",
+    nlist: Annotated[Optional[int], typer.Option(
+        help="ivf only: number of lists (default: about 4·√n).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(
+        help="ivf only: lists searched in approximate mode (default: nlist/16).")] = None,
+    dtype: Annotated[str, typer.Option(
+        help=f"Storage of the raw data: {' or '.join(DTYPES)}.")] = "float32",
+    out: Annotated[Optional[Path], typer.Option(
+        help="Index folder to write (default: indices/<dataset>-<split>).")] = None,
+    device: Annotated[str, typer.Option(
+        help="Build on auto, cpu or cuda (cuda needs faiss-gpu).")] = "auto",
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing index folder at --out.")] = False,
+) -> None:
+    """Build and save an index folder: FAISS index, raw data and a manifest with checksums."""
+    folder = out or default_index_folder(dataset, split)
+    if folder.exists() and not overwrite:
+        raise InputError(f"{folder} already exists; pass --overwrite to replace it")
+    with progress_bar() as progress:
+        progress(f"loading {dataset}", 0, 1)
+        images = load_dataset(dataset, root=root, split=split, limit=limit, size=size)
+        progress(f"loading {dataset}", 1, 1)
+        described = {"name": dataset, "split": split, "limit": limit, "size": size,
+                     "root": str(root) if root else None}
+        index = Index.build(images, kind=kind, device=device, dtype=dtype, nlist=nlist,
+                            nprobe=nprobe, dataset=described, progress=progress)
+        index.save(folder, overwrite=overwrite, progress=progress)
+    m = index.manifest
+    console.print(key_value_table(f"Index written to {folder}", [
+        ("n", m["n"]), ("d", m["d"]), ("image shape", "×".join(map(str, m["image_shape"]))),
+        ("kind", m["index"]["kind"]), ("bytes on disk", human_bytes(folder_bytes(folder))),
+        ("build seconds", f"{m['build_seconds']:.2f}"),
+    ]))
+
+
+def _flatten(prefix: str, value: object) -> list[tuple[str, object]]:
+    if isinstance(value, dict):
+        return [row for key, sub in value.items() for row in _flatten(f"{prefix}{key}.", sub)]
+    return [(prefix[:-1], value)]
+
+
+def index_info(
+    folder: Annotated[Path, typer.Argument(help="An index folder written by build-index.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Print an index folder's manifest."""
+    manifest = read_manifest(folder)
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    console.print(key_value_table(f"Index {folder}", _flatten("", manifest)))

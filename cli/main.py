@@ -1,0 +1,36 @@
+"""Entry point of the `knnflow` command."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from knnflow.errors import KnnflowError
+
+from . import bench_commands, data_commands
+
+app = typer.Typer(
+    help="knnflow: the closed-form optimal velocity of a training set, fast and with a stated "
+         "error, for flow-matching research.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command("datasets")(data_commands.datasets)
+app.command("build-index")(data_commands.build_index)
+app.command("index-info")(data_commands.index_info)
+app.add_typer(bench_commands.app, name="bench")
+
+
+def run() -> None:
+    """Run the app; user errors become one line on stderr and exit status 2."""
+    try:
+        app()
+    except KnnflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

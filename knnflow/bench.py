@@ -1,0 +1,307 @@
+"""Side-by-side speed and error measurements, each in one run on the same queries.
+
+`bench_exact` compares (a) the naive form of published reference code (cdist over all n, then
+softmax, then matmul), (b) knnflow's streaming exact engine and (c) plain matmuls of the same
+shapes, which give this machine's GEMM rate and so the two-GEMM limit of 4·n·d FLOPs per query.
+(c) is measured on the full shapes and on the engine's chunk shapes; the faster one counts.
+Errors are against a float64 brute force on the same queries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
+from knnflow.data import load_dataset, synthetic_images
+from knnflow.errors import InputError
+from knnflow.index import resolve_device
+
+QUICK_TS = (0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999)
+Progress = Callable[[str, int, int], None]
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of `repeats` calls after one warm-up call (the first call is slower)."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _heap_reader() -> Callable[[], int] | None:
+    """Bytes malloc has handed out (main-arena heap plus mmapped blocks, glibc's mallinfo2),
+    or None where that is not available. torch's CPU tensors come from malloc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def read() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return read
+
+
+class PeakMemory:
+    """Peak extra memory of a block: the CUDA allocator's peak on a GPU; on a CPU, the peak of
+    malloc's bytes in use, read by a busy thread (glibc only; None elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: int | None = None
+
+    @contextmanager
+    def measure(self) -> Iterator[PeakMemory]:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield self
+            _sync(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - base
+            return
+        read = _heap_reader()
+        if read is None:
+            yield self
+            return
+        base = read()
+        peak, done = [base], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], read())
+                time.sleep(0)  # yield the GIL; a busy reader catches short-lived peaks
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            done.set()
+            thread.join()
+            self.peak_bytes = max(peak[0], read()) - base
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device,
+                     min_seconds: float = 0.1) -> int | None:
+    """Peak extra memory of fn(), called repeatedly for at least `min_seconds` so that the
+    sampling thread sees its short-lived peaks too."""
+    meter = PeakMemory(device)
+    with meter.measure():
+        start = time.perf_counter()
+        while True:
+            fn()
+            if time.perf_counter() - start >= min_seconds:
+                break
+    return meter.peak_bytes
+
+
+def relative_errors(estimate: Tensor, reference: Tensor) -> Tensor:
+    """‖estimate - reference‖ / ‖reference‖ per row, in float64."""
+    estimate, reference = estimate.to(torch.float64).cpu(), reference.to(torch.float64).cpu()
+    return (estimate - reference).norm(dim=1) / reference.norm(dim=1).clamp(min=1e-300)
+
+
+# --------------------------------------------------------------------------- reference forms
+
+
+def naive_velocity(x: Tensor, t: float, points: Tensor) -> Tensor:
+    """The form in published reference code: a full B×n distance matrix, softmax, matmul."""
+    sq = torch.cdist(x, t * points).square()
+    weights = torch.softmax(-sq / (2 * (1 - t) ** 2), dim=1)
+    return (weights @ points - x) / (1 - t)
+
+
+def float64_velocity(x: Tensor, t: float, points: Tensor, query_block: int = 64) -> Tensor:
+    """Brute force in float64. For t ≤ 0.999 the GEMM form is exact to < 1e-6 nats in float64;
+    beyond, distances are taken from explicit differences, one query at a time."""
+    x64, p64 = x.to(torch.float64), points.to(torch.float64)
+    out = torch.empty_like(x64)
+    s = 0.5 / (1 - t) ** 2
+    p_norms = p64.square().sum(1)
+    for i in range(0, x64.shape[0], query_block):
+        q = x64[i:i + query_block]
+        if t <= 0.999:
+            sq = q.square().sum(1, keepdim=True) - 2 * t * q @ p64.T + t * t * p_norms
+        else:
+            sq = torch.stack([(row - t * p64).square().sum(1) for row in q])
+        weights = torch.softmax(-s * sq, dim=1)
+        out[i:i + query_block] = (weights @ p64 - q) / (1 - t)
+    return out
+
+
+# --------------------------------------------------------------------------- bench exact
+
+
+def image_shape_for(dim: int) -> tuple[int, ...]:
+    """A plausible image shape with `dim` values: 3×S×S or 1×S×S when square, else 1×dim."""
+    for channels in (3, 1):
+        side = math.isqrt(dim // channels)
+        if channels * side * side == dim:
+            return (channels, side, side)
+    return (1, dim)
+
+
+@dataclass
+class ExactRow:
+    t: float
+    naive_qps: float
+    engine_qps: float
+    speedup: float
+    limit_fraction: float
+    naive_error_median: float
+    naive_error_max: float
+    engine_error_median: float
+    engine_error_max: float
+    naive_peak_bytes: int | None
+    engine_peak_bytes: int | None
+
+
+@dataclass
+class ExactBench:
+    config: dict
+    gemm_gflops: float
+    limit_qps: float
+    rows: list[ExactRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _bench_data(dataset: str | None, root: str | None, n: int, dim: int, batch: int,
+                seed: int) -> tuple[Tensor, Tensor, str]:
+    """Training points (n, d) and held-out images (batch, d) for the queries."""
+    if dataset is not None:
+        points = load_dataset(dataset, root=root, split="train", limit=n)
+        held_out = load_dataset(dataset, root=root, split="test", limit=batch)
+        name = dataset
+    else:
+        shape = image_shape_for(dim)
+        points = synthetic_images(n, shape, seed=seed)
+        held_out = synthetic_images(batch, shape, seed=seed + 1)
+        name = f"synthetic {'×'.join(map(str, shape))}"
+    points = points.reshape(points.shape[0], -1)
+    held_out = held_out.reshape(held_out.shape[0], -1)
+    if held_out.shape[0] < batch:  # small test splits: draw with replacement
+        gen = torch.Generator().manual_seed(seed)
+        held_out = held_out[torch.randint(held_out.shape[0], (batch,), generator=gen)]
+    return points.contiguous(), held_out, name
+
+
+def bench_exact(n: int = 50_000, dim: int = 3072, batch: int = 256,
+                ts: tuple[float, ...] = (0.1, 0.5, 0.9), device: str = "cpu", repeats: int = 3,
+                dataset: str | None = None, root: str | None = None, seed: int = 0,
+                progress: Progress | None = None) -> ExactBench:
+    """Queries/s, error against float64 and peak extra memory of (a) and (b); GEMM rate (c)."""
+    if any(not 0 <= t < 1 for t in ts):
+        raise InputError(f"every t must lie in [0, 1), got {list(ts)}")
+    if min(n, dim, batch, repeats) < 1:
+        raise InputError("--n, --d, --batch and --repeats must be at least 1")
+    dev = torch.device(resolve_device(device))
+    points, held_out, name = _bench_data(dataset, root, n, dim, batch, seed)
+    n, dim = points.shape
+    points_dev = points.to(dev)
+    train = TrainingSet.from_points(points_dev)
+    gen = torch.Generator().manual_seed(seed)
+
+    full_rate, chunked_rate = gemm_gflops(held_out.to(dev), points_dev, repeats, seed)
+    gflops = max(full_rate, chunked_rate)
+    result = ExactBench(
+        config={"data": name, "n": n, "d": dim, "batch": batch, "device": str(dev),
+                "repeats": repeats, "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "gemm_full_gflops": full_rate,
+                "gemm_chunked_gflops": chunked_rate},
+        gemm_gflops=gflops, limit_qps=gflops * 1e9 / (4 * n * dim))
+    for i, t in enumerate(ts):
+        if progress:
+            progress("bench exact", i, len(ts))
+        noise = torch.randn(batch, dim, generator=gen)
+        x = ((1 - t) * noise + t * held_out).to(dev)
+        result.rows.append(_exact_row(x, t, points, points_dev, train, repeats, result.limit_qps))
+    if progress:
+        progress("bench exact", len(ts), len(ts))
+    return result
+
+
+def gemm_gflops(queries: Tensor, points: Tensor, repeats: int, seed: int,
+                chunk_size: int = DEFAULT_CHUNK) -> tuple[float, float]:
+    """(c): the rate of the exact computation's two GEMMs (B×d·d×n and B×n·n×d), measured on
+    the full shapes and on chunk-sized shapes; the higher one sets the two-GEMM limit."""
+    batch, n, dim = queries.shape[0], points.shape[0], points.shape[1]
+    weights = torch.rand(batch, n, generator=torch.Generator().manual_seed(seed)).to(points.device)
+    flops = 4 * batch * n * dim
+
+    def chunked() -> None:
+        for start in range(0, n, chunk_size):
+            chunk = points[start:start + chunk_size]
+            queries @ chunk.T
+            weights[:, start:start + chunk_size] @ chunk
+
+    full_s = median_seconds(lambda: (queries @ points.T, weights @ points), repeats,
+                            points.device)
+    chunked_s = median_seconds(chunked, repeats, points.device)
+    return flops / full_s / 1e9, flops / chunked_s / 1e9
+
+
+def _exact_row(x: Tensor, t: float, points: Tensor, points_dev: Tensor, train: TrainingSet,
+               repeats: int, limit_qps: float) -> ExactRow:
+    batch, dev = x.shape[0], x.device
+    reference = float64_velocity(x.cpu(), t, points)
+
+    def naive() -> Tensor:
+        return naive_velocity(x, t, points_dev)
+
+    def engine() -> Tensor:
+        return (closed_form_state(x, t, train).denoiser() - x.to(torch.float64)) / (1 - t)
+
+    naive_s = median_seconds(naive, repeats, dev)
+    engine_s = median_seconds(engine, repeats, dev)
+    naive_err = relative_errors(naive(), reference)
+    engine_err = relative_errors(engine().to(torch.float32), reference)
+    return ExactRow(
+        t=t, naive_qps=batch / naive_s, engine_qps=batch / engine_s, speedup=naive_s / engine_s,
+        limit_fraction=batch / engine_s / limit_qps,
+        naive_error_median=float(naive_err.median()), naive_error_max=float(naive_err.max()),
+        engine_error_median=float(engine_err.median()), engine_error_max=float(engine_err.max()),
+        naive_peak_bytes=peak_extra_bytes(naive, dev),
+        engine_peak_bytes=peak_extra_bytes(engine, dev))
+
+
+def save_json(data: dict, path: Path) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

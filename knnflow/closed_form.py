@@ -1,0 +1,415 @@
+"""The exact closed-form velocity û*(x, t) of a finite training set, and its conversions.
+
+Convention: x_t = (1-t)·x0 + t·x1 with x0 ~ N(0, I), t = 0 is noise and t = 1 is data. Over
+training points x_1..x_n the posterior over which point made x_t is a softmax:
+
+    ℓ_j = -‖x - t·x_j‖² / (2(1-t)²),      λ_j = softmax_j(ℓ_j)
+    D(x, t)  = E[x1 | x_t = x] = Σ_j λ_j x_j          (denoiser)
+    û*(x, t) = (D - x) / (1-t)                         (velocity)
+    ∇log p_t(x) = (t·D - x) / (1-t)²                   (score)
+
+The engine streams the data in chunks and keeps, per query, a mergeable softmax state
+(reference logit m, Z = Σ exp(ℓ_j - m), S = Σ exp(ℓ_j - m)·x_j) in float64, so memory is
+O(B·chunk) and chunks, GPU shards and distributed ranks all combine with the same merge.
+
+Precision. Logits are screened with one GEMM in the compute dtype:
+ℓ_j + s‖x‖² = 2st⟨x, x_j⟩ - st²‖x_j‖² (the ‖x‖² term is the same for every j and cancels).
+That form cancels catastrophically as t → 1 because s = 1/(2(1-t)²) multiplies its rounding
+error, so every weight that matters gets its logit recomputed exactly, in float64, from
+the difference x - t·x_j. Which weights matter follows from a rounding-error bound on the
+screened logits (`screening_error_bound`), never from a fixed k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from knnflow.errors import InputError
+
+FLOAT32_ROUNDOFF = 2.0**-24
+FLOAT64_ROUNDOFF = 2.0**-53
+
+# Weights below exp(-margin) of the largest are dropped: with margin = log(n) + 36 the dropped
+# mass is below e^-36 ≈ 2e-16 of the total, under float64 rounding of the sums.
+DROPPED_MASS_NATS = 36.0
+# Screened weights whose estimated float32 error exceeds this (relative to the largest weight)
+# are recomputed exactly; 1e-9 keeps the velocity's float32 error near float32 rounding.
+HEAD_WEIGHT_TOLERANCE = 1e-9
+# A chunk row with at most this many live weights skips the second GEMM: its live weights are
+# gathered and computed exactly. Above it, one GEMM row is cheaper than the gathers.
+SPARSE_ROW_LIMIT = 16
+# A dense row corrects at most this many head weights exactly per chunk, unless its screened
+# logits are too coarse (error above DENSE_LOGIT_TOLERANCE nats) to leave uncorrected. Rows with
+# many weights near the top average the independent rounding errors of their logits.
+HEAD_CAP = 64
+DENSE_LOGIT_TOLERANCE = 1e-4
+DEFAULT_CHUNK = 2048
+# Float64 elements per block of exact pair recomputation (4 MB): bounded memory, and small
+# enough that the allocator reuses it instead of mapping fresh pages (page faults are slow).
+PAIR_BLOCK_ELEMENTS = 1 << 19
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_t(t: float | Tensor, batch: int, device: torch.device | str = "cpu") -> Tensor:
+    """t as a float64 (batch,) tensor, after checking that every value lies in [0, 1)."""
+    t64 = torch.as_tensor(t, dtype=torch.float64, device=device)
+    if t64.ndim == 0:
+        t64 = t64.expand(batch)
+    elif t64.shape != (batch,):
+        raise InputError(f"t has shape {tuple(t64.shape)}; expected a float or a ({batch},) tensor")
+    bad = torch.isnan(t64) | (t64 < 0) | (t64 >= 1)
+    if bool(bad.any()):
+        raise InputError(f"t must lie in [0, 1); got {t64[bad][0].item()!r}")
+    return t64.contiguous()
+
+
+def flatten_queries(x: Tensor, dim: int) -> Tensor:
+    """x of shape (B, d) or (B, C, H, W) as (B, d), checking d against the data's dimension."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise InputError("x must be a floating-point tensor")
+    if x.ndim < 2:
+        raise InputError(f"x has shape {tuple(x.shape)}; expected (B, d) or (B, C, H, W)")
+    flat = x.reshape(x.shape[0], -1)
+    if flat.shape[1] != dim:
+        raise InputError(
+            f"x has shape {tuple(x.shape)} ({flat.shape[1]} values per sample) but the data has "
+            f"d={dim}"
+        )
+    if not bool(torch.isfinite(flat).all()):
+        raise InputError("x contains NaN or infinite values")
+    return flat
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def velocity_from_denoiser(denoiser: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """û = (D - x) / (1 - t). t broadcasts over the batch dimension."""
+    return (denoiser - x) / _per_sample(1 - t, x)
+
+
+def denoiser_from_velocity(velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """D = x + (1 - t)·û."""
+    return x + _per_sample(1 - t, x) * velocity
+
+
+def score_from_denoiser(denoiser: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """∇log p_t(x) = (t·D - x) / (1-t)², the score of p_t = Σ_j N(t·x_j, (1-t)² I) / n."""
+    return (_per_sample(t, x) * denoiser - x) / _per_sample((1 - t) ** 2, x)
+
+
+def denoiser_from_score(score: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """D = (x + (1-t)²·score) / t, defined for t > 0 (at t = 0 the score does not see D)."""
+    if bool((torch.as_tensor(t) <= 0).any()):
+        raise InputError("the denoiser cannot be recovered from the score at t = 0")
+    return (x + _per_sample((1 - t) ** 2, x) * score) / _per_sample(t, x)
+
+
+def velocity_from_score(score: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """û = ((1-t)·score + x) / t... written through the denoiser so both stay in one place."""
+    return velocity_from_denoiser(denoiser_from_score(score, x, t), x, t)
+
+
+def score_from_velocity(velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """∇log p_t(x) from û, through the denoiser."""
+    return score_from_denoiser(denoiser_from_velocity(velocity, x, t), x, t)
+
+
+def _per_sample(values: Tensor | float, like: Tensor) -> Tensor:
+    """Reshape a per-sample (B,) tensor (or a scalar) to broadcast against `like` (B, ...)."""
+    values = torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    if values.ndim == 0:
+        return values
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+# --------------------------------------------------------------------------- softmax state
+
+
+def _rescale(old_ref: Tensor, new_ref: Tensor) -> Tensor:
+    """exp(old - new), with 0 where the old state was empty (old = -inf)."""
+    scale = torch.exp(old_ref - new_ref)
+    return torch.where(torch.isneginf(old_ref), torch.zeros_like(scale), scale)
+
+
+@dataclass
+class SoftmaxState:
+    """Per-query running softmax over training points, in float64.
+
+    ref: (B,) reference logit m (-inf while empty); z: (B,) Σ exp(ℓ_j - m);
+    s: (B, d) Σ exp(ℓ_j - m)·x_j. Any m gives the same D = s/z; merging rescales both sides
+    to the larger m, which is exact up to float64 rounding.
+    """
+
+    ref: Tensor
+    z: Tensor
+    s: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, dim: int, device: torch.device | str = "cpu") -> SoftmaxState:
+        f64 = dict(dtype=torch.float64, device=device)
+        return cls(torch.full((batch,), -math.inf, **f64), torch.zeros(batch, **f64),
+                   torch.zeros(batch, dim, **f64))
+
+    def merge(self, other: SoftmaxState) -> SoftmaxState:
+        """The state of the union of the two point sets."""
+        ref = torch.maximum(self.ref, other.ref)
+        a, b = _rescale(self.ref, ref), _rescale(other.ref, ref)
+        return SoftmaxState(ref, self.z * a + other.z * b,
+                            self.s * a[:, None] + other.s * b[:, None])
+
+    def add_rows_(self, rows: Tensor | None, ref: Tensor, z: Tensor, s: Tensor) -> None:
+        """Merge a partial state (ref, z, s) into the given rows (all rows when None), in place."""
+        if rows is None:
+            new_ref = torch.maximum(self.ref, ref)
+            old, part = _rescale(self.ref, new_ref), _rescale(ref, new_ref)
+            self.z.mul_(old).add_(z * part)
+            self.s.mul_(old[:, None]).add_(s * part[:, None])
+            self.ref = new_ref
+            return
+        cur = self.ref[rows]
+        new_ref = torch.maximum(cur, ref)
+        old, part = _rescale(cur, new_ref), _rescale(ref, new_ref)
+        self.z[rows] = self.z[rows] * old + z * part
+        self.s[rows] = self.s[rows] * old[:, None] + s * part[:, None]
+        self.ref[rows] = new_ref
+
+    def add_points_(self, rows: Tensor, logits: Tensor, points: Tensor) -> None:
+        """Add single weighted points: exp(logits[i]) · points[i] to query rows[i], in place."""
+        new_ref = self.ref.scatter_reduce(0, rows, logits, reduce="amax")
+        scale = _rescale(self.ref, new_ref)
+        self.z.mul_(scale)
+        self.s.mul_(scale[:, None])
+        self.ref = new_ref
+        w = torch.exp(logits - new_ref[rows])
+        self.z.index_add_(0, rows, w)
+        self.s.index_add_(0, rows, w[:, None] * points)
+
+    def denoiser(self) -> Tensor:
+        """D = Σ λ_j x_j, float64 (B, d)."""
+        return self.s / self.z[:, None]
+
+
+# --------------------------------------------------------------------------- prepared data
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Training points (n, d) with what the engine needs about them, computed once.
+
+    The points keep their storage dtype (float16, float32 or float64); chunks are converted to
+    the compute dtype on the fly. sq_norms are exact float64 ‖x_j‖².
+    """
+
+    points: Tensor
+    sq_norms: Tensor
+    max_norm: float
+
+    @classmethod
+    def from_points(cls, points: Tensor, chunk_size: int = 16384) -> TrainingSet:
+        if not torch.is_tensor(points):
+            points = torch.as_tensor(points)
+        if points.ndim != 2:
+            points = points.reshape(points.shape[0], -1)
+        if points.shape[0] == 0:
+            raise InputError("the training set is empty")
+        if not points.is_floating_point():
+            raise InputError(f"training points must be floating point, got {points.dtype}")
+        norms = torch.cat([
+            points[i:i + chunk_size].to(torch.float64).square().sum(1)
+            for i in range(0, points.shape[0], chunk_size)
+        ])
+        if not bool(torch.isfinite(norms).all()):
+            raise InputError("the training set contains NaN or infinite values")
+        return cls(points, norms, float(norms.max().sqrt()))
+
+    @property
+    def n(self) -> int:
+        return self.points.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.points.shape[1]
+
+
+def as_training_set(data: Tensor | TrainingSet) -> TrainingSet:
+    return data if isinstance(data, TrainingSet) else TrainingSet.from_points(data)
+
+
+# --------------------------------------------------------------------------- error bounds
+
+
+def matmul_input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
+    """Relative rounding of a matmul's inputs under torch's current float32 matmul settings.
+
+    0 for full-precision float32 or float64; 2^-11 where TF32 is allowed, 2^-8 for bf16.
+    """
+    if dtype == torch.float64:
+        return 0.0
+    if device.type == "cuda":
+        return 2.0**-11 if torch.backends.cuda.matmul.allow_tf32 else 0.0
+    precision = torch.get_float32_matmul_precision()
+    return {"highest": 0.0, "high": 2.0**-11}.get(precision, 2.0**-8)
+
+
+def screening_error_bound(x_norm: Tensor, t: Tensor, max_norm: float, dim: int,
+                          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(proven, typical) bounds on |screened logit - exact logit| in nats, per query.
+
+    The screened logit is fl(fl(a·x)·x_j) - fl(b·‖x_j‖²) with a = 2st, b = st², s = 1/(2(1-t)²).
+    With A = a‖x‖R and Bn = bR² (R the largest data norm), a dot product of length d has error
+    at most γ_d·Σ|a_i||b_i| ≤ γ_d‖a‖‖b‖ in any summation order (γ_d = du/(1-du)); rounding a·x,
+    the norm product and the final sum add a few u·(A + Bn). Inputs rounded for TF32 or bf16 add
+    2·u_in·A. The typical bound u·(A + Bn) follows the measured float32 GEMM error (≤ 0.5u‖a‖‖b‖
+    at d = 3072) and decides which weights to recompute for accuracy; the proven one decides
+    which weights may be skipped.
+    """
+    u = FLOAT64_ROUNDOFF if dtype == torch.float64 else FLOAT32_ROUNDOFF
+    u_in = matmul_input_roundoff(dtype, device)
+    gamma = dim * u / (1 - dim * u)
+    s = 0.5 / (1 - t) ** 2
+    a_term = 2 * s * t * x_norm * max_norm
+    b_term = s * t * t * max_norm**2
+    proven = 1.01 * ((gamma + 2 * u_in + 4 * u) * a_term + 6 * u * b_term)
+    typical = (u + 2 * u_in) * (a_term + b_term)
+    return proven, typical
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, *,
+                      chunk_size: int = DEFAULT_CHUNK,
+                      compute_dtype: torch.dtype = torch.float32) -> SoftmaxState:
+    """The softmax state of û* for queries x (B, d) at times t over all training points.
+
+    Streams the data in chunks of `chunk_size`. Per chunk: one GEMM screens the logits; rows
+    with few live weights (within the dropped-mass margin of the running maximum) have those
+    weights computed exactly and skip the second GEMM; other rows take a second GEMM with the
+    screened weights, then exact float64 corrections for the weights whose screening error
+    would show. Peak extra memory is O(B·chunk + B·d).
+    """
+    train = as_training_set(data)
+    xf = flatten_queries(x, train.dim)
+    batch, device = xf.shape[0], xf.device
+    t64 = check_t(t, batch, device)
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise InputError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
+    return _stream(xf.to(torch.float64), t64, train, chunk_size, compute_dtype)
+
+
+def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
+            cdt: torch.dtype) -> SoftmaxState:
+    batch, dim = x64.shape
+    device = x64.device
+    s = 0.5 / (1 - t) ** 2
+    proven, typical = screening_error_bound(x64.norm(dim=1), t, train.max_norm, dim, cdt, device)
+    live_margin = math.log(train.n) + DROPPED_MASS_NATS + 2 * proven
+    head_margin = torch.log(typical / HEAD_WEIGHT_TOLERANCE).clamp(min=0.0) + 2 * typical
+    head_margin = torch.minimum(head_margin, live_margin)
+    always_correct = typical > DENSE_LOGIT_TOLERANCE
+    query = ((2 * s * t)[:, None] * x64).to(cdt)
+    b = (s * t * t).to(cdt)
+    # Screened logits omit -s‖x‖², the same for every j; the state keeps full logits.
+    offset = s * x64.square().sum(dim=1)
+    shared_t = bool((t == t[0]).all())
+    pairs = _ExactPairs(x64, t, s)
+    state = SoftmaxState.empty(batch, dim, device)
+    for start in range(0, train.n, chunk_size):
+        chunk = train.points[start:start + chunk_size].to(device=device, dtype=cdt)
+        norms = train.sq_norms[start:start + chunk_size].to(device=device, dtype=cdt)
+        bias = (-b[0] * norms)[None, :] if shared_t else torch.outer(-b, norms)
+        logits = torch.addmm(bias, query, chunk.T)
+        top = torch.maximum(state.ref + offset, logits.amax(dim=1).to(torch.float64))
+        live = logits >= (top - live_margin).to(cdt)[:, None]
+        dense = torch.count_nonzero(live, dim=1) > SPARSE_ROW_LIMIT
+        sparse_rows = (~dense).nonzero().squeeze(1)
+        if sparse_rows.numel():
+            rows, cols = live[sparse_rows].nonzero().unbind(1)
+            pairs.add_(state, sparse_rows[rows], chunk, cols)
+        if bool(dense.any()):
+            rows = None if sparse_rows.numel() == 0 else dense.nonzero().squeeze(1)
+            _absorb_dense(state, pairs, logits, rows, top, offset, head_margin, always_correct,
+                          chunk)
+    return state
+
+
+def _absorb_dense(state: SoftmaxState, pairs: _ExactPairs, logits: Tensor, rows: Tensor | None,
+                  top: Tensor, offset: Tensor, head_margin: Tensor, always_correct: Tensor,
+                  chunk: Tensor) -> None:
+    """Second GEMM over screened weights for `rows` (None: all), then exact head corrections."""
+    def pick(values: Tensor) -> Tensor:
+        return values if rows is None else values[rows]
+
+    weights = pick(logits)
+    ref = pick(top).to(logits.dtype)
+    # Clamping at -80 nats keeps exp out of denormals (slow on CPUs); a weight of e^-80 per
+    # point is far below the dropped-mass margin.
+    weights.sub_(ref[:, None]).clamp_(min=-80.0).exp_()
+    part_ref = ref.to(torch.float64) - pick(offset)
+    state.add_rows_(rows, part_ref, weights.sum(dim=1).to(torch.float64),
+                    (weights @ chunk).to(torch.float64))
+    head = weights >= torch.exp(-pick(head_margin)).to(weights.dtype)[:, None]
+    correct = pick(always_correct) | (torch.count_nonzero(head, dim=1) <= HEAD_CAP)
+    local, cols = (head & correct[:, None]).nonzero().unbind(1)
+    if local.numel():
+        global_rows = local if rows is None else rows[local]
+        screened = weights[local, cols].to(torch.float64) * torch.exp(
+            part_ref[local] - state.ref[global_rows])
+        pairs.correct_(state, global_rows, chunk, cols, screened)
+
+
+class _ExactPairs:
+    """Exact float64 logits ℓ = -s‖x - t·x_j‖² for (query, point) pairs, in bounded blocks."""
+
+    def __init__(self, x64: Tensor, t: Tensor, s: Tensor):
+        self.x64, self.t, self.s = x64, t, s
+        self.block = max(1, PAIR_BLOCK_ELEMENTS // x64.shape[1])
+
+    def _blocks(self, rows: Tensor, chunk: Tensor, cols: Tensor):
+        for i in range(0, rows.numel(), self.block):
+            r, c = rows[i:i + self.block], cols[i:i + self.block]
+            points = chunk[c].to(torch.float64)
+            diff = self.x64[r] - self.t[r, None] * points
+            yield i, r, points, -self.s[r] * diff.square().sum(dim=1)
+
+    def add_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor) -> None:
+        """Add the pairs' exact weights to the state."""
+        for _, r, points, logits in self._blocks(rows, chunk, cols):
+            state.add_points_(r, logits, points)
+
+    def correct_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor,
+                 screened: Tensor) -> None:
+        """Replace weights already in the state (`screened`, relative to its ref) by exact ones."""
+        for i, r, points, logits in self._blocks(rows, chunk, cols):
+            delta = torch.exp(logits - state.ref[r]) - screened[i:i + self.block]
+            state.z.index_add_(0, r, delta)
+            state.s.index_add_(0, r, delta[:, None] * points)
+
+
+def closed_form_denoiser(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet,
+                         **engine_options) -> Tensor:
+    """E[x1 | x_t = x] over the training set, shaped and typed like x."""
+    state = closed_form_state(x, t, data, **engine_options)
+    return state.denoiser().to(x.dtype).reshape(x.shape)
+
+
+def closed_form_velocity(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet,
+                         **engine_options) -> Tensor:
+    """The exact optimal velocity û*(x, t), shaped and typed like x.
+
+    x: (B, d) or (B, C, H, W); t: a float or a (B,) tensor in [0, 1); data: (n, d) training
+    points (or a prepared `TrainingSet`). Computed in float64 from the softmax state, so the
+    1/(1-t) factor does not amplify float32 rounding of D - x.
+    """
+    state = closed_form_state(x, t, data, **engine_options)
+    x64 = x.reshape(x.shape[0], -1).to(torch.float64)
+    t64 = check_t(t, x.shape[0], x.device)
+    velocity = velocity_from_denoiser(state.denoiser(), x64, t64)
+    return velocity.to(x.dtype).reshape(x.shape)

@@ -1,0 +1,396 @@
+"""Data sets as float32 tensors in [-1, 1] of shape (N, C, H, W), read from files already on disk.
+
+Nothing is downloaded. Each loader reads the layout its data set is usually distributed in and
+fails with one line naming the file it expected. `--limit N` keeps the first N images of the
+split, so results are reproducible.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from knnflow.errors import InputError, MissingFileError
+
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DATA_ROOT_ENV = "KNNFLOW_DATA"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What `knnflow datasets` shows about one data set."""
+
+    name: str
+    shape: str
+    size: str
+    location: str
+
+
+@dataclass(frozen=True)
+class _Loader:
+    info: DatasetInfo
+    load: Callable[[Path | None, str, int | None], tuple[np.ndarray, np.ndarray | None]]
+
+
+def default_root(name: str) -> Path:
+    """Where a data set's files are looked for when --root is not given: $KNNFLOW_DATA/NAME."""
+    return Path(os.environ.get(DATA_ROOT_ENV, "data")) / name
+
+
+def _split_name(split: str) -> str:
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    return split
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits(root: Path | None, split: str, limit: int | None):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32) / 8.0 - 1.0  # pixel values 0..16
+    # A fixed split: every sixth image is held out (299 test, 1498 train), classes stay balanced.
+    held_out = np.arange(len(images)) % 6 == 5
+    keep = held_out if split == "test" else ~held_out
+    return images[keep][:, None], bunch.target[keep]
+
+
+# --------------------------------------------------------------------------- MNIST
+
+
+def _find_file(root: Path, names: list[str], dirs: list[str], what: str) -> Path:
+    for sub in dirs:
+        for name in names:
+            path = root / sub / name
+            if path.is_file():
+                return path
+    raise MissingFileError(f"{what}: expected {names[0]} (or {names[-1]}) in {root}")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise InputError(f"{path} is not an idx file of unsigned bytes")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise InputError(f"{path} is truncated: expected {int(np.prod(dims))} values")
+    return body.reshape(dims)
+
+
+def _load_mnist(root: Path | None, split: str, limit: int | None):
+    root = root or default_root("mnist")
+    prefix = "train" if split == "train" else "t10k"
+    dirs = ["", "MNIST/raw", "raw", "mnist"]
+    image_names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-images-idx3-ubyte.gz"]
+    label_names = [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels-idx1-ubyte.gz"]
+    images = _read_idx(_find_file(root, image_names, dirs, "mnist"))
+    try:
+        labels = _read_idx(_find_file(root, label_names, dirs, "mnist"))
+    except MissingFileError:
+        labels = None
+    return images[:limit, None], None if labels is None else labels[:limit]
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+def _load_cifar10(root: Path | None, split: str, limit: int | None):
+    root = root or default_root("cifar10")
+    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels, count = [], [], 0
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise MissingFileError(
+                f"cifar10: expected {path} (the python pickle batches of cifar-10-python.tar.gz)")
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[b"labels"]))
+        count += len(images[-1])
+        if limit is not None and count >= limit:
+            break
+    return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
+
+
+# --------------------------------------------------------------------------- CelebA
+
+
+def _celeba_image(path: Path, size: int) -> np.ndarray:
+    from PIL import Image
+
+    # The usual 64×64 CelebA: a 178×178 center crop of the aligned 178×218 image, then resize.
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        left, top = (w - 178) // 2, (h - 178) // 2
+        im = im.crop((left, top, left + 178, top + 178)).resize((size, size), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _load_celeba64(root: Path | None, split: str, limit: int | None):
+    root = root or default_root("celeba")
+    base = root / "celeba" if (root / "celeba").is_dir() else root
+    folder, partition = base / "img_align_celeba", base / "list_eval_partition.txt"
+    if not folder.is_dir():
+        raise MissingFileError(f"celeba64: expected the aligned images in {folder}")
+    if not partition.is_file():
+        raise MissingFileError(f"celeba64: expected {partition} (the official split)")
+    wanted = "0" if split == "train" else "2"
+    names = [line.split()[0] for line in partition.read_text().splitlines()
+             if len(line.split()) == 2 and line.split()[1] == wanted][:limit]
+    images = np.stack([_celeba_image(_image_path(folder / name), 64) for name in names])
+    return images, None
+
+
+def _image_path(path: Path) -> Path:
+    if not path.is_file():
+        raise MissingFileError(f"expected the image file {path}")
+    return path
+
+
+# --------------------------------------------------------------------------- folders and arrays
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, in sorted order."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image(path: Path, size: int | None, channels: int | None) -> np.ndarray:
+    """One image as uint8 (C, H, W); with `size`, center-cropped to a square and resized."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = "L" if (channels == 1 or (channels is None and im.mode in ("1", "L", "I;16"))) \
+                else "RGB"
+            im = im.convert(mode)
+            if size is not None and im.size != (size, size):
+                w, h = im.size
+                side = min(w, h)
+                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side,
+                              (h - side) // 2 + side)).resize((size, size), Image.BICUBIC)
+            array = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"cannot read image {path}: {err.__class__.__name__}") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _load_folder(path: Path, split: str, limit: int | None, size: int | None):
+    if not path.is_dir():
+        raise MissingFileError(f"folder: expected a folder of images at {path}")
+    split_dir = path / split
+    if split_dir.is_dir():
+        path = split_dir
+    elif split == "test":
+        raise InputError(f"folder {path} has no test/ subfolder, so it has no test split")
+    files = list_images(path)[:limit]
+    if not files:
+        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+    first = read_image(files[0], size, None)
+    images = np.empty((len(files), *first.shape), dtype=np.uint8)
+    images[0] = first
+    for i, file in enumerate(files[1:], start=1):
+        image = read_image(file, size, first.shape[0])
+        if image.shape != first.shape:
+            raise InputError(f"{file} has shape {image.shape} but {files[0]} has {first.shape}; "
+                             "pass --size to resize all images")
+        images[i] = image
+    return images, None
+
+
+ARRAY_KEYS = ("images", "x", "data", "arr_0", "samples")
+
+
+def read_array(path: Path, split: str | None = None) -> np.ndarray:
+    """Images from an .npy or .npz file. An .npz may hold a `train`/`test` split."""
+    if not path.is_file():
+        raise MissingFileError(f"expected an array file at {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise InputError(f"cannot read {path} as a numpy array: {err}") from None
+    if isinstance(loaded, np.ndarray):
+        if split == "test":
+            raise InputError(f"{path} holds one array, so it has no test split")
+        return loaded
+    with loaded:
+        keys = list(loaded.keys())
+        if split is not None:
+            for key in (split, f"x_{split}", f"{split}_images"):
+                if key in keys:
+                    return loaded[key]
+            if split == "test":
+                raise InputError(f"{path} has no test array (keys: {', '.join(keys)})")
+        for key in ARRAY_KEYS:
+            if key in keys:
+                return loaded[key]
+        if len(keys) == 1:
+            return loaded[keys[0]]
+        raise InputError(f"{path} holds several arrays ({', '.join(keys)}); name one of them "
+                         f"{', '.join(ARRAY_KEYS)}")
+
+
+def to_unit_range(array: np.ndarray, source: str) -> tuple[np.ndarray, str]:
+    """Images as float32 in [-1, 1], with N×C×H×W layout, and a word on what was detected.
+
+    uint8 is read as 0..255. Floats must already lie in [-1, 1]; channels-last (N, H, W, C) with
+    C in {1, 3} and 2-D (N, H, W) arrays are accepted too.
+    """
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4 and array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
+        array = array.transpose(0, 3, 1, 2)
+    if array.ndim != 4:
+        raise InputError(f"{source} has shape {array.shape}; expected N×C×H×W images")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 127.5 - 1.0, "uint8 0..255"
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{source} has dtype {array.dtype}; expected uint8 or floating point")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise InputError(f"{source} contains NaN or infinite values")
+    low, high = float(array.min()), float(array.max())
+    if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
+        raise InputError(f"{source} has float values in [{low:.3g}, {high:.3g}]; expected [-1, 1] "
+                         "(or uint8 0..255)")
+    return np.clip(array, -1.0, 1.0), "float in [-1, 1]"
+
+
+def _load_array(path: Path, split: str, limit: int | None):
+    return read_array(path, split)[:limit], None
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def synthetic_images(n: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0,
+                     clusters: int = 200, rank: int = 24) -> Tensor:
+    """Structured images in [-1, 1]: a mixture of smooth random images with low-rank variation.
+
+    Each image is tanh(center_k + Σ_r z_r·basis_r + 0.05·noise): `clusters` smooth centers (random
+    fields drawn at 1/8 resolution and upsampled bicubically), `rank` smooth basis images shared
+    by all clusters with coefficients whose scale decays like 1/√r, and a little white noise.
+    Like natural images, most variance lies in a few smooth directions and near neighbours lie
+    at a fraction of the typical distance, which is what makes the softmax in û* collapse.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    channels, spatial = shape[0], shape[1:]
+    coarse = tuple(max(2, s // 8) for s in spatial)
+    mode = "bicubic" if len(spatial) == 2 else "linear"
+
+    def smooth(count: int) -> Tensor:
+        field = torch.randn(count, channels, *coarse, generator=gen)
+        return torch.nn.functional.interpolate(field, size=spatial, mode=mode,
+                                               align_corners=False).reshape(count, -1)
+
+    centers = 0.6 * smooth(clusters)
+    basis = smooth(rank) / (torch.arange(1, rank + 1, dtype=torch.float32) ** 0.5)[:, None]
+    out = torch.empty(n, channels * int(np.prod(spatial)))
+    for start in range(0, n, 8192):
+        count = min(8192, n - start)
+        label = torch.randint(clusters, (count,), generator=gen)
+        coeff = 0.35 * torch.randn(count, rank, generator=gen)
+        noise = 0.05 * torch.randn(count, out.shape[1], generator=gen)
+        out[start:start + count] = torch.tanh(centers[label] + coeff @ basis + noise)
+    return out.reshape(n, *shape)
+
+
+SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
+
+
+def _load_synthetic(root: Path | None, split: str, limit: int | None):
+    count = SYNTHETIC_SIZES[split] if limit is None else min(limit, SYNTHETIC_SIZES[split])
+    # Train and test draw from the same mixture with different seeds.
+    images = synthetic_images(count, (3, 32, 32), seed=0 if split == "train" else 1)
+    return images.numpy(), None
+
+
+# --------------------------------------------------------------------------- registry
+
+
+_LOADERS: dict[str, _Loader] = {
+    "digits": _Loader(DatasetInfo("digits", "1×8×8", "1498 / 299",
+                                  "embedded in scikit-learn (the default)"), _load_digits),
+    "mnist": _Loader(DatasetInfo("mnist", "1×28×28", "60000 / 10000",
+                                 "data/mnist/{train,t10k}-images-idx3-ubyte[.gz]"), _load_mnist),
+    "cifar10": _Loader(DatasetInfo("cifar10", "3×32×32", "50000 / 10000",
+                                   "data/cifar10/cifar-10-batches-py/{data_batch_1..5,test_batch}"),
+                       _load_cifar10),
+    "celeba64": _Loader(DatasetInfo("celeba64", "3×64×64", "162770 / 19962",
+                                    "data/celeba/celeba/img_align_celeba/*.jpg and "
+                                    "data/celeba/celeba/list_eval_partition.txt"),
+                        _load_celeba64),
+    "synthetic": _Loader(DatasetInfo("synthetic", "3×32×32", "50000 / 10000",
+                                     "generated: smooth low-rank image mixture, seeded"),
+                         _load_synthetic),
+}
+_PATH_KINDS = {
+    "folder": DatasetInfo("folder:PATH", "C×S×S (--size S)", "all / PATH/test",
+                          "PATH/**/*.{png,jpg,...}; PATH/train and PATH/test if present"),
+    "npz": DatasetInfo("npz:PATH", "from the array", "all / key test",
+                       "PATH.npz, N×C×H×W uint8 or [-1, 1]; keys train and test if present"),
+    "npy": DatasetInfo("npy:PATH", "from the array", "all / none",
+                       "PATH.npy, N×C×H×W uint8 or [-1, 1]"),
+}
+
+
+def dataset_infos() -> list[DatasetInfo]:
+    """Every data set knnflow can load, for `knnflow datasets`."""
+    return [loader.info for loader in _LOADERS.values()] + list(_PATH_KINDS.values())
+
+
+def dataset_names() -> list[str]:
+    return list(_LOADERS) + [f"{kind}:PATH" for kind in _PATH_KINDS]
+
+
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
+                 limit: int | None = None, size: int | None = None,
+                 with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+    """Images of a data set as a float32 (N, C, H, W) tensor in [-1, 1].
+
+    name: digits, mnist, cifar10, celeba64, synthetic, folder:PATH, npz:PATH or npy:PATH.
+    root: the folder holding the data set's files (default data/NAME, or $KNNFLOW_DATA/NAME).
+    size: resize folder images to size×size. with_labels: also return the labels (or None).
+    """
+    split = _split_name(split)
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    root_path = Path(root).expanduser() if root is not None else None
+    kind, _, path = name.partition(":")
+    if kind in _PATH_KINDS and path:
+        path_obj = Path(path).expanduser()
+        if kind == "folder":
+            raw, labels = _load_folder(path_obj, split, limit, size)
+        else:
+            raw, labels = _load_array(path_obj, split, limit)
+    elif name in _LOADERS:
+        raw, labels = _LOADERS[name].load(root_path, split, limit)
+    else:
+        raise InputError(f"unknown data set {name!r}; valid: {', '.join(dataset_names())}")
+    raw = raw[:limit]
+    if len(raw) == 0:
+        raise InputError(f"data set {name!r} ({split}) has no images")
+    images, _ = to_unit_range(np.asarray(raw), name)
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if with_labels:
+        return tensor, None if labels is None else torch.as_tensor(np.asarray(labels)[:limit])
+    return tensor

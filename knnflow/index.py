@@ -1,0 +1,365 @@
+"""A FAISS index together with the raw data it points to, saved as one folder.
+
+Folder layout: manifest.json (what was indexed, how, and checksums), data.npy (the points,
+float32 or float16, memory-mapped on load) and index.faiss. A folder is written under a
+temporary name and renamed when complete, so a killed build never leaves a folder that loads.
+
+`Index.search` is exact by default: FAISS proposes candidates from float32 distances, their
+distances are recomputed in float64 from the raw data, and the candidate list grows until a
+rounding-error bound on FAISS's distances proves that no point outside it is nearer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from knnflow.closed_form import FLOAT32_ROUNDOFF, TrainingSet
+from knnflow.errors import IndexMismatchError, InputError, MissingFileError
+
+FORMAT_VERSION = 1
+KINDS = ("flat", "ivf")
+DTYPES = {"float32": np.float32, "float16": np.float16}
+MANIFEST, DATA_FILE, INDEX_FILE = "manifest.json", "data.npy", "index.faiss"
+ADD_CHUNK = 8192
+
+Progress = Callable[[str, int, int], None]
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise InputError("--device cuda was asked for but torch sees no CUDA GPU")
+    return "cuda" if device == "auto" and has_cuda else ("cpu" if device == "auto" else device)
+
+
+def faiss_gpu_count() -> int:
+    faiss = _faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _to_faiss_device(index, device: str):
+    """For device cuda: the index on the GPU, sharded over all visible GPUs when several."""
+    if device != "cuda":
+        return index
+    faiss = _faiss()
+    gpus = faiss_gpu_count()
+    if gpus == 0:
+        raise InputError("this faiss build has no GPU support; install knnflow[gpu] (faiss-gpu) "
+                         "or use --device cpu")
+    if gpus == 1:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def _to_cpu(index):
+    faiss = _faiss()
+    return faiss.index_gpu_to_cpu(index) if faiss_gpu_count() and "Gpu" in type(index).__name__ \
+        else index
+
+
+def sha256_file(path: Path, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_ivf_lists(n: int) -> int:
+    """About 4·√n lists, but at least 39 training points per list, as FAISS asks."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def l2_error_bound(query_sq_norms: Tensor, max_sq_norm: float, dim: int) -> Tensor:
+    """Bound on |float32 ‖q-x‖² - ‖q-x‖²| for FAISS's ‖q‖² + ‖x‖² - 2⟨q,x⟩ or direct form.
+
+    The dot product has error ≤ γ_d‖q‖‖x‖ (any summation order); the norms and the final sum add
+    a few u(‖q‖² + ‖x‖²). The direct form Σ(q_i - x_i)² is within the same bound.
+    """
+    u = FLOAT32_ROUNDOFF
+    gamma = dim * u / (1 - dim * u)
+    cross = query_sq_norms.sqrt() * math.sqrt(max_sq_norm)
+    return 1.01 * (2 * (gamma + 2 * u) * cross + (gamma + 6 * u) * (query_sq_norms + max_sq_norm))
+
+
+@dataclass
+class SearchResult:
+    """k nearest training points per query: exact float64 squared distances, ascending."""
+
+    sq_distances: Tensor
+    ids: Tensor
+    exact: bool
+
+
+@dataclass
+class Index:
+    """Training points (n, d) with a FAISS index over them and a manifest describing both."""
+
+    points: Tensor
+    faiss_index: object
+    manifest: dict
+    folder: Path | None = None
+    _train: TrainingSet | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ build / save / load
+
+    @classmethod
+    def build(cls, data: Tensor | np.ndarray, *, kind: str = "flat", device: str = "cpu",
+              dtype: str = "float32", nlist: int | None = None, nprobe: int | None = None,
+              dataset: dict | None = None, progress: Progress | None = None) -> Index:
+        """Index N images (N, C, H, W) or points (N, d).
+
+        kind: flat (exact brute force) or ivf (k-means lists; exact search still scans all
+        lists, `approximate=True` searches `nprobe` of them). dataset: what the data is, kept in
+        the manifest (name, split, limit, ...).
+        """
+        if kind not in KINDS:
+            raise InputError(f"unknown index kind {kind!r}; choose one of: {', '.join(KINDS)}")
+        if dtype not in DTYPES:
+            raise InputError(f"unknown data dtype {dtype!r}; choose float32 or float16")
+        array = data.numpy() if torch.is_tensor(data) else np.asarray(data)
+        if array.ndim < 2 or array.shape[0] == 0:
+            raise InputError(f"cannot index data of shape {array.shape}")
+        image_shape = list(array.shape[1:]) if array.ndim > 2 else [array.shape[1]]
+        points = np.ascontiguousarray(array.reshape(array.shape[0], -1), dtype=DTYPES[dtype])
+        if not np.isfinite(points).all():
+            raise InputError("the data contains NaN or infinite values")
+        n, dim = points.shape
+        device = resolve_device(device)
+        start = time.perf_counter()
+        faiss = _faiss()
+        params: dict = {"metric": "l2"}
+        if kind == "flat":
+            index = _to_faiss_device(faiss.IndexFlatL2(dim), device)
+        else:
+            nlist = nlist or default_ivf_lists(n)
+            if not 1 <= nlist <= n:
+                raise InputError(f"--nlist must lie in [1, {n}], got {nlist}")
+            params.update(nlist=nlist, nprobe=nprobe or max(1, nlist // 16))
+            index = _to_faiss_device(faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist), device)
+            if progress:
+                progress("training k-means", 0, 1)
+            sample = points[np.random.default_rng(0).permutation(n)[: 256 * nlist]]
+            index.train(sample.astype(np.float32))
+            if progress:
+                progress("training k-means", 1, 1)
+        for begin in range(0, n, ADD_CHUNK):
+            index.add(points[begin:begin + ADD_CHUNK].astype(np.float32, copy=False))
+            if progress:
+                progress("adding points", min(begin + ADD_CHUNK, n), n)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset or {"name": "custom"},
+            "n": n,
+            "d": dim,
+            "image_shape": image_shape,
+            "dtype": dtype,
+            "index": {"kind": kind, **params},
+            "faiss_version": faiss.__version__,
+            "build_device": device,
+            "build_seconds": round(time.perf_counter() - start, 3),
+        }
+        return cls(torch.from_numpy(points), index, manifest)
+
+    def save(self, folder: str | Path, overwrite: bool = False,
+             progress: Progress | None = None) -> Path:
+        """Write the folder atomically: a temporary sibling, renamed when complete."""
+        folder = Path(folder)
+        if folder.exists() and not overwrite:
+            raise InputError(f"{folder} already exists; pass --overwrite to replace it")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            if progress:
+                progress("writing data", 0, 1)
+            np.save(tmp / DATA_FILE, self.points.numpy())
+            _faiss().write_index(_to_cpu(self.faiss_index), str(tmp / INDEX_FILE))
+            if progress:
+                progress("checksumming", 0, 1)
+            manifest = dict(self.manifest, data_file=DATA_FILE, index_file=INDEX_FILE,
+                            data_sha256=sha256_file(tmp / DATA_FILE),
+                            index_sha256=sha256_file(tmp / INDEX_FILE))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if folder.exists():
+                old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+                folder.rename(old)
+                tmp.rename(folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(folder)
+            if progress:
+                progress("checksumming", 1, 1)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.manifest, self.folder = manifest, folder
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu", verify: bool = True) -> Index:
+        """Open an index folder; data.npy is memory-mapped. Refuses any mismatch in one line."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        data_path, index_path = folder / DATA_FILE, folder / INDEX_FILE
+        for path, what in ((data_path, "the indexed data"), (index_path, "the FAISS index")):
+            if not path.is_file():
+                raise MissingFileError(f"{folder}: expected {path.name} ({what})")
+        if verify:
+            for path, key in ((data_path, "data_sha256"), (index_path, "index_sha256")):
+                if sha256_file(path) != manifest.get(key):
+                    raise IndexMismatchError(f"{folder}: {path.name} does not match the checksum "
+                                             "in manifest.json (the file changed since the build)")
+        points = np.load(data_path, mmap_mode="c")
+        expected = (manifest["n"], manifest["d"])
+        if points.shape != expected:
+            raise IndexMismatchError(f"{folder}: data.npy has shape {points.shape}, manifest says "
+                                     f"{expected}")
+        if str(points.dtype) != manifest["dtype"]:
+            raise IndexMismatchError(f"{folder}: data.npy has dtype {points.dtype}, manifest says "
+                                     f"{manifest['dtype']}")
+        if math.prod(manifest["image_shape"]) != manifest["d"]:
+            raise IndexMismatchError(f"{folder}: image shape {manifest['image_shape']} does not "
+                                     f"have d={manifest['d']} values")
+        index = _faiss().read_index(str(index_path))
+        if index.ntotal != manifest["n"] or index.d != manifest["d"]:
+            raise IndexMismatchError(f"{folder}: index.faiss holds {index.ntotal} points of "
+                                     f"d={index.d}, manifest says {manifest['n']} of "
+                                     f"d={manifest['d']}")
+        index = _to_faiss_device(index, resolve_device(device))
+        return cls(torch.from_numpy(points), index, manifest, folder)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def n(self) -> int:
+        return self.manifest["n"]
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["d"]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["image_shape"])
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["index"]["kind"]
+
+    def training_set(self) -> TrainingSet:
+        """The points with their float64 norms, computed once."""
+        if self._train is None:
+            self._train = TrainingSet.from_points(self.points)
+        return self._train
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries: Tensor | np.ndarray, k: int,
+               approximate: bool = False) -> SearchResult:
+        """The k nearest points of each query, with float64 squared distances from the raw data.
+
+        Exact by default (see the module docstring). approximate=True takes an IVF index's
+        candidates from `nprobe` lists as they are, which may miss true neighbours.
+        """
+        q = torch.as_tensor(queries)
+        q = q.reshape(q.shape[0], -1) if q.ndim > 1 else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise InputError(f"queries have shape {tuple(torch.as_tensor(queries).shape)} but the "
+                             f"index holds d={self.dim} (image shape {self.image_shape})")
+        if not 1 <= k <= self.n:
+            raise InputError(f"k must lie in [1, {self.n}], got {k}")
+        q32 = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
+        q64 = torch.from_numpy(q32).to(torch.float64)
+        if approximate and self.kind == "ivf":
+            self._set_nprobe(self.manifest["index"]["nprobe"])
+            _, ids = self.faiss_index.search(q32, k)
+            return self._rerank(q64, torch.from_numpy(ids), k, exact=False)
+        if self.kind == "ivf":
+            self._set_nprobe(self.manifest["index"]["nlist"])
+        return self._exact_search(q32, q64, k)
+
+    def _set_nprobe(self, nprobe: int) -> None:
+        faiss = _faiss()
+        try:
+            faiss.extract_index_ivf(self.faiss_index).nprobe = nprobe
+        except (RuntimeError, AttributeError):
+            faiss.GpuParameterSpace().set_index_parameter(self.faiss_index, "nprobe", nprobe)
+
+    def _exact_search(self, q32: np.ndarray, q64: Tensor, k: int) -> SearchResult:
+        bound = l2_error_bound(q64.square().sum(1), self.training_set().max_norm ** 2, self.dim)
+        out_d = torch.empty(q64.shape[0], k, dtype=torch.float64)
+        out_i = torch.empty(q64.shape[0], k, dtype=torch.int64)
+        todo = torch.arange(q64.shape[0])
+        depth = min(self.n, max(2 * k, k + 16))
+        while todo.numel():
+            screened, ids = self.faiss_index.search(q32[todo.numpy()], depth)
+            result = self._rerank(q64[todo], torch.from_numpy(ids), k, exact=True)
+            out_d[todo], out_i[todo] = result.sq_distances, result.ids
+            if depth >= self.n:
+                break
+            # Every point not returned has screened distance ≥ the last one returned, so its true
+            # distance is ≥ that minus the bound; if that clears the k-th exact distance, done.
+            floor = torch.from_numpy(screened[:, -1]).to(torch.float64) - bound[todo]
+            todo = todo[~(floor > result.sq_distances[:, -1])]
+            depth = min(self.n, depth * 4)
+        return SearchResult(out_d, out_i, exact=True)
+
+    def _rerank(self, q64: Tensor, ids: Tensor, k: int, exact: bool) -> SearchResult:
+        """Recompute candidate distances in float64 and keep the k smallest."""
+        valid = ids >= 0
+        safe = ids.clamp(min=0)
+        dist = torch.empty(ids.shape, dtype=torch.float64)
+        rows_per_block = max(1, (1 << 22) // (ids.shape[1] * self.dim))
+        for start in range(0, ids.shape[0], rows_per_block):
+            block = safe[start:start + rows_per_block]
+            points = self.points[block.reshape(-1)].to(torch.float64).reshape(*block.shape, -1)
+            dist[start:start + rows_per_block] = (
+                points - q64[start:start + rows_per_block, None]).square().sum(-1)
+        dist[~valid] = math.inf
+        order = dist.argsort(dim=1, stable=True)[:, :k]
+        return SearchResult(dist.gather(1, order), safe.gather(1, order), exact)
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an index folder, checked for a known format version."""
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise MissingFileError(f"no index folder at {folder} (build one with knnflow build-index)")
+    if not path.is_file():
+        raise MissingFileError(f"{folder} is not an index folder: expected {path}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise IndexMismatchError(f"{path} is not valid JSON ({err.msg})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IndexMismatchError(f"{folder}: index format version {version}, this knnflow reads "
+                                 f"version {FORMAT_VERSION}; rebuild it with knnflow build-index")
+    missing = [key for key in ("n", "d", "image_shape", "dtype", "index") if key not in manifest]
+    if missing:
+        raise IndexMismatchError(f"{path} lacks {', '.join(missing)}")
+    return manifest

@@ -1,0 +1,37 @@
+"""The benchmark's baselines and measurements are themselves correct."""
+
+from __future__ import annotations
+
+from knnflow.bench import bench_exact, float64_velocity, image_shape_for, naive_velocity
+from tests.conftest import brute_force_velocity, flow_queries, relative_error
+
+
+def test_reference_forms_match_brute_force(digits):
+    for t in (0.2, 0.9, 0.9999):
+        x = flow_queries(digits, t, 16)
+        reference = brute_force_velocity(x, t, digits)
+        assert relative_error(float64_velocity(x, t, digits), reference).max() < 1e-9
+    x = flow_queries(digits, 0.2, 16)
+    assert relative_error(naive_velocity(x, 0.2, digits), brute_force_velocity(x, 0.2, digits)) \
+        .max() < 1e-3
+
+
+def test_bench_exact_on_small_synthetic_data():
+    result = bench_exact(n=3000, dim=192, batch=32, ts=(0.1, 0.9), repeats=1)
+    assert result.config["d"] == 192 and len(result.rows) == 2
+    for row in result.rows:
+        assert row.engine_qps > 0 and row.naive_qps > 0
+        assert row.engine_error_max < 1e-4
+    assert result.limit_qps > 0
+
+
+def test_image_shape_for():
+    assert image_shape_for(3072) == (3, 32, 32)
+    assert image_shape_for(784) == (1, 28, 28)
+    assert image_shape_for(100) == (1, 10, 10)
+    assert image_shape_for(7) == (1, 7)
+
+
+def test_bench_on_a_dataset_uses_its_test_split_for_queries():
+    result = bench_exact(dataset="digits", batch=16, ts=(0.5,), repeats=1)
+    assert result.config["n"] == 1498 and result.config["data"] == "digits"

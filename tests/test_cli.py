@@ -1,0 +1,99 @@
+"""The command line as a user runs it: one-line errors with non-zero exit, tables, help."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+KNNFLOW = [sys.executable, "-m", "knnflow.cli.main"]
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run([*KNNFLOW, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_lists_commands_and_every_option_has_help():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("datasets", "build-index", "index-info", "bench"):
+        assert command in result.stdout
+    for args in (("build-index",), ("index-info",), ("bench", "exact"), ("datasets",)):
+        text = run(*args, "--help").stdout
+        assert "Usage" in text
+    build_help = run("build-index", "--help").stdout
+    for option in ("--root", "--split", "--limit", "--kind", "--out", "--device", "--overwrite"):
+        assert option in build_help
+    assert "[default: flat]" in build_help and "[default: train]" in build_help
+
+
+def test_datasets_lists_shapes_and_locations():
+    result = run("datasets")
+    assert result.returncode == 0
+    for text in ("digits", "1×8×8", "mnist", "idx3-ubyte", "cifar10", "cifar-10-batches-py",
+                 "celeba64", "img_align_celeba", "folder:PATH", "npz:PATH", "npy:PATH"):
+        assert text in result.stdout
+
+
+def test_build_index_then_index_info(tmp_path):
+    result = run("build-index", "digits", "--limit", "100", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "indices" / "digits-train"
+    for text in ("100", "64", "1×8×8", "flat", "build seconds", "bytes on disk"):
+        assert text in result.stdout
+    info = run("index-info", str(folder), "--json")
+    assert json.loads(info.stdout)["n"] == 100
+    again = run("build-index", "digits", cwd=tmp_path)
+    assert_one_line_error(again, "--overwrite")
+    assert run("build-index", "digits", "--overwrite", "--kind", "ivf",
+               cwd=tmp_path).returncode == 0
+    assert json.loads(run("index-info", str(folder), "--json").stdout)["index"]["kind"] == "ivf"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("build-index", "imagenet"), ("unknown data set", "digits", "cifar10")),
+    (("build-index", "cifar10", "--root", "/nonexistent/c10"), ("/nonexistent/c10",
+                                                                 "data_batch_1")),
+    (("build-index", "digits", "--kind", "hnsw"), ("flat, ivf",)),
+    (("build-index", "digits", "--split", "val"), ("split",)),
+    (("build-index", "digits", "--device", "tpu"), ("device",)),
+    (("index-info", "/nonexistent/index"), ("/nonexistent/index",)),
+    (("bench", "exact", "--t", "0.5,1.2"), ("[0, 1)",)),
+    (("bench", "exact", "--t", "abc"), ("comma-separated",)),
+])
+def test_bad_input_is_one_line_with_nonzero_exit(tmp_path, args, fragments):
+    assert_one_line_error(run(*args, cwd=tmp_path), *fragments)
+
+
+def test_corrupt_index_is_refused_in_one_line(tmp_path):
+    assert run("build-index", "digits", "--limit", "50", "--out", "ix", cwd=tmp_path) \
+        .returncode == 0
+    manifest = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    manifest["format_version"] = 0
+    (tmp_path / "ix" / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run("index-info", "ix", cwd=tmp_path), "version 0")
+
+
+def test_bench_exact_quick_prints_the_check_table(tmp_path):
+    result = run("bench", "exact", "--quick", "--repeats", "1", "--json-out", "q.json",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "digits" in result.stdout and "0.999" in result.stdout
+    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
+    assert [row["t"] for row in rows] == [0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999]
+    assert max(row["engine_error_max"] for row in rows) < 1e-4

@@ -1,0 +1,191 @@
+"""Loaders: each format round-trips images written by the test, and bad input fails in one line."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from knnflow.data import dataset_infos, load_dataset, synthetic_images
+from knnflow.errors import InputError, MissingFileError
+
+
+def _images(count: int, channels: int, side: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, channels, side, side),
+                                                dtype=np.uint8)
+
+
+def _unit(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1)
+
+
+def test_digits_is_embedded_with_a_fixed_split():
+    train, labels = load_dataset("digits", with_labels=True)
+    test = load_dataset("digits", split="test")
+    assert train.shape == (1498, 1, 8, 8) and test.shape == (299, 1, 8, 8)
+    assert train.dtype == torch.float32 and labels.shape == (1498,)
+    assert train.min() == -1 and train.max() == 1
+    from sklearn.datasets import load_digits
+
+    raw = torch.tensor(load_digits().images, dtype=torch.float32) / 8 - 1
+    assert torch.equal(torch.cat([train, test]).sort(0).values, raw[:, None].sort(0).values)
+
+
+def test_limit_keeps_the_first_images():
+    assert torch.equal(load_dataset("digits", limit=10), load_dataset("digits")[:10])
+
+
+def _write_idx(path, images: np.ndarray, compress: bool) -> None:
+    header = struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">III", *images.shape)
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(header + images.tobytes())
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_idx_files(tmp_path, compress):
+    images = _images(5, 1, 28)[:, 0]
+    name = "train-images-idx3-ubyte" + (".gz" if compress else "")
+    _write_idx(tmp_path / name, images, compress)
+    loaded = load_dataset("mnist", root=tmp_path)
+    assert torch.equal(loaded, _unit(images[:, None]))
+
+
+def test_mnist_torchvision_layout(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = _images(3, 1, 28, seed=2)[:, 0]
+    _write_idx(raw / "t10k-images-idx3-ubyte", images, False)
+    assert load_dataset("mnist", root=tmp_path, split="test").shape == (3, 1, 28, 28)
+
+
+def test_cifar10_pickle_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = []
+    for i in range(1, 6):
+        images = _images(4, 3, 32, seed=i)
+        batches.append(images)
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": images.reshape(4, -1), b"labels": [i] * 4}, f)
+    loaded, labels = load_dataset("cifar10", root=tmp_path, with_labels=True)
+    assert torch.equal(loaded, _unit(np.concatenate(batches)))
+    assert labels.tolist() == [i for i in range(1, 6) for _ in range(4)]
+    assert load_dataset("cifar10", root=tmp_path, limit=6).shape == (6, 3, 32, 32)
+
+
+def test_celeba64_crops_and_resizes(tmp_path):
+    base = tmp_path / "celeba"
+    (base / "img_align_celeba").mkdir(parents=True)
+    lines = []
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (218, 178, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(base / "img_align_celeba" / f"{i:06d}.jpg")
+        lines.append(f"{i:06d}.jpg {0 if i < 2 else 2}")
+    (base / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    train = load_dataset("celeba64", root=tmp_path)
+    test = load_dataset("celeba64", root=tmp_path, split="test")
+    assert train.shape == (2, 3, 64, 64) and test.shape == (1, 3, 64, 64)
+    assert train.min() >= -1 and train.max() <= 1
+
+
+def test_folder_npz_and_npy_give_the_same_images(tmp_path):
+    images = _images(6, 3, 16)
+    folder = tmp_path / "imgs" / "nested"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:02d}.png")
+    np.save(tmp_path / "a.npy", images)
+    np.savez(tmp_path / "b.npz", images=_unit(images).numpy())
+    from_folder = load_dataset(f"folder:{tmp_path / 'imgs'}")
+    from_npy = load_dataset(f"npy:{tmp_path / 'a.npy'}")
+    from_npz = load_dataset(f"npz:{tmp_path / 'b.npz'}")
+    assert torch.equal(from_folder, _unit(images))
+    assert torch.equal(from_npy, from_folder)
+    assert torch.allclose(from_npz, from_folder)
+
+
+def test_folder_size_resizes_and_grayscale_stays_one_channel(tmp_path):
+    for i in range(2):
+        Image.fromarray(_images(1, 1, 20, seed=i)[0, 0]).save(tmp_path / f"{i}.png")
+    loaded = load_dataset(f"folder:{tmp_path}", size=8)
+    assert loaded.shape == (2, 1, 8, 8)
+
+
+def test_folder_of_mixed_sizes_asks_for_size(tmp_path):
+    Image.fromarray(_images(1, 3, 8)[0].transpose(1, 2, 0)).save(tmp_path / "a.png")
+    Image.fromarray(_images(1, 3, 9)[0].transpose(1, 2, 0)).save(tmp_path / "b.png")
+    with pytest.raises(InputError, match="--size"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_npz_with_splits(tmp_path):
+    np.savez(tmp_path / "s.npz", train=_images(4, 1, 8), test=_images(2, 1, 8, seed=1))
+    assert load_dataset(f"npz:{tmp_path / 's.npz'}").shape == (4, 1, 8, 8)
+    assert load_dataset(f"npz:{tmp_path / 's.npz'}", split="test").shape == (2, 1, 8, 8)
+
+
+def test_channels_last_arrays_are_transposed(tmp_path):
+    images = _images(3, 3, 8)
+    np.save(tmp_path / "hwc.npy", images.transpose(0, 2, 3, 1))
+    assert torch.equal(load_dataset(f"npy:{tmp_path / 'hwc.npy'}"), _unit(images))
+
+
+def test_synthetic_is_seeded_and_in_range():
+    a = synthetic_images(100, (3, 32, 32), seed=0)
+    assert torch.equal(a, synthetic_images(100, (3, 32, 32), seed=0))
+    assert a.shape == (100, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert not torch.equal(a, synthetic_images(100, (3, 32, 32), seed=1))
+    assert load_dataset("synthetic", limit=7).shape == (7, 3, 32, 32)
+
+
+def test_every_listed_dataset_has_a_shape_and_a_location():
+    names = {info.name for info in dataset_infos()}
+    expected = {"digits", "mnist", "cifar10", "celeba64", "folder:PATH", "npz:PATH", "npy:PATH"}
+    assert expected <= names
+    assert all(info.shape and info.location for info in dataset_infos())
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("mnist", "train-images-idx3-ubyte"),
+    ("cifar10", "data_batch_1"),
+    ("celeba64", "img_align_celeba"),
+])
+def test_missing_files_name_the_expected_path(tmp_path, name, expected):
+    with pytest.raises(MissingFileError, match=expected) as info:
+        load_dataset(name, root=tmp_path)
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_dataset_lists_the_valid_ones():
+    with pytest.raises(InputError, match="digits.*mnist.*cifar10"):
+        load_dataset("imagenet")
+
+
+def test_bad_split_and_limit():
+    with pytest.raises(InputError, match="split"):
+        load_dataset("digits", split="val")
+    with pytest.raises(InputError, match="limit"):
+        load_dataset("digits", limit=0)
+
+
+def test_arrays_outside_the_unit_range_and_nan_are_refused(tmp_path):
+    np.save(tmp_path / "big.npy", np.full((2, 1, 4, 4), 3.0, dtype=np.float32))
+    with pytest.raises(InputError, match=r"\[-1, 1\]"):
+        load_dataset(f"npy:{tmp_path / 'big.npy'}")
+    bad = np.zeros((2, 1, 4, 4), dtype=np.float32)
+    bad[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(InputError, match="NaN"):
+        load_dataset(f"npy:{tmp_path / 'nan.npy'}")
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(InputError, match="broken.png"):
+        load_dataset(f"folder:{tmp_path}")

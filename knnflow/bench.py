@@ -39,19 +39,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of `repeats` calls after one warm-up call (the first call is slower)."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
@@ -182,6 +169,8 @@ class ExactRow:
     engine_qps: float
     speedup: float
     limit_fraction: float
+    gemm_gflops: float
+    limit_qps: float
     naive_error_median: float
     naive_error_max: float
     engine_error_median: float
@@ -225,7 +214,11 @@ def bench_exact(n: int = 50_000, dim: int = 3072, batch: int = 256,
                 ts: tuple[float, ...] = (0.1, 0.5, 0.9), device: str = "cpu", repeats: int = 3,
                 dataset: str | None = None, root: str | None = None, seed: int = 0,
                 progress: Progress | None = None) -> ExactBench:
-    """Queries/s, error against float64 and peak extra memory of (a) and (b); GEMM rate (c)."""
+    """Queries/s, error against float64 and peak extra memory of (a) and (b); GEMM rate (c).
+
+    For each t, (a), (b) and the two forms of (c) are timed in interleaved rounds, so a change
+    in the machine's speed during the run moves all of them alike and the ratios hold.
+    """
     if any(not 0 <= t < 1 for t in ts):
         raise InputError(f"every t must lie in [0, 1), got {list(ts)}")
     if min(n, dim, batch, repeats) < 1:
@@ -236,33 +229,52 @@ def bench_exact(n: int = 50_000, dim: int = 3072, batch: int = 256,
     points_dev = points.to(dev)
     train = TrainingSet.from_points(points_dev)
     gen = torch.Generator().manual_seed(seed)
-
-    full_rate, chunked_rate = gemm_gflops(held_out.to(dev), points_dev, repeats, seed)
-    gflops = max(full_rate, chunked_rate)
-    result = ExactBench(
-        config={"data": name, "n": n, "d": dim, "batch": batch, "device": str(dev),
-                "repeats": repeats, "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "gemm_full_gflops": full_rate,
-                "gemm_chunked_gflops": chunked_rate},
-        gemm_gflops=gflops, limit_qps=gflops * 1e9 / (4 * n * dim))
+    gemms = gemm_calls(held_out.to(dev), points_dev, seed)
+    result = ExactBench(config={"data": name, "n": n, "d": dim, "batch": batch,
+                                "device": str(dev), "repeats": repeats,
+                                "torch": torch.__version__, "threads": torch.get_num_threads()},
+                        gemm_gflops=0.0, limit_qps=0.0)
     for i, t in enumerate(ts):
         if progress:
             progress("bench exact", i, len(ts))
         noise = torch.randn(batch, dim, generator=gen)
         x = ((1 - t) * noise + t * held_out).to(dev)
-        result.rows.append(_exact_row(x, t, points, points_dev, train, repeats, result.limit_qps))
+        result.rows.append(_exact_row(x, t, points, points_dev, train, gemms, repeats))
     if progress:
         progress("bench exact", len(ts), len(ts))
+    result.gemm_gflops = statistics.median(row.gemm_gflops for row in result.rows)
+    result.limit_qps = result.gemm_gflops * 1e9 / (4 * n * dim)
     return result
 
 
-def gemm_gflops(queries: Tensor, points: Tensor, repeats: int, seed: int,
-                chunk_size: int = DEFAULT_CHUNK) -> tuple[float, float]:
-    """(c): the rate of the exact computation's two GEMMs (B×d·d×n and B×n·n×d), measured on
-    the full shapes and on chunk-sized shapes; the higher one sets the two-GEMM limit."""
-    batch, n, dim = queries.shape[0], points.shape[0], points.shape[1]
-    weights = torch.rand(batch, n, generator=torch.Generator().manual_seed(seed)).to(points.device)
-    flops = 4 * batch * n * dim
+def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int,
+                        device: torch.device) -> dict[str, float]:
+    """Median wall time of each call, timed in rounds (a, b, c, a, b, c, ...) after one warm-up
+    call each: the first call is slower, and drift in machine speed then affects all alike."""
+    for fn in calls.values():
+        fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def gemm_calls(queries: Tensor, points: Tensor, seed: int,
+               chunk_size: int = DEFAULT_CHUNK) -> dict[str, Callable[[], object]]:
+    """(c): the exact computation's two GEMMs (B×d·d×n and B×n·n×d) on the full shapes, and
+    the same GEMMs on the engine's chunk shapes; the faster sets the two-GEMM limit."""
+    n = points.shape[0]
+    weights = torch.rand(queries.shape[0], n,
+                         generator=torch.Generator().manual_seed(seed)).to(points.device)
+
+    def full() -> None:
+        queries @ points.T
+        weights @ points
 
     def chunked() -> None:
         for start in range(0, n, chunk_size):
@@ -270,15 +282,13 @@ def gemm_gflops(queries: Tensor, points: Tensor, repeats: int, seed: int,
             queries @ chunk.T
             weights[:, start:start + chunk_size] @ chunk
 
-    full_s = median_seconds(lambda: (queries @ points.T, weights @ points), repeats,
-                            points.device)
-    chunked_s = median_seconds(chunked, repeats, points.device)
-    return flops / full_s / 1e9, flops / chunked_s / 1e9
+    return {"gemm full": full, "gemm chunked": chunked}
 
 
 def _exact_row(x: Tensor, t: float, points: Tensor, points_dev: Tensor, train: TrainingSet,
-               repeats: int, limit_qps: float) -> ExactRow:
+               gemms: dict[str, Callable[[], object]], repeats: int) -> ExactRow:
     batch, dev = x.shape[0], x.device
+    n, dim = points.shape
     reference = float64_velocity(x.cpu(), t, points)
 
     def naive() -> Tensor:
@@ -287,17 +297,19 @@ def _exact_row(x: Tensor, t: float, points: Tensor, points_dev: Tensor, train: T
     def engine() -> Tensor:
         return (closed_form_state(x, t, train).denoiser() - x.to(torch.float64)) / (1 - t)
 
-    naive_s = median_seconds(naive, repeats, dev)
-    engine_s = median_seconds(engine, repeats, dev)
+    seconds = interleaved_seconds({"naive": naive, "engine": engine, **gemms}, repeats, dev)
+    gemm_s = min(seconds[name] for name in gemms)
+    limit_qps = batch / gemm_s
     naive_err = relative_errors(naive(), reference)
     engine_err = relative_errors(engine().to(torch.float32), reference)
     return ExactRow(
-        t=t, naive_qps=batch / naive_s, engine_qps=batch / engine_s, speedup=naive_s / engine_s,
-        limit_fraction=batch / engine_s / limit_qps,
+        t=t, naive_qps=batch / seconds["naive"], engine_qps=batch / seconds["engine"],
+        speedup=seconds["naive"] / seconds["engine"],
+        limit_fraction=gemm_s / seconds["engine"], gemm_gflops=4 * batch * n * dim / gemm_s / 1e9,
         naive_error_median=float(naive_err.median()), naive_error_max=float(naive_err.max()),
         engine_error_median=float(engine_err.median()), engine_error_max=float(engine_err.max()),
         naive_peak_bytes=peak_extra_bytes(naive, dev),
-        engine_peak_bytes=peak_extra_bytes(engine, dev))
+        engine_peak_bytes=peak_extra_bytes(engine, dev), limit_qps=limit_qps)
 
 
 def save_json(data: dict, path: Path) -> None:

@@ -47,6 +47,10 @@ SPARSE_ROW_LIMIT = 16
 # many weights near the top average the independent rounding errors of their logits.
 HEAD_CAP = 64
 DENSE_LOGIT_TOLERANCE = 1e-4
+# Rows with t above this never take the float32 path: (D - x)/(1-t) would amplify its rounding.
+DENSE_T_MAX = 0.95
+# Dense float32 sums move into the float64 state every this many chunks.
+FLUSH_EVERY = 16
 DEFAULT_CHUNK = 2048
 # Float64 elements per block of exact pair recomputation (4 MB): bounded memory, and small
 # enough that the allocator reuses it instead of mapping fresh pages (page faults are slow).
@@ -164,32 +168,37 @@ class SoftmaxState:
         return SoftmaxState(ref, self.z * a + other.z * b,
                             self.s * a[:, None] + other.s * b[:, None])
 
-    def add_rows_(self, rows: Tensor | None, ref: Tensor, z: Tensor, s: Tensor) -> None:
-        """Merge a partial state (ref, z, s) into the given rows (all rows when None), in place."""
-        if rows is None:
-            new_ref = torch.maximum(self.ref, ref)
-            old, part = _rescale(self.ref, new_ref), _rescale(ref, new_ref)
-            self.z.mul_(old).add_(z * part)
-            self.s.mul_(old[:, None]).add_(s * part[:, None])
-            self.ref = new_ref
-            return
-        cur = self.ref[rows]
-        new_ref = torch.maximum(cur, ref)
-        old, part = _rescale(cur, new_ref), _rescale(ref, new_ref)
-        self.z[rows] = self.z[rows] * old + z * part
-        self.s[rows] = self.s[rows] * old[:, None] + s * part[:, None]
-        self.ref[rows] = new_ref
+    def merge_(self, other: SoftmaxState) -> None:
+        """In-place `merge`: rescale both sides to the larger reference and add."""
+        ref = torch.maximum(self.ref, other.ref)
+        a, b = _rescale(self.ref, ref), _rescale(other.ref, ref)
+        self.z.mul_(a).add_(other.z * b)
+        self.s.mul_(a[:, None]).add_(other.s * b[:, None])
+        self.ref = ref
 
     def add_points_(self, rows: Tensor, logits: Tensor, points: Tensor) -> None:
         """Add single weighted points: exp(logits[i]) · points[i] to query rows[i], in place."""
-        new_ref = self.ref.scatter_reduce(0, rows, logits, reduce="amax")
-        scale = _rescale(self.ref, new_ref)
-        self.z.mul_(scale)
-        self.s.mul_(scale[:, None])
-        self.ref = new_ref
-        w = torch.exp(logits - new_ref[rows])
+        self.raise_ref_(rows, logits)
+        w = torch.exp(logits - self.ref[rows])
         self.z.index_add_(0, rows, w)
         self.s.index_add_(0, rows, w[:, None] * points)
+
+    def add_signed_(self, rows: Tensor, ref: Tensor, weights: Tensor, points: Tensor) -> None:
+        """Add weights[i]·exp(ref[i]) · points[i] to query rows[i]; weights may be negative."""
+        self.raise_ref_(rows, ref)
+        w = weights * torch.exp(ref - self.ref[rows])
+        self.z.index_add_(0, rows, w)
+        self.s.index_add_(0, rows, w[:, None] * points)
+
+    def raise_ref_(self, rows: Tensor, ref: Tensor) -> None:
+        """Raise the reference of the given rows to at least `ref`, rescaling their sums."""
+        new_ref = self.ref.scatter_reduce(0, rows, ref, reduce="amax")
+        moved = (new_ref != self.ref).nonzero().squeeze(1)
+        if moved.numel():
+            scale = _rescale(self.ref[moved], new_ref[moved])
+            self.z[moved] *= scale
+            self.s[moved] *= scale[:, None]
+        self.ref = new_ref
 
     def denoiser(self) -> Tensor:
         """D = Σ λ_j x_j, float64 (B, d)."""
@@ -314,6 +323,7 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
     head_margin = torch.log(typical / HEAD_WEIGHT_TOLERANCE).clamp(min=0.0) + 2 * typical
     head_margin = torch.minimum(head_margin, live_margin)
     always_correct = typical > DENSE_LOGIT_TOLERANCE
+    dense_allowed = t <= DENSE_T_MAX
     query = ((2 * s * t)[:, None] * x64).to(cdt)
     b = (s * t * t).to(cdt)
     # Screened logits omit -s‖x‖², the same for every j; the state keeps full logits.
@@ -321,48 +331,94 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
     shared_t = bool((t == t[0]).all())
     pairs = _ExactPairs(x64, t, s)
     state = SoftmaxState.empty(batch, dim, device)
-    for start in range(0, train.n, chunk_size):
+    dense_sums = _DenseSums(batch, dim, device, cdt, offset)
+    top_so_far = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
+    for index, start in enumerate(range(0, train.n, chunk_size)):
         chunk = train.points[start:start + chunk_size].to(device=device, dtype=cdt)
         norms = train.sq_norms[start:start + chunk_size].to(device=device, dtype=cdt)
         bias = (-b[0] * norms)[None, :] if shared_t else torch.outer(-b, norms)
         logits = torch.addmm(bias, query, chunk.T)
-        top = torch.maximum(state.ref + offset, logits.amax(dim=1).to(torch.float64))
+        top = torch.maximum(top_so_far, logits.amax(dim=1).to(torch.float64))
         live = logits >= (top - live_margin).to(cdt)[:, None]
-        dense = torch.count_nonzero(live, dim=1) > SPARSE_ROW_LIMIT
+        dense = (torch.count_nonzero(live, dim=1) > SPARSE_ROW_LIMIT) & dense_allowed
         sparse_rows = (~dense).nonzero().squeeze(1)
-        if sparse_rows.numel():
+        if sparse_rows.numel() == batch:
+            rows, cols = live.nonzero().unbind(1)
+            pairs.add_(state, rows, chunk, cols)
+        elif sparse_rows.numel():
             rows, cols = live[sparse_rows].nonzero().unbind(1)
             pairs.add_(state, sparse_rows[rows], chunk, cols)
         if bool(dense.any()):
             rows = None if sparse_rows.numel() == 0 else dense.nonzero().squeeze(1)
-            _absorb_dense(state, pairs, logits, rows, top, offset, head_margin, always_correct,
-                          chunk)
+            dense_sums.add_(state, pairs, logits, rows, top, head_margin, always_correct, chunk)
+            if index % FLUSH_EVERY == FLUSH_EVERY - 1:
+                dense_sums.flush_into_(state)
+        # Exact logits may exceed their screened values by the screening error.
+        top_so_far = torch.maximum(top, state.ref + offset)
+    dense_sums.flush_into_(state)
     return state
 
 
-def _absorb_dense(state: SoftmaxState, pairs: _ExactPairs, logits: Tensor, rows: Tensor | None,
-                  top: Tensor, offset: Tensor, head_margin: Tensor, always_correct: Tensor,
-                  chunk: Tensor) -> None:
-    """Second GEMM over screened weights for `rows` (None: all), then exact head corrections."""
-    def pick(values: Tensor) -> Tensor:
-        return values if rows is None else values[rows]
+class _DenseSums:
+    """Float32 sums of screened weights for dense rows, flushed into the float64 state.
 
-    weights = pick(logits)
-    ref = pick(top).to(logits.dtype)
-    # Clamping at -80 nats keeps exp out of denormals (slow on CPUs); a weight of e^-80 per
-    # point is far below the dropped-mass margin.
-    weights.sub_(ref[:, None]).clamp_(min=-80.0).exp_()
-    part_ref = ref.to(torch.float64) - pick(offset)
-    state.add_rows_(rows, part_ref, weights.sum(dim=1).to(torch.float64),
-                    (weights @ chunk).to(torch.float64))
-    head = weights >= torch.exp(-pick(head_margin)).to(weights.dtype)[:, None]
-    correct = pick(always_correct) | (torch.count_nonzero(head, dim=1) <= HEAD_CAP)
-    local, cols = (head & correct[:, None]).nonzero().unbind(1)
-    if local.numel():
-        global_rows = local if rows is None else rows[local]
-        screened = weights[local, cols].to(torch.float64) * torch.exp(
-            part_ref[local] - state.ref[global_rows])
-        pairs.correct_(state, global_rows, chunk, cols, screened)
+    The second GEMM accumulates into `s` in place (addmm with beta = 1), so a chunk adds no pass
+    over the (B, d) sums; every FLUSH_EVERY chunks and at the end they move into the state,
+    which bounds float32 accumulation to FLUSH_EVERY terms. `ref` holds each row's float32
+    reference in the screened convention; its full-convention value is ref - offset.
+    """
+
+    def __init__(self, batch: int, dim: int, device: torch.device, cdt: torch.dtype,
+                 offset: Tensor):
+        self.offset = offset
+        self.ref = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
+        self.z = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.s = torch.zeros(batch, dim, dtype=cdt, device=device)
+
+    def add_(self, state: SoftmaxState, pairs: _ExactPairs, logits: Tensor,
+             rows: Tensor | None, top: Tensor, head_margin: Tensor, always_correct: Tensor,
+             chunk: Tensor) -> None:
+        """Second GEMM over screened weights for `rows` (None: all), then exact head fixes."""
+        def pick(values: Tensor) -> Tensor:
+            return values if rows is None else values[rows]
+
+        ref = pick(top).to(logits.dtype)
+        ref64 = ref.to(torch.float64)
+        old = pick(self.ref)
+        moved = (ref64 > old).nonzero().squeeze(1)
+        if moved.numel():  # rescale rows whose reference rose; top never falls
+            target = moved if rows is None else rows[moved]
+            scale = _rescale(old[moved], ref64[moved])
+            self.z[target] *= scale
+            self.s[target] *= scale.to(self.s.dtype)[:, None]
+            self.ref[target] = ref64[moved]
+        weights = pick(logits)
+        # Clamping at -80 nats keeps exp out of denormals (slow on CPUs); a weight of e^-80 per
+        # point is far below the dropped-mass margin.
+        weights.sub_(ref[:, None]).clamp_(min=-80.0).exp_()
+        if rows is None:
+            self.z += weights.sum(dim=1).to(torch.float64)
+            self.s.addmm_(weights, chunk)
+        else:
+            self.z[rows] += weights.sum(dim=1).to(torch.float64)
+            self.s[rows] += weights @ chunk
+        head = weights >= torch.exp(-pick(head_margin)).to(weights.dtype)[:, None]
+        correct = pick(always_correct) | (torch.count_nonzero(head, dim=1) <= HEAD_CAP)
+        if not bool(correct.any()):
+            return
+        if not bool(correct.all()):
+            head &= correct[:, None]
+        local, cols = head.nonzero().unbind(1)
+        if local.numel():
+            global_rows = local if rows is None else rows[local]
+            full_ref = self.ref[global_rows] - self.offset[global_rows]
+            pairs.correct_(state, global_rows, chunk, cols, full_ref,
+                           weights[local, cols].to(torch.float64))
+
+    def flush_into_(self, state: SoftmaxState) -> None:
+        state.merge_(SoftmaxState(self.ref - self.offset, self.z, self.s.to(torch.float64)))
+        self.z.zero_()
+        self.s.zero_()
 
 
 class _ExactPairs:
@@ -385,12 +441,13 @@ class _ExactPairs:
             state.add_points_(r, logits, points)
 
     def correct_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor,
-                 screened: Tensor) -> None:
-        """Replace weights already in the state (`screened`, relative to its ref) by exact ones."""
+                 ref: Tensor, screened: Tensor) -> None:
+        """Add exp(ℓ - ref) - screened for each pair: the exact weight replaces the screened
+        one (relative to the per-pair reference `ref`) held in the dense sums."""
         for i, r, points, logits in self._blocks(rows, chunk, cols):
-            delta = torch.exp(logits - state.ref[r]) - screened[i:i + self.block]
-            state.z.index_add_(0, r, delta)
-            state.s.index_add_(0, r, delta[:, None] * points)
+            block = slice(i, i + self.block)
+            state.add_signed_(r, ref[block],
+                              torch.exp(logits - ref[block]) - screened[block], points)
 
 
 def closed_form_denoiser(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet,

@@ -49,6 +49,9 @@ HEAD_CAP = 64
 DENSE_LOGIT_TOLERANCE = 1e-4
 # Rows with t above this never take the float32 path: (D - x)/(1-t) would amplify its rounding.
 DENSE_T_MAX = 0.95
+# When every row of a chunk was dense, the next chunks skip the live-weight count (a dense row
+# is exact either way, just slower) and look again every this many chunks.
+RECHECK_DENSE_EVERY = 4
 # Dense float32 sums move into the float64 state every this many chunks.
 FLUSH_EVERY = 16
 DEFAULT_CHUNK = 2048
@@ -333,22 +336,27 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
     state = SoftmaxState.empty(batch, dim, device)
     dense_sums = _DenseSums(batch, dim, device, cdt, offset)
     top_so_far = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
+    all_dense = False
     for index, start in enumerate(range(0, train.n, chunk_size)):
         chunk = train.points[start:start + chunk_size].to(device=device, dtype=cdt)
         norms = train.sq_norms[start:start + chunk_size].to(device=device, dtype=cdt)
         bias = (-b[0] * norms)[None, :] if shared_t else torch.outer(-b, norms)
         logits = torch.addmm(bias, query, chunk.T)
         top = torch.maximum(top_so_far, logits.amax(dim=1).to(torch.float64))
-        live = logits >= (top - live_margin).to(cdt)[:, None]
-        dense = (torch.count_nonzero(live, dim=1) > SPARSE_ROW_LIMIT) & dense_allowed
-        sparse_rows = (~dense).nonzero().squeeze(1)
+        if all_dense and index % RECHECK_DENSE_EVERY:
+            sparse_rows = dense_allowed.new_empty(0, dtype=torch.long)
+        else:  # which rows have few enough live weights to skip the second GEMM
+            live = logits >= (top - live_margin).to(cdt)[:, None]
+            dense = (torch.count_nonzero(live, dim=1) > SPARSE_ROW_LIMIT) & dense_allowed
+            sparse_rows = (~dense).nonzero().squeeze(1)
+            all_dense = sparse_rows.numel() == 0
         if sparse_rows.numel() == batch:
             rows, cols = live.nonzero().unbind(1)
             pairs.add_(state, rows, chunk, cols)
         elif sparse_rows.numel():
             rows, cols = live[sparse_rows].nonzero().unbind(1)
             pairs.add_(state, sparse_rows[rows], chunk, cols)
-        if bool(dense.any()):
+        if sparse_rows.numel() < batch:
             rows = None if sparse_rows.numel() == 0 else dense.nonzero().squeeze(1)
             dense_sums.add_(state, pairs, logits, rows, top, head_margin, always_correct, chunk)
             if index % FLUSH_EVERY == FLUSH_EVERY - 1:

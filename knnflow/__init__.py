@@ -15,7 +15,7 @@ from knnflow.closed_form import (
 )
 from knnflow.data import load_dataset
 from knnflow.errors import IndexMismatchError, InputError, KnnflowError, MissingFileError
-from knnflow.estimators import ExactVelocity, VelocityOutput
+from knnflow.estimators import ExactVelocity, KNNVelocity, VelocityOutput
 from knnflow.index import Index
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "Index",
     "IndexMismatchError",
     "InputError",
+    "KNNVelocity",
     "KnnflowError",
     "MissingFileError",
     "SoftmaxState",

@@ -317,3 +317,97 @@ def save_json(data: dict, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- bench knn
+
+
+@dataclass
+class KnnRow:
+    label: str
+    exact_qps: float
+    certified_qps: float
+    speedup: float
+    topk_qps: dict[str, float]
+    error_median: float
+    error_max: float
+    bound_median: float
+    bound_max: float
+    fallback: float
+    violations: int
+    evaluated_median: float
+    topk_error: dict[str, tuple[float, float]]
+
+
+@dataclass
+class KnnBench:
+    config: dict
+    rows: list[KnnRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | None = None,
+              ts: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9), batch: int = 256,
+              tol: float = 1e-4, ks: tuple[int, ...] = (16, 256), repeats: int = 3,
+              index_folder: str | Path | None = None, seed: int = 0,
+              progress: Progress | None = None) -> KnnBench:
+    """Exact engine (a) against KNNVelocity certified (b) and the top-k truncation (c), on the
+    same queries x_t = (1-t)·x0 + t·x1 (x1 held-out images), for each t and for t ~ U[0,1)."""
+    from knnflow.estimators import ExactVelocity, KNNVelocity
+    from knnflow.index import Index
+
+    if any(not 0 <= t < 1 for t in ts):
+        raise InputError(f"every t must lie in [0, 1), got {list(ts)}")
+    if index_folder is not None:
+        index = Index.load(index_folder)
+        name = index.manifest["dataset"].get("name", str(index_folder))
+    else:
+        images = load_dataset(dataset, root=root, split="train", limit=limit)
+        index = Index.build(images, dataset={"name": dataset, "limit": limit}, progress=progress)
+        name = dataset
+    held_out = load_dataset(dataset, root=root, split="test")
+    held_out = held_out.reshape(held_out.shape[0], -1)
+    gen = torch.Generator().manual_seed(seed)
+    exact = ExactVelocity(index)
+    certified = KNNVelocity(index, tol=tol)
+    topk = {f"top-{k}": KNNVelocity(index, k=min(k, index.n), certified=False) for k in ks}
+    result = KnnBench(config={"data": name, "n": index.n, "d": index.dim, "batch": batch,
+                              "tol": tol, "repeats": repeats, "threads": torch.get_num_threads(),
+                              "torch": torch.__version__})
+    cases = [(f"{t:g}", torch.full((batch,), float(t))) for t in ts]
+    cases.append(("U[0,1)", torch.rand(batch, generator=gen)))
+    for i, (label, t) in enumerate(cases):
+        if progress:
+            progress("bench knn", i, len(cases))
+        x1 = held_out[torch.randint(held_out.shape[0], (batch,), generator=gen)]
+        noise = torch.randn(x1.shape, generator=gen)
+        x = ((1 - t)[:, None] * noise + t[:, None] * x1).to(torch.float32)
+        calls = {"exact": lambda x=x, t=t: exact(x, t),
+                 "certified": lambda x=x, t=t: certified(x, t),
+                 **{name_: (lambda est=est, x=x, t=t: est(x, t)) for name_, est in topk.items()}}
+        seconds = interleaved_seconds(calls, repeats, torch.device("cpu"))
+        reference = exact(x, t).velocity.to(torch.float64)
+        ref_norm = reference.norm(dim=1)
+        out = certified(x, t)
+        err = (out.velocity.to(torch.float64) - reference).norm(dim=1)
+        bound = out.error_bound
+        violations = int((err > bound + 1e-4 * ref_norm).sum())
+        topk_error = {}
+        for name_, est in topk.items():
+            rel = relative_errors(est(x, t).velocity, reference)
+            topk_error[name_] = (float(rel.median()), float(rel.max()))
+        result.rows.append(KnnRow(
+            label=label, exact_qps=batch / seconds["exact"],
+            certified_qps=batch / seconds["certified"],
+            speedup=seconds["exact"] / seconds["certified"],
+            topk_qps={name_: batch / seconds[name_] for name_ in topk},
+            error_median=float((err / ref_norm).median()), error_max=float((err / ref_norm).max()),
+            bound_median=float((bound / ref_norm).median()),
+            bound_max=float((bound / ref_norm).max()),
+            fallback=float(out.fallback.double().mean()), violations=violations,
+            evaluated_median=float(out.evaluated.double().median()), topk_error=topk_error))
+    if progress:
+        progress("bench knn", len(cases), len(cases))
+    return result

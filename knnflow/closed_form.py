@@ -55,6 +55,8 @@ RECHECK_DENSE_EVERY = 4
 # Dense float32 sums move into the float64 state every this many chunks.
 FLUSH_EVERY = 16
 DEFAULT_CHUNK = 2048
+# The dot form of exact distances is used while its rounding stays below this many nats.
+DOT_FORM_NATS = 1e-9
 # Float64 elements per block of exact pair recomputation (4 MB): bounded memory, and small
 # enough that the allocator reuses it instead of mapping fresh pages (page faults are slow).
 PAIR_BLOCK_ELEMENTS = 1 << 19
@@ -332,7 +334,7 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
     # Screened logits omit -s‖x‖², the same for every j; the state keeps full logits.
     offset = s * x64.square().sum(dim=1)
     shared_t = bool((t == t[0]).all())
-    pairs = _ExactPairs(x64, t, s)
+    pairs = ExactPairs(x64, t, s, train.max_norm)
     state = SoftmaxState.empty(batch, dim, device)
     dense_sums = _DenseSums(batch, dim, device, cdt, offset)
     top_so_far = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
@@ -383,7 +385,7 @@ class _DenseSums:
         self.z = torch.zeros(batch, dtype=torch.float64, device=device)
         self.s = torch.zeros(batch, dim, dtype=cdt, device=device)
 
-    def add_(self, state: SoftmaxState, pairs: _ExactPairs, logits: Tensor,
+    def add_(self, state: SoftmaxState, pairs: ExactPairs, logits: Tensor,
              rows: Tensor | None, top: Tensor, head_margin: Tensor, always_correct: Tensor,
              chunk: Tensor) -> None:
         """Second GEMM over screened weights for `rows` (None: all), then exact head fixes."""
@@ -429,19 +431,32 @@ class _DenseSums:
         self.s.zero_()
 
 
-class _ExactPairs:
-    """Exact float64 logits ℓ = -s‖x - t·x_j‖² for (query, point) pairs, in bounded blocks."""
+class ExactPairs:
+    """Exact float64 logits ℓ = -s‖x - t·x_j‖² for (query, point) pairs, in bounded blocks.
 
-    def __init__(self, x64: Tensor, t: Tensor, s: Tensor):
+    Where float64 allows it, ‖x - t·x_j‖² is taken as ‖x‖² - 2t⟨x, x_j⟩ + t²‖x_j‖² (one pass
+    over the gathered points instead of four); its rounding, about 4u·(‖x‖ + t‖x_j‖)²·s nats,
+    must stay below DOT_FORM_NATS. Near t = 1 (s large) the difference form is used.
+    """
+
+    def __init__(self, x64: Tensor, t: Tensor, s: Tensor, max_norm: float | None = None):
         self.x64, self.t, self.s = x64, t, s
         self.block = max(1, PAIR_BLOCK_ELEMENTS // x64.shape[1])
+        self.x_sq = x64.square().sum(dim=1)
+        reach = x64.norm(dim=1) + t * (max_norm if max_norm is not None else math.inf)
+        self.dot_form = 4 * FLOAT64_ROUNDOFF * reach.square() * s <= DOT_FORM_NATS
 
     def _blocks(self, rows: Tensor, chunk: Tensor, cols: Tensor):
         for i in range(0, rows.numel(), self.block):
             r, c = rows[i:i + self.block], cols[i:i + self.block]
             points = chunk[c].to(torch.float64)
-            diff = self.x64[r] - self.t[r, None] * points
-            yield i, r, points, -self.s[r] * diff.square().sum(dim=1)
+            t = self.t[r]
+            if bool(self.dot_form[r].all()):
+                dot = (self.x64[r] * points).sum(dim=1)
+                sq = self.x_sq[r] - 2 * t * dot + t * t * points.square().sum(dim=1)
+            else:
+                sq = (self.x64[r] - t[:, None] * points).square().sum(dim=1)
+            yield i, r, points, -self.s[r] * sq
 
     def add_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor) -> None:
         """Add the pairs' exact weights to the state."""

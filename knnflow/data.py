@@ -283,34 +283,38 @@ def _load_array(path: Path, split: str, limit: int | None):
 
 
 def synthetic_images(n: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0,
-                     clusters: int = 200, rank: int = 24) -> Tensor:
-    """Structured images in [-1, 1]: a mixture of smooth random images with low-rank variation.
+                     clusters: int = 500) -> Tensor:
+    """Structured images in [-1, 1] with a natural-image-like spectrum, seeded.
 
-    Each image is tanh(center_k + Σ_r z_r·basis_r + 0.05·noise): `clusters` smooth centers (random
-    fields drawn at 1/8 resolution and upsampled bicubically), `rank` smooth basis images shared
-    by all clusters with coefficients whose scale decays like 1/√r, and a little white noise.
-    Like natural images, most variance lies in a few smooth directions and near neighbours lie
-    at a fraction of the typical distance, which is what makes the softmax in û* collapse.
+    Each image is tanh(c_k + f4 + f8 + f16 + 0.04·ε): one of `clusters` cluster centres c_k (random
+    fields at 1/8 and 1/4 resolution, amplitudes 0.55 and 0.25), its own fields at 1/8, 1/4 and
+    1/2 resolution (amplitudes 0.25, 0.2, 0.12) and white noise ε. Fields are Gaussian noise
+    upsampled bicubically. The centres are the same for every seed, so seeds give train and
+    held-out sets of one distribution. On 3×32×32 this gives CIFAR-10-like statistics: pixel
+    standard deviation 0.48, 90% of the variance in the top 100 principal components, nearest
+    training image of a held-out one at about 0.43 of the typical distance.
     """
-    gen = torch.Generator().manual_seed(seed)
     channels, spatial = shape[0], shape[1:]
-    coarse = tuple(max(2, s // 8) for s in spatial)
     mode = "bicubic" if len(spatial) == 2 else "linear"
 
-    def smooth(count: int) -> Tensor:
-        field = torch.randn(count, channels, *coarse, generator=gen)
-        return torch.nn.functional.interpolate(field, size=spatial, mode=mode,
-                                               align_corners=False).reshape(count, -1)
+    def fields(count: int, divisor: int, amplitude: float, gen: torch.Generator) -> Tensor:
+        coarse = tuple(max(2, size // divisor) for size in spatial)
+        noise = torch.randn(count, channels, *coarse, generator=gen)
+        smooth = torch.nn.functional.interpolate(noise, size=spatial, mode=mode,
+                                                 align_corners=False)
+        return amplitude * smooth.reshape(count, -1)
 
-    centers = 0.6 * smooth(clusters)
-    basis = smooth(rank) / (torch.arange(1, rank + 1, dtype=torch.float32) ** 0.5)[:, None]
-    out = torch.empty(n, channels * int(np.prod(spatial)))
-    for start in range(0, n, 8192):
-        count = min(8192, n - start)
+    center_gen = torch.Generator().manual_seed(1234)
+    centers = fields(clusters, 8, 0.55, center_gen) + fields(clusters, 4, 0.25, center_gen)
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, centers.shape[1])
+    for start in range(0, n, 4096):
+        count = min(4096, n - start)
         label = torch.randint(clusters, (count,), generator=gen)
-        coeff = 0.35 * torch.randn(count, rank, generator=gen)
-        noise = 0.05 * torch.randn(count, out.shape[1], generator=gen)
-        out[start:start + count] = torch.tanh(centers[label] + coeff @ basis + noise)
+        image = (centers[label] + fields(count, 8, 0.25, gen) + fields(count, 4, 0.2, gen)
+                 + fields(count, 2, 0.12, gen) + 0.04 * torch.randn(count, centers.shape[1],
+                                                                    generator=gen))
+        out[start:start + count] = torch.tanh(image)
     return out.reshape(n, *shape)
 
 
@@ -340,7 +344,8 @@ _LOADERS: dict[str, _Loader] = {
                                     "data/celeba/celeba/list_eval_partition.txt"),
                         _load_celeba64),
     "synthetic": _Loader(DatasetInfo("synthetic", "3×32×32", "50000 / 10000",
-                                     "generated: smooth low-rank image mixture, seeded"),
+                                     "generated: seeded CIFAR-like mixture of smooth random "
+                                     "images"),
                          _load_synthetic),
 }
 _PATH_KINDS = {

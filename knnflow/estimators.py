@@ -1,17 +1,25 @@
 """Estimators of û*(x, t) behind one interface: est(x, t) -> VelocityOutput.
 
-Exact: `ExactVelocity` streams the whole training set (closed_form.py), error bound 0.
+- `ExactVelocity` streams the whole training set (closed_form.py); error bound 0.
+- `KNNVelocity` evaluates only the nearest neighbours of x/t that can matter, proven by the
+  index's band sketches (sketch.py), and returns a proven bound on ‖velocity - û*‖; queries
+  it cannot certify cheaply fall back to the exact engine. With certified=False it is the
+  top-k truncation of published kNN estimators, with no bound.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from knnflow.closed_form import (
     DEFAULT_CHUNK,
+    ExactPairs,
+    SoftmaxState,
     TrainingSet,
     check_t,
     closed_form_state,
@@ -28,12 +36,16 @@ class VelocityOutput:
 
     velocity: shaped and typed like x. error_bound: (B,) float64 upper bound on
     ‖velocity - û*‖₂, or None for estimators that give no bound (random or approximate ones).
-    evaluated: (B,) how many training points each query touched.
+    evaluated: (B,) how many training points each query touched in full dimension.
+    certified: whether error_bound is a proof (False: no bound at all).
+    fallback: (B,) bool, queries that an index-based estimator sent to the exact engine.
     """
 
     velocity: Tensor
     error_bound: Tensor | None
     evaluated: Tensor
+    certified: bool = True
+    fallback: Tensor | None = field(default=None)
 
 
 def training_set_of(data_or_index: Tensor | TrainingSet | Index,
@@ -84,3 +96,244 @@ class ExactVelocity:
             error_bound=torch.zeros(batch, dtype=torch.float64),
             evaluated=torch.full((batch,), self.train.n, dtype=torch.int64),
         )
+
+
+SEED_WIDTH = 32
+
+
+def _augment_points(points: Tensor) -> Tensor:
+    """[b, 1, ‖b‖²] in float32, so that one GEMM with [-2a, ‖a‖², 1] gives ‖a - b‖²."""
+    ones = torch.ones(points.shape[0], 1, dtype=torch.float64)
+    return torch.cat([points, ones, points.square().sum(1, keepdim=True)], 1).to(torch.float32)
+
+
+def _augment_queries(queries: Tensor) -> Tensor:
+    ones = torch.ones(queries.shape[0], 1, dtype=torch.float64)
+    return torch.cat([-2 * queries, queries.square().sum(1, keepdim=True), ones],
+                     1).to(torch.float32)
+
+
+class KNNVelocity:
+    """û* from the training points near x/t, exact or within a proven bound.
+
+    For a query x at time t, ℓ_j = -s·t²‖x/t - x_j‖² (s = 1/(2(1-t)²)), so the weights that
+    matter belong to the nearest neighbours of q = x/t. Per query:
+
+    1. The coarse sketch (sketch.py) gives a proven lower bound L_j ≤ ‖q - x_j‖² for every
+       point from ~128 numbers; the `seeds` points of smallest L_j get exact distances, the
+       smallest is d_b².
+    2. Every point is left out whose lower bound exceeds thr = d_b² + Δ, with Δ chosen from
+       tol (a left-out point has weight below e^(-s·t²·Δ) of the best one). The coarse
+       survivors are screened again with the fine sketch (~512 numbers).
+    3. The remaining set K is evaluated exactly in float64. The left-out mass is at most
+       Z_R ≤ (n - |K|)·e^(-s·t²·thr), so ‖û_K - û*‖ ≤ Z_R/(Z_K + Z_R)·(‖D_K - mean‖ + R)/(1-t)
+       with R the largest distance of a training point from the mean. That is error_bound.
+    4. A query falls back to the exact engine (bound 0) when t = 0, when more than
+       `coarse_budget`·n points (at least 512) survive the coarse sketch or `exact_budget`·n
+       (at least 128) the fine one, or when the bound exceeds tol·‖velocity‖.
+
+    certified=False: softmax over the k nearest neighbours of x/t found by the index (k=16 by
+    default), the truncation published kNN estimators use. error_bound is None.
+    data: the training points, to check that the index was built on them.
+    """
+
+    def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
+                 certified: bool = True, *, data: Tensor | None = None, seeds: int = 8,
+                 coarse_budget: float = 0.02, exact_budget: float = 0.005,
+                 scan_chunk: int = 8192):
+        if not isinstance(index, Index):
+            raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+            raise InputError(f"tol must be a positive number, got {tol!r}")
+        if k is not None and k < 1:
+            raise InputError(f"k must be at least 1, got {k}")
+        if k is not None and k > index.n:
+            warnings.warn(f"k={k} is larger than the index's n={index.n}; using k={index.n}",
+                          stacklevel=2)
+            k = index.n
+        if data is not None:
+            index.verify_points(data)
+        if certified and index.sketches is None:
+            raise InputError("this index has no sketch for certified search; rebuild it with "
+                             "knnflow build-index")
+        self.index, self.tol, self.certified = index, float(tol), certified
+        self.k = k if k is not None else (None if certified else 16)
+        self.seeds = max(1, min(seeds, index.n))
+        # Small data sets get absolute floors: gathering a few hundred points costs little.
+        self.coarse_budget = max(512, int(coarse_budget * index.n))
+        self.exact_budget = max(128, int(exact_budget * index.n))
+        self.scan_chunk = scan_chunk
+        self.train = index.training_set()
+        self.last_stats: dict[str, float] = {}
+        if certified:
+            sk = index.sketches
+            coarse = sk.coarse_points.to(torch.float64)
+            self._coarse32 = _augment_points(coarse)
+            # Seeds need no proof, only good candidates: the leading coordinates suffice.
+            self._seed32 = _augment_points(coarse[:, :SEED_WIDTH])
+            if sk.fine is not None:
+                self._fine_sq = sk.fine_points.to(torch.float64).square().sum(1)
+
+    # ------------------------------------------------------------------ interface
+
+    def __call__(self, x: Tensor, t: float | Tensor) -> VelocityOutput:
+        flat = flatten_queries(x, self.train.dim)
+        batch = flat.shape[0]
+        t64 = check_t(t, batch, flat.device)
+        x64 = flat.detach().cpu().to(torch.float64)
+        t64 = t64.cpu()
+        velocity = torch.empty_like(x64)
+        bound = torch.zeros(batch, dtype=torch.float64)
+        evaluated = torch.full((batch,), self.train.n, dtype=torch.int64)
+        fallback = t64 == 0
+        todo = (~fallback).nonzero().squeeze(1)
+        if todo.numel():
+            run = self._certified if self.certified else self._top_k
+            v, b, ev, failed = run(x64[todo], t64[todo])
+            velocity[todo], evaluated[todo] = v, ev
+            if b is not None:
+                bound[todo] = b
+            fallback[todo] = failed
+        if bool(fallback.any()):
+            rows = fallback.nonzero().squeeze(1)
+            state = closed_form_state(flat[rows].cpu(), t64[rows], self.train)
+            velocity[rows] = velocity_from_denoiser(state.denoiser(), x64[rows], t64[rows])
+            bound[rows], evaluated[rows] = 0.0, self.train.n
+        self.last_stats = {"queries": batch, "fallback": int(fallback.sum()),
+                           "evaluated_median": float(evaluated.double().median())}
+        return VelocityOutput(
+            velocity=velocity.to(dtype=x.dtype, device=x.device).reshape(x.shape),
+            error_bound=bound if self.certified else None, evaluated=evaluated,
+            certified=self.certified, fallback=fallback)
+
+    # ------------------------------------------------------------------ certified path
+
+    def _certified(self, x64: Tensor, t: Tensor):
+        sk, n = self.index.sketches, self.train.n
+        s = 0.5 / (1 - t) ** 2
+        st2 = s * t * t
+        q = x64 / t[:, None]
+        coords = sk.transform.apply(q)
+        q_norms = q.norm(dim=1)
+        coarse_q = sk.coarse.embed(coords)
+        coarse_norm = coarse_q.norm(dim=1)
+        pairs = ExactPairs(x64, t, s, self.train.max_norm)
+
+        # 1. Seeds: small prefix-sketch distances. Their distances only place the threshold
+        #    (the bound below holds for any threshold), so float32 suffices.
+        seeds = self._coarse_seeds(_augment_queries(coarse_q[:, :SEED_WIDTH]))
+        seed_points = self.train.points[seeds.reshape(-1)].to(torch.float32).reshape(
+            *seeds.shape, -1)
+        dots = torch.bmm(seed_points, x64.to(torch.float32)[:, :, None]).squeeze(2)
+        seed_sq = (x64.square().sum(1)[:, None] - 2 * t[:, None] * dots.to(torch.float64)
+                   + (t * t)[:, None] * self.train.sq_norms[seeds]) / (t * t)[:, None]
+        best = seed_sq.argmin(dim=1)
+        best_point = seed_points[torch.arange(len(t)), best].to(torch.float64)
+        # The best seed's own distance, exactly: the threshold must clear it to keep it in K.
+        best_sq = (x64 - t[:, None] * best_point).square().sum(1) / (t * t)
+
+        # 2. The threshold: a left-out point's weight is below e^(-s·t²·Δ) of the best one.
+        speed = ((best_point - x64).norm(dim=1) / (1 - t)).clamp(min=1e-12)
+        spread = 2 * sk.max_radius
+        log_terms = math.log(n) + torch.log(spread / ((1 - t) * self.tol * 0.5 * speed)) + 1.0
+        threshold = best_sq + log_terms.clamp(min=0) / st2
+
+        # 3. Coarse scan, then the fine sketch on the survivors.
+        rows, cols, over = self._coarse_scan(coarse_q, coarse_norm, q_norms, threshold)
+        if sk.fine is not None and rows.numel():
+            fine_q = sk.fine.embed(coords)
+            fine_norm = fine_q.norm(dim=1)
+            slack = sk.query_slack(fine_norm, q_norms)
+            keep = torch.empty(rows.numel(), dtype=torch.bool)
+            block = max(1, (1 << 19) // sk.fine.width)
+            for i in range(0, rows.numel(), block):
+                r, c = rows[i:i + block], cols[i:i + block]
+                dot = (fine_q[r] * sk.fine_points[c].to(torch.float64)).sum(1)
+                sq = fine_norm[r].square() + self._fine_sq[c] - 2 * dot
+                bound = sk.lower_bound(sq, slack[r], fine_norm[r], sk.fine.width)
+                keep[i:i + block] = bound <= threshold[r]
+            rows, cols = rows[keep], cols[keep]
+        counts = torch.bincount(rows, minlength=len(t))
+        over |= counts > self.exact_budget
+        keep = ~over[rows]
+        rows, cols = rows[keep], cols[keep]
+
+        # 4. Exact float64 weights over the kept set, and the bound on what was left out.
+        state = SoftmaxState.empty(len(t), x64.shape[1])
+        pairs.add_(state, rows, self.train.points, cols)
+        kept = torch.bincount(rows, minlength=len(t))
+        denoiser = state.denoiser()
+        velocity = (denoiser - x64) / (1 - t)[:, None]
+        left_out = (n - kept).to(torch.float64)
+        log_ratio = torch.log(left_out) - st2 * threshold - state.ref - torch.log(state.z)
+        ratio = torch.exp(log_ratio.clamp(max=700))
+        reach = (denoiser - sk.transform.mean).norm(dim=1) + sk.max_radius
+        bound = ratio / (1 + ratio) * reach / (1 - t)
+        failed = over | ~(bound <= self.tol * velocity.norm(dim=1)) | (kept == 0)
+        velocity = torch.where(failed[:, None], torch.zeros_like(velocity), velocity)
+        bound = torch.where(failed, torch.zeros_like(bound), bound)
+        return velocity, bound, kept + seeds.shape[1], failed
+
+    def _sketch_distances(self, points: Tensor, query: Tensor, start: int) -> Tensor:
+        """float32 ‖a‖² + ‖b‖² - 2⟨a, b⟩ between queries and one chunk of sketched points, as
+        one GEMM over augmented vectors [-2a, ‖a‖², 1]·[b, 1, ‖b‖²]."""
+        return query @ points[start:start + self.scan_chunk].T
+
+    def _coarse_seeds(self, seed_query: Tensor) -> Tensor:
+        """The points of smallest prefix-sketch distance in each chunk (`seeds` in all):
+        good candidates for the nearest neighbour, found cheaply."""
+        chunks = range(0, self.train.n, self.scan_chunk)
+        per_chunk = max(1, math.ceil(self.seeds / len(chunks)))
+        found = []
+        for start in chunks:
+            dist = self._sketch_distances(self._seed32, seed_query, start)
+            found.append(dist.topk(min(per_chunk, dist.shape[1]), dim=1, largest=False).indices
+                         + start)
+        return torch.cat(found, dim=1)
+
+    def _coarse_scan(self, coarse_q: Tensor, coarse_norm: Tensor, q_norms: Tensor,
+                     threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(query row, point) pairs whose coarse lower bound is ≤ threshold; rows over budget."""
+        sk = self.index.sketches
+        limit = sk.screened_threshold(threshold, coarse_norm, q_norms, sk.coarse.width + 2)
+        limit32 = limit.to(torch.float32)
+        query32 = _augment_queries(coarse_q)
+        counts = torch.zeros(len(coarse_q), dtype=torch.int64)
+        active = torch.arange(len(coarse_q))
+        found_rows, found_cols = [], []
+        for start in range(0, self.train.n, self.scan_chunk):
+            # Rows over budget leave the scan: they will fall back to the exact engine.
+            dist = self._sketch_distances(self._coarse32, query32[active], start)
+            hits = dist <= limit32[active, None]
+            counts[active] += torch.count_nonzero(hits, dim=1)
+            within = counts[active] <= self.coarse_budget
+            r, c = hits[within].nonzero().unbind(1)
+            found_rows.append(active[within][r])
+            found_cols.append(c + start)
+            active = active[within]
+            if active.numel() == 0:
+                break
+        over = counts > self.coarse_budget
+        rows, cols = torch.cat(found_rows), torch.cat(found_cols)
+        keep = ~over[rows]
+        return rows[keep], cols[keep], over
+
+    # ------------------------------------------------------------------ top-k path
+
+    def _top_k(self, x64: Tensor, t: Tensor):
+        """Softmax over the k nearest neighbours of x/t (no bound)."""
+        k = self.k
+        q = (x64 / t[:, None]).to(torch.float32).numpy()
+        # FAISS's own candidates, as published kNN estimators take them (no exact re-ranking).
+        if self.index.kind == "ivf":
+            self.index.set_nprobe(self.index.manifest["index"]["nprobe"])
+        _, ids = self.index.faiss_index.search(q, k)
+        ids = torch.from_numpy(ids).clamp(min=0)
+        # Recompute in the x frame: ‖x - t·x_j‖² keeps float64 precision as t → 1.
+        points = self.train.points[ids.reshape(-1)].to(torch.float64).reshape(*ids.shape, -1)
+        sq = (x64[:, None] - t[:, None, None] * points).square().sum(-1)
+        weights = torch.softmax(-sq / (2 * (1 - t) ** 2)[:, None], dim=1)
+        denoiser = (weights[:, :, None] * points).sum(1)
+        velocity = (denoiser - x64) / (1 - t)[:, None]
+        evaluated = torch.full((len(t),), k, dtype=torch.int64)
+        return velocity, None, evaluated, torch.zeros(len(t), dtype=torch.bool)

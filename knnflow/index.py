@@ -27,6 +27,7 @@ from torch import Tensor
 
 from knnflow.closed_form import FLOAT32_ROUNDOFF, TrainingSet
 from knnflow.errors import IndexMismatchError, InputError, MissingFileError
+from knnflow.sketch import Sketches
 
 FORMAT_VERSION = 1
 KINDS = ("flat", "ivf")
@@ -88,6 +89,11 @@ def sha256_file(path: Path, block: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def points_sha256(points: np.ndarray) -> str:
+    """Checksum of the raw point values (C order), independent of any file header."""
+    return hashlib.sha256(np.ascontiguousarray(points).data).hexdigest()
+
+
 def default_ivf_lists(n: int) -> int:
     """About 4·√n lists, but at least 39 training points per list, as FAISS asks."""
     return max(1, min(int(4 * math.sqrt(n)), n // 39))
@@ -122,6 +128,7 @@ class Index:
     faiss_index: object
     manifest: dict
     folder: Path | None = None
+    sketches: Sketches | None = field(default=None, repr=False)
     _train: TrainingSet | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ build / save / load
@@ -170,6 +177,7 @@ class Index:
             index.add(points[begin:begin + ADD_CHUNK].astype(np.float32, copy=False))
             if progress:
                 progress("adding points", min(begin + ADD_CHUNK, n), n)
+        sketches = Sketches.build(torch.from_numpy(points), tuple(image_shape), progress)
         manifest = {
             "format_version": FORMAT_VERSION,
             "dataset": dataset or {"name": "custom"},
@@ -181,8 +189,9 @@ class Index:
             "faiss_version": faiss.__version__,
             "build_device": device,
             "build_seconds": round(time.perf_counter() - start, 3),
+            "points_sha256": points_sha256(points),
         }
-        return cls(torch.from_numpy(points), index, manifest)
+        return cls(torch.from_numpy(points), index, manifest, sketches=sketches)
 
     def save(self, folder: str | Path, overwrite: bool = False,
              progress: Progress | None = None) -> Path:
@@ -199,11 +208,14 @@ class Index:
                 progress("writing data", 0, 1)
             np.save(tmp / DATA_FILE, self.points.numpy())
             _faiss().write_index(_to_cpu(self.faiss_index), str(tmp / INDEX_FILE))
+            sketch_files = self.sketches.save(tmp) if self.sketches is not None else []
             if progress:
                 progress("checksumming", 0, 1)
             manifest = dict(self.manifest, data_file=DATA_FILE, index_file=INDEX_FILE,
                             data_sha256=sha256_file(tmp / DATA_FILE),
-                            index_sha256=sha256_file(tmp / INDEX_FILE))
+                            index_sha256=sha256_file(tmp / INDEX_FILE),
+                            sketch_sha256={name: sha256_file(tmp / name)
+                                           for name in sketch_files})
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             if folder.exists():
                 old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -228,11 +240,17 @@ class Index:
         for path, what in ((data_path, "the indexed data"), (index_path, "the FAISS index")):
             if not path.is_file():
                 raise MissingFileError(f"{folder}: expected {path.name} ({what})")
+        sketch_sums = manifest.get("sketch_sha256", {})
+        for name in sketch_sums:
+            if not (folder / name).is_file():
+                raise MissingFileError(f"{folder}: expected {name} (the certified-search sketch)")
         if verify:
-            for path, key in ((data_path, "data_sha256"), (index_path, "index_sha256")):
-                if sha256_file(path) != manifest.get(key):
-                    raise IndexMismatchError(f"{folder}: {path.name} does not match the checksum "
-                                             "in manifest.json (the file changed since the build)")
+            expected = {DATA_FILE: manifest.get("data_sha256"),
+                        INDEX_FILE: manifest.get("index_sha256"), **sketch_sums}
+            for name, checksum in expected.items():
+                if sha256_file(folder / name) != checksum:
+                    raise IndexMismatchError(f"{folder}: {name} does not match the checksum in "
+                                             "manifest.json (the file changed since the build)")
         points = np.load(data_path, mmap_mode="c")
         expected = (manifest["n"], manifest["d"])
         if points.shape != expected:
@@ -250,7 +268,8 @@ class Index:
                                      f"d={index.d}, manifest says {manifest['n']} of "
                                      f"d={manifest['d']}")
         index = _to_faiss_device(index, resolve_device(device))
-        return cls(torch.from_numpy(points), index, manifest, folder)
+        sketches = Sketches.load(folder) if sketch_sums else None
+        return cls(torch.from_numpy(points), index, manifest, folder, sketches)
 
     # ------------------------------------------------------------------ properties
 
@@ -269,6 +288,18 @@ class Index:
     @property
     def kind(self) -> str:
         return self.manifest["index"]["kind"]
+
+    def verify_points(self, points: Tensor | np.ndarray) -> None:
+        """Refuse, in one line, training points that are not the ones this index was built on."""
+        array = points.detach().cpu().numpy() if torch.is_tensor(points) else np.asarray(points)
+        array = np.ascontiguousarray(array.reshape(array.shape[0], -1), dtype=DTYPES[
+            self.manifest["dtype"]])
+        if array.shape != (self.n, self.dim):
+            raise IndexMismatchError(f"the index holds {self.n} points of d={self.dim}, the data "
+                                     f"passed has shape {array.shape}")
+        if points_sha256(array) != self.manifest.get("points_sha256"):
+            raise IndexMismatchError("the index was built on other data than the data passed "
+                                     "(points checksum differs); rebuild it with build-index")
 
     def training_set(self) -> TrainingSet:
         """The points with their float64 norms, computed once."""
@@ -295,14 +326,14 @@ class Index:
         q32 = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
         q64 = torch.from_numpy(q32).to(torch.float64)
         if approximate and self.kind == "ivf":
-            self._set_nprobe(self.manifest["index"]["nprobe"])
+            self.set_nprobe(self.manifest["index"]["nprobe"])
             _, ids = self.faiss_index.search(q32, k)
             return self._rerank(q64, torch.from_numpy(ids), k, exact=False)
         if self.kind == "ivf":
-            self._set_nprobe(self.manifest["index"]["nlist"])
+            self.set_nprobe(self.manifest["index"]["nlist"])
         return self._exact_search(q32, q64, k)
 
-    def _set_nprobe(self, nprobe: int) -> None:
+    def set_nprobe(self, nprobe: int) -> None:
         faiss = _faiss()
         try:
             faiss.extract_index_ivf(self.faiss_index).nprobe = nprobe

@@ -45,3 +45,116 @@ def test_exact_velocity_rejects_bad_t_and_shape(digits):
         estimator(torch.zeros(2, 64), 1.0)
     with pytest.raises(knnflow.InputError, match="d=64"):
         estimator(torch.zeros(2, 3, 8, 8), 0.5)
+
+
+# --------------------------------------------------------------------------- KNNVelocity
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KNN_TS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 0.95, 0.999)
+
+
+def assert_bound_holds(out, reference):
+    """‖v - û*₆₄‖ ≤ bound + float32 rounding (1e-4·‖û*₆₄‖), for every query."""
+    err = (out.velocity.reshape(len(reference), -1).to(torch.float64) - reference).norm(dim=1)
+    allowed = out.error_bound + 1e-4 * reference.norm(dim=1)
+    assert (err <= allowed).all(), (err - allowed).max()
+
+
+@pytest.fixture(scope="module")
+def digits_index():
+    return knnflow.Index.build(knnflow.load_dataset("digits"))
+
+
+@pytest.mark.parametrize("t", KNN_TS)
+def test_knn_bound_holds_on_digits(digits, digits_index, t):
+    estimator = knnflow.KNNVelocity(digits_index, tol=1e-4)
+    x = flow_queries(digits, t, 128, seed=int(t * 1000))
+    out = estimator(x, t)
+    reference = brute_force_velocity(x, t, digits)
+    assert_bound_holds(out, reference)
+    assert out.certified and out.error_bound is not None
+    assert (out.error_bound <= 1e-4 * out.velocity.to(torch.float64).norm(dim=1) + 1e-12).all()
+    assert torch.equal(out.error_bound[out.fallback], torch.zeros(int(out.fallback.sum()),
+                                                                   dtype=torch.float64))
+
+
+def test_knn_prunes_where_the_softmax_has_collapsed(digits, digits_index):
+    out = knnflow.KNNVelocity(digits_index)(flow_queries(digits, 0.95, 64), 0.95)
+    assert out.fallback.double().mean() < 0.1
+    assert out.evaluated.double().median() < digits.shape[0] / 10
+
+
+def test_knn_bound_holds_with_batched_t(digits, digits_index):
+    t = torch.linspace(0, 0.999, 64)
+    x = torch.cat([flow_queries(digits, float(ti), 1, seed=i) for i, ti in enumerate(t)])
+    out = knnflow.KNNVelocity(digits_index)(x, t)
+    assert_bound_holds(out, brute_force_velocity(x, t, digits))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), t=st.floats(0.0, 0.9999), tol=st.sampled_from([1e-2, 1e-4,
+                                                                                   1e-6]),
+       duplicates=st.integers(0, 20), far=st.booleans(), dim=st.sampled_from([8, 40]))
+def test_knn_bound_holds_on_random_sets(seed, t, tol, duplicates, far, dim):
+    gen = torch.Generator().manual_seed(seed)
+    points = torch.rand(300, dim, generator=gen) * 2 - 1
+    if duplicates:  # near-duplicate training points compete for the weight
+        points[:duplicates] = points[0] + 1e-4 * torch.randn(duplicates, dim, generator=gen)
+    index = knnflow.Index.build(points)
+    x = flow_queries(points, t, 16, seed=seed)
+    if far:
+        x = x * 30
+    out = knnflow.KNNVelocity(index, tol=tol)(x, t)
+    reference = brute_force_velocity(x, t, points)
+    assert_bound_holds(out, reference)
+    assert (out.error_bound <= tol * out.velocity.to(torch.float64).norm(dim=1) + 1e-12).all()
+
+
+def test_knn_on_image_sized_data_uses_both_sketches():
+    from knnflow.data import synthetic_images
+
+    images = synthetic_images(3000, (3, 32, 32), seed=0)
+    held_out = synthetic_images(32, (3, 32, 32), seed=1)
+    index = knnflow.Index.build(images)
+    assert index.sketches.transform.kind == "dct" and index.sketches.fine is not None
+    estimator = knnflow.KNNVelocity(index)
+    for t in (0.3, 0.7, 0.95):
+        x = flow_queries(held_out, t, 32, seed=3, jitter=0.0)
+        out = estimator(x, t)
+        assert_bound_holds(out, brute_force_velocity(x, t, images))
+    assert out.fallback.double().mean() < 0.2
+
+
+def test_uncertified_top_k_is_flagged(digits, digits_index):
+    estimator = knnflow.KNNVelocity(digits_index, k=16, certified=False)
+    x = flow_queries(digits, 0.5, 16)
+    out = estimator(x, 0.5)
+    assert not out.certified and out.error_bound is None
+    assert (out.evaluated == 16).all()
+    # it is the softmax over the 16 nearest neighbours of x/t
+    q = (x / 0.5).to(torch.float64)
+    ids = torch.cdist(q, digits.to(torch.float64)).topk(16, largest=False).indices
+    reference = torch.stack([brute_force_velocity(x[i:i + 1], 0.5, digits[ids[i]])[0]
+                             for i in range(16)])
+    assert torch.allclose(out.velocity.to(torch.float64), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tol", [0.0, -1.0, float("nan")])
+def test_knn_rejects_bad_tol(digits_index, tol):
+    with pytest.raises(ValueError, match="tol"):
+        knnflow.KNNVelocity(digits_index, tol=tol)
+
+
+def test_knn_clamps_k_with_a_note(digits_index):
+    with pytest.warns(UserWarning, match="larger than"):
+        estimator = knnflow.KNNVelocity(digits_index, k=10**6, certified=False)
+    assert estimator.k == digits_index.n
+
+
+def test_knn_refuses_an_index_of_other_data(digits, digits_index):
+    with pytest.raises(knnflow.IndexMismatchError, match="other data"):
+        knnflow.KNNVelocity(digits_index, data=digits.flip(0))
+    knnflow.KNNVelocity(digits_index, data=digits)  # the right data passes

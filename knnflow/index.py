@@ -89,6 +89,14 @@ def sha256_file(path: Path, block: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def _add_points(index, points: np.ndarray, progress: Progress | None = None) -> None:
+    n = points.shape[0]
+    for begin in range(0, n, ADD_CHUNK):
+        index.add(np.ascontiguousarray(points[begin:begin + ADD_CHUNK], dtype=np.float32))
+        if progress:
+            progress("adding points", min(begin + ADD_CHUNK, n), n)
+
+
 def points_sha256(points: np.ndarray) -> str:
     """Checksum of the raw point values (C order), independent of any file header."""
     return hashlib.sha256(np.ascontiguousarray(points).data).hexdigest()
@@ -173,10 +181,7 @@ class Index:
             index.train(sample.astype(np.float32))
             if progress:
                 progress("training k-means", 1, 1)
-        for begin in range(0, n, ADD_CHUNK):
-            index.add(points[begin:begin + ADD_CHUNK].astype(np.float32, copy=False))
-            if progress:
-                progress("adding points", min(begin + ADD_CHUNK, n), n)
+        _add_points(index, points, progress)
         sketches = Sketches.build(torch.from_numpy(points), tuple(image_shape), progress)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -207,13 +212,16 @@ class Index:
             if progress:
                 progress("writing data", 0, 1)
             np.save(tmp / DATA_FILE, self.points.numpy())
-            _faiss().write_index(_to_cpu(self.faiss_index), str(tmp / INDEX_FILE))
+            # A flat index is a copy of data.npy: it is rebuilt on load instead of stored twice.
+            index_file = None if self.kind == "flat" else INDEX_FILE
+            if index_file:
+                _faiss().write_index(_to_cpu(self.faiss_index), str(tmp / index_file))
             sketch_files = self.sketches.save(tmp) if self.sketches is not None else []
             if progress:
                 progress("checksumming", 0, 1)
-            manifest = dict(self.manifest, data_file=DATA_FILE, index_file=INDEX_FILE,
+            manifest = dict(self.manifest, data_file=DATA_FILE, index_file=index_file,
                             data_sha256=sha256_file(tmp / DATA_FILE),
-                            index_sha256=sha256_file(tmp / INDEX_FILE),
+                            index_sha256=sha256_file(tmp / index_file) if index_file else None,
                             sketch_sha256={name: sha256_file(tmp / name)
                                            for name in sketch_files})
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -236,21 +244,21 @@ class Index:
         """Open an index folder; data.npy is memory-mapped. Refuses any mismatch in one line."""
         folder = Path(folder)
         manifest = read_manifest(folder)
-        data_path, index_path = folder / DATA_FILE, folder / INDEX_FILE
-        for path, what in ((data_path, "the indexed data"), (index_path, "the FAISS index")):
-            if not path.is_file():
-                raise MissingFileError(f"{folder}: expected {path.name} ({what})")
-        sketch_sums = manifest.get("sketch_sha256", {})
-        for name in sketch_sums:
+        index_file = manifest.get("index_file")
+        files = {DATA_FILE: ("the indexed data", manifest.get("data_sha256"))}
+        if index_file:
+            files[index_file] = ("the FAISS index", manifest.get("index_sha256"))
+        for name, checksum in manifest.get("sketch_sha256", {}).items():
+            files[name] = ("the certified-search sketch", checksum)
+        for name, (what, _) in files.items():
             if not (folder / name).is_file():
-                raise MissingFileError(f"{folder}: expected {name} (the certified-search sketch)")
+                raise MissingFileError(f"{folder}: expected {name} ({what})")
         if verify:
-            expected = {DATA_FILE: manifest.get("data_sha256"),
-                        INDEX_FILE: manifest.get("index_sha256"), **sketch_sums}
-            for name, checksum in expected.items():
+            for name, (_, checksum) in files.items():
                 if sha256_file(folder / name) != checksum:
                     raise IndexMismatchError(f"{folder}: {name} does not match the checksum in "
                                              "manifest.json (the file changed since the build)")
+        data_path = folder / DATA_FILE
         points = np.load(data_path, mmap_mode="c")
         expected = (manifest["n"], manifest["d"])
         if points.shape != expected:
@@ -262,13 +270,17 @@ class Index:
         if math.prod(manifest["image_shape"]) != manifest["d"]:
             raise IndexMismatchError(f"{folder}: image shape {manifest['image_shape']} does not "
                                      f"have d={manifest['d']} values")
-        index = _faiss().read_index(str(index_path))
+        if index_file:
+            index = _faiss().read_index(str(folder / index_file))
+        else:
+            index = _faiss().IndexFlatL2(manifest["d"])
+            _add_points(index, points)
         if index.ntotal != manifest["n"] or index.d != manifest["d"]:
             raise IndexMismatchError(f"{folder}: index.faiss holds {index.ntotal} points of "
                                      f"d={index.d}, manifest says {manifest['n']} of "
                                      f"d={manifest['d']}")
         index = _to_faiss_device(index, resolve_device(device))
-        sketches = Sketches.load(folder) if sketch_sums else None
+        sketches = Sketches.load(folder) if manifest.get("sketch_sha256") else None
         return cls(torch.from_numpy(points), index, manifest, folder, sketches)
 
     # ------------------------------------------------------------------ properties

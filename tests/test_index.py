@@ -123,31 +123,32 @@ def test_checksum_mismatch_is_refused(tmp_path, digit_images):
         Index.load(folder)
 
 
-def test_shape_mismatch_is_refused(tmp_path, digit_images):
+@pytest.mark.parametrize("key, value, message", [
+    ("n", 11, r"\(10, 64\).*\(11, 64\)"),
+    ("format_version", 99, "version 99"),
+    ("dtype", "float16", "dtype float32.*float16"),
+])
+def test_manifest_mismatch_is_refused(tmp_path, digit_images, key, value, message):
     folder = Index.build(digit_images[:10]).save(tmp_path / "x")
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["n"] = 11
+    manifest[key] = value
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexMismatchError, match=r"\(10, 64\).*\(11, 64\)"):
-        Index.load(folder)
-
-
-def test_version_mismatch_is_refused(tmp_path, digit_images):
-    folder = Index.build(digit_images[:10]).save(tmp_path / "x")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["format_version"] = 99
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexMismatchError, match="version 99"):
+    with pytest.raises(IndexMismatchError, match=message):
         Index.load(folder)
 
 
 def test_missing_folder_and_files(tmp_path, digit_images):
     with pytest.raises(MissingFileError, match="no index folder"):
         Index.load(tmp_path / "nothing")
-    folder = Index.build(digit_images[:10]).save(tmp_path / "x")
+    folder = Index.build(digit_images[:100], kind="ivf", nlist=2).save(tmp_path / "x")
     (folder / "index.faiss").unlink()
     with pytest.raises(MissingFileError, match="index.faiss"):
         Index.load(folder)
+    flat = Index.build(digit_images[:10]).save(tmp_path / "flat")
+    assert not (flat / "index.faiss").exists()  # a flat index is rebuilt from data.npy
+    (flat / "sketch_coarse.npy").unlink()
+    with pytest.raises(MissingFileError, match="sketch_coarse.npy"):
+        Index.load(flat)
 
 
 def test_a_failed_save_leaves_no_folder(tmp_path, digit_images, monkeypatch):

@@ -26,11 +26,12 @@ def progress_bar() -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress display; yields callback(stage, done, total), one bar per stage.
 
     Transient: the bars vanish when the work ends, so a result table or a one-line error is
-    what stays on screen.
+    what stays on screen. Off when stderr is not a terminal, so logs hold no bar residue.
     """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*columns, console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as bar:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:

@@ -360,6 +360,10 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
 
     if any(not 0 <= t < 1 for t in ts):
         raise InputError(f"every t must lie in [0, 1), got {list(ts)}")
+    if not (math.isfinite(tol) and tol > 0):
+        raise InputError(f"tol must be a positive number, got {tol!r}")
+    if min(batch, repeats) < 1:
+        raise InputError("--batch and --repeats must be at least 1")
     if index_folder is not None:
         index = Index.load(index_folder)
         name = index.manifest["dataset"].get("name", str(index_folder))

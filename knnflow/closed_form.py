@@ -121,7 +121,7 @@ def denoiser_from_score(score: Tensor, x: Tensor, t: Tensor) -> Tensor:
 
 
 def velocity_from_score(score: Tensor, x: Tensor, t: Tensor) -> Tensor:
-    """û = ((1-t)·score + x) / t... written through the denoiser so both stay in one place."""
+    """û from the score, through the denoiser, so each formula is written once."""
     return velocity_from_denoiser(denoiser_from_score(score, x, t), x, t)
 
 
@@ -168,10 +168,9 @@ class SoftmaxState:
 
     def merge(self, other: SoftmaxState) -> SoftmaxState:
         """The state of the union of the two point sets."""
-        ref = torch.maximum(self.ref, other.ref)
-        a, b = _rescale(self.ref, ref), _rescale(other.ref, ref)
-        return SoftmaxState(ref, self.z * a + other.z * b,
-                            self.s * a[:, None] + other.s * b[:, None])
+        merged = SoftmaxState(self.ref.clone(), self.z.clone(), self.s.clone())
+        merged.merge_(other)
+        return merged
 
     def merge_(self, other: SoftmaxState) -> None:
         """In-place `merge`: rescale both sides to the larger reference and add."""

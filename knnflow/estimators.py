@@ -21,6 +21,7 @@ from knnflow.closed_form import (
     ExactPairs,
     SoftmaxState,
     TrainingSet,
+    as_training_set,
     check_t,
     closed_form_state,
     flatten_queries,
@@ -53,10 +54,8 @@ def training_set_of(data_or_index: Tensor | TrainingSet | Index,
     """The TrainingSet behind a tensor, a TrainingSet or an Index, on `device` when given."""
     if isinstance(data_or_index, Index):
         train = data_or_index.training_set()
-    elif isinstance(data_or_index, TrainingSet):
-        train = data_or_index
-    elif torch.is_tensor(data_or_index):
-        train = TrainingSet.from_points(data_or_index)
+    elif isinstance(data_or_index, TrainingSet) or torch.is_tensor(data_or_index):
+        train = as_training_set(data_or_index)
     else:
         raise InputError("expected a tensor of training points, a TrainingSet or an Index")
     if device is not None and train.points.device != torch.device(device):
@@ -164,6 +163,7 @@ class KNNVelocity:
         self.exact_budget = max(128, int(exact_budget * index.n))
         self.scan_chunk = scan_chunk
         self.train = index.training_set()
+        self.exact = ExactVelocity(self.train)
         self.last_stats: dict[str, float] = {}
         if certified:
             sk = index.sketches
@@ -196,8 +196,7 @@ class KNNVelocity:
             fallback[todo] = failed
         if bool(fallback.any()):
             rows = fallback.nonzero().squeeze(1)
-            state = closed_form_state(flat[rows].cpu(), t64[rows], self.train)
-            velocity[rows] = velocity_from_denoiser(state.denoiser(), x64[rows], t64[rows])
+            velocity[rows] = self.exact(flat[rows].cpu(), t64[rows]).velocity.to(torch.float64)
             bound[rows], evaluated[rows] = 0.0, self.train.n
         self.last_stats = {"queries": batch, "fallback": int(fallback.sum()),
                            "evaluated_median": float(evaluated.double().median())}

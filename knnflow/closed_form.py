@@ -438,11 +438,11 @@ class ExactPairs:
     must stay below DOT_FORM_NATS. Near t = 1 (s large) the difference form is used.
     """
 
-    def __init__(self, x64: Tensor, t: Tensor, s: Tensor, max_norm: float | None = None):
+    def __init__(self, x64: Tensor, t: Tensor, s: Tensor, max_norm: float):
         self.x64, self.t, self.s = x64, t, s
         self.block = max(1, PAIR_BLOCK_ELEMENTS // x64.shape[1])
         self.x_sq = x64.square().sum(dim=1)
-        reach = x64.norm(dim=1) + t * (max_norm if max_norm is not None else math.inf)
+        reach = x64.norm(dim=1) + t * max_norm
         self.dot_form = 4 * FLOAT64_ROUNDOFF * reach.square() * s <= DOT_FORM_NATS
 
     def _blocks(self, rows: Tensor, chunk: Tensor, cols: Tensor):

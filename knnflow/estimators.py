@@ -328,11 +328,11 @@ class KNNVelocity:
             self.index.set_nprobe(self.index.manifest["index"]["nprobe"])
         _, ids = self.index.faiss_index.search(q, k)
         ids = torch.from_numpy(ids).clamp(min=0)
-        # Recompute in the x frame: ‖x - t·x_j‖² keeps float64 precision as t → 1.
-        points = self.train.points[ids.reshape(-1)].to(torch.float64).reshape(*ids.shape, -1)
-        sq = (x64[:, None] - t[:, None, None] * points).square().sum(-1)
-        weights = torch.softmax(-sq / (2 * (1 - t) ** 2)[:, None], dim=1)
-        denoiser = (weights[:, :, None] * points).sum(1)
-        velocity = (denoiser - x64) / (1 - t)[:, None]
+        # Exact float64 weights over those k, in bounded blocks (never a B×k×d tensor).
+        rows = torch.arange(len(t)).repeat_interleave(k)
+        state = SoftmaxState.empty(len(t), x64.shape[1])
+        ExactPairs(x64, t, 0.5 / (1 - t) ** 2, self.train.max_norm).add_(
+            state, rows, self.train.points, ids.reshape(-1))
+        velocity = (state.denoiser() - x64) / (1 - t)[:, None]
         evaluated = torch.full((len(t),), k, dtype=torch.int64)
         return velocity, None, evaluated, torch.zeros(len(t), dtype=torch.bool)

@@ -29,6 +29,7 @@ from knnflow.closed_form import (
 )
 from knnflow.errors import InputError
 from knnflow.index import Index
+from knnflow.prune import SketchScanner
 
 
 @dataclass
@@ -97,21 +98,6 @@ class ExactVelocity:
         )
 
 
-SEED_WIDTH = 32
-
-
-def _augment_points(points: Tensor) -> Tensor:
-    """[b, 1, ‖b‖²] in float32, so that one GEMM with [-2a, ‖a‖², 1] gives ‖a - b‖²."""
-    ones = torch.ones(points.shape[0], 1, dtype=torch.float64)
-    return torch.cat([points, ones, points.square().sum(1, keepdim=True)], 1).to(torch.float32)
-
-
-def _augment_queries(queries: Tensor) -> Tensor:
-    ones = torch.ones(queries.shape[0], 1, dtype=torch.float64)
-    return torch.cat([-2 * queries, queries.square().sum(1, keepdim=True), ones],
-                     1).to(torch.float32)
-
-
 class KNNVelocity:
     """û* from the training points near x/t, exact or within a proven bound.
 
@@ -161,18 +147,10 @@ class KNNVelocity:
         # Small data sets get absolute floors: gathering a few hundred points costs little.
         self.coarse_budget = max(512, int(coarse_budget * index.n))
         self.exact_budget = max(128, int(exact_budget * index.n))
-        self.scan_chunk = scan_chunk
         self.train = index.training_set()
         self.exact = ExactVelocity(self.train)
         self.last_stats: dict[str, float] = {}
-        if certified:
-            sk = index.sketches
-            coarse = sk.coarse_points.to(torch.float64)
-            self._coarse32 = _augment_points(coarse)
-            # Seeds need no proof, only good candidates: the leading coordinates suffice.
-            self._seed32 = _augment_points(coarse[:, :SEED_WIDTH])
-            if sk.fine is not None:
-                self._fine_sq = sk.fine_points.to(torch.float64).square().sum(1)
+        self.scanner = SketchScanner(index.sketches, scan_chunk) if certified else None
 
     # ------------------------------------------------------------------ interface
 
@@ -211,16 +189,12 @@ class KNNVelocity:
         sk, n = self.index.sketches, self.train.n
         s = 0.5 / (1 - t) ** 2
         st2 = s * t * t
-        q = x64 / t[:, None]
-        coords = sk.transform.apply(q)
-        q_norms = q.norm(dim=1)
-        coarse_q = sk.coarse.embed(coords)
-        coarse_norm = coarse_q.norm(dim=1)
+        queries = self.scanner.sketch(x64 / t[:, None])
         pairs = ExactPairs(x64, t, s, self.train.max_norm)
 
         # 1. Seeds: small prefix-sketch distances. Their distances only place the threshold
         #    (the bound below holds for any threshold), so float32 suffices.
-        seeds = self._coarse_seeds(_augment_queries(coarse_q[:, :SEED_WIDTH]))
+        seeds = self.scanner.seeds(queries, self.seeds)
         seed_points = self.train.points[seeds.reshape(-1)].to(torch.float32).reshape(
             *seeds.shape, -1)
         dots = torch.bmm(seed_points, x64.to(torch.float32)[:, :, None]).squeeze(2)
@@ -238,20 +212,8 @@ class KNNVelocity:
         threshold = best_sq + log_terms.clamp(min=0) / st2
 
         # 3. Coarse scan, then the fine sketch on the survivors.
-        rows, cols, over = self._coarse_scan(coarse_q, coarse_norm, q_norms, threshold)
-        if sk.fine is not None and rows.numel():
-            fine_q = sk.fine.embed(coords)
-            fine_norm = fine_q.norm(dim=1)
-            slack = sk.query_slack(fine_norm, q_norms)
-            keep = torch.empty(rows.numel(), dtype=torch.bool)
-            block = max(1, (1 << 19) // sk.fine.width)
-            for i in range(0, rows.numel(), block):
-                r, c = rows[i:i + block], cols[i:i + block]
-                dot = (fine_q[r] * sk.fine_points[c].to(torch.float64)).sum(1)
-                sq = fine_norm[r].square() + self._fine_sq[c] - 2 * dot
-                bound = sk.lower_bound(sq, slack[r], fine_norm[r], sk.fine.width)
-                keep[i:i + block] = bound <= threshold[r]
-            rows, cols = rows[keep], cols[keep]
+        rows, cols, over = self.scanner.coarse_scan(queries, threshold, self.coarse_budget)
+        rows, cols = self.scanner.fine_filter(queries, rows, cols, threshold)
         counts = torch.bincount(rows, minlength=len(t))
         over |= counts > self.exact_budget
         keep = ~over[rows]
@@ -272,50 +234,6 @@ class KNNVelocity:
         velocity = torch.where(failed[:, None], torch.zeros_like(velocity), velocity)
         bound = torch.where(failed, torch.zeros_like(bound), bound)
         return velocity, bound, kept + seeds.shape[1], failed
-
-    def _sketch_distances(self, points: Tensor, query: Tensor, start: int) -> Tensor:
-        """float32 ‖a‖² + ‖b‖² - 2⟨a, b⟩ between queries and one chunk of sketched points, as
-        one GEMM over augmented vectors [-2a, ‖a‖², 1]·[b, 1, ‖b‖²]."""
-        return query @ points[start:start + self.scan_chunk].T
-
-    def _coarse_seeds(self, seed_query: Tensor) -> Tensor:
-        """The points of smallest prefix-sketch distance in each chunk (`seeds` in all):
-        good candidates for the nearest neighbour, found cheaply."""
-        chunks = range(0, self.train.n, self.scan_chunk)
-        per_chunk = max(1, math.ceil(self.seeds / len(chunks)))
-        found = []
-        for start in chunks:
-            dist = self._sketch_distances(self._seed32, seed_query, start)
-            found.append(dist.topk(min(per_chunk, dist.shape[1]), dim=1, largest=False).indices
-                         + start)
-        return torch.cat(found, dim=1)
-
-    def _coarse_scan(self, coarse_q: Tensor, coarse_norm: Tensor, q_norms: Tensor,
-                     threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(query row, point) pairs whose coarse lower bound is ≤ threshold; rows over budget."""
-        sk = self.index.sketches
-        limit = sk.screened_threshold(threshold, coarse_norm, q_norms, sk.coarse.width + 2)
-        limit32 = limit.to(torch.float32)
-        query32 = _augment_queries(coarse_q)
-        counts = torch.zeros(len(coarse_q), dtype=torch.int64)
-        active = torch.arange(len(coarse_q))
-        found_rows, found_cols = [], []
-        for start in range(0, self.train.n, self.scan_chunk):
-            # Rows over budget leave the scan: they will fall back to the exact engine.
-            dist = self._sketch_distances(self._coarse32, query32[active], start)
-            hits = dist <= limit32[active, None]
-            counts[active] += torch.count_nonzero(hits, dim=1)
-            within = counts[active] <= self.coarse_budget
-            r, c = hits[within].nonzero().unbind(1)
-            found_rows.append(active[within][r])
-            found_cols.append(c + start)
-            active = active[within]
-            if active.numel() == 0:
-                break
-        over = counts > self.coarse_budget
-        rows, cols = torch.cat(found_rows), torch.cat(found_cols)
-        keep = ~over[rows]
-        return rows[keep], cols[keep], over
 
     # ------------------------------------------------------------------ top-k path
 

@@ -4,9 +4,12 @@ Folder layout: manifest.json (what was indexed, how, and checksums), data.npy (t
 float32 or float16, memory-mapped on load) and index.faiss. A folder is written under a
 temporary name and renamed when complete, so a killed build never leaves a folder that loads.
 
-`Index.search` is exact by default: FAISS proposes candidates from float32 distances, their
-distances are recomputed in float64 from the raw data, and the candidate list grows until a
-rounding-error bound on FAISS's distances proves that no point outside it is nearer.
+`Index.search` is exact by default, by one of two routes. On large, high-dimensional data the
+band sketches (prune.py) rule out, with proof, every point that cannot be among the k nearest,
+and only the rest is read in full dimension. Otherwise, and for queries the sketches cannot
+settle within budget, FAISS proposes candidates from float32 distances, their distances are
+recomputed in float64 from the raw data, and the candidate list grows until a rounding-error
+bound on FAISS's distances proves that no point outside it is nearer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from knnflow.closed_form import FLOAT32_ROUNDOFF, TrainingSet
 from knnflow.errors import IndexMismatchError, InputError, MissingFileError
+from knnflow.prune import SketchScanner, sketch_knn
 from knnflow.sketch import Sketches
 
 FORMAT_VERSION = 1
@@ -34,6 +38,9 @@ KINDS = ("flat", "ivf")
 DTYPES = {"float32": np.float32, "float16": np.float16}
 MANIFEST, DATA_FILE, INDEX_FILE = "manifest.json", "data.npy", "index.faiss"
 ADD_CHUNK = 8192
+SEARCH_METHODS = ("auto", "sketch", "faiss")
+# method="auto" prunes with the sketches from this size on; below it FAISS's scan is cheap.
+SKETCH_MIN_N, SKETCH_MIN_DIM = 4096, 256
 
 Progress = Callable[[str, int, int], None]
 
@@ -138,6 +145,8 @@ class Index:
     folder: Path | None = None
     sketches: Sketches | None = field(default=None, repr=False)
     _train: TrainingSet | None = field(default=None, repr=False)
+    _scanner: SketchScanner | None = field(default=None, repr=False)
+    last_stats: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ build / save / load
 
@@ -321,12 +330,16 @@ class Index:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, queries: Tensor | np.ndarray, k: int,
-               approximate: bool = False) -> SearchResult:
+    def search(self, queries: Tensor | np.ndarray, k: int, approximate: bool = False,
+               method: str = "auto", sketch_budget: float = 0.02,
+               batch_size: int = 256) -> SearchResult:
         """The k nearest points of each query, with float64 squared distances from the raw data.
 
-        Exact by default (see the module docstring). approximate=True takes an IVF index's
-        candidates from `nprobe` lists as they are, which may miss true neighbours.
+        Exact by default (see the module docstring). method: "sketch" prunes with the band
+        sketches, "faiss" reranks FAISS's candidates, "auto" picks sketch on large data with
+        d ≥ 256. Rows whose sketch survivors exceed sketch_budget·n (at least 512) go to FAISS.
+        approximate=True takes an IVF index's candidates from `nprobe` lists as they are,
+        which may miss true neighbours. Queries are processed batch_size at a time.
         """
         q = torch.as_tensor(queries)
         q = q.reshape(q.shape[0], -1) if q.ndim > 1 else q
@@ -335,15 +348,43 @@ class Index:
                              f"index holds d={self.dim} (image shape {self.image_shape})")
         if not 1 <= k <= self.n:
             raise InputError(f"k must lie in [1, {self.n}], got {k}")
+        if method not in SEARCH_METHODS:
+            raise InputError(f"unknown search method {method!r}; choose one of: "
+                             f"{', '.join(SEARCH_METHODS)}")
+        if method == "sketch" and self.sketches is None:
+            raise InputError("this index has no sketches; rebuild it with knnflow build-index")
         q32 = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
         q64 = torch.from_numpy(q32).to(torch.float64)
         if approximate and self.kind == "ivf":
             self.set_nprobe(self.manifest["index"]["nprobe"])
             _, ids = self.faiss_index.search(q32, k)
+            self.last_stats = {"method": "faiss-approximate", "queries": len(q32)}
             return self._rerank(q64, torch.from_numpy(ids), k, exact=False)
-        if self.kind == "ivf":
-            self.set_nprobe(self.manifest["index"]["nlist"])
-        return self._exact_search(q32, q64, k)
+        use_sketch = method == "sketch" or (
+            method == "auto" and self.sketches is not None and self.n >= SKETCH_MIN_N
+            and self.dim >= SKETCH_MIN_DIM)
+        if not use_sketch:
+            self.last_stats = {"method": "faiss", "queries": len(q32), "fallback": len(q32)}
+            return self._exact_search(q32, q64, k)
+        if self._scanner is None:
+            self._scanner = SketchScanner(self.sketches)
+        budget = max(512, int(sketch_budget * self.n))
+        out_d = torch.empty(len(q64), k, dtype=torch.float64)
+        out_i = torch.empty(len(q64), k, dtype=torch.int64)
+        evaluated = torch.full((len(q64),), self.n, dtype=torch.int64)
+        for start in range(0, len(q64), batch_size):
+            part = slice(start, start + batch_size)
+            found = sketch_knn(self._scanner, self.points, q64[part], k, budget)
+            out_d[part], out_i[part] = found.sq_distances, found.ids
+            evaluated[part] = torch.where(found.done, found.evaluated, self.n)
+            rest = (~found.done).nonzero().squeeze(1) + start
+            if rest.numel():
+                result = self._exact_search(q32[rest.numpy()], q64[rest], k)
+                out_d[rest], out_i[rest] = result.sq_distances, result.ids
+        self.last_stats = {"method": "sketch", "queries": len(q32),
+                           "fallback": int((evaluated == self.n).sum()),
+                           "evaluated_median": float(evaluated.double().median())}
+        return SearchResult(out_d, out_i, exact=True)
 
     def set_nprobe(self, nprobe: int) -> None:
         faiss = _faiss()
@@ -353,6 +394,8 @@ class Index:
             faiss.GpuParameterSpace().set_index_parameter(self.faiss_index, "nprobe", nprobe)
 
     def _exact_search(self, q32: np.ndarray, q64: Tensor, k: int) -> SearchResult:
+        if self.kind == "ivf":
+            self.set_nprobe(self.manifest["index"]["nlist"])
         bound = l2_error_bound(q64.square().sum(1), self.training_set().max_norm ** 2, self.dim)
         out_d = torch.empty(q64.shape[0], k, dtype=torch.float64)
         out_i = torch.empty(q64.shape[0], k, dtype=torch.int64)

@@ -168,3 +168,54 @@ def test_unknown_kind_and_dtype(digit_images):
         Index.build(digit_images, kind="hnsw")
     with pytest.raises(InputError, match="float16"):
         Index.build(digit_images, dtype="int8")
+
+
+@pytest.fixture(scope="module")
+def sketch_index():
+    """Image-like data large enough for the sketches (d = 768), with exact duplicates."""
+    from knnflow.data import synthetic_images
+
+    points = synthetic_images(3000, (3, 16, 16), seed=3)
+    points[2990:] = points[:10]  # ten duplicated training images: ties at distance 0
+    return Index.build(points), points
+
+
+def test_sketch_search_matches_float64_brute_force(sketch_index):
+    from knnflow.data import synthetic_images
+
+    index, points = sketch_index
+    flat = points.reshape(points.shape[0], -1)
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.cat([
+        synthetic_images(40, (3, 16, 16), seed=4).reshape(40, -1),   # held out
+        flat[100:120],                                                 # exact copies
+        flat[200:220] + 0.05 * torch.randn(20, flat.shape[1], generator=gen),  # near copies
+        3 * torch.randn(8, flat.shape[1], generator=gen),              # far: budget overflow
+    ])
+    result = index.search(queries, k=3, method="sketch")
+    distances, ids = brute_force_knn(queries, points, 3)
+    assert result.exact
+    assert torch.allclose(result.sq_distances, distances, rtol=1e-12, atol=1e-12)
+    assert torch.equal(result.ids, ids)  # ties broken by the lower id, as a stable sort does
+    stats = index.last_stats
+    assert stats["method"] == "sketch"
+    # Far queries overflow the budget and go to FAISS; the others read few points in full.
+    assert 1 <= stats["fallback"] < len(queries)
+    assert stats["evaluated_median"] < 0.05 * index.n
+
+
+def test_sketch_search_handles_duplicated_training_points(sketch_index):
+    index, points = sketch_index
+    result = index.search(points[:10], k=2, method="sketch")
+    assert torch.equal(result.sq_distances, torch.zeros(10, 2, dtype=torch.float64))
+    assert torch.equal(result.ids, torch.stack([torch.arange(10), torch.arange(2990, 3000)], 1))
+
+
+def test_search_method_is_checked(sketch_index, digit_images):
+    index, _ = sketch_index
+    with pytest.raises(InputError, match="unknown search method"):
+        index.search(torch.zeros(1, index.dim), k=1, method="fast")
+    no_sketch = Index.build(digit_images)
+    no_sketch.sketches = None
+    with pytest.raises(InputError, match="no sketches"):
+        no_sketch.search(digit_images[:1], k=1, method="sketch")

@@ -31,7 +31,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def test_help_lists_commands_and_every_option_has_help():
     result = run("--help")
     assert result.returncode == 0
-    for command in ("datasets", "build-index", "index-info", "bench"):
+    for command in ("datasets", "build-index", "index-info", "memorization", "bench"):
         assert command in result.stdout
     for args in (("build-index",), ("index-info",), ("bench", "exact"), ("datasets",)):
         text = run(*args, "--help").stdout

@@ -1,0 +1,249 @@
+"""knnflow memorization: scores against float64 brute force, input formats, the report folder,
+and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_cli import assert_one_line_error, run
+
+from knnflow.data import load_dataset
+from knnflow.errors import InputError, MissingFileError
+from knnflow.index import Index
+from knnflow.memorization import (
+    load_samples,
+    parse_threshold,
+    run_memorization,
+    train_reference,
+)
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return load_dataset("digits", split="test")
+
+
+@pytest.fixture(scope="module")
+def index_folder(tmp_path_factory, train):
+    folder = tmp_path_factory.mktemp("idx") / "digits-train"
+    Index.build(train, dataset={"name": "digits", "split": "train"}).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def index(index_folder):
+    return Index.load(index_folder)
+
+
+def quantized(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The same images as uint8 0..255 and as float32 in [-1, 1] (exactly representable)."""
+    u8 = np.round((images.numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return u8, u8.astype(np.float32) / 127.5 - 1.0
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def brute_force_two(samples: np.ndarray, train: torch.Tensor):
+    q = torch.from_numpy(samples).reshape(len(samples), -1).to(torch.float64)
+    p = train.reshape(train.shape[0], -1).to(torch.float64)
+    sq = (q[:, None] - p[None]).square().sum(-1)
+    values, ids = sq.sort(dim=1, stable=True)
+    return values[:, :2].sqrt(), ids[:, :2]
+
+
+def test_copies_are_flagged_and_held_out_images_are_not(tmp_path, index, train, held_out):
+    gen = torch.Generator().manual_seed(0)
+    copies = train[:12]
+    noisy = (train[12:24] + 0.02 * torch.randn(train[12:24].shape, generator=gen)).clamp(-1, 1)
+    fresh = held_out[:60]
+    samples = torch.cat([copies, noisy, fresh]).numpy()
+    np.save(tmp_path / "s.npy", samples)
+    summary, out = run_memorization(tmp_path / "s.npy", index, out=tmp_path / "report")
+    rows = read_csv(out / "memorization.csv")
+    d1 = np.array([float(r["d1"]) for r in rows])
+    flagged = np.array([r["memorized"] == "1" for r in rows])
+    nearest = np.array([int(r["nearest_train_id"]) for r in rows])
+    assert np.all(d1[:12] == 0) and np.array_equal(nearest[:12], np.arange(12))
+    assert np.all(d1[12:24] < 0.02 * 8 * 2) and np.array_equal(nearest[12:24], np.arange(12, 24))
+    assert flagged[:24].all()
+    assert not flagged[24:].any()
+    # Held-out images lie about as far from the training set as training images from each other.
+    ratio = d1[24:].mean() / summary["reference"]["mean"]
+    assert 0.6 < ratio < 1.5
+    assert summary["memorized"]["count"] == 24
+    assert summary["n_samples"] == 84 and summary["exact"]
+    for name in ("memorization.csv", "summary.json", "histogram.png", "nearest.png"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_distances_equal_float64_brute_force(tmp_path, index, train, held_out):
+    gen = torch.Generator().manual_seed(1)
+    noisy = (train[:5] + 0.1 * torch.randn(5, 1, 8, 8, generator=gen)).clamp(-1, 1)
+    samples = torch.cat([held_out[:50], noisy]).numpy()
+    np.save(tmp_path / "s.npy", samples)
+    summary, out = run_memorization(tmp_path / "s.npy", index, out=tmp_path / "r", k=3)
+    rows = read_csv(out / "memorization.csv")
+    distances, ids = brute_force_two(samples, train)
+    got = np.array([[float(r["d1"]), float(r["d2"])] for r in rows])
+    assert np.allclose(got, distances.numpy(), rtol=1e-8, atol=0)
+    assert np.array_equal([int(r["nearest_train_id"]) for r in rows], ids[:, 0].numpy())
+    assert np.allclose([float(r["d1_over_d2"]) for r in rows],
+                       (distances[:, 0] / distances[:, 1]).numpy(), rtol=1e-8)
+    assert "d3" in rows[0]
+    assert summary["d1"]["median"] == pytest.approx(float(distances[:, 0].median()), rel=1e-8)
+    assert summary["d1_over_sqrt_d"]["mean"] == pytest.approx(
+        float(distances[:, 0].mean()) / 8, rel=1e-8)
+
+
+def test_reference_is_leave_one_out_against_brute_force(index, train):
+    ids, distances = train_reference(index, size=200)
+    assert len(ids) == 200 and len(set(ids.tolist())) == 200
+    flat = train.reshape(train.shape[0], -1).to(torch.float64)
+    for i, d in zip(ids.tolist()[:50], distances.tolist()[:50], strict=True):
+        sq = (flat - flat[i]).square().sum(1)
+        sq[i] = float("inf")
+        assert d == pytest.approx(float(sq.min().sqrt()), rel=1e-10, abs=1e-12)
+
+
+def test_folder_npz_npy_and_uint8_inputs_agree(tmp_path, index, train, held_out):
+    u8, f32 = quantized(torch.cat([train[:6], held_out[:10]]))
+    folder = tmp_path / "pngs" / "nested"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(u8):
+        Image.fromarray(image[0], mode="L").save(folder / f"{i:03d}.png")
+    np.savez(tmp_path / "u8.npz", samples=u8)
+    np.save(tmp_path / "f.npy", f32)
+    np.save(tmp_path / "u8.npy", u8)
+    results = {}
+    for name in ("pngs", "u8.npz", "f.npy", "u8.npy"):
+        summary, out = run_memorization(tmp_path / name, index, out=tmp_path / f"r-{name}")
+        rows = read_csv(out / "memorization.csv")
+        results[name] = [{k: v for k, v in r.items() if k != "file"} for r in rows]
+        assert summary["n_samples"] == 16
+        expected = "uint8 0..255" if "u8" in name or name == "pngs" else "float in [-1, 1]"
+        assert expected in summary["input"]
+    assert results["pngs"] == results["u8.npz"] == results["f.npy"] == results["u8.npy"]
+
+
+def test_run_samples_folder_reads_samples_npz(tmp_path, index, train):
+    run_dir = tmp_path / "run" / "samples"
+    run_dir.mkdir(parents=True)
+    np.savez(run_dir / "samples.npz", samples=train[:4].numpy())
+    summary, _ = run_memorization(run_dir, index, out=tmp_path / "r")
+    assert summary["n_samples"] == 4 and summary["memorized"]["count"] == 4
+
+
+def test_duplicated_training_images_give_ratio_zero(tmp_path):
+    points = load_dataset("digits")[:200].clone()
+    points[199] = points[0]
+    index = Index.build(points)
+    np.save(tmp_path / "s.npy", points[:1].numpy())
+    summary, out = run_memorization(tmp_path / "s.npy", index, out=tmp_path / "r")
+    row = read_csv(out / "memorization.csv")[0]
+    assert float(row["d1"]) == 0 and float(row["d2"]) == 0 and float(row["d1_over_d2"]) == 0
+    assert summary["memorized"]["count"] == 1
+
+
+def test_resize_opt_in(tmp_path, index, train):
+    big = np.repeat(np.repeat(quantized(train[:3])[0], 2, axis=2), 2, axis=3)  # 1×16×16
+    rgb = np.repeat(big, 3, axis=1)
+    np.save(tmp_path / "rgb.npy", rgb)
+    with pytest.raises(InputError, match=r"3×16×16.*1×8×8.*--resize"):
+        run_memorization(tmp_path / "rgb.npy", index, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    summary, _ = run_memorization(tmp_path / "rgb.npy", index, out=tmp_path / "r", resize=True)
+    assert summary["n_samples"] == 3
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_samples_are_refused_with_one_clear_message(tmp_path, index):
+    shape = index.image_shape
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="is empty"):
+        load_samples(empty, shape)
+    text_only = tmp_path / "text"
+    text_only.mkdir()
+    (text_only / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="1 other files skipped"):
+        load_samples(text_only, shape)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(corrupt / "a.png")
+    (corrupt / "b.png").write_bytes(b"\x89PNG garbage")
+    samples = load_samples(corrupt, shape)
+    with pytest.raises(InputError, match="b.png"):
+        samples.batch(0, 2)
+    nan = np.zeros((2, 1, 8, 8), np.float32)
+    nan[1, 0, 3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    with pytest.raises(InputError, match="NaN"):
+        load_samples(tmp_path / "nan.npy", shape)
+    with pytest.raises(MissingFileError, match="nowhere"):
+        load_samples(tmp_path / "nowhere", shape)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(mixed / "a.png")
+    Image.fromarray(np.zeros((9, 9), np.uint8), mode="L").save(mixed / "b.png")
+    with pytest.raises(InputError, match=r"b.png has shape 1×9×9"):
+        load_samples(mixed, shape).batch(0, 2)
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "-0.1", "abc", "1/0", "nan"])
+def test_threshold_outside_unit_interval_is_refused(text):
+    with pytest.raises(InputError, match="threshold"):
+        parse_threshold(text)
+
+
+def test_threshold_accepts_fractions():
+    assert parse_threshold("1/3") == pytest.approx(1 / 3)
+    assert parse_threshold("1") == 1.0
+
+
+def test_cli_report_json_and_errors(tmp_path, index_folder, train):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    u8, _ = quantized(train[:5])
+    for i, image in enumerate(u8):
+        Image.fromarray(image[0], mode="L").save(images / f"{i}.png")
+    (images / "README.txt").write_text("notes")
+    ok = run("memorization", str(images), "--index", str(index_folder), "--json",
+             "--out", str(tmp_path / "out"), "--reference-size", "100")
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout)
+    assert summary["memorized"]["count"] == 5 and summary["skipped_files"] == 1
+    assert "skipped 1 files that are not images" in ok.stderr
+    assert summary["reference"]["train_images"] == 100
+    table = run("memorization", str(images), "--index", str(index_folder),
+                "--out", str(tmp_path / "out2"), "--reference-size", "100")
+    assert table.returncode == 0 and "memorized" in table.stdout and "5 (100.00%)" in table.stdout
+
+    missing = run("memorization", str(images), "--index", str(tmp_path / "no-index"),
+                  "--out", str(tmp_path / "o3"))
+    assert_one_line_error(missing, "no-index")
+    bad = run("memorization", str(images), "--index", str(index_folder), "--threshold", "2",
+              "--out", str(tmp_path / "o4"))
+    assert_one_line_error(bad, "threshold")
+    exists = run("memorization", str(images), "--index", str(index_folder),
+                 "--out", str(tmp_path / "out"))
+    assert_one_line_error(exists, "already exists", "--overwrite")
+    neither = run("memorization", str(images), "--out", str(tmp_path / "o5"))
+    assert_one_line_error(neither, "--index", "--dataset")
+    for folder in ("o3", "o4", "o5"):
+        assert not (tmp_path / folder).exists()

@@ -35,3 +35,16 @@ def test_image_shape_for():
 def test_bench_on_a_dataset_uses_its_test_split_for_queries():
     result = bench_exact(dataset="digits", batch=16, ts=(0.5,), repeats=1)
     assert result.config["n"] == 1498 and result.config["data"] == "digits"
+
+
+def test_bench_memorization_baseline_and_ours_agree_with_float64():
+    from knnflow.bench import bench_memorization
+
+    result = bench_memorization(dataset="digits", samples=64, repeats=1)
+    assert [row.method[:3] for row in result.rows] == ["(a)", "(b)", "(c)"]
+    for row in result.rows:
+        assert row.samples_per_s > 0 and row.d1_rel_error_max < 1e-4
+    # float32 cdist may break an exact tie the other way; the exact routes agree exactly.
+    assert result.rows[0].ids_differ <= 2
+    assert result.rows[1].ids_differ == 0 and result.rows[2].ids_differ == 0
+    assert result.rows[1].d1_rel_error_max < 1e-12  # float64 exact

@@ -17,6 +17,7 @@ from knnflow.data import load_dataset
 from knnflow.errors import IndexMismatchError, InputError, KnnflowError, MissingFileError
 from knnflow.estimators import ExactVelocity, KNNVelocity, VelocityOutput
 from knnflow.index import Index
+from knnflow.targets import TargetBatch, make_target
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "KnnflowError",
     "MissingFileError",
     "SoftmaxState",
+    "TargetBatch",
     "TrainingSet",
     "VelocityOutput",
     "closed_form_denoiser",
@@ -37,6 +39,7 @@ __all__ = [
     "denoiser_from_score",
     "denoiser_from_velocity",
     "load_dataset",
+    "make_target",
     "score_from_denoiser",
     "score_from_velocity",
     "velocity_from_denoiser",

@@ -120,12 +120,14 @@ class KNNVelocity:
     certified=False: softmax over the k nearest neighbours of x/t found by the index (k=16 by
     default), the truncation published kNN estimators use. error_bound is None.
     data: the training points, to check that the index was built on them.
+    fallback="none" leaves the queries that would fall back to the caller: their velocity is
+    NaN, their bound inf and `fallback` marks them (the knn-efm target fills them with EFM).
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
                  certified: bool = True, *, data: Tensor | None = None, seeds: int = 8,
                  coarse_budget: float = 0.02, exact_budget: float = 0.005,
-                 scan_chunk: int = 8192):
+                 scan_chunk: int = 8192, fallback: str = "exact"):
         if not isinstance(index, Index):
             raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
@@ -136,12 +138,15 @@ class KNNVelocity:
             warnings.warn(f"k={k} is larger than the index's n={index.n}; using k={index.n}",
                           stacklevel=2)
             k = index.n
+        if fallback not in ("exact", "none"):
+            raise InputError(f"fallback must be 'exact' or 'none', got {fallback!r}")
         if data is not None:
             index.verify_points(data)
         if certified and index.sketches is None:
             raise InputError("this index has no sketch for certified search; rebuild it with "
                              "knnflow build-index")
         self.index, self.tol, self.certified = index, float(tol), certified
+        self.fallback = fallback
         self.k = k if k is not None else (None if certified else 16)
         self.seeds = max(1, min(seeds, index.n))
         # Small data sets get absolute floors: gathering a few hundred points costs little.
@@ -174,8 +179,12 @@ class KNNVelocity:
             fallback[todo] = failed
         if bool(fallback.any()):
             rows = fallback.nonzero().squeeze(1)
-            velocity[rows] = self.exact(flat[rows].cpu(), t64[rows]).velocity.to(torch.float64)
-            bound[rows], evaluated[rows] = 0.0, self.train.n
+            if self.fallback == "exact":
+                velocity[rows] = self.exact(flat[rows].cpu(),
+                                            t64[rows]).velocity.to(torch.float64)
+                bound[rows], evaluated[rows] = 0.0, self.train.n
+            else:
+                velocity[rows], bound[rows], evaluated[rows] = math.nan, math.inf, 0
         self.last_stats = {"queries": batch, "fallback": int(fallback.sum()),
                            "evaluated_median": float(evaluated.double().median())}
         return VelocityOutput(

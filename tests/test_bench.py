@@ -48,3 +48,14 @@ def test_bench_memorization_baseline_and_ours_agree_with_float64():
     assert result.rows[0].ids_differ <= 2
     assert result.rows[1].ids_differ == 0 and result.rows[2].ids_differ == 0
     assert result.rows[1].d1_rel_error_max < 1e-12  # float64 exact
+
+
+def test_bench_targets_orders_the_targets_by_error():
+    from knnflow.bench import bench_targets
+
+    result = bench_targets(dataset="digits", batch=32, bins=4)
+    assert len(result.bins) == 4 and set(result.error) >= {"cfm", "efm-128", "knn-efm"}
+    for i in range(4):
+        assert result.error["knn-efm"][i] <= 1e-6 * max(result.error["cfm"][i], 1e-12) + 1e-10
+    assert sum(result.error["efm-1000"]) < sum(result.error["efm-128"]) < sum(result.error["cfm"])
+    assert all(ms >= 0 for ms in result.ms_per_batch.values())

@@ -1,0 +1,256 @@
+"""Training targets for flow matching: each maps (x0, x1, t) to (x_t, target).
+
+x_t = (1-t)·x0 + t·x1, x0 ~ N(0, I), x1 a training image, t in [0, 1). Every target below has
+expectation û*(x_t, t) given x_t; they differ in variance and cost:
+
+- `cfm`: x1 - x0, the conditional velocity (one sample of the posterior; highest variance).
+- `efm`: the self-normalised estimate of û* over M candidates that always include the x1 that
+  made x_t (Empirical Flow Matching). With candidates c_1 = x1, c_2..c_M drawn uniformly from
+  the data, Σ_j w(c_j)·c_j / Σ_j w(c_j) (w the softmax weight of û*) is an *unbiased*
+  estimate of E[x1 | x_t]: since x1 ~ p(x1 | x_t) ∝ w(x1), the candidate set has density
+  ∝ Σ_j w(c_j), which cancels the normaliser. M = 1 gives back cfm; M → n tends to û*.
+  - pool "independent" (the paper's algorithm): x1 plus M-1 fresh draws for each x_t;
+  - pool "shared" (the paper's released code): one pool for the whole batch, the batch's own
+    x1s plus M fresh draws, seen by every x_t (the other rows' x1s are uniform draws for it,
+    so it is the independent estimator with B + M candidates, sharing draws across rows).
+- `knn-efm`: the certified kNN û* from the index (estimators.KNNVelocity), within tol; queries
+  whose certification would cost more than the budget fall back to `exact` or `efm`.
+- `exact`: û* over the whole training set (the exact engine).
+
+Weights are computed in float64 (closed_form.ExactPairs / the exact engine), so the 1/(1-t)
+factor does not amplify rounding near t = 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from knnflow.closed_form import (
+    ExactPairs,
+    SoftmaxState,
+    TrainingSet,
+    as_training_set,
+    check_t,
+    closed_form_state,
+)
+from knnflow.errors import IndexMismatchError, InputError
+
+TARGETS = ("cfm", "efm", "knn-efm", "exact")
+EFM_POOLS = ("independent", "shared")
+KNN_FALLBACKS = ("exact", "efm")
+
+
+@dataclass
+class TargetBatch:
+    """x_t and the regression target (both shaped like x1, float32), with what it cost.
+
+    fallback: fraction of the batch that knn-efm sent to its fallback (None for others).
+    evaluated: mean number of training points read per row. seconds: time spent on the target.
+    """
+
+    x_t: Tensor
+    target: Tensor
+    fallback: float | None
+    evaluated: float
+    seconds: float
+
+
+def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1-t)·x0 + t·x1 with t (B,) broadcast over the remaining dimensions."""
+    tb = t.to(x1.dtype).reshape(-1, *([1] * (x1.dim() - 1)))
+    return (1 - tb) * x0 + tb * x1
+
+
+def flip_images(flat: Tensor, image_shape: tuple[int, ...]) -> Tensor:
+    """Horizontal flips of flattened images (B, d)."""
+    return flat.reshape(-1, *image_shape).flip(-1).reshape(flat.shape[0], -1)
+
+
+def with_flips(images: Tensor) -> Tensor:
+    """The data set with every image also flipped horizontally: the training set that
+    `--flip` implies, for the index that knn-efm and exact targets use."""
+    return torch.cat([images, images.flip(-1)])
+
+
+class Target:
+    """Base: subclasses compute the velocity target from float64 x_t."""
+
+    name = "target"
+
+    def __call__(self, x0: Tensor, x1: Tensor, t: Tensor,
+                 generator: torch.Generator | None = None) -> TargetBatch:
+        if x0.shape != x1.shape:
+            raise InputError(f"x0 has shape {tuple(x0.shape)} but x1 has {tuple(x1.shape)}")
+        t = check_t(t, x1.shape[0], x1.device)
+        x_t = interpolate(x0, x1, t)
+        began = time.perf_counter()
+        target, fallback, evaluated = self.velocity(x0, x1, x_t, t, generator)
+        return TargetBatch(x_t, target.to(x1.dtype).reshape(x1.shape), fallback, evaluated,
+                           time.perf_counter() - began)
+
+    def velocity(self, x0, x1, x_t, t, generator):
+        raise NotImplementedError
+
+
+class CFMTarget(Target):
+    """x1 - x0."""
+
+    name = "cfm"
+
+    def velocity(self, x0, x1, x_t, t, generator):
+        return x1 - x0, None, 1.0
+
+
+class EFMTarget(Target):
+    """Self-normalised û* over M candidates including the x1 that made x_t (module docstring).
+
+    flip + image_shape: each drawn candidate is flipped horizontally with probability 1/2,
+    i.e. candidates come from the data set with both flips, as x1 does under --flip.
+    """
+
+    name = "efm"
+
+    def __init__(self, data: Tensor | TrainingSet, m: int = 128, pool: str = "independent",
+                 flip: bool = False, image_shape: tuple[int, ...] | None = None):
+        if not (isinstance(m, int) and m >= 1):
+            raise InputError(f"--m must be a positive integer, got {m!r}")
+        if pool not in EFM_POOLS:
+            raise InputError(f"unknown --efm-pool {pool!r}; choose one of: {', '.join(EFM_POOLS)}")
+        if flip and image_shape is None:
+            raise InputError("--flip needs the image shape of the data")
+        self.train = as_training_set(data)
+        self.m, self.pool, self.flip, self.image_shape = m, pool, flip, image_shape
+
+    def _draw_ids(self, count: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Ids of `count` uniform draws, and which of them are flipped."""
+        ids = torch.randint(self.train.n, (count,), generator=generator)
+        flips = (torch.rand(count, generator=generator) < 0.5 if self.flip
+                 else torch.zeros(count, dtype=torch.bool))
+        return ids, flips
+
+    def _points(self, ids: Tensor, flips: Tensor) -> Tensor:
+        points = self.train.points[ids].to(torch.float32)
+        if bool(flips.any()):
+            points[flips] = flip_images(points[flips], self.image_shape)
+        return points
+
+    def velocity(self, x0, x1, x_t, t, generator):
+        return self.velocity_from(x1, x_t, t, generator), None, float(self.candidates(len(t)))
+
+    def candidates(self, batch: int) -> int:
+        return self.m if self.pool == "independent" else batch + self.m
+
+    def velocity_from(self, x1: Tensor, x_t: Tensor, t: Tensor,
+                      generator: torch.Generator | None) -> Tensor:
+        batch = x1.shape[0]
+        x1_flat = x1.reshape(batch, -1).to(torch.float32)
+        x64 = x_t.reshape(batch, -1).to(torch.float64)
+        t64 = t.to(torch.float64)
+        if self.pool == "shared":
+            pool = torch.cat([x1_flat, self._points(*self._draw_ids(self.m, generator))])
+            state = closed_form_state(x64, t64, TrainingSet.from_points(pool))
+        else:
+            s = 0.5 / (1 - t64) ** 2
+            max_norm = max(self.train.max_norm, float(x1_flat.norm(dim=1).max()))
+            pairs = ExactPairs(x64, t64, s, max_norm)
+            state = SoftmaxState.empty(batch, x64.shape[1])
+            rows = torch.arange(batch)
+            pairs.add_(state, rows, x1_flat, rows)
+            others = self.m - 1
+            if others:
+                ids, flips = self._draw_ids(batch * others, generator)
+                pair_rows = rows.repeat_interleave(others)
+                if not self.flip:
+                    pairs.add_(state, pair_rows, self.train.points, ids)
+                # Flipped candidates are materialised in groups of ~16 MB.
+                step = max(1, (1 << 22) // x64.shape[1])
+                for i in range(0, len(ids) if self.flip else 0, step):
+                    part = slice(i, i + step)
+                    drawn = self._points(ids[part], flips[part])
+                    pairs.add_(state, pair_rows[part], drawn, torch.arange(len(drawn)))
+        return (state.denoiser() - x64) / (1 - t64)[:, None]
+
+
+class ExactTarget(Target):
+    """û*(x_t, t) over the whole training set."""
+
+    name = "exact"
+
+    def __init__(self, data: Tensor | TrainingSet):
+        from knnflow.estimators import ExactVelocity
+
+        self.estimator = ExactVelocity(data)
+
+    def velocity(self, x0, x1, x_t, t, generator):
+        out = self.estimator(x_t.reshape(x_t.shape[0], -1), t)
+        return out.velocity, None, float(self.estimator.train.n)
+
+
+class KNNEFMTarget(Target):
+    """The certified kNN û* (error ≤ tol·‖û*‖ per row); rows whose certification would read
+    more than `budget`·n points in full dimension go to `fallback` (exact or efm)."""
+
+    name = "knn-efm"
+
+    def __init__(self, index, data: Tensor | TrainingSet | None = None, tol: float = 1e-4,
+                 budget: float = 0.005, fallback: str = "exact", m: int = 128,
+                 pool: str = "independent"):
+        from knnflow.estimators import KNNVelocity
+        from knnflow.index import Index
+
+        if index is None or not isinstance(index, Index):
+            raise InputError("the knn-efm target needs an index of the training data; build "
+                             "one with: knnflow build-index DATASET")
+        if fallback not in KNN_FALLBACKS:
+            raise InputError(f"unknown --knn-fallback {fallback!r}; choose one of: "
+                             f"{', '.join(KNN_FALLBACKS)}")
+        if not (math.isfinite(budget) and 0 < budget <= 1):
+            raise InputError(f"--knn-budget must lie in (0, 1], got {budget}")
+        if data is not None:
+            points = data.points if isinstance(data, TrainingSet) else data
+            try:
+                index.verify_points(points)
+            except IndexMismatchError as err:
+                raise IndexMismatchError(f"{err}; build the index of the training data with "
+                                         "knnflow build-index (with --flip, on the data set "
+                                         "with both flips)") from None
+        self.estimator = KNNVelocity(index, tol=tol, exact_budget=budget,
+                                     fallback="exact" if fallback == "exact" else "none")
+        self.efm = EFMTarget(index.training_set(), m=m, pool=pool) if fallback == "efm" \
+            else None
+
+    def velocity(self, x0, x1, x_t, t, generator):
+        out = self.estimator(x_t.reshape(x_t.shape[0], -1), t)
+        velocity = out.velocity.to(torch.float64)
+        evaluated = out.evaluated.to(torch.float64)
+        rows = out.fallback.nonzero().squeeze(1)
+        if self.efm is not None and rows.numel():
+            velocity[rows] = self.efm.velocity_from(x1[rows], x_t[rows], t[rows], generator)
+            evaluated[rows] = self.efm.candidates(rows.numel())
+        return velocity, float(out.fallback.double().mean()), float(evaluated.mean())
+
+
+def make_target(name: str, *, data: Tensor | TrainingSet | None = None, index=None,
+                m: int = 128, pool: str = "independent", tol: float = 1e-4,
+                knn_budget: float = 0.005, knn_fallback: str = "exact", flip: bool = False,
+                image_shape: tuple[int, ...] | None = None) -> Target:
+    """The target called `name` (cfm, efm, knn-efm, exact), from the training data (or the
+    index's data)."""
+    if name not in TARGETS:
+        raise InputError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")
+    if name == "cfm":
+        return CFMTarget()
+    if name == "knn-efm":
+        return KNNEFMTarget(index, data, tol=tol, budget=knn_budget, fallback=knn_fallback,
+                            m=m, pool=pool)
+    source = data if data is not None else (index.training_set() if index is not None else None)
+    if source is None:
+        raise InputError(f"the {name} target needs the training data")
+    if name == "efm":
+        return EFMTarget(source, m=m, pool=pool, flip=flip, image_shape=image_shape)
+    return ExactTarget(source)

@@ -8,7 +8,7 @@ import typer
 
 from knnflow.errors import KnnflowError
 
-from . import bench_commands, data_commands, memorization_command
+from . import bench_commands, data_commands, memorization_command, train_commands
 
 app = typer.Typer(
     help="knnflow: the closed-form optimal velocity of a training set, fast and with a stated "
@@ -17,6 +17,8 @@ app = typer.Typer(
 app.command("datasets")(data_commands.datasets)
 app.command("build-index")(data_commands.build_index)
 app.command("index-info")(data_commands.index_info)
+app.command("train")(train_commands.train_command)
+app.command("sample")(train_commands.sample_command)
 app.command("memorization")(memorization_command.memorization)
 app.add_typer(bench_commands.app, name="bench")
 

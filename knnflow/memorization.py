@@ -148,7 +148,8 @@ def _array_samples(path: Path) -> tuple[np.ndarray, str]:
 def load_samples(path: str | Path, image_shape: tuple[int, ...],
                  resize: bool = False) -> Samples:
     """Open SAMPLES: a folder of images (nested folders allowed), an .npz/.npy array, or a
-    run's samples folder (a folder holding samples.npz or samples.npy and no images).
+    run's samples folder (a folder holding samples.npz or samples.npy, read instead of its
+    PNGs).
 
     The samples must have the index's image shape unless resize=True.
     """
@@ -157,15 +158,16 @@ def load_samples(path: str | Path, image_shape: tuple[int, ...],
         raise MissingFileError(f"no samples at {path} (expected a folder of images, an .npz or "
                                "an .npy file)")
     if path.is_dir():
+        # A run's samples folder: samples.npz holds the exact values its PNGs round.
+        arrays = [path / name for name in SAMPLE_ARRAYS if (path / name).is_file()]
+        if arrays:
+            return load_samples(arrays[0], image_shape, resize)
         files = sorted(p for p in path.rglob("*") if p.is_file())
         if not files:
             raise InputError(f"the samples folder {path} is empty")
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         skipped = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not images:
-            arrays = [path / name for name in SAMPLE_ARRAYS if (path / name).is_file()]
-            if arrays:
-                return load_samples(arrays[0], image_shape, resize)
             raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}: "
                              f"{len(skipped)} other files skipped (e.g. {skipped[0].name})")
         first = _read_image(images[0], None)

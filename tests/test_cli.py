@@ -31,7 +31,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def test_help_lists_commands_and_every_option_has_help():
     result = run("--help")
     assert result.returncode == 0
-    for command in ("datasets", "build-index", "index-info", "memorization", "bench"):
+    for command in ("datasets", "build-index", "index-info", "train", "sample", "memorization",
+                    "bench"):
         assert command in result.stdout
     for args in (("build-index",), ("index-info",), ("bench", "exact"), ("datasets",)):
         text = run(*args, "--help").stdout
@@ -40,6 +41,25 @@ def test_help_lists_commands_and_every_option_has_help():
     for option in ("--root", "--split", "--limit", "--kind", "--out", "--device", "--overwrite"):
         assert option in build_help
     assert "[default: flat]" in build_help and "[default: train]" in build_help
+
+
+def test_every_option_and_argument_of_every_command_has_help():
+    import typer
+    from knnflow.cli.main import app
+
+    def commands(group, path=()):
+        for name, command in getattr(group, "commands", {}).items():
+            if getattr(command, "commands", None):
+                yield from commands(command, (*path, name))
+            else:
+                yield (*path, name), command
+
+    found = dict(commands(typer.main.get_command(app)))
+    assert {("train",), ("sample",), ("memorization",), ("bench", "targets")} <= set(found)
+    for path, command in found.items():
+        assert command.help, path
+        for param in command.params:
+            assert getattr(param, "help", None), (path, param.name)
 
 
 def test_datasets_lists_shapes_and_locations():

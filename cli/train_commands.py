@@ -1,0 +1,173 @@
+"""knnflow train and knnflow sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from knnflow.errors import InputError
+from knnflow.models import PRESET_HELP
+from knnflow.sample import SOLVERS
+from knnflow.targets import EFM_POOLS, KNN_FALLBACKS, TARGETS
+from knnflow.train import TrainConfig, config_from_options, train
+
+from .console import console, err_console, key_value_table
+
+PRESET_LIST = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
+
+
+def default_run_folder(dataset: str, target: str) -> Path:
+    kind, _, path = dataset.partition(":")
+    name = f"{kind}-{Path(path).stem}" if path else dataset
+    return Path("runs") / f"{name}-{target}"
+
+
+def train_command(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Argument(
+        help="Training data set: digits, mnist, cifar10, celeba64, synthetic, folder:PATH, "
+             "npz:PATH, npy:PATH.")] = "digits",
+    root: Annotated[Optional[Path], typer.Option(
+        help="Folder holding the data set's files (default: data/NAME).")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        help="Train on the first N training images only.")] = None,
+    target: Annotated[str, typer.Option(
+        help=f"Regression target: {', '.join(TARGETS)}. cfm: x1 - x0; efm: self-normalised "
+             "û* over M candidates; knn-efm: certified kNN û* (needs --index); exact: û* over "
+             "all data.")] = "cfm",
+    m: Annotated[int, typer.Option("--m", help="efm: candidates per row (M).")] = 128,
+    efm_pool: Annotated[str, typer.Option(
+        help=f"efm: {' or '.join(EFM_POOLS)}. independent: x1 + M-1 fresh draws per row (the "
+             "paper's algorithm); shared: the batch's x1s + M draws for all rows (its code).")]
+    = "independent",
+    index: Annotated[Optional[Path], typer.Option(
+        help="knn-efm: index folder of the training data (knnflow build-index DATASET).")]
+    = None,
+    tol: Annotated[float, typer.Option(help="knn-efm: error tolerance relative to ‖û*‖.")]
+    = 1e-4,
+    knn_budget: Annotated[float, typer.Option(
+        help="knn-efm: largest fraction of the data read in full dimension per row before "
+             "falling back.")] = 0.005,
+    knn_fallback: Annotated[str, typer.Option(
+        help=f"knn-efm: what rows over budget get: {' or '.join(KNN_FALLBACKS)} (efm uses "
+             "--m and --efm-pool).")] = "exact",
+    flip: Annotated[bool, typer.Option(
+        help="Random horizontal flips of x1; candidates and index hold both flips.")] = False,
+    preset: Annotated[str, typer.Option(help=f"Model: {PRESET_LIST}.")] = "tiny",
+    batch_size: Annotated[int, typer.Option(help="Training pairs per step.")] = 128,
+    steps: Annotated[int, typer.Option(help="Total optimiser steps.")] = 2000,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Adam learning rate after warm-up (default: 2e-4 cifar/celeba64, 1e-3 tiny/mlp).")]
+    = None,
+    warmup: Annotated[Optional[int], typer.Option(
+        help="Linear warm-up steps (default: 5000 for cifar/celeba64, 200 tiny, 100 mlp).")]
+    = None,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clipping.")] = 1.0,
+    ema_decay: Annotated[Optional[float], typer.Option(
+        help="EMA decay of the weights (default: 0.9999 cifar/celeba64, 0.999 tiny/mlp).")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed of the model and of every random draw.")] = 0,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics lines.")] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    sample_every: Annotated[int, typer.Option(
+        help="Steps between sample grids in RUN/progress/ (0: none).")] = 0,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept on disk.")] = 2,
+    name: Annotated[Optional[Path], typer.Option(
+        help="Run folder (default: runs/DATASET-TARGET).")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run from its newest complete checkpoint (same config; --steps may "
+             "grow).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run and start again.")]
+    = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Train a velocity network on a flow-matching target; writes runs/NAME/ (config.json,
+    metrics.jsonl, checkpoints/, progress/)."""
+    options = {k: v for k, v in locals().items() if k != "ctx"}
+    # Options given on the command line (not defaults): on --resume the rest come from the run.
+    explicit = {k for k in options
+                if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
+    options["root"] = str(root) if root else None
+    options["index"] = str(index) if index else None
+    config: TrainConfig = config_from_options(**options)
+    folder = name or default_run_folder(dataset, target)
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
+    columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[rate]:.1f} steps/s"),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("train", total=config.steps, rate=0.0, loss=float("nan"))
+
+        def update(info: dict) -> None:
+            speed = bar.tasks[0].speed or 0.0
+            bar.update(task, completed=info["step"], loss=info["loss"], rate=speed)
+
+        logged = train(config, folder, resume=resume, overwrite=overwrite, progress=update,
+                       device=device, explicit=explicit)
+    record = json.loads((folder / "config.json").read_text())
+    rows = [("run", folder), ("target", record["target"]), ("preset", record["preset"]),
+            ("parameters", f"{record['parameters']:,}"), ("steps", record["steps"])]
+    if logged:
+        last = logged[-1]
+        rows += [("final loss", f"{last.loss:.4f}"), ("ms / step", f"{last.ms_step:.1f}"),
+                 ("ms on the target", f"{last.ms_target:.1f}")]
+        if last.fallback is not None:
+            rows.append(("knn-efm fallback (last step)", f"{last.fallback:.0%}"))
+    console.print(key_value_table("Training finished", rows))
+
+
+def sample_command(
+    run: Annotated[Optional[Path], typer.Argument(
+        help="Run folder to sample from (omit with --closed-form).")] = None,
+    closed_form: Annotated[Optional[Path], typer.Option(
+        help="Follow the closed-form û* of this index folder instead of a network.")] = None,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 64,
+    solver: Annotated[str, typer.Option(help=f"ODE solver: {', '.join(SOLVERS)}.")] = "euler",
+    steps: Annotated[int, typer.Option(help="Steps of fixed-step solvers.")] = 100,
+    atol: Annotated[float, typer.Option(help="dopri5: absolute tolerance.")] = 1e-5,
+    rtol: Annotated[float, typer.Option(help="dopri5: relative tolerance.")] = 1e-5,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output folder (default: RUN/samples, or runs/closed-form-INDEX/samples).")]
+    = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")]
+    = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Sample by integrating dx/dt = v(x, t) from noise (torchdiffeq); writes one PNG per
+    sample, grid.png and samples.npz."""
+    from knnflow.index import Index
+    from knnflow.sample import sample_closed_form, sample_model, save_samples
+    from knnflow.train import load_run_model
+
+    if (run is None) == (closed_form is None):
+        raise InputError("pass a RUN folder or --closed-form INDEX (one of them)")
+    meta = {"n": n, "solver": solver, "steps": steps, "atol": atol, "rtol": rtol, "seed": seed}
+    if closed_form is not None:
+        target = out or Path("runs") / f"closed-form-{closed_form.name}" / "samples"
+        if target.exists() and not overwrite:
+            raise InputError(f"{target} already exists; pass --overwrite to replace it")
+        index = Index.load(closed_form)
+        samples = sample_closed_form(index, n, seed, solver, steps, atol, rtol)
+        meta["closed_form"] = str(closed_form)
+    else:
+        target = out or run / "samples"
+        if target.exists() and not overwrite:
+            raise InputError(f"{target} already exists; pass --overwrite to replace it")
+        model, record = load_run_model(run, ema, device)
+        samples = sample_model(model, n, tuple(record["image_shape"]), seed, solver, steps,
+                               atol, rtol, device=device)
+        meta.update({"run": str(run), "ema": ema, "checkpoint_step": record["checkpoint_step"]})
+    folder = save_samples(samples, target, overwrite, meta)
+    console.print(key_value_table(f"{n} samples written to {folder}", [
+        ("grid", folder / "grid.png"), ("array", folder / "samples.npz"),
+        ("solver", f"{solver} ({steps} steps)" if solver != "dopri5" else
+         f"dopri5 (atol {atol:g}, rtol {rtol:g})")]))

@@ -1,0 +1,403 @@
+"""The trainer: a velocity network regressed on a target (targets.py) with Adam, linear warm-up,
+gradient clipping and an EMA of the weights, checkpointed atomically and resumable bit for bit.
+
+A run folder runs/NAME holds config.json, metrics.jsonl (one line per logged step),
+checkpoints/step_N.safetensors + step_N.json and progress/step_N.png (sample grids). Every
+random draw comes from two sources whose states the checkpoint stores: a torch.Generator for the
+data (x1 ids, flips, x0, t, EFM candidates) and torch's global RNG (dropout). A checkpoint
+counts only when its JSON, written last, names the sha256 of its tensors, so a run killed at
+any moment resumes from the newest complete checkpoint and continues exactly as if it had not
+stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from knnflow.errors import InputError
+from knnflow.models import PRESETS, build_model, count_parameters
+
+CHECKPOINTS = "checkpoints"
+PRESET_DEFAULTS = {  # (lr, warm-up steps, EMA decay): the paper's values for cifar; the small
+    # presets train in minutes on a CPU, with a larger step and shorter warm-up and average.
+    "tiny": (1e-3, 200, 0.999), "mlp": (1e-3, 100, 0.999), "cifar": (2e-4, 5000, 0.9999),
+    "celeba64": (2e-4, 5000, 0.9999),
+}
+# Fields that may differ when resuming: more steps, and how often things are written.
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints"}
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    root: str | None = None
+    limit: int | None = None
+    target: str = "cfm"
+    m: int = 128
+    efm_pool: str = "independent"
+    tol: float = 1e-4
+    knn_budget: float = 0.005
+    knn_fallback: str = "exact"
+    index: str | None = None
+    flip: bool = False
+    preset: str = "tiny"
+    batch_size: int = 128
+    steps: int = 2000
+    lr: float | None = None
+    warmup: int | None = None
+    grad_clip: float = 1.0
+    ema_decay: float | None = None
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    sample_every: int = 0
+    keep_checkpoints: int = 2
+
+    def resolved(self) -> TrainConfig:
+        """Preset defaults filled in, and every value checked."""
+        if self.preset not in PRESETS:
+            raise InputError(f"unknown preset {self.preset!r}; choose one of: "
+                             f"{', '.join(PRESETS)}")
+        defaults = dict(zip(("lr", "warmup", "ema_decay"), PRESET_DEFAULTS[self.preset],
+                            strict=True))
+        values = asdict(self)
+        config = TrainConfig(**{**values, **{k: v for k, v in defaults.items()
+                                             if values[k] is None}})
+        for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(config, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(config, name)}")
+        if config.sample_every < 0 or config.warmup < 0:
+            raise InputError("--sample-every and --warmup must be at least 0")
+        if not (config.lr > 0 and math.isfinite(config.lr)):
+            raise InputError(f"--lr must be positive, got {config.lr}")
+        if not 0 <= config.ema_decay < 1:
+            raise InputError(f"--ema-decay must lie in [0, 1), got {config.ema_decay}")
+        if not config.grad_clip > 0:
+            raise InputError(f"--grad-clip must be positive, got {config.grad_clip}")
+        return config
+
+
+def config_differences(saved: dict, current: TrainConfig) -> list[str]:
+    """Fields (other than RESUMABLE_CHANGES) whose values differ, as 'name: old → new'."""
+    now = asdict(current)
+    return [f"{name}: {saved.get(name)!r} → {now[name]!r}" for name in now
+            if name not in RESUMABLE_CHANGES and saved.get(name) != now[name]]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer, data_gen: torch.Generator,
+                    keep: int) -> Path:
+    """checkpoints/step_N.safetensors (model, EMA, Adam moments, RNG states), then
+    step_N.json naming its sha256: the JSON is the commit mark."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
+    opt_state = optimizer.state_dict()
+    for pid, state in opt_state["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{pid}.{key}"] = torch.as_tensor(value).contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.data"] = data_gen.get_state()
+    weights = folder / f"step_{step}.safetensors"
+    _write_atomic(weights, lambda p: save_file(tensors, str(p)))
+    meta = {"step": step, "sha256": _sha256(weights),
+            "param_groups": opt_state["param_groups"]}
+    _write_atomic(folder / f"step_{step}.json",
+                  lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    for old in complete_checkpoints(folder)[:-keep]:
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+    return weights
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The JSON marks of checkpoints, oldest first (their tensors are checked on load)."""
+    if not folder.is_dir():
+        return []
+    marks = [p for p in folder.glob("step_*.json") if p.stem[5:].isdigit()]
+    return sorted(marks, key=lambda p: int(p.stem[5:]))
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]] | None:
+    """The newest checkpoint whose tensors match its JSON's sha256, or None."""
+    from safetensors.torch import load_file
+
+    for mark in reversed(complete_checkpoints(folder)):
+        weights = mark.with_suffix(".safetensors")
+        try:
+            meta = json.loads(mark.read_text())
+            if weights.is_file() and _sha256(weights) == meta["sha256"]:
+                return meta, load_file(str(weights))
+        except (json.JSONDecodeError, KeyError, OSError):
+            continue
+    return None
+
+
+def _split_state(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
+                      param_groups: list[dict]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in _split_state(tensors, "opt.").items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    target_sq: float
+    ms_step: float
+    ms_target: float
+    fallback: float | None
+    lr: float
+
+
+class Run:
+    """A training run on disk: runs/NAME."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "config.json"
+
+    def read_config(self) -> dict:
+        if not self.config_path.is_file():
+            raise InputError(f"{self.folder} is not a run folder: expected "
+                             f"{self.config_path}")
+        return json.loads(self.config_path.read_text())
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to lr over `warmup` steps, then constant."""
+    if config.warmup == 0:
+        return config.lr
+    return config.lr * min(1.0, (step + 1) / config.warmup)
+
+
+def load_training_data(config: TrainConfig):
+    """The training images (with both flips under --flip), and the index for knn-efm."""
+    from knnflow.data import load_dataset
+    from knnflow.targets import with_flips
+
+    images = load_dataset(config.dataset, root=config.root, split="train", limit=config.limit)
+    candidates = with_flips(images) if config.flip else images
+    index = None
+    if config.target == "knn-efm":
+        from knnflow.index import Index
+
+        if config.index is None:
+            raise InputError("--target knn-efm needs --index DIR, the index of the training "
+                             f"data: build it with knnflow build-index {config.dataset}"
+                             + (" (on the data with both flips for --flip)" if config.flip
+                                else ""))
+        index = Index.load(config.index)
+    return images, candidates, index
+
+
+def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bool = False,
+          progress: Callable[[dict], None] | None = None, device: str = "cpu",
+          explicit: set[str] | None = None) -> list[StepMetrics]:
+    """Train (or continue) the run in `folder`; returns the metrics logged in this call.
+
+    resume: continue from the newest complete checkpoint. The config must match the saved
+    one except for RESUMABLE_CHANGES; with `explicit` (the options a user actually gave),
+    every other field is taken from the saved config.
+    """
+    from knnflow.targets import make_target
+
+    folder = Path(folder)
+    run = Run(folder)
+    checkpoint = None
+    if resume:
+        saved = run.read_config()
+        if explicit is not None:
+            known = {f.name for f in fields(TrainConfig)}
+            config = TrainConfig(**{**{k: v for k, v in saved.items() if k in known},
+                                    **{k: getattr(config, k) for k in explicit if k in known}})
+    config = config.resolved()
+    if resume:
+        differences = config_differences(saved, config)
+        if differences:
+            raise InputError("cannot resume with a different config: " + "; ".join(differences))
+        checkpoint = load_checkpoint(folder / CHECKPOINTS)
+    elif folder.exists():
+        if not overwrite:
+            raise InputError(f"{folder} already exists; pass --resume to continue it or "
+                             "--overwrite to start again")
+        shutil.rmtree(folder)
+    images, candidates, index = load_training_data(config)
+    image_shape = tuple(images.shape[1:])
+    target = make_target(config.target, data=candidates.reshape(len(candidates), -1),
+                         index=index, m=config.m, pool=config.efm_pool, tol=config.tol,
+                         knn_budget=config.knn_budget, knn_fallback=config.knn_fallback,
+                         flip=False, image_shape=image_shape)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.preset, image_shape).to(device)
+    ema = build_model(config.preset, image_shape).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    data_gen = torch.Generator().manual_seed(config.seed + 1)
+    start = 0
+    if checkpoint is not None:
+        meta, tensors = checkpoint
+        model.load_state_dict(_split_state(tensors, "model."))
+        ema.load_state_dict(_split_state(tensors, "ema."))
+        restore_optimizer(optimizer, tensors, meta["param_groups"])
+        torch.set_rng_state(tensors["rng.torch"])
+        data_gen.set_state(tensors["rng.data"])
+        start = meta["step"]
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {**asdict(config), "image_shape": list(image_shape),
+              "parameters": count_parameters(model)}
+    run.config_path.write_text(json.dumps(record, indent=2) + "\n")
+    metrics_path = folder / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+
+    logged: list[StepMetrics] = []
+    flat_images = images.reshape(len(images), -1)
+    model.train()
+    with open(metrics_path, "a") as metrics_file:
+        for step in range(start, config.steps):
+            began = time.perf_counter()
+            ids = torch.randint(len(flat_images), (config.batch_size,), generator=data_gen)
+            x1 = flat_images[ids].reshape(-1, *image_shape).clone()
+            if config.flip:
+                flips = torch.rand(config.batch_size, generator=data_gen) < 0.5
+                x1[flips] = x1[flips].flip(-1)
+            x0 = torch.randn(x1.shape, generator=data_gen)
+            t = torch.rand(config.batch_size, generator=data_gen)
+            batch = target(x0, x1, t, generator=data_gen)
+            lr = _lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                prediction = model(batch.x_t.to(device), t.to(device))
+                loss = (prediction - batch.target.to(device)).square().mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            except torch.OutOfMemoryError:
+                raise InputError(f"out of memory at --batch-size {config.batch_size} with "
+                                 f"--preset {config.preset}; lower --batch-size") from None
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            # The EMA warms up as (1 + step)/(10 + step) so short runs get a usable average.
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    p_ema.lerp_(p, 1 - decay)
+                for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+                    b_ema.copy_(b)
+            done = step + 1
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise InputError(f"the loss became {loss_value} at step {done}; lower --lr")
+            entry = StepMetrics(done, loss_value,
+                                float(batch.target.square().mean()),
+                                1e3 * (time.perf_counter() - began), 1e3 * batch.seconds,
+                                batch.fallback, lr)
+            if done % config.log_every == 0 or done == config.steps:
+                metrics_file.write(json.dumps(asdict(entry)) + "\n")
+                metrics_file.flush()
+                logged.append(entry)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                save_checkpoint(folder / CHECKPOINTS, done, model, ema, optimizer, data_gen,
+                                config.keep_checkpoints)
+            if config.sample_every and (done % config.sample_every == 0 or done == config.steps):
+                _progress_grid(ema, image_shape, folder / "progress" / f"step_{done}.png", device)
+            if progress:
+                progress({"step": done, "steps": config.steps, "loss": loss_value})
+    return logged
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint a run resumes from (they will be redone)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def _progress_grid(model: nn.Module, image_shape: tuple[int, ...], path: Path,
+                   device: str) -> None:
+    """A 64-sample grid from the EMA model (Euler, 50 steps), without disturbing the RNGs."""
+    from knnflow.sample import grid_scale, image_grid, sample_model, save_image
+
+    state = torch.get_rng_state()
+    samples = sample_model(model, 64, image_shape, seed=0, steps=50, device=device)
+    torch.set_rng_state(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(image_grid(samples), path, grid_scale(image_shape[1]) if len(image_shape) == 3
+               else 1)
+
+
+def load_run_model(folder: Path, use_ema: bool = True,
+                   device: str = "cpu") -> tuple[nn.Module, dict]:
+    """The network of a run's newest complete checkpoint (EMA weights by default)."""
+    run = Run(folder)
+    if not Path(folder).is_dir():
+        raise InputError(f"no run folder at {folder}")
+    record = run.read_config()
+    checkpoint = load_checkpoint(Path(folder) / CHECKPOINTS)
+    if checkpoint is None:
+        raise InputError(f"{folder} has no complete checkpoint in {Path(folder) / CHECKPOINTS}")
+    meta, tensors = checkpoint
+    model = build_model(record["preset"], tuple(record["image_shape"])).to(device)
+    model.load_state_dict(_split_state(tensors, "ema." if use_ema else "model."))
+    model.eval()
+    return model, {**record, "checkpoint_step": meta["step"]}
+
+
+def config_from_options(**options) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in options.items() if k in known})

@@ -1,0 +1,169 @@
+"""Models, trainer, checkpoints and sampling: bit-exact resume after SIGKILL, atomic
+checkpoints, config checks, ODE solvers on a known flow, closed-form samples that land on
+training images."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from test_cli import assert_one_line_error, run
+
+from knnflow.data import load_dataset
+from knnflow.errors import InputError
+from knnflow.index import Index
+from knnflow.memorization import run_memorization
+from knnflow.models import build_model, count_parameters
+from knnflow.sample import integrate, sample_closed_form
+from knnflow.train import (
+    CHECKPOINTS,
+    TrainConfig,
+    complete_checkpoints,
+    load_checkpoint,
+    load_run_model,
+    train,
+)
+
+TRAIN = [sys.executable, "-m", "knnflow.cli.main", "train", "digits", "--preset", "tiny",
+         "--batch-size", "32", "--steps", "40", "--checkpoint-every", "10", "--log-every", "1",
+         "--target", "efm", "--m", "8"]
+
+
+def test_presets_build_and_start_at_zero_velocity():
+    for preset, shape in (("tiny", (1, 8, 8)), ("tiny", (1, 28, 28)), ("mlp", (1, 8, 8))):
+        model = build_model(preset, shape)
+        out = model(torch.randn(3, *shape), torch.rand(3))
+        assert out.shape == (3, *shape) and torch.equal(out, torch.zeros_like(out))
+    # The paper's CIFAR-10 network: 128 channels, mult 1,2,2,2, 2 blocks, attention at 16.
+    assert 34e6 < count_parameters(build_model("cifar", (3, 32, 32))) < 37e6
+    with pytest.raises(InputError, match="choose one of: tiny, cifar, celeba64, mlp"):
+        build_model("huge", (1, 8, 8))
+    with pytest.raises(InputError, match="divisible"):
+        build_model("cifar", (3, 28, 28))
+
+
+def _final_tensors(folder):
+    meta, tensors = load_checkpoint(folder / CHECKPOINTS)
+    return meta["step"], tensors
+
+
+def _metrics(folder):
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [(e["step"], e["loss"], e["target_sq"]) for e in map(json.loads, lines)]
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight = subprocess.run([*TRAIN, "--name", str(tmp_path / "a")], capture_output=True,
+                              text=True, env=env, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    killed = subprocess.Popen([*TRAIN, "--name", str(tmp_path / "b")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 25:
+            break
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert len(metrics.read_text().splitlines()) < 40, "the run ended before it was killed"
+    resumed = subprocess.run([*TRAIN, "--name", str(tmp_path / "b"), "--resume"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    step_a, a = _final_tensors(tmp_path / "a")
+    step_b, b = _final_tensors(tmp_path / "b")
+    assert step_a == step_b == 40 and a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+
+
+def test_resume_checks_the_config_and_continues(tmp_path):
+    config = TrainConfig(preset="mlp", batch_size=16, steps=6, checkpoint_every=3, log_every=1)
+    train(config, tmp_path / "r")
+    with pytest.raises(InputError, match=r"target: 'cfm' → 'efm'; batch_size: 16 → 8"):
+        train(TrainConfig(preset="mlp", batch_size=8, steps=6, target="efm"), tmp_path / "r",
+              resume=True)
+    more = TrainConfig(preset="mlp", batch_size=16, steps=9, checkpoint_every=3, log_every=1)
+    logged = train(more, tmp_path / "r", resume=True)
+    assert [m.step for m in logged] == [7, 8, 9]
+    assert [s for s, _, _ in _metrics(tmp_path / "r")] == list(range(1, 10))
+    with pytest.raises(InputError, match="--resume"):
+        train(config, tmp_path / "r")
+
+
+def test_a_damaged_newest_checkpoint_is_skipped(tmp_path):
+    config = TrainConfig(preset="mlp", batch_size=8, steps=4, checkpoint_every=2, log_every=2,
+                         keep_checkpoints=3)
+    train(config, tmp_path / "r")
+    marks = complete_checkpoints(tmp_path / "r" / CHECKPOINTS)
+    assert [m.stem for m in marks] == ["step_2", "step_4"]
+    weights = marks[-1].with_suffix(".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-10])
+    meta, _ = load_checkpoint(tmp_path / "r" / CHECKPOINTS)
+    assert meta["step"] == 2
+
+
+def test_bad_training_options_are_refused(tmp_path, digits):
+    for options, fragment in (({"batch_size": 0}, "--batch-size"), ({"steps": -1}, "--steps"),
+                              ({"preset": "huge"}, "choose one of"),
+                              ({"target": "ddpm"}, "choose one of: cfm, efm, knn-efm, exact"),
+                              ({"target": "knn-efm"}, "build-index digits")):
+        with pytest.raises(InputError, match=fragment):
+            train(TrainConfig(**{"preset": "mlp", "steps": 2, **options}), tmp_path / "x")
+    other = tmp_path / "other-index"
+    Index.build(digits[:500]).save(other)
+    with pytest.raises(Exception, match="build-index"):
+        train(TrainConfig(preset="mlp", steps=2, target="knn-efm", index=str(other)),
+              tmp_path / "y")
+    result = run("train", "digits", "--target", "nope", "--name", str(tmp_path / "z"))
+    assert_one_line_error(result, "cfm, efm, knn-efm, exact")
+    assert not (tmp_path / "z").exists()
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4", "dopri5"])
+def test_solvers_follow_a_known_flow(solver):
+    # dx/dt = -x + t from x0 at t = 0: x(t) = t - 1 + (x0 + 1)·e^-t, so x(1) = (x0 + 1)/e.
+    x0 = torch.randn(5, 3, dtype=torch.float64)
+    exact = (x0 + 1) * math.exp(-1.0)
+    got = integrate(lambda x, t: -x + t[:, None], x0, solver=solver, steps=200, atol=1e-9,
+                    rtol=1e-9)
+    tolerance = {"euler": 5e-3, "heun": 1e-5, "rk4": 1e-9, "dopri5": 1e-7}[solver]
+    assert (got - exact).abs().max() < tolerance
+
+
+def test_closed_form_samples_land_on_training_images(tmp_path):
+    images = load_dataset("digits")[:300]
+    index = Index.build(images)
+    samples = sample_closed_form(index, 24, seed=0, steps=50)
+    np.save(tmp_path / "s.npy", samples.numpy())
+    summary, _ = run_memorization(tmp_path / "s.npy", index, out=tmp_path / "m")
+    assert summary["memorized"]["fraction"] == 1.0
+    assert summary["d1"]["max"] < 1e-3 * summary["reference"]["mean"]
+
+
+def test_sample_command_writes_pngs_grid_and_npz(tmp_path):
+    train(TrainConfig(preset="mlp", batch_size=8, steps=3, checkpoint_every=3), tmp_path / "r")
+    model, record = load_run_model(tmp_path / "r")
+    assert record["checkpoint_step"] == 3
+    result = run("sample", str(tmp_path / "r"), "--n", "5", "--steps", "10")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "r" / "samples"
+    assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i:05d}.png"
+                                                                 for i in range(5)]
+    with np.load(out / "samples.npz") as data:
+        assert data["samples"].shape == (5, 1, 8, 8)
+    assert (out / "grid.png").is_file()
+    again = run("sample", str(tmp_path / "r"), "--n", "5")
+    assert_one_line_error(again, "already exists")
+    neither = run("sample")
+    assert_one_line_error(neither, "--closed-form")

@@ -320,7 +320,9 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                 loss = (prediction - batch.target.to(device)).square().mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            except torch.OutOfMemoryError:
+            except RuntimeError as err:  # torch.OutOfMemoryError on GPUs, a RuntimeError on CPU
+                if "out of memory" not in str(err) and "can't allocate" not in str(err):
+                    raise
                 raise InputError(f"out of memory at --batch-size {config.batch_size} with "
                                  f"--preset {config.preset}; lower --batch-size") from None
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

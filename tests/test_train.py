@@ -152,7 +152,9 @@ def test_closed_form_samples_land_on_training_images(tmp_path):
 
 
 def test_sample_command_writes_pngs_grid_and_npz(tmp_path):
-    train(TrainConfig(preset="mlp", batch_size=8, steps=3, checkpoint_every=3), tmp_path / "r")
+    train(TrainConfig(preset="mlp", batch_size=8, steps=3, checkpoint_every=3, sample_every=3),
+          tmp_path / "r")
+    assert (tmp_path / "r" / "progress" / "step_3.png").is_file()
     model, record = load_run_model(tmp_path / "r")
     assert record["checkpoint_step"] == 3
     result = run("sample", str(tmp_path / "r"), "--n", "5", "--steps", "10")

@@ -39,11 +39,17 @@ def datasets() -> None:
     console.print(table)
 
 
-def default_index_folder(dataset: str, split: str) -> Path:
-    """indices/<dataset>-<split>; for folder:/npz:/npy: paths, the kind and the file's stem."""
+def dataset_slug(dataset: str) -> str:
+    """A folder-name form of a data set: its name, or for folder:/npz:/npy: paths the kind and
+    the file's stem."""
     kind, _, path = dataset.partition(":")
     name = f"{kind}-{Path(path).stem}" if path else dataset
-    return Path("indices") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{split}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def default_index_folder(dataset: str, split: str) -> Path:
+    """indices/<dataset>-<split>."""
+    return Path("indices") / f"{dataset_slug(dataset)}-{split}"
 
 
 def folder_bytes(folder: Path) -> int:

@@ -16,14 +16,14 @@ from knnflow.targets import EFM_POOLS, KNN_FALLBACKS, TARGETS
 from knnflow.train import TrainConfig, config_from_options, train
 
 from .console import console, err_console, key_value_table
+from .data_commands import dataset_slug
 
 PRESET_LIST = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
 
 
 def default_run_folder(dataset: str, target: str) -> Path:
-    kind, _, path = dataset.partition(":")
-    name = f"{kind}-{Path(path).stem}" if path else dataset
-    return Path("runs") / f"{name}-{target}"
+    """runs/<dataset>-<target>."""
+    return Path("runs") / f"{dataset_slug(dataset)}-{target}"
 
 
 def train_command(

@@ -322,6 +322,20 @@ def save_json(data: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- bench knn
 
 
+def bench_index(dataset: str, root: str | None, limit: int | None,
+                index_folder: str | Path | None, progress: Progress | None):
+    """The index a benchmark runs on, and its data set's name: loaded from index_folder, or
+    built in memory on the train split."""
+    from knnflow.index import Index
+
+    if index_folder is not None:
+        index = Index.load(index_folder)
+        return index, index.manifest["dataset"].get("name", str(index_folder))
+    images = load_dataset(dataset, root=root, split="train", limit=limit)
+    return Index.build(images, dataset={"name": dataset, "limit": limit},
+                       progress=progress), dataset
+
+
 @dataclass
 class KnnRow:
     label: str
@@ -356,7 +370,6 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
     """Exact engine (a) against KNNVelocity certified (b) and the top-k truncation (c), on the
     same queries x_t = (1-t)·x0 + t·x1 (x1 held-out images), for each t and for t ~ U[0,1)."""
     from knnflow.estimators import ExactVelocity, KNNVelocity
-    from knnflow.index import Index
 
     if any(not 0 <= t < 1 for t in ts):
         raise InputError(f"every t must lie in [0, 1), got {list(ts)}")
@@ -364,13 +377,7 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
         raise InputError(f"tol must be a positive number, got {tol!r}")
     if min(batch, repeats) < 1:
         raise InputError("--batch and --repeats must be at least 1")
-    if index_folder is not None:
-        index = Index.load(index_folder)
-        name = index.manifest["dataset"].get("name", str(index_folder))
-    else:
-        images = load_dataset(dataset, root=root, split="train", limit=limit)
-        index = Index.build(images, dataset={"name": dataset, "limit": limit}, progress=progress)
-        name = dataset
+    index, name = bench_index(dataset, root, limit, index_folder, progress)
     held_out = load_dataset(dataset, root=root, split="test")
     held_out = held_out.reshape(held_out.shape[0], -1)
     gen = torch.Generator().manual_seed(seed)
@@ -472,17 +479,10 @@ def bench_memorization(dataset: str = "synthetic", root: str | None = None,
     whole training set, (b) knnflow's exact search (Index.search, sketch-pruned), (c) FAISS's
     flat search with float64 re-ranking. Samples: half held-out images, half training images
     with Gaussian noise of std `noise` (near copies). d1 is checked against float64."""
-    from knnflow.index import Index
 
     if min(samples, repeats) < 1:
         raise InputError("--samples and --repeats must be at least 1")
-    if index_folder is not None:
-        index = Index.load(index_folder)
-        name = index.manifest["dataset"].get("name", str(index_folder))
-    else:
-        images = load_dataset(dataset, root=root, split="train", limit=limit)
-        index = Index.build(images, dataset={"name": dataset, "limit": limit}, progress=progress)
-        name = dataset
+    index, name = bench_index(dataset, root, limit, index_folder, progress)
     points = index.points.to(torch.float32)
     held_out = load_dataset(dataset, root=root, split="test")
     held_out = held_out.reshape(held_out.shape[0], -1)
@@ -567,18 +567,11 @@ def bench_targets(dataset: str = "digits", root: str | None = None, limit: int |
     on the same (x0, x1, t): mean ‖target - û*‖² per t bin against the exact engine, and the
     median time per batch. x1 are training images, as in training."""
     from knnflow.estimators import ExactVelocity
-    from knnflow.index import Index
     from knnflow.targets import make_target
 
     if min(batch, bins) < 1:
         raise InputError("--batch and --bins must be at least 1")
-    if index_folder is not None:
-        index = Index.load(index_folder)
-        name = index.manifest["dataset"].get("name", str(index_folder))
-    else:
-        images = load_dataset(dataset, root=root, split="train", limit=limit)
-        index = Index.build(images, dataset={"name": dataset, "limit": limit}, progress=progress)
-        name = dataset
+    index, name = bench_index(dataset, root, limit, index_folder, progress)
     train = index.training_set()
     exact = ExactVelocity(train)
     targets = {label: make_target(tol=tol, index=index if spec["name"] == "knn-efm" else None,

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from torch import Tensor
 
 from knnflow.closed_form import FLOAT32_ROUNDOFF, TrainingSet
 from knnflow.errors import IndexMismatchError, InputError, MissingFileError
+from knnflow.files import atomic_folder
 from knnflow.prune import SketchScanner, sketch_knn
 from knnflow.sketch import Sketches
 
@@ -211,13 +210,7 @@ class Index:
              progress: Progress | None = None) -> Path:
         """Write the folder atomically: a temporary sibling, renamed when complete."""
         folder = Path(folder)
-        if folder.exists() and not overwrite:
-            raise InputError(f"{folder} already exists; pass --overwrite to replace it")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with atomic_folder(folder, overwrite) as tmp:
             if progress:
                 progress("writing data", 0, 1)
             np.save(tmp / DATA_FILE, self.points.numpy())
@@ -234,17 +227,8 @@ class Index:
                             sketch_sha256={name: sha256_file(tmp / name)
                                            for name in sketch_files})
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if folder.exists():
-                old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(folder)
-            if progress:
-                progress("checksumming", 1, 1)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if progress:
+            progress("checksumming", 1, 1)
         self.manifest, self.folder = manifest, folder
         return folder
 

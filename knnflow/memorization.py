@@ -14,8 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from torch import Tensor
 
 from knnflow.data import IMAGE_SUFFIXES, read_array, to_unit_range
 from knnflow.errors import InputError, MissingFileError
+from knnflow.files import atomic_folder
 from knnflow.index import Index
 
 Progress = Callable[[str, int, int], None]
@@ -411,29 +410,12 @@ def write_report(out: Path, samples: Samples, index: Index, scores: Scores,
                  reference: Tensor, summary: dict, overwrite: bool = False) -> Path:
     """Write the report folder atomically: everything goes into a temporary folder that is
     renamed to `out` once complete, so a crash leaves no half-written report."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         write_csv(tmp / "memorization.csv", samples, scores, summary["threshold"])
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_histogram(tmp / "histogram.png", scores.distances[:, 0], reference,
                        summary["threshold"])
         plot_nearest(tmp / "nearest.png", samples, index, scores)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -9,8 +9,6 @@ finishes with the exact denoiser E[x1 | x_t] (one Tweedie step), which is where 
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from knnflow.errors import InputError
+from knnflow.files import atomic_folder
 
 SOLVERS = {"euler": "euler", "heun": "heun2", "midpoint": "midpoint", "rk4": "rk4",
            "dopri5": "dopri5"}
@@ -137,28 +136,11 @@ def save_samples(samples: Tensor, out: Path, overwrite: bool = False,
     written to a temporary folder renamed to `out` when complete."""
     import json
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         for i, picture in enumerate(to_uint8(samples)):
             save_image(picture, tmp / f"sample_{i:05d}.png")
         save_image(image_grid(samples[:256]), tmp / "grid.png", grid_scale(samples.shape[2]))
         np.savez(tmp / "samples.npz", samples=samples.numpy().astype(np.float32))
         if meta is not None:
             (tmp / "sampling.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -98,6 +98,9 @@ class ExactVelocity:
         )
 
 
+MIN_INDEX_T = 1e-3
+
+
 class KNNVelocity:
     """û* from the training points near x/t, exact or within a proven bound.
 
@@ -113,7 +116,7 @@ class KNNVelocity:
     3. The remaining set K is evaluated exactly in float64. The left-out mass is at most
        Z_R ≤ (n - |K|)·e^(-s·t²·thr), so ‖û_K - û*‖ ≤ Z_R/(Z_K + Z_R)·(‖D_K - mean‖ + R)/(1-t)
        with R the largest distance of a training point from the mean. That is error_bound.
-    4. A query falls back to the exact engine (bound 0) when t = 0, when more than
+    4. A query falls back to the exact engine (bound 0) when t < 1e-3, when more than
        `coarse_budget`·n points (at least 512) survive the coarse sketch or `exact_budget`·n
        (at least 128) the fine one, or when the bound exceeds tol·‖velocity‖.
 
@@ -168,7 +171,8 @@ class KNNVelocity:
         velocity = torch.empty_like(x64)
         bound = torch.zeros(batch, dtype=torch.float64)
         evaluated = torch.full((batch,), self.train.n, dtype=torch.int64)
-        fallback = t64 == 0
+        # Below MIN_INDEX_T the softmax is flat (nothing to prune) and x/t leaves float32 range.
+        fallback = t64 < MIN_INDEX_T
         todo = (~fallback).nonzero().squeeze(1)
         if todo.numel():
             run = self._certified if self.certified else self._top_k

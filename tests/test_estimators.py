@@ -50,7 +50,7 @@ def test_exact_velocity_rejects_bad_t_and_shape(digits):
 # --------------------------------------------------------------------------- KNNVelocity
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 KNN_TS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 0.95, 0.999)
@@ -94,10 +94,15 @@ def test_knn_bound_holds_with_batched_t(digits, digits_index):
     assert_bound_holds(out, brute_force_velocity(x, t, digits))
 
 
-@settings(max_examples=25, deadline=None)
+# derandomize: CI sees the same examples every run; the explicit examples are cases that a
+# randomised run once found (t at float32's smallest normal number made x/t overflow).
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), t=st.floats(0.0, 0.9999), tol=st.sampled_from([1e-2, 1e-4,
                                                                                    1e-6]),
        duplicates=st.integers(0, 20), far=st.booleans(), dim=st.sampled_from([8, 40]))
+@example(seed=0, t=1.175494351e-38, tol=1e-2, duplicates=0, far=False, dim=8)
+@example(seed=1, t=1e-6, tol=1e-4, duplicates=3, far=True, dim=40)
+@example(seed=2, t=0.9999, tol=1e-6, duplicates=20, far=False, dim=8)
 def test_knn_bound_holds_on_random_sets(seed, t, tol, duplicates, far, dim):
     gen = torch.Generator().manual_seed(seed)
     points = torch.rand(300, dim, generator=gen) * 2 - 1

@@ -13,6 +13,7 @@ from rich.table import Table
 from knnflow.data import dataset_infos, load_dataset
 from knnflow.errors import InputError
 from knnflow.index import DTYPES, KINDS, Index, read_manifest
+from knnflow.targets import with_flips
 
 from .console import console, human_bytes, key_value_table, progress_bar
 
@@ -79,17 +80,21 @@ def build_index(
         help="Build on auto, cpu or cuda (cuda needs faiss-gpu).")] = "auto",
     overwrite: Annotated[bool, typer.Option(
         help="Replace an existing index folder at --out.")] = False,
+    flip: Annotated[bool, typer.Option(
+        help="Index every image and its horizontal flip (for knnflow train --flip).")] = False,
 ) -> None:
     """Build and save an index folder: FAISS index, raw data and a manifest with checksums."""
-    folder = out or default_index_folder(dataset, split)
+    folder = out or default_index_folder(dataset, split + ("-flip" if flip else ""))
     if folder.exists() and not overwrite:
         raise InputError(f"{folder} already exists; pass --overwrite to replace it")
     with progress_bar() as progress:
         progress(f"loading {dataset}", 0, 1)
         images = load_dataset(dataset, root=root, split=split, limit=limit, size=size)
+        if flip:
+            images = with_flips(images)
         progress(f"loading {dataset}", 1, 1)
         described = {"name": dataset, "split": split, "limit": limit, "size": size,
-                     "root": str(root) if root else None}
+                     "root": str(root) if root else None, "flip": flip}
         index = Index.build(images, kind=kind, device=device, dtype=dtype, nlist=nlist,
                             nprobe=nprobe, dataset=described, progress=progress)
         index.save(folder, overwrite=overwrite, progress=progress)

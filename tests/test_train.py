@@ -169,3 +169,18 @@ def test_sample_command_writes_pngs_grid_and_npz(tmp_path):
     assert_one_line_error(again, "already exists")
     neither = run("sample")
     assert_one_line_error(neither, "--closed-form")
+
+
+def test_knn_efm_with_flips_trains_on_a_flip_index(tmp_path):
+    result = run("build-index", "digits", "--limit", "200", "--flip", "--out",
+                 str(tmp_path / "idx"))
+    assert result.returncode == 0, result.stderr
+    assert Index.load(tmp_path / "idx").n == 400
+    config = TrainConfig(preset="mlp", limit=200, flip=True, target="knn-efm",
+                         index=str(tmp_path / "idx"), batch_size=8, steps=2)
+    logged = train(config, tmp_path / "run")
+    assert logged[-1].step == 2 and logged[-1].fallback is not None
+    plain = tmp_path / "plain"
+    Index.build(load_dataset("digits", limit=200)).save(plain)
+    with pytest.raises(Exception, match="both flips"):
+        train(TrainConfig(**{**config.__dict__, "index": str(plain)}), tmp_path / "run2")

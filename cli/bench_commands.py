@@ -20,6 +20,14 @@ from knnflow.errors import InputError
 
 from .console import console, human_bytes, progress_bar
 
+# Options every benchmark on a data set shares.
+RootOption = Annotated[Optional[Path], typer.Option(help="Folder of the data set's files.")]
+LimitOption = Annotated[Optional[int], typer.Option(
+    help="Index only the first N training images.")]
+IndexOption = Annotated[Optional[Path], typer.Option(
+    help="Use this index folder instead of building one in memory.")]
+JsonOutOption = Annotated[Optional[Path], typer.Option(help="Also write the results as JSON.")]
+
 app = typer.Typer(help="Measure speed and error against baselines, in one run on one machine.",
                   no_args_is_help=True)
 
@@ -95,9 +103,8 @@ def exact(
 def knn(
     dataset: Annotated[str, typer.Option(
         help="Data set: train split indexed, test split for queries.")] = "synthetic",
-    root: Annotated[Optional[Path], typer.Option(help="Folder of the data set's files.")] = None,
-    limit: Annotated[Optional[int], typer.Option(
-        help="Index only the first N training images.")] = None,
+    root: RootOption = None,
+    limit: LimitOption = None,
     t: Annotated[str, typer.Option("--t", help="Comma-separated times in [0, 1); a row for "
                                                 "t ~ U[0,1) is always added.")]
     = "0.05,0.1,0.2,0.3,0.5,0.7,0.9",
@@ -105,10 +112,8 @@ def knn(
     tol: Annotated[float, typer.Option(help="KNNVelocity's tolerance (bound ≤ tol·‖v‖).")]
     = 1e-4,
     repeats: Annotated[int, typer.Option(help="Timed calls per measurement (median).")] = 3,
-    index: Annotated[Optional[Path], typer.Option(
-        help="Use this index folder instead of building one in memory.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON.")]
-    = None,
+    index: IndexOption = None,
+    json_out: JsonOutOption = None,
 ) -> None:
     """Certified kNN velocity (b) against the exact engine (a) and top-k truncation (c)."""
     with progress_bar() as progress:
@@ -152,19 +157,16 @@ def knn(
 def memorization(
     dataset: Annotated[str, typer.Option(
         help="Data set: train split indexed, test split for held-out samples.")] = "synthetic",
-    root: Annotated[Optional[Path], typer.Option(help="Folder of the data set's files.")] = None,
-    limit: Annotated[Optional[int], typer.Option(
-        help="Index only the first N training images.")] = None,
+    root: RootOption = None,
+    limit: LimitOption = None,
     samples: Annotated[int, typer.Option(
         help="Samples searched per call: half held-out images, half noisy training images.")]
     = 2048,
     noise: Annotated[float, typer.Option(
         help="Std of the Gaussian noise on the near-copy samples (pixels in [-1, 1]).")] = 0.1,
     repeats: Annotated[int, typer.Option(help="Timed calls per method (median).")] = 3,
-    index: Annotated[Optional[Path], typer.Option(
-        help="Use this index folder instead of building one in memory.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON.")]
-    = None,
+    index: IndexOption = None,
+    json_out: JsonOutOption = None,
 ) -> None:
     """Nearest training images: torch.cdist + topk (a) against knnflow's exact search (b)
     and FAISS flat search with float64 re-ranking (c)."""
@@ -201,16 +203,14 @@ def memorization(
 @app.command("targets")
 def targets(
     dataset: Annotated[str, typer.Option(help="Data set: train split as data.")] = "digits",
-    root: Annotated[Optional[Path], typer.Option(help="Folder of the data set's files.")] = None,
+    root: RootOption = None,
     limit: Annotated[Optional[int], typer.Option(
         help="Use only the first N training images.")] = None,
     batch: Annotated[int, typer.Option(help="Rows per batch (one batch per t bin).")] = 128,
     bins: Annotated[int, typer.Option(help="Equal-width t bins over [0, 1).")] = 10,
     tol: Annotated[float, typer.Option(help="knn-efm's tolerance.")] = 1e-4,
-    index: Annotated[Optional[Path], typer.Option(
-        help="Use this index folder instead of building one in memory.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON.")]
-    = None,
+    index: IndexOption = None,
+    json_out: JsonOutOption = None,
 ) -> None:
     """Training targets against û*: mean ‖target - û*‖² per t bin and ms per batch for cfm,
     efm-128, efm-1000, efm-128 (shared pool) and knn-efm, on the same (x0, x1, t)."""

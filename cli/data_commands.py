@@ -53,6 +53,25 @@ def default_index_folder(dataset: str, split: str) -> Path:
     return Path("indices") / f"{dataset_slug(dataset)}-{split}"
 
 
+def build_dataset_index(dataset: str, folder: Path, progress, *, root: Path | None = None,
+                        split: str = "train", limit: int | None = None,
+                        size: int | None = None, flip: bool = False, kind: str = "flat",
+                        device: str = "auto", dtype: str = "float32", nlist: int | None = None,
+                        nprobe: int | None = None, overwrite: bool = False) -> Index:
+    """Load a data set, index it (with both flips if asked) and save the index folder."""
+    progress(f"loading {dataset}", 0, 1)
+    images = load_dataset(dataset, root=root, split=split, limit=limit, size=size)
+    if flip:
+        images = with_flips(images)
+    progress(f"loading {dataset}", 1, 1)
+    described = {"name": dataset, "split": split, "limit": limit, "size": size,
+                 "root": str(root) if root else None, "flip": flip}
+    index = Index.build(images, kind=kind, device=device, dtype=dtype, nlist=nlist,
+                        nprobe=nprobe, dataset=described, progress=progress)
+    index.save(folder, overwrite=overwrite, progress=progress)
+    return index
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
@@ -88,16 +107,9 @@ def build_index(
     if folder.exists() and not overwrite:
         raise InputError(f"{folder} already exists; pass --overwrite to replace it")
     with progress_bar() as progress:
-        progress(f"loading {dataset}", 0, 1)
-        images = load_dataset(dataset, root=root, split=split, limit=limit, size=size)
-        if flip:
-            images = with_flips(images)
-        progress(f"loading {dataset}", 1, 1)
-        described = {"name": dataset, "split": split, "limit": limit, "size": size,
-                     "root": str(root) if root else None, "flip": flip}
-        index = Index.build(images, kind=kind, device=device, dtype=dtype, nlist=nlist,
-                            nprobe=nprobe, dataset=described, progress=progress)
-        index.save(folder, overwrite=overwrite, progress=progress)
+        index = build_dataset_index(dataset, folder, progress, root=root, split=split,
+                                    limit=limit, size=size, flip=flip, kind=kind, device=device,
+                                    dtype=dtype, nlist=nlist, nprobe=nprobe, overwrite=overwrite)
     m = index.manifest
     console.print(key_value_table(f"Index written to {folder}", [
         ("n", m["n"]), ("d", m["d"]), ("image shape", "×".join(map(str, m["image_shape"]))),

@@ -9,13 +9,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from knnflow.data import load_dataset
 from knnflow.errors import InputError
 from knnflow.index import Index
 from knnflow.memorization import REFERENCE_SIZE, default_out, parse_threshold, run_memorization
 
 from .console import console, err_console, progress_bar
-from .data_commands import default_index_folder
+from .data_commands import build_dataset_index, default_index_folder
 
 
 def open_index(index: Path | None, dataset: str | None, root: Path | None, approximate: bool,
@@ -30,14 +29,8 @@ def open_index(index: Path | None, dataset: str | None, root: Path | None, appro
         folder = folder.with_name(folder.name + "-ivf")
     if folder.exists():
         return Index.load(folder)
-    progress(f"loading {dataset}", 0, 1)
-    images = load_dataset(dataset, root=root, split="train")
-    progress(f"loading {dataset}", 1, 1)
-    described = {"name": dataset, "split": "train", "limit": None, "size": None,
-                 "root": str(root) if root else None}
-    built = Index.build(images, kind="ivf" if approximate else "flat", dataset=described,
-                        progress=progress)
-    built.save(folder, progress=progress)
+    build_dataset_index(dataset, folder, progress, root=root,
+                        kind="ivf" if approximate else "flat")
     err_console.print(f"built and cached the index of {dataset} at {folder}")
     return Index.load(folder)
 

@@ -124,7 +124,7 @@ def resize_images(values: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
     return tensor.clamp(-1, 1).numpy()
 
 
-def _array_samples(path: Path) -> tuple[np.ndarray, str]:
+def _array_samples(path: Path) -> tuple[np.ndarray, str, tuple[int, ...]]:
     if path.suffix == ".npy":
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -135,13 +135,13 @@ def _array_samples(path: Path) -> tuple[np.ndarray, str]:
     if array.ndim not in (3, 4) or len(array) == 0:
         raise InputError(f"{path} holds an array of shape {array.shape}; expected N×C×H×W "
                          "images")
-    # Detect the value range on the whole array, and refuse NaN, before any work.
-    to_unit_range(np.asarray(array[:1]), str(path))
+    # The first image gives the layout and value range; floats are checked whole for NaN and
+    # range before any work.
+    first, detected = to_unit_range(np.asarray(array[:1]), str(path))
     if np.issubdtype(array.dtype, np.floating):
         for start in range(0, len(array), 4096):
             to_unit_range(np.asarray(array[start:start + 4096]), str(path))
-    _, detected = to_unit_range(np.asarray(array[:1]), str(path))
-    return array, detected
+    return array, detected, tuple(first.shape[1:])
 
 
 def load_samples(path: str | Path, image_shape: tuple[int, ...],
@@ -174,10 +174,7 @@ def load_samples(path: str | Path, image_shape: tuple[int, ...],
         samples = Samples(path, "images", [str(p.relative_to(path)) for p in images],
                           tuple(first.shape), detected, skipped, _files=images)
     elif path.suffix in (".npz", ".npy"):
-        array, detected = _array_samples(path)
-        shape = (1, *array.shape[1:]) if array.ndim == 3 else tuple(array.shape[1:])
-        if array.ndim == 4 and array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
-            shape = (array.shape[3], array.shape[1], array.shape[2])
+        array, detected, shape = _array_samples(path)
         samples = Samples(path, "array", [f"{path.name}[{i}]" for i in range(len(array))],
                           shape, f"{path.suffix[1:]} array, {detected}", _array=array)
     else:
@@ -450,8 +447,6 @@ def run_memorization(samples_path: str | Path, index: Index, *, threshold: float
                      progress: Progress | None = None) -> tuple[dict, Path]:
     """Score samples against an index and write the report folder; returns (summary, out)."""
     threshold = parse_threshold(threshold)
-    if k < 2:
-        raise InputError(f"--k must be at least 2 (the ratio test needs d2), got {k}")
     if reference_size < 1:
         raise InputError(f"--reference-size must be at least 1, got {reference_size}")
     out_path = Path(out) if out is not None else default_out(samples_path)

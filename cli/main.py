@@ -8,7 +8,15 @@ import typer
 
 from knnflow.errors import KnnflowError
 
-from . import bench_commands, data_commands, memorization_command, train_commands
+from . import (
+    bench_commands,
+    collapse_command,
+    data_commands,
+    fid_commands,
+    memorization_command,
+    run_analysis_commands,
+    train_commands,
+)
 
 app = typer.Typer(
     help="knnflow: the closed-form optimal velocity of a training set, fast and with a stated "
@@ -20,6 +28,11 @@ app.command("index-info")(data_commands.index_info)
 app.command("train")(train_commands.train_command)
 app.command("sample")(train_commands.sample_command)
 app.command("memorization")(memorization_command.memorization)
+app.command("collapse")(collapse_command.collapse)
+app.command("velocity-error")(run_analysis_commands.velocity_error)
+app.command("hybrid")(run_analysis_commands.hybrid)
+app.command("fid")(fid_commands.fid)
+app.command("train-classifier")(fid_commands.train_classifier)
 app.add_typer(bench_commands.app, name="bench")
 
 

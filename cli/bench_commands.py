@@ -14,6 +14,7 @@ from knnflow.bench import (
     bench_knn,
     bench_memorization,
     bench_targets,
+    bench_train,
     save_json,
 )
 from knnflow.errors import InputError
@@ -27,9 +28,20 @@ LimitOption = Annotated[Optional[int], typer.Option(
 IndexOption = Annotated[Optional[Path], typer.Option(
     help="Use this index folder instead of building one in memory.")]
 JsonOutOption = Annotated[Optional[Path], typer.Option(help="Also write the results as JSON.")]
+DeviceOption = Annotated[str, typer.Option(
+    help="cpu, cuda or auto (cuda: the FAISS index, the exact engine and the targets' dense "
+         "work on the GPU).")]
 
 app = typer.Typer(help="Measure speed and error against baselines, in one run on one machine.",
                   no_args_is_help=True)
+
+
+def machine_text(config: dict) -> str:
+    """'cpu (N threads)' or the GPU's name, for table titles."""
+    if config.get("device") == "cuda":
+        return (f"{config['gpu']} (+ {config['threads']} CPU threads; FAISS on "
+                f"{config.get('faiss_device', 'cuda')})")
+    return f"cpu ({config['threads']} threads)"
 
 
 def parse_floats(text: str, option: str) -> tuple[float, ...]:
@@ -113,16 +125,17 @@ def knn(
     = 1e-4,
     repeats: Annotated[int, typer.Option(help="Timed calls per measurement (median).")] = 3,
     index: IndexOption = None,
+    device: DeviceOption = "cpu",
     json_out: JsonOutOption = None,
 ) -> None:
     """Certified kNN velocity (b) against the exact engine (a) and top-k truncation (c)."""
     with progress_bar() as progress:
         result = bench_knn(dataset=dataset, root=str(root) if root else None, limit=limit,
                            ts=parse_floats(t, "--t"), batch=batch, tol=tol, repeats=repeats,
-                           index_folder=index, progress=progress)
+                           index_folder=index, device=device, progress=progress)
     c = result.config
     table = Table(title=(f"Certified kNN û*: {c['data']}, n={c['n']}, d={c['d']}, batch "
-                         f"{c['batch']}, tol {c['tol']:g}, cpu ({c['threads']} threads)"),
+                         f"{c['batch']}, tol {c['tol']:g}, {machine_text(c)}"),
                   title_justify="left")
     topk_names = list(result.rows[0].topk_qps) if result.rows else []
     columns = ["t", "(a) exact q/s", "(b) cert. q/s", "b/a",
@@ -234,5 +247,50 @@ def targets(
     console.print(table)
     console.print("efm pools are independent (the paper's algorithm) unless marked shared (its "
                   "released code); û* from the exact engine; ms: median over the bins.")
+    if json_out:
+        save_json(result.to_dict(), json_out)
+
+
+@app.command("train")
+def train(
+    dataset: Annotated[str, typer.Option(help="Data set: train split as data.")] = "digits",
+    root: RootOption = None,
+    limit: Annotated[Optional[int], typer.Option(
+        help="Use only the first N training images.")] = None,
+    preset: Annotated[str, typer.Option(help="Model preset (see knnflow train --help).")]
+    = "tiny",
+    targets: Annotated[str, typer.Option(
+        help="Comma-separated targets: cfm, exact, knn-efm, efm-M or efm-M-shared (M a number "
+             "or n, the data set's size).")] = "cfm,efm-128,knn-efm,exact",
+    batch: Annotated[int, typer.Option(help="Training pairs per step.")] = 128,
+    steps: Annotated[int, typer.Option(help="Timed steps per target (median taken).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed steps per target first.")] = 3,
+    tol: Annotated[float, typer.Option(help="knn-efm's tolerance.")] = 1e-4,
+    device: DeviceOption = "cpu",
+    index: IndexOption = None,
+    json_out: JsonOutOption = None,
+) -> None:
+    """Training step time with each target relative to cfm, in one run: each target trains its
+    own copy of the model on the same (x0, x1, t), taking turns step by step."""
+    labels = tuple(part.strip() for part in targets.split(",") if part.strip())
+    if not labels:
+        raise InputError("--targets is empty")
+    with progress_bar() as progress:
+        result = bench_train(dataset=dataset, root=str(root) if root else None, limit=limit,
+                             preset=preset, targets=labels, batch=batch, steps=steps,
+                             warmup=warmup, device=device, tol=tol, index_folder=index,
+                             progress=progress)
+    c = result.config
+    table = Table(title=(f"Training step time: {c['data']}, n={c['n']}, preset {c['preset']} "
+                         f"({c['parameters']:,} parameters), batch {c['batch']}, "
+                         f"{machine_text(c)}"), title_justify="left")
+    for column in ("target", "ms / step", "ms on target", "× cfm", "knn fallback"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in result.rows:
+        table.add_row(row.target, f"{row.ms_step:.1f}", f"{row.ms_target:.1f}",
+                      f"{row.ratio:.2f}×", "" if row.fallback is None else f"{row.fallback:.0%}")
+    console.print(table)
+    console.print(f"Median over {c['steps']} steps after {c['warmup']} warm-up steps; a step is "
+                  "the target, forward, backward, clipping, Adam and the EMA update.")
     if json_out:
         save_json(result.to_dict(), json_out)

@@ -319,20 +319,31 @@ def save_json(data: dict, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def faiss_device(device: str) -> str:
+    """Where FAISS runs when the torch work runs on `device`."""
+    from knnflow.index import faiss_gpu_count
+
+    return "cuda" if device == "cuda" and faiss_gpu_count() > 0 else "cpu"
+
+
 # --------------------------------------------------------------------------- bench knn
 
 
 def bench_index(dataset: str, root: str | None, limit: int | None,
-                index_folder: str | Path | None, progress: Progress | None):
+                index_folder: str | Path | None, progress: Progress | None,
+                device: str = "cpu"):
     """The index a benchmark runs on, and its data set's name: loaded from index_folder, or
-    built in memory on the train split."""
+    built in memory on the train split. Its FAISS index goes on the GPU for device cuda when
+    FAISS has GPU support; with faiss-cpu it stays on the CPU (the torch work still runs on
+    the GPU), which the results' config records as faiss_device."""
     from knnflow.index import Index
 
+    device = faiss_device(device)
     if index_folder is not None:
-        index = Index.load(index_folder)
+        index = Index.load(index_folder, device=device)
         return index, index.manifest["dataset"].get("name", str(index_folder))
     images = load_dataset(dataset, root=root, split="train", limit=limit)
-    return Index.build(images, dataset={"name": dataset, "limit": limit},
+    return Index.build(images, dataset={"name": dataset, "limit": limit}, device=device,
                        progress=progress), dataset
 
 
@@ -365,10 +376,13 @@ class KnnBench:
 def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | None = None,
               ts: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9), batch: int = 256,
               tol: float = 1e-4, ks: tuple[int, ...] = (16, 256), repeats: int = 3,
-              index_folder: str | Path | None = None, seed: int = 0,
+              index_folder: str | Path | None = None, seed: int = 0, device: str = "cpu",
               progress: Progress | None = None) -> KnnBench:
     """Exact engine (a) against KNNVelocity certified (b) and the top-k truncation (c), on the
-    same queries x_t = (1-t)·x0 + t·x1 (x1 held-out images), for each t and for t ~ U[0,1)."""
+    same queries x_t = (1-t)·x0 + t·x1 (x1 held-out images), for each t and for t ~ U[0,1).
+
+    device cuda: the exact engine, the certified estimator's exact fallback and the FAISS
+    index (top-k search) run on the GPU; the certified search itself stays on the CPU."""
     from knnflow.estimators import ExactVelocity, KNNVelocity
 
     if any(not 0 <= t < 1 for t in ts):
@@ -377,16 +391,19 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
         raise InputError(f"tol must be a positive number, got {tol!r}")
     if min(batch, repeats) < 1:
         raise InputError("--batch and --repeats must be at least 1")
-    index, name = bench_index(dataset, root, limit, index_folder, progress)
+    device = resolve_device(device)
+    index, name = bench_index(dataset, root, limit, index_folder, progress, device)
     held_out = load_dataset(dataset, root=root, split="test")
     held_out = held_out.reshape(held_out.shape[0], -1)
     gen = torch.Generator().manual_seed(seed)
-    exact = ExactVelocity(index)
-    certified = KNNVelocity(index, tol=tol)
+    exact = ExactVelocity(index, device=device)
+    certified = KNNVelocity(index, tol=tol, device=device)
     topk = {f"top-{k}": KNNVelocity(index, k=min(k, index.n), certified=False) for k in ks}
     result = KnnBench(config={"data": name, "n": index.n, "d": index.dim, "batch": batch,
                               "tol": tol, "repeats": repeats, "threads": torch.get_num_threads(),
-                              "torch": torch.__version__})
+                              "torch": torch.__version__, "device": device,
+                              "faiss_device": faiss_device(device),
+                              "gpu": torch.cuda.get_device_name() if device == "cuda" else None})
     cases = [(f"{t:g}", torch.full((batch,), float(t))) for t in ts]
     cases.append(("U[0,1)", torch.rand(batch, generator=gen)))
     for i, (label, t) in enumerate(cases):
@@ -398,7 +415,7 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
         calls = {"exact": lambda x=x, t=t: exact(x, t),
                  "certified": lambda x=x, t=t: certified(x, t),
                  **{name_: (lambda est=est, x=x, t=t: est(x, t)) for name_, est in topk.items()}}
-        seconds = interleaved_seconds(calls, repeats, torch.device("cpu"))
+        seconds = interleaved_seconds(calls, repeats, torch.device(device))
         reference = exact(x, t).velocity.to(torch.float64)
         ref_norm = reference.norm(dim=1)
         out = certified(x, t)
@@ -605,3 +622,117 @@ def bench_targets(dataset: str = "digits", root: str | None = None, limit: int |
         bins=labels, error=error,
         ms_per_batch={label: 1e3 * statistics.median(v) for label, v in seconds.items()},
         fallback=fallback)
+
+
+# --------------------------------------------------------------------------- bench train
+
+
+TRAIN_TARGETS = ("cfm", "efm-128", "knn-efm", "exact")
+
+
+def parse_target_label(label: str, n: int) -> dict:
+    """'cfm', 'exact', 'knn-efm', 'efm-M' or 'efm-M-shared' (M a number or 'n') → make_target
+    options."""
+    if label in ("cfm", "exact", "knn-efm"):
+        return {"name": label}
+    parts = label.split("-")
+    if parts[0] == "efm" and len(parts) in (2, 3) and (len(parts) == 2 or parts[2] == "shared"):
+        m = n if parts[1] == "n" else (int(parts[1]) if parts[1].isdigit() else 0)
+        if m >= 1:
+            return {"name": "efm", "m": m, "pool": "shared" if len(parts) == 3 else "independent"}
+    raise InputError(f"unknown target {label!r}; use cfm, exact, knn-efm, efm-M or "
+                     "efm-M-shared (M a number or n)")
+
+
+@dataclass
+class TrainRow:
+    target: str
+    ms_step: float
+    ms_target: float
+    ratio: float
+    fallback: float | None
+
+
+@dataclass
+class TrainBench:
+    config: dict
+    rows: list[TrainRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bench_train(dataset: str = "digits", root: str | None = None, limit: int | None = None,
+                preset: str = "tiny", targets: tuple[str, ...] = TRAIN_TARGETS,
+                batch: int = 128, steps: int = 20, warmup: int = 3, device: str = "cpu",
+                tol: float = 1e-4, index_folder: str | Path | None = None, seed: int = 0,
+                progress: Progress | None = None) -> TrainBench:
+    """Training step time with each target, relative to cfm, in one run: every target trains
+    its own copy of the model (same initial weights) on the same (x0, x1, t) per step, with the
+    trainer's own optimizer_step; the targets take turns in rotating order, so drift in machine
+    speed affects all alike. Median over `steps` timed steps after `warmup` untimed ones."""
+    from knnflow.models import build_model, count_parameters
+    from knnflow.targets import make_target
+    from knnflow.train import TrainConfig, _lr_at, optimizer_step
+
+    if min(batch, steps) < 1 or warmup < 0:
+        raise InputError("--batch and --steps must be at least 1, --warmup at least 0")
+    device = resolve_device(device)
+    index, name = bench_index(dataset, root, limit, index_folder, progress, device)
+    train_set = index.training_set()
+    specs = {label: parse_target_label(label, index.n) for label in targets}
+    image_shape = index.image_shape
+    config = TrainConfig(dataset=name, preset=preset, batch_size=batch).resolved()
+    built = {}
+    for label, spec in specs.items():
+        torch.manual_seed(seed)
+        model = build_model(preset, image_shape).to(device)
+        ema = build_model(preset, image_shape).to(device)
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False)
+        target = make_target(tol=tol, index=index if spec["name"] == "knn-efm" else None,
+                             data=train_set, device=device, image_shape=image_shape, **spec)
+        built[label] = (target, model, ema, torch.optim.Adam(model.parameters(), lr=config.lr))
+    gen = torch.Generator().manual_seed(seed)
+    step_ms = {label: [] for label in built}
+    target_ms = {label: [] for label in built}
+    fallback = {label: [] for label in built}
+    order = list(built)
+    for step in range(warmup + steps):
+        if progress:
+            progress("bench train", step, warmup + steps)
+        x1 = train_set.points[torch.randint(train_set.n, (batch,), generator=gen)].to(
+            torch.float32).reshape(batch, *image_shape)
+        x0 = torch.randn(x1.shape, generator=gen)
+        t = torch.rand(batch, generator=gen)
+        order = order[1:] + order[:1]
+        for label in order:
+            target, model, ema, optimizer = built[label]
+            _sync(torch.device(device))
+            began = time.perf_counter()
+            out = target(x0, x1, t, generator=torch.Generator().manual_seed(seed + step))
+            loss = optimizer_step(model, ema, optimizer, out, t, config, step,
+                                  _lr_at(step, config), device)
+            float(loss)  # waits for the step
+            if step >= warmup:
+                step_ms[label].append(1e3 * (time.perf_counter() - began))
+                target_ms[label].append(1e3 * out.seconds)
+                if out.fallback is not None:
+                    fallback[label].append(out.fallback)
+    if progress:
+        progress("bench train", warmup + steps, warmup + steps)
+    result = TrainBench(config={
+        "data": name, "n": index.n, "d": index.dim, "preset": preset,
+        "parameters": count_parameters(built[order[0]][1]), "batch": batch, "steps": steps,
+        "warmup": warmup, "device": device, "faiss_device": faiss_device(device), "tol": tol,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None})
+    base = statistics.median(step_ms["cfm"]) if "cfm" in step_ms else None
+    for label in built:
+        ms = statistics.median(step_ms[label])
+        result.rows.append(TrainRow(
+            target=label, ms_step=ms, ms_target=statistics.median(target_ms[label]),
+            ratio=ms / base if base else math.nan,
+            fallback=statistics.mean(fallback[label]) if fallback[label] else None))
+    return result

@@ -322,7 +322,9 @@ SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
 
 
 def _load_synthetic(root: Path | None, split: str, limit: int | None):
-    count = SYNTHETIC_SIZES[split] if limit is None else min(limit, SYNTHETIC_SIZES[split])
+    # The train split grows with --limit beyond its default size (for scaling benchmarks).
+    count = SYNTHETIC_SIZES[split] if limit is None else (
+        limit if split == "train" else min(limit, SYNTHETIC_SIZES[split]))
     # Train and test draw from the same mixture with different seeds.
     images = synthetic_images(count, (3, 32, 32), seed=0 if split == "train" else 1)
     return images.numpy(), None
@@ -345,7 +347,8 @@ _LOADERS: dict[str, _Loader] = {
                         _load_celeba64),
     "synthetic": _Loader(DatasetInfo("synthetic", "3×32×32", "50000 / 10000",
                                      "generated: seeded CIFAR-like mixture of smooth random "
-                                     "images"),
+                                     "images; --limit N makes N training images, also "
+                                     "beyond 50000"),
                          _load_synthetic),
 }
 _PATH_KINDS = {

@@ -125,12 +125,15 @@ class KNNVelocity:
     data: the training points, to check that the index was built on them.
     fallback="none" leaves the queries that would fall back to the caller: their velocity is
     NaN, their bound inf and `fallback` marks them (the knn-efm target fills them with EFM).
+    device: where the exact engine runs the fallback queries (for example "cuda"); the
+    certified search itself runs on the CPU, next to the sketches and the FAISS index.
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
                  certified: bool = True, *, data: Tensor | None = None, seeds: int = 8,
                  coarse_budget: float = 0.02, exact_budget: float = 0.005,
-                 scan_chunk: int = 8192, fallback: str = "exact"):
+                 scan_chunk: int = 8192, fallback: str = "exact",
+                 device: torch.device | str | None = None):
         if not isinstance(index, Index):
             raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
@@ -156,7 +159,7 @@ class KNNVelocity:
         self.coarse_budget = max(512, int(coarse_budget * index.n))
         self.exact_budget = max(128, int(exact_budget * index.n))
         self.train = index.training_set()
-        self.exact = ExactVelocity(self.train)
+        self.exact = ExactVelocity(self.train, device=device)
         self.last_stats: dict[str, float] = {}
         self.scanner = SketchScanner(index.sketches, scan_chunk) if certified else None
 
@@ -184,8 +187,8 @@ class KNNVelocity:
         if bool(fallback.any()):
             rows = fallback.nonzero().squeeze(1)
             if self.fallback == "exact":
-                velocity[rows] = self.exact(flat[rows].cpu(),
-                                            t64[rows]).velocity.to(torch.float64)
+                velocity[rows] = self.exact(flat[rows], t64[rows]).velocity.to(
+                    device="cpu", dtype=torch.float64)
                 bound[rows], evaluated[rows] = 0.0, self.train.n
             else:
                 velocity[rows], bound[rows], evaluated[rows] = math.nan, math.inf, 0

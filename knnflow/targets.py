@@ -34,7 +34,6 @@ from knnflow.closed_form import (
     ExactPairs,
     SoftmaxState,
     TrainingSet,
-    as_training_set,
     check_t,
     closed_form_state,
 )
@@ -81,15 +80,21 @@ class Target:
     """Base: subclasses compute the velocity target from float64 x_t."""
 
     name = "target"
+    device = torch.device("cpu")
 
     def __call__(self, x0: Tensor, x1: Tensor, t: Tensor,
                  generator: torch.Generator | None = None) -> TargetBatch:
+        """x_t and the target, on the target's device. Random draws (EFM candidates) come
+        from `generator` on the CPU, so a run draws the same numbers on any device."""
         if x0.shape != x1.shape:
             raise InputError(f"x0 has shape {tuple(x0.shape)} but x1 has {tuple(x1.shape)}")
+        x0, x1 = x0.to(self.device), x1.to(self.device)
         t = check_t(t, x1.shape[0], x1.device)
         x_t = interpolate(x0, x1, t)
         began = time.perf_counter()
         target, fallback, evaluated = self.velocity(x0, x1, x_t, t, generator)
+        if self.device.type == "cuda":  # the time spent must include the queued GPU work
+            torch.cuda.synchronize(self.device)
         return TargetBatch(x_t, target.to(x1.dtype).reshape(x1.shape), fallback, evaluated,
                            time.perf_counter() - began)
 
@@ -101,6 +106,9 @@ class CFMTarget(Target):
     """x1 - x0."""
 
     name = "cfm"
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
 
     def velocity(self, x0, x1, x_t, t, generator):
         return x1 - x0, None, 1.0
@@ -116,22 +124,26 @@ class EFMTarget(Target):
     name = "efm"
 
     def __init__(self, data: Tensor | TrainingSet, m: int = 128, pool: str = "independent",
-                 flip: bool = False, image_shape: tuple[int, ...] | None = None):
+                 flip: bool = False, image_shape: tuple[int, ...] | None = None,
+                 device: str | torch.device = "cpu"):
         if not (isinstance(m, int) and m >= 1):
             raise InputError(f"--m must be a positive integer, got {m!r}")
         if pool not in EFM_POOLS:
             raise InputError(f"unknown --efm-pool {pool!r}; choose one of: {', '.join(EFM_POOLS)}")
         if flip and image_shape is None:
             raise InputError("--flip needs the image shape of the data")
-        self.train = as_training_set(data)
+        self.device = torch.device(device)
+        from knnflow.estimators import training_set_of
+
+        self.train = training_set_of(data, self.device)
         self.m, self.pool, self.flip, self.image_shape = m, pool, flip, image_shape
 
     def _draw_ids(self, count: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Ids of `count` uniform draws, and which of them are flipped."""
+        """Ids of `count` uniform draws (on the CPU generator), and which are flipped."""
         ids = torch.randint(self.train.n, (count,), generator=generator)
         flips = (torch.rand(count, generator=generator) < 0.5 if self.flip
                  else torch.zeros(count, dtype=torch.bool))
-        return ids, flips
+        return ids.to(self.device), flips.to(self.device)
 
     def _points(self, ids: Tensor, flips: Tensor) -> Tensor:
         points = self.train.points[ids].to(torch.float32)
@@ -158,8 +170,8 @@ class EFMTarget(Target):
             s = 0.5 / (1 - t64) ** 2
             max_norm = max(self.train.max_norm, float(x1_flat.norm(dim=1).max()))
             pairs = ExactPairs(x64, t64, s, max_norm)
-            state = SoftmaxState.empty(batch, x64.shape[1])
-            rows = torch.arange(batch)
+            state = SoftmaxState.empty(batch, x64.shape[1], x64.device)
+            rows = torch.arange(batch, device=x64.device)
             pairs.add_(state, rows, x1_flat, rows)
             others = self.m - 1
             if others:
@@ -172,7 +184,8 @@ class EFMTarget(Target):
                 for i in range(0, len(ids) if self.flip else 0, step):
                     part = slice(i, i + step)
                     drawn = self._points(ids[part], flips[part])
-                    pairs.add_(state, pair_rows[part], drawn, torch.arange(len(drawn)))
+                    pairs.add_(state, pair_rows[part], drawn,
+                               torch.arange(len(drawn), device=x64.device))
         return (state.denoiser() - x64) / (1 - t64)[:, None]
 
 
@@ -181,10 +194,11 @@ class ExactTarget(Target):
 
     name = "exact"
 
-    def __init__(self, data: Tensor | TrainingSet):
+    def __init__(self, data: Tensor | TrainingSet, device: str | torch.device = "cpu"):
         from knnflow.estimators import ExactVelocity
 
-        self.estimator = ExactVelocity(data)
+        self.device = torch.device(device)
+        self.estimator = ExactVelocity(data, device=self.device)
 
     def velocity(self, x0, x1, x_t, t, generator):
         out = self.estimator(x_t.reshape(x_t.shape[0], -1), t)
@@ -199,7 +213,7 @@ class KNNEFMTarget(Target):
 
     def __init__(self, index, data: Tensor | TrainingSet | None = None, tol: float = 1e-4,
                  budget: float = 0.005, fallback: str = "exact", m: int = 128,
-                 pool: str = "independent"):
+                 pool: str = "independent", device: str | torch.device = "cpu"):
         from knnflow.estimators import KNNVelocity
         from knnflow.index import Index
 
@@ -219,16 +233,20 @@ class KNNEFMTarget(Target):
                 raise IndexMismatchError(f"{err}; build the index of the training data with "
                                          "knnflow build-index (with --flip, on the data set "
                                          "with both flips)") from None
+        # The certified search runs on the CPU (sketches, FAISS); the exact fallback and the
+        # EFM fallback run on `device`.
+        self.device = torch.device(device)
         self.estimator = KNNVelocity(index, tol=tol, exact_budget=budget,
-                                     fallback="exact" if fallback == "exact" else "none")
-        self.efm = EFMTarget(index.training_set(), m=m, pool=pool) if fallback == "efm" \
-            else None
+                                     fallback="exact" if fallback == "exact" else "none",
+                                     device=self.device)
+        self.efm = EFMTarget(index.training_set(), m=m, pool=pool, device=self.device) \
+            if fallback == "efm" else None
 
     def velocity(self, x0, x1, x_t, t, generator):
         out = self.estimator(x_t.reshape(x_t.shape[0], -1), t)
         velocity = out.velocity.to(torch.float64)
         evaluated = out.evaluated.to(torch.float64)
-        rows = out.fallback.nonzero().squeeze(1)
+        rows = out.fallback.nonzero().squeeze(1).to(x_t.device)
         if self.efm is not None and rows.numel():
             velocity[rows] = self.efm.velocity_from(x1[rows], x_t[rows], t[rows], generator)
             evaluated[rows] = self.efm.candidates(rows.numel())
@@ -238,19 +256,21 @@ class KNNEFMTarget(Target):
 def make_target(name: str, *, data: Tensor | TrainingSet | None = None, index=None,
                 m: int = 128, pool: str = "independent", tol: float = 1e-4,
                 knn_budget: float = 0.005, knn_fallback: str = "exact", flip: bool = False,
-                image_shape: tuple[int, ...] | None = None) -> Target:
+                image_shape: tuple[int, ...] | None = None,
+                device: str | torch.device = "cpu") -> Target:
     """The target called `name` (cfm, efm, knn-efm, exact), from the training data (or the
-    index's data)."""
+    index's data), computed on `device` (knn-efm's certified search stays on the CPU)."""
     if name not in TARGETS:
         raise InputError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")
     if name == "cfm":
-        return CFMTarget()
+        return CFMTarget(device)
     if name == "knn-efm":
         return KNNEFMTarget(index, data, tol=tol, budget=knn_budget, fallback=knn_fallback,
-                            m=m, pool=pool)
+                            m=m, pool=pool, device=device)
     source = data if data is not None else (index.training_set() if index is not None else None)
     if source is None:
         raise InputError(f"the {name} target needs the training data")
     if name == "efm":
-        return EFMTarget(source, m=m, pool=pool, flip=flip, image_shape=image_shape)
-    return ExactTarget(source)
+        return EFMTarget(source, m=m, pool=pool, flip=flip, image_shape=image_shape,
+                         device=device)
+    return ExactTarget(source, device)

@@ -273,7 +273,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     target = make_target(config.target, data=candidates.reshape(len(candidates), -1),
                          index=index, m=config.m, pool=config.efm_pool, tol=config.tol,
                          knn_budget=config.knn_budget, knn_fallback=config.knn_fallback,
-                         flip=False, image_shape=image_shape)
+                         flip=False, image_shape=image_shape, device=device)
 
     torch.manual_seed(config.seed)
     model = build_model(config.preset, image_shape).to(device)
@@ -313,27 +313,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
             t = torch.rand(config.batch_size, generator=data_gen)
             batch = target(x0, x1, t, generator=data_gen)
             lr = _lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                prediction = model(batch.x_t.to(device), t.to(device))
-                loss = (prediction - batch.target.to(device)).square().mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            except RuntimeError as err:  # torch.OutOfMemoryError on GPUs, a RuntimeError on CPU
-                if "out of memory" not in str(err) and "can't allocate" not in str(err):
-                    raise
-                raise InputError(f"out of memory at --batch-size {config.batch_size} with "
-                                 f"--preset {config.preset}; lower --batch-size") from None
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            # The EMA warms up as (1 + step)/(10 + step) so short runs get a usable average.
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                    p_ema.lerp_(p, 1 - decay)
-                for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
-                    b_ema.copy_(b)
+            loss = optimizer_step(model, ema, optimizer, batch, t, config, step, lr, device)
             done = step + 1
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -354,6 +334,38 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
             if progress:
                 progress({"step": done, "steps": config.steps, "loss": loss_value})
     return logged
+
+
+def optimizer_step(model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+                   batch, t: Tensor, config: TrainConfig, step: int, lr: float,
+                   device: str | torch.device) -> Tensor:
+    """One Adam step on the mean squared error to batch.target, clipped, then the EMA update.
+
+    Returns the loss (a tensor on `device`; reading it synchronises). Out-of-memory errors
+    become one line naming --batch-size.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    try:
+        prediction = model(batch.x_t.to(device), t.to(device))
+        loss = (prediction - batch.target.to(device)).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    except RuntimeError as err:  # torch.OutOfMemoryError on GPUs, a RuntimeError on CPU
+        if "out of memory" not in str(err) and "can't allocate" not in str(err):
+            raise
+        raise InputError(f"out of memory at --batch-size {config.batch_size} with "
+                         f"--preset {config.preset}; lower --batch-size") from None
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    # The EMA warms up as (1 + step)/(10 + step) so short runs get a usable average.
+    decay = min(config.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+            p_ema.lerp_(p, 1 - decay)
+        for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+    return loss.detach()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

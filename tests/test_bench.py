@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from knnflow.bench import bench_exact, float64_velocity, image_shape_for, naive_velocity
+from knnflow.errors import InputError
 from tests.conftest import brute_force_velocity, flow_queries, relative_error
 
 
@@ -59,3 +62,19 @@ def test_bench_targets_orders_the_targets_by_error():
         assert result.error["knn-efm"][i] <= 1e-6 * max(result.error["cfm"][i], 1e-12) + 1e-10
     assert sum(result.error["efm-1000"]) < sum(result.error["efm-128"]) < sum(result.error["cfm"])
     assert all(ms >= 0 for ms in result.ms_per_batch.values())
+
+
+def test_bench_train_steps_every_target_like_the_trainer():
+    """Every target named gets a row with its step time, the target's share of it and, for
+    knn-efm, the fallback fraction; target names are parsed or refused in one line."""
+    from knnflow.bench import bench_train, parse_target_label
+
+    result = bench_train(dataset="digits", limit=300, targets=("cfm", "efm-n-shared", "knn-efm"),
+                         batch=16, steps=2, warmup=1)
+    assert [row.target for row in result.rows] == ["cfm", "efm-n-shared", "knn-efm"]
+    assert result.rows[0].ratio == 1.0
+    assert all(row.ms_step > row.ms_target >= 0 for row in result.rows)
+    assert result.rows[2].fallback is not None and 0 <= result.rows[2].fallback <= 1
+    assert parse_target_label("efm-n", 300) == {"name": "efm", "m": 300, "pool": "independent"}
+    with pytest.raises(InputError, match="unknown target"):
+        parse_target_label("efm-0", 300)

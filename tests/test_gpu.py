@@ -1,0 +1,68 @@
+"""The GPU paths against the CPU and float64 references; skipped where torch sees no GPU.
+
+CI has no GPU: these run in the device checks (benchmarks/gpu/gpu_checks.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knnflow.data import load_dataset, synthetic_images
+from knnflow.estimators import ExactVelocity, KNNVelocity
+from knnflow.index import Index
+from knnflow.targets import make_target
+from tests.conftest import brute_force_velocity, flow_queries, relative_error
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return synthetic_images(6000, (3, 16, 16), seed=5)
+
+
+@pytest.mark.parametrize("t", [0.05, 0.5, 0.95])
+def test_exact_engine_on_gpu_matches_float64(images, t):
+    points = images.reshape(len(images), -1)
+    x = flow_queries(points, t, 16, seed=1)
+    out = ExactVelocity(points, device="cuda")(x.cuda(), t)
+    assert out.velocity.is_cuda
+    assert float(relative_error(out.velocity.cpu(), brute_force_velocity(x, t, points)).max()) \
+        < 1e-5
+
+
+def test_gpu_index_search_and_certified_bound(images):
+    points = images.reshape(len(images), -1)
+    index = Index.build(images, device="cuda")
+    cpu = Index.build(images)
+    queries = flow_queries(points, 0.7, 64, seed=2) / 0.7
+    a, b = index.search(queries, 8, method="faiss"), cpu.search(queries, 8, method="faiss")
+    assert torch.equal(a.ids, b.ids) and torch.allclose(a.sq_distances, b.sq_distances)
+    estimator = KNNVelocity(index, tol=1e-4, device="cuda")
+    for t in (0.0, 0.1, 0.5, 0.9):
+        x = flow_queries(points, t, 32, seed=3)
+        out = estimator(x, t)
+        reference = brute_force_velocity(x, t, points)
+        err = (out.velocity.double() - reference).norm(dim=1)
+        assert bool((err <= out.error_bound + 1e-4 * reference.norm(dim=1)).all())
+
+
+@pytest.mark.parametrize("spec", [{"name": "efm", "m": 64}, {"name": "efm", "m": 64,
+                                  "pool": "shared"}, {"name": "exact"}, {"name": "cfm"}])
+def test_targets_on_gpu_match_cpu(spec):
+    data = load_dataset("digits").reshape(-1, 64)
+    gen = torch.Generator().manual_seed(0)
+    x1, x0, t = data[:32], torch.randn(32, 64, generator=gen), torch.rand(32, generator=gen)
+    outs = [make_target(data=data, device=device, **spec)(
+        x0, x1, t, generator=torch.Generator().manual_seed(1)) for device in ("cpu", "cuda")]
+    assert outs[1].target.is_cuda
+    assert torch.allclose(outs[0].target, outs[1].target.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_training_steps_on_gpu(tmp_path):
+    from knnflow.train import TrainConfig, train
+
+    config = TrainConfig(dataset="digits", target="efm", m=32, steps=3, log_every=1,
+                         checkpoint_every=3)
+    logged = train(config, tmp_path / "run", device="cuda")
+    assert len(logged) == 3 and all(entry.loss > 0 for entry in logged)

@@ -14,6 +14,7 @@ from . import (
     data_commands,
     fid_commands,
     memorization_command,
+    reproduce_command,
     run_analysis_commands,
     train_commands,
 )
@@ -33,6 +34,7 @@ app.command("velocity-error")(run_analysis_commands.velocity_error)
 app.command("hybrid")(run_analysis_commands.hybrid)
 app.command("fid")(fid_commands.fid)
 app.command("train-classifier")(fid_commands.train_classifier)
+app.command("reproduce")(reproduce_command.reproduce)
 app.add_typer(bench_commands.app, name="bench")
 
 

@@ -267,6 +267,10 @@ def train(
     warmup: Annotated[int, typer.Option(help="Untimed steps per target first.")] = 3,
     tol: Annotated[float, typer.Option(help="knn-efm's tolerance.")] = 1e-4,
     device: DeviceOption = "cpu",
+    prefetch: Annotated[Optional[bool], typer.Option(
+        "--prefetch/--no-prefetch",
+        help="Compute the next batch's target in a background thread while the network "
+             "trains (default: on GPUs, as knnflow train does).")] = None,
     index: IndexOption = None,
     json_out: JsonOutOption = None,
 ) -> None:
@@ -279,7 +283,7 @@ def train(
         result = bench_train(dataset=dataset, root=str(root) if root else None, limit=limit,
                              preset=preset, targets=labels, batch=batch, steps=steps,
                              warmup=warmup, device=device, tol=tol, index_folder=index,
-                             progress=progress)
+                             prefetch=prefetch, progress=progress)
     c = result.config
     table = Table(title=(f"Training step time: {c['data']}, n={c['n']}, preset {c['preset']} "
                          f"({c['parameters']:,} parameters), batch {c['batch']}, "
@@ -291,6 +295,8 @@ def train(
                       f"{row.ratio:.2f}×", "" if row.fallback is None else f"{row.fallback:.0%}")
     console.print(table)
     console.print(f"Median over {c['steps']} steps after {c['warmup']} warm-up steps; a step is "
-                  "the target, forward, backward, clipping, Adam and the EMA update.")
+                  "the target, forward, backward, clipping, Adam and the EMA update"
+                  + (", with the next target computed during the step (prefetch)."
+                     if c["prefetch"] else "."))
     if json_out:
         save_json(result.to_dict(), json_out)

@@ -666,70 +666,73 @@ def bench_train(dataset: str = "digits", root: str | None = None, limit: int | N
                 preset: str = "tiny", targets: tuple[str, ...] = TRAIN_TARGETS,
                 batch: int = 128, steps: int = 20, warmup: int = 3, device: str = "cpu",
                 tol: float = 1e-4, index_folder: str | Path | None = None, seed: int = 0,
+                prefetch: bool | None = None,
                 progress: Progress | None = None) -> TrainBench:
     """Training step time with each target, relative to cfm, in one run: every target trains
-    its own copy of the model (same initial weights) on the same (x0, x1, t) per step, with the
-    trainer's own optimizer_step; the targets take turns in rotating order, so drift in machine
-    speed affects all alike. Median over `steps` timed steps after `warmup` untimed ones."""
+    its own copy of the model (same initial weights) on the same seeded stream of (x0, x1, t),
+    through the trainer's own BatchStream and optimizer_step. A step's time runs from the end
+    of the previous step to the end of this one, so with prefetch (the default on GPUs, as in
+    knnflow train) a target computed while the network trains costs only what it adds. Median
+    over `steps` timed steps after `warmup` untimed ones."""
     from knnflow.models import build_model, count_parameters
     from knnflow.targets import make_target
-    from knnflow.train import TrainConfig, _lr_at, optimizer_step
+    from knnflow.train import BatchStream, TrainConfig, _lr_at, optimizer_step
 
     if min(batch, steps) < 1 or warmup < 0:
         raise InputError("--batch and --steps must be at least 1, --warmup at least 0")
     device = resolve_device(device)
+    prefetch = device == "cuda" if prefetch is None else prefetch
     index, name = bench_index(dataset, root, limit, index_folder, progress, device)
     train_set = index.training_set()
     specs = {label: parse_target_label(label, index.n) for label in targets}
     image_shape = index.image_shape
+    images = train_set.points.reshape(-1, *image_shape)
     config = TrainConfig(dataset=name, preset=preset, batch_size=batch).resolved()
-    built = {}
-    for label, spec in specs.items():
+    step_ms = {label: [] for label in specs}
+    target_ms = {label: [] for label in specs}
+    fallback = {label: [] for label in specs}
+    parameters = 0
+    total = len(specs) * (warmup + steps)
+    for number, (label, spec) in enumerate(specs.items()):
         torch.manual_seed(seed)
         model = build_model(preset, image_shape).to(device)
         ema = build_model(preset, image_shape).to(device)
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
+        parameters = count_parameters(model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         target = make_target(tol=tol, index=index if spec["name"] == "knn-efm" else None,
                              data=train_set, device=device, image_shape=image_shape, **spec)
-        built[label] = (target, model, ema, torch.optim.Adam(model.parameters(), lr=config.lr))
-    gen = torch.Generator().manual_seed(seed)
-    step_ms = {label: [] for label in built}
-    target_ms = {label: [] for label in built}
-    fallback = {label: [] for label in built}
-    order = list(built)
-    for step in range(warmup + steps):
-        if progress:
-            progress("bench train", step, warmup + steps)
-        x1 = train_set.points[torch.randint(train_set.n, (batch,), generator=gen)].to(
-            torch.float32).reshape(batch, *image_shape)
-        x0 = torch.randn(x1.shape, generator=gen)
-        t = torch.rand(batch, generator=gen)
-        order = order[1:] + order[:1]
-        for label in order:
-            target, model, ema, optimizer = built[label]
+        stream = BatchStream(images, target, batch, False, torch.Generator().manual_seed(seed),
+                             prefetch=prefetch)
+        with stream:
             _sync(torch.device(device))
-            began = time.perf_counter()
-            out = target(x0, x1, t, generator=torch.Generator().manual_seed(seed + step))
-            loss = optimizer_step(model, ema, optimizer, out, t, config, step,
-                                  _lr_at(step, config), device)
-            float(loss)  # waits for the step
-            if step >= warmup:
-                step_ms[label].append(1e3 * (time.perf_counter() - began))
-                target_ms[label].append(1e3 * out.seconds)
-                if out.fallback is not None:
-                    fallback[label].append(out.fallback)
+            last = time.perf_counter()
+            for step in range(warmup + steps):
+                if progress:
+                    progress("bench train", number * (warmup + steps) + step, total)
+                t, out, _ = stream.next()
+                loss = optimizer_step(model, ema, optimizer, out, t, config, step,
+                                      _lr_at(step, config), device)
+                float(loss)  # waits for the step
+                now = time.perf_counter()
+                if step >= warmup:
+                    step_ms[label].append(1e3 * (now - last))
+                    target_ms[label].append(1e3 * out.seconds)
+                    if out.fallback is not None:
+                        fallback[label].append(out.fallback)
+                last = now
+        del model, ema, optimizer, target
     if progress:
-        progress("bench train", warmup + steps, warmup + steps)
+        progress("bench train", total, total)
     result = TrainBench(config={
-        "data": name, "n": index.n, "d": index.dim, "preset": preset,
-        "parameters": count_parameters(built[order[0]][1]), "batch": batch, "steps": steps,
-        "warmup": warmup, "device": device, "faiss_device": faiss_device(device), "tol": tol,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "data": name, "n": index.n, "d": index.dim, "preset": preset, "parameters": parameters,
+        "batch": batch, "steps": steps, "warmup": warmup, "device": device,
+        "faiss_device": faiss_device(device), "prefetch": prefetch, "tol": tol,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None})
     base = statistics.median(step_ms["cfm"]) if "cfm" in step_ms else None
-    for label in built:
+    for label in specs:
         ms = statistics.median(step_ms[label])
         result.rows.append(TrainRow(
             target=label, ms_step=ms, ms_target=statistics.median(target_ms[label]),

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from knnflow.closed_form import (
-    DEFAULT_CHUNK,
     ExactPairs,
     SoftmaxState,
     TrainingSet,
@@ -73,7 +72,7 @@ class ExactVelocity:
     """
 
     def __init__(self, data_or_index: Tensor | TrainingSet | Index, *,
-                 chunk_size: int = DEFAULT_CHUNK, compute_dtype: torch.dtype = torch.float32,
+                 chunk_size: int | None = None, compute_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None):
         self.train = training_set_of(data_or_index, device)
         self.chunk_size = chunk_size

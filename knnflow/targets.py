@@ -94,7 +94,7 @@ class Target:
         began = time.perf_counter()
         target, fallback, evaluated = self.velocity(x0, x1, x_t, t, generator)
         if self.device.type == "cuda":  # the time spent must include the queued GPU work
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         return TargetBatch(x_t, target.to(x1.dtype).reshape(x1.shape), fallback, evaluated,
                            time.perf_counter() - began)
 

@@ -116,7 +116,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer, data_gen: torch.Generator,
+                    optimizer: torch.optim.Optimizer, data_state: Tensor,
                     keep: int) -> Path:
     """checkpoints/step_N.safetensors (model, EMA, Adam moments, RNG states), then
     step_N.json naming its sha256: the JSON is the commit mark."""
@@ -130,7 +130,9 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
         for key, value in state.items():
             tensors[f"opt.{pid}.{key}"] = torch.as_tensor(value).contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.data"] = data_gen.get_state()
+    tensors["rng.data"] = data_state
+    if next(model.parameters()).is_cuda:  # dropout draws from the GPU's generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     weights = folder / f"step_{step}.safetensors"
     _write_atomic(weights, lambda p: save_file(tensors, str(p)))
     meta = {"step": step, "sha256": _sha256(weights),
@@ -290,6 +292,8 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         restore_optimizer(optimizer, tensors, meta["param_groups"])
         torch.set_rng_state(tensors["rng.torch"])
         data_gen.set_state(tensors["rng.data"])
+        if "rng.cuda" in tensors and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
         start = meta["step"]
     folder.mkdir(parents=True, exist_ok=True)
     record = {**asdict(config), "image_shape": list(image_shape),
@@ -299,19 +303,13 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     _truncate_metrics(metrics_path, start)
 
     logged: list[StepMetrics] = []
-    flat_images = images.reshape(len(images), -1)
+    stream = BatchStream(images, target, config.batch_size, config.flip, data_gen,
+                         prefetch=torch.device(device).type == "cuda")
     model.train()
-    with open(metrics_path, "a") as metrics_file:
+    with open(metrics_path, "a") as metrics_file, stream:
         for step in range(start, config.steps):
             began = time.perf_counter()
-            ids = torch.randint(len(flat_images), (config.batch_size,), generator=data_gen)
-            x1 = flat_images[ids].reshape(-1, *image_shape).clone()
-            if config.flip:
-                flips = torch.rand(config.batch_size, generator=data_gen) < 0.5
-                x1[flips] = x1[flips].flip(-1)
-            x0 = torch.randn(x1.shape, generator=data_gen)
-            t = torch.rand(config.batch_size, generator=data_gen)
-            batch = target(x0, x1, t, generator=data_gen)
+            t, batch, data_state = stream.next()
             lr = _lr_at(step, config)
             loss = optimizer_step(model, ema, optimizer, batch, t, config, step, lr, device)
             done = step + 1
@@ -327,13 +325,82 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                 metrics_file.flush()
                 logged.append(entry)
             if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(folder / CHECKPOINTS, done, model, ema, optimizer, data_gen,
+                save_checkpoint(folder / CHECKPOINTS, done, model, ema, optimizer, data_state,
                                 config.keep_checkpoints)
             if config.sample_every and (done % config.sample_every == 0 or done == config.steps):
                 _progress_grid(ema, image_shape, folder / "progress" / f"step_{done}.png", device)
             if progress:
                 progress({"step": done, "steps": config.steps, "loss": loss_value})
     return logged
+
+
+class BatchStream:
+    """A run's training batches in order: x1 (random flips under --flip), x0, t, then the
+    target, all drawn from one CPU generator.
+
+    With prefetch (on GPUs), the next batch and its target are computed in a background thread
+    while the current one trains, so a target computed on the CPU (knn-efm's certified search)
+    overlaps the network's step. The draws happen in the same order either way, so a run is the
+    same with and without prefetch; next() returns the generator's state after the batch, which
+    is what a checkpoint taken after that batch must hold.
+    """
+
+    def __init__(self, images: Tensor, target, batch_size: int, flip: bool,
+                 generator: torch.Generator, prefetch: bool = False):
+        self.flat = images.reshape(len(images), -1)
+        self.image_shape = tuple(images.shape[1:])
+        self.target, self.batch_size, self.flip = target, batch_size, flip
+        self.generator = generator
+        self.pool = None
+        self.pending = None
+        self.stream = None
+        if prefetch:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnflow-batch")
+            if target.device.type == "cuda":  # the target's GPU work on its own stream
+                self.stream = torch.cuda.Stream(target.device)
+
+    def _make(self):
+        gen = self.generator
+        ids = torch.randint(len(self.flat), (self.batch_size,), generator=gen)
+        x1 = self.flat[ids].reshape(-1, *self.image_shape).clone()
+        if self.flip:
+            flips = torch.rand(self.batch_size, generator=gen) < 0.5
+            x1[flips] = x1[flips].flip(-1)
+        x0 = torch.randn(x1.shape, generator=gen)
+        t = torch.rand(self.batch_size, generator=gen)
+        if self.stream is None:
+            batch = self.target(x0, x1, t, generator=gen)
+        else:
+            with torch.cuda.stream(self.stream):
+                batch = self.target(x0, x1, t, generator=gen)
+        return t, batch, gen.get_state()
+
+    def next(self) -> tuple[Tensor, object, Tensor]:
+        """(t, TargetBatch, generator state after this batch)."""
+        if self.pool is None:
+            return self._make()
+        current = self.pending.result() if self.pending is not None else self._make()
+        self.pending = self.pool.submit(self._make)
+        if self.stream is not None:
+            # The training stream reads tensors made on the target's stream: wait for it, and
+            # keep the allocator from reusing their memory until the training stream is done.
+            main = torch.cuda.current_stream(self.stream.device)
+            main.wait_stream(self.stream)
+            for tensor in (current[1].x_t, current[1].target):
+                if tensor.is_cuda:
+                    tensor.record_stream(main)
+        return current
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            if self.pending is not None:
+                self.pending.cancel()
+            self.pool.shutdown(wait=True)
 
 
 def optimizer_step(model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,

@@ -221,3 +221,18 @@ def test_peak_memory_is_bounded_by_the_chunk_not_by_n():
     if peak is None:
         pytest.skip("no /proc/self/statm to sample memory on this platform")
     assert peak < 256 * 400_000 * 4 / 8
+
+
+@pytest.mark.parametrize("t", [0.05, 0.3, 0.7, 0.97])
+def test_gpu_sized_chunks_match_float64(t):
+    """The GPU default (16384-point chunks, head cap and flush scaled with them) on the CPU: the
+    same accuracy against float64 brute force as the CPU default."""
+    from knnflow.closed_form import GPU_CHUNK
+    from knnflow.data import synthetic_images
+
+    points = synthetic_images(20_000, (3, 4, 4), seed=2).reshape(20_000, -1)
+    x = flow_queries(points, t, 24, seed=4)
+    reference = brute_force_velocity(x, t, points)
+    for chunk in (None, GPU_CHUNK):
+        assert relative_error(closed_form_velocity(x, t, points, chunk_size=chunk),
+                              reference).max() < 1e-5

@@ -9,7 +9,7 @@ import torch
 
 from knnflow.data import load_dataset, synthetic_images
 from knnflow.estimators import ExactVelocity, KNNVelocity
-from knnflow.index import Index
+from knnflow.index import Index, faiss_gpu_count
 from knnflow.targets import make_target
 from tests.conftest import brute_force_velocity, flow_queries, relative_error
 
@@ -31,13 +31,20 @@ def test_exact_engine_on_gpu_matches_float64(images, t):
         < 1e-5
 
 
-def test_gpu_index_search_and_certified_bound(images):
+def test_faiss_gpu_index_search_matches_cpu(images):
+    if faiss_gpu_count() == 0:
+        pytest.skip("this faiss build has no GPU support")
     points = images.reshape(len(images), -1)
     index = Index.build(images, device="cuda")
     cpu = Index.build(images)
     queries = flow_queries(points, 0.7, 64, seed=2) / 0.7
     a, b = index.search(queries, 8, method="faiss"), cpu.search(queries, 8, method="faiss")
     assert torch.equal(a.ids, b.ids) and torch.allclose(a.sq_distances, b.sq_distances)
+
+
+def test_certified_bound_with_the_exact_fallback_on_gpu(images):
+    points = images.reshape(len(images), -1)
+    index = Index.build(images, device="cuda" if faiss_gpu_count() else "cpu")
     estimator = KNNVelocity(index, tol=1e-4, device="cuda")
     for t in (0.0, 0.1, 0.5, 0.9):
         x = flow_queries(points, t, 32, seed=3)
@@ -64,5 +71,25 @@ def test_training_steps_on_gpu(tmp_path):
 
     config = TrainConfig(dataset="digits", target="efm", m=32, steps=3, log_every=1,
                          checkpoint_every=3)
-    logged = train(config, tmp_path / "run", device="cuda")
+    logged = train(config, tmp_path / "run", device="cuda")  # prefetches batches on GPUs
     assert len(logged) == 3 and all(entry.loss > 0 for entry in logged)
+
+
+def test_resume_on_gpu_is_bit_exact(tmp_path):
+    """A run stopped at step 4 and resumed (GPU dropout generator restored) ends as one run."""
+    from safetensors.torch import load_file
+
+    from knnflow.train import TrainConfig, train
+
+    def config(steps):
+        return TrainConfig(dataset="digits", target="efm", m=16, steps=steps, log_every=1,
+                           checkpoint_every=4, keep_checkpoints=5)
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    train(config(8), tmp_path / "whole", device="cuda")
+    train(config(4), tmp_path / "parts", device="cuda")
+    train(config(8), tmp_path / "parts", resume=True, device="cuda")
+    a = load_file(str(tmp_path / "whole" / "checkpoints" / "step_8.safetensors"))
+    b = load_file(str(tmp_path / "parts" / "checkpoints" / "step_8.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)

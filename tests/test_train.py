@@ -184,3 +184,21 @@ def test_knn_efm_with_flips_trains_on_a_flip_index(tmp_path):
     Index.build(load_dataset("digits", limit=200)).save(plain)
     with pytest.raises(Exception, match="both flips"):
         train(TrainConfig(**{**config.__dict__, "index": str(plain)}), tmp_path / "run2")
+
+
+def test_prefetched_batches_equal_the_plain_stream():
+    """The background thread draws in the same order: same batches, same generator states."""
+    from knnflow.data import load_dataset
+    from knnflow.targets import make_target
+    from knnflow.train import BatchStream
+
+    images = load_dataset("digits")
+    target = make_target("efm", data=images.reshape(len(images), -1), m=16)
+    outs = []
+    for prefetch in (False, True):
+        with BatchStream(images, target, 8, True, torch.Generator().manual_seed(3),
+                         prefetch=prefetch) as stream:
+            outs.append([stream.next() for _ in range(4)])
+    for (t_a, a, state_a), (t_b, b, state_b) in zip(*outs, strict=True):
+        assert torch.equal(t_a, t_b) and torch.equal(a.x_t, b.x_t)
+        assert torch.equal(a.target, b.target) and torch.equal(state_a, state_b)

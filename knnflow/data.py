@@ -400,5 +400,5 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     images, _ = to_unit_range(np.asarray(raw), name)
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if with_labels:
-        return tensor, None if labels is None else torch.as_tensor(np.asarray(labels)[:limit])
+        return tensor, None if labels is None else torch.as_tensor(np.array(labels)[:limit])
     return tensor

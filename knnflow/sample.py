@@ -82,8 +82,10 @@ def sample_closed_form(index, count: int, seed: int = 0, solver: str = "euler",
         raise InputError(f"--n must be at least 1, got {count}")
     exact = ExactVelocity(index.training_set())
     shape = index.image_shape
+    # The same noises as sample_model with this seed (float32 draws), so `knnflow sample RUN`,
+    # `knnflow sample --closed-form` and `knnflow hybrid` start from the same points.
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(count, index.dim, generator=gen, dtype=torch.float64)
+    noise = torch.randn(count, *shape, generator=gen).reshape(count, -1).to(torch.float64)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         return exact(x.to(torch.float32), t.to(torch.float64)).velocity.to(x.dtype)

@@ -202,3 +202,29 @@ def test_prefetched_batches_equal_the_plain_stream():
     for (t_a, a, state_a), (t_b, b, state_b) in zip(*outs, strict=True):
         assert torch.equal(t_a, t_b) and torch.equal(a.x_t, b.x_t)
         assert torch.equal(a.target, b.target) and torch.equal(state_a, state_b)
+
+
+def test_closed_form_and_network_sampling_share_noises():
+    """With one seed, `sample --closed-form` starts from the noises `sample RUN` uses (the
+    integrator is watched to see the starting points)."""
+    from knnflow import sample as sample_module
+
+    seen = []
+    real = sample_module.integrate
+
+    def spy(velocity, x0, *args, **kwargs):
+        seen.append(x0.to(torch.float32).clone())
+        return real(velocity, x0, *args, **kwargs)
+
+    from knnflow.index import Index
+
+    images = torch.rand(40, 1, 4, 4) * 2 - 1
+    sample_module.integrate = spy
+    try:
+        sample_module.sample_closed_form(Index.build(images), 5, seed=7, steps=2)
+        zero = torch.nn.Bilinear(1, 1, 1)  # any module taking (x, t); only x0 is looked at
+        zero.forward = lambda x, t: torch.zeros_like(x)
+        sample_module.sample_model(zero, 5, (1, 4, 4), seed=7, steps=2)
+    finally:
+        sample_module.integrate = real
+    assert torch.equal(seen[0].reshape(5, 1, 4, 4), seen[1])

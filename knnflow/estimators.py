@@ -98,6 +98,9 @@ class ExactVelocity:
 
 
 MIN_INDEX_T = 1e-3
+# KNNVelocity's calibration: t bins of width 1/20, 16 probe queries each.
+CALIBRATION_BINS = 20
+CALIBRATION_PROBES = 16
 
 
 class KNNVelocity:
@@ -115,7 +118,8 @@ class KNNVelocity:
     3. The remaining set K is evaluated exactly in float64. The left-out mass is at most
        Z_R ≤ (n - |K|)·e^(-s·t²·thr), so ‖û_K - û*‖ ≤ Z_R/(Z_K + Z_R)·(‖D_K - mean‖ + R)/(1-t)
        with R the largest distance of a training point from the mean. That is error_bound.
-    4. A query falls back to the exact engine (bound 0) when t < 1e-3, when more than
+    4. A query falls back to the exact engine (bound 0) when t is below the calibrated floor
+       (below, see `calibrate`) or below 1e-3, when more than
        `coarse_budget`·n points (at least 512) survive the coarse sketch or `exact_budget`·n
        (at least 128) the fine one, or when the bound exceeds tol·‖velocity‖.
 
@@ -126,13 +130,19 @@ class KNNVelocity:
     NaN, their bound inf and `fallback` marks them (the knn-efm target fills them with EFM).
     device: where the exact engine runs the fallback queries (for example "cuda"); the
     certified search itself runs on the CPU, next to the sketches and the FAISS index.
+    calibrate: below some t no query certifies on a given data set (the noise in x/t hides the
+    neighbours from every lower bound), and trying costs a sketch scan per query. On the first
+    call, seeded probe queries built from the training points (16 per t bin of width 0.05,
+    from the top bin down) find the lowest bin where most of them still certify; queries below
+    it go straight to the exact engine. The probes depend only on the index, so results are
+    reproducible; the floor is in `t_floor`. calibrate=False tries every query.
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
                  certified: bool = True, *, data: Tensor | None = None, seeds: int = 8,
                  coarse_budget: float = 0.02, exact_budget: float = 0.005,
                  scan_chunk: int = 8192, fallback: str = "exact",
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, calibrate: bool = True):
         if not isinstance(index, Index):
             raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
@@ -161,6 +171,34 @@ class KNNVelocity:
         self.exact = ExactVelocity(self.train, device=device)
         self.last_stats: dict[str, float] = {}
         self.scanner = SketchScanner(index.sketches, scan_chunk) if certified else None
+        self._t_floor: float | None = None if (certified and calibrate) else 0.0
+
+    @property
+    def t_floor(self) -> float:
+        """Queries with t below this go to the exact engine without trying to certify."""
+        if self._t_floor is None:
+            self._t_floor = self._calibrate()
+        return self._t_floor
+
+    def _calibrate(self, bins: int = CALIBRATION_BINS, per_bin: int = CALIBRATION_PROBES,
+                   seed: int = 0) -> float:
+        """The lower edge of the lowest t bin from which, in every bin up to 1, at most half of
+        the probe queries fail to certify (1.0 when even the top bin fails). One batched call:
+        a call's fixed costs (full sketch scans) dwarf those of its rows."""
+        gen = torch.Generator().manual_seed(seed)
+        low = torch.arange(bins, dtype=torch.float64).repeat_interleave(per_bin) / bins
+        t = (low + torch.rand(len(low), generator=gen, dtype=torch.float64) / bins).clamp(
+            MIN_INDEX_T, 1 - 1e-4)
+        x1 = self.train.points[torch.randint(self.train.n, (len(t),), generator=gen)]
+        noise = torch.randn(x1.shape, generator=gen, dtype=torch.float64)
+        x = ((1 - t)[:, None] * noise + t[:, None] * x1.to(torch.float64)).to(torch.float32)
+        failed = self._certified(x.to(torch.float64), t)[3].reshape(bins, per_bin)
+        floor = 1.0
+        for b in reversed(range(bins)):
+            if float(failed[b].double().mean()) > 0.5:
+                break
+            floor = b / bins
+        return max(floor, MIN_INDEX_T)
 
     # ------------------------------------------------------------------ interface
 
@@ -173,8 +211,9 @@ class KNNVelocity:
         velocity = torch.empty_like(x64)
         bound = torch.zeros(batch, dtype=torch.float64)
         evaluated = torch.full((batch,), self.train.n, dtype=torch.int64)
-        # Below MIN_INDEX_T the softmax is flat (nothing to prune) and x/t leaves float32 range.
-        fallback = t64 < MIN_INDEX_T
+        # Below MIN_INDEX_T the softmax is flat (nothing to prune) and x/t leaves float32 range;
+        # below the calibrated floor nothing certifies on this data set.
+        fallback = t64 < (max(MIN_INDEX_T, self.t_floor) if self.certified else MIN_INDEX_T)
         todo = (~fallback).nonzero().squeeze(1)
         if todo.numel():
             run = self._certified if self.certified else self._top_k

@@ -163,3 +163,24 @@ def test_knn_refuses_an_index_of_other_data(digits, digits_index):
     with pytest.raises(knnflow.IndexMismatchError, match="other data"):
         knnflow.KNNVelocity(digits_index, data=digits.flip(0))
     knnflow.KNNVelocity(digits_index, data=digits)  # the right data passes
+
+
+def test_calibrated_floor_routes_hopeless_queries_to_the_exact_engine(digits, digits_index):
+    """Below the floor no query is tried: it is a fallback, bound 0, equal to the exact engine;
+    above it the estimator prunes. Without calibration the floor is 0 and queries are tried."""
+    estimator = knnflow.KNNVelocity(digits_index, tol=1e-4)
+    floor = estimator.t_floor
+    assert 0.001 <= floor < 1.0
+    assert estimator.t_floor == knnflow.KNNVelocity(digits_index, tol=1e-4).t_floor  # seeded
+    low = max(floor / 2, 0.01)
+    x = flow_queries(digits, low, 32)
+    out = estimator(x, low)
+    assert bool(out.fallback.all()) and float(out.error_bound.abs().max()) == 0.0
+    exact = knnflow.ExactVelocity(digits_index)(x, low).velocity
+    assert torch.equal(out.velocity, exact)
+    high = (1 + floor) / 2
+    x = flow_queries(digits, high, 32)
+    out = estimator(x, high)
+    assert_bound_holds(out, brute_force_velocity(x, high, digits))
+    assert float(out.evaluated.double().median()) < digits.shape[0] / 4
+    assert knnflow.KNNVelocity(digits_index, calibrate=False).t_floor == 0.0

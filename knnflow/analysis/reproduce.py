@@ -42,7 +42,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from knnflow.analysis.collapse import DEFAULT_GRID
-from knnflow.analysis.hybrid import COPY_FRACTION, DEFAULT_TAUS
+from knnflow.analysis.hybrid import COPY_FRACTION
 from knnflow.errors import InputError
 
 Progress = Callable[[str, int, int], None]
@@ -66,6 +66,9 @@ EFM_COLORS = ("tab:orange", "tab:green")
 
 
 # --------------------------------------------------------------------------- budgets
+
+
+REPRODUCE_TAUS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.85,0.9,0.925,0.95,0.975,1"
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class Budget:
     velocity_n: int = 512
     hybrid_n: int = 128
     hybrid_steps: int = 100
-    taus: str = DEFAULT_TAUS
+    # The copy onset lies near 1 on small data (digits: ~0.92), so the grid is finer there.
+    taus: str = REPRODUCE_TAUS
     classifier_epochs: int | None = None
     collapse_pairs: int = 256
     collapse_grid: str = DEFAULT_GRID

@@ -670,10 +670,12 @@ def bench_train(dataset: str = "digits", root: str | None = None, limit: int | N
                 progress: Progress | None = None) -> TrainBench:
     """Training step time with each target, relative to cfm, in one run: every target trains
     its own copy of the model (same initial weights) on the same seeded stream of (x0, x1, t),
-    through the trainer's own BatchStream and optimizer_step. A step's time runs from the end
-    of the previous step to the end of this one, so with prefetch (the default on GPUs, as in
-    knnflow train) a target computed while the network trains costs only what it adds. Median
-    over `steps` timed steps after `warmup` untimed ones."""
+    through the trainer's own BatchStream and optimizer_step. Without prefetch (the default on
+    CPUs) the targets take turns step by step; with prefetch (the default on GPUs, as in
+    knnflow train) each target runs its steps in one block, and a step's time runs from the
+    end of the previous step to the end of this one, so a target computed while the network
+    trains costs only what it adds. Median over `steps` timed steps after `warmup` untimed
+    ones."""
     from knnflow.models import build_model, count_parameters
     from knnflow.targets import make_target
     from knnflow.train import BatchStream, TrainConfig, _lr_at, optimizer_step
@@ -691,38 +693,61 @@ def bench_train(dataset: str = "digits", root: str | None = None, limit: int | N
     step_ms = {label: [] for label in specs}
     target_ms = {label: [] for label in specs}
     fallback = {label: [] for label in specs}
-    parameters = 0
     total = len(specs) * (warmup + steps)
-    for number, (label, spec) in enumerate(specs.items()):
+
+    def trainer(label: str, spec: dict):
+        """One target's model, EMA, optimizer and batch stream, from the same seeds."""
         torch.manual_seed(seed)
         model = build_model(preset, image_shape).to(device)
         ema = build_model(preset, image_shape).to(device)
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
-        parameters = count_parameters(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         target = make_target(tol=tol, index=index if spec["name"] == "knn-efm" else None,
                              data=train_set, device=device, image_shape=image_shape, **spec)
         stream = BatchStream(images, target, batch, False, torch.Generator().manual_seed(seed),
                              prefetch=prefetch)
-        with stream:
-            _sync(torch.device(device))
-            last = time.perf_counter()
-            for step in range(warmup + steps):
-                if progress:
-                    progress("bench train", number * (warmup + steps) + step, total)
-                t, out, _ = stream.next()
-                loss = optimizer_step(model, ema, optimizer, out, t, config, step,
-                                      _lr_at(step, config), device)
-                float(loss)  # waits for the step
-                now = time.perf_counter()
-                if step >= warmup:
-                    step_ms[label].append(1e3 * (now - last))
-                    target_ms[label].append(1e3 * out.seconds)
-                    if out.fallback is not None:
-                        fallback[label].append(out.fallback)
-                last = now
-        del model, ema, optimizer, target
+        return model, ema, torch.optim.Adam(model.parameters(), lr=config.lr), stream
+
+    def step_once(label: str, parts, step: int, began: float) -> float:
+        model, ema, optimizer, stream = parts
+        t, out, _ = stream.next()
+        loss = optimizer_step(model, ema, optimizer, out, t, config, step,
+                              _lr_at(step, config), device)
+        float(loss)  # waits for the step
+        now = time.perf_counter()
+        if step >= warmup:
+            step_ms[label].append(1e3 * (now - began))
+            target_ms[label].append(1e3 * out.seconds)
+            if out.fallback is not None:
+                fallback[label].append(out.fallback)
+        return now
+
+    if prefetch:
+        # One target at a time: a prefetching stream would otherwise compute its next target
+        # while the other targets train, which hides more than training would.
+        for number, (label, spec) in enumerate(specs.items()):
+            parts = trainer(label, spec)
+            with parts[3]:
+                _sync(torch.device(device))
+                last = time.perf_counter()
+                for step in range(warmup + steps):
+                    if progress:
+                        progress("bench train", number * (warmup + steps) + step, total)
+                    last = step_once(label, parts, step, last)
+            parameters = count_parameters(parts[0])
+            del parts
+    else:
+        # Interleaved rounds in rotating order, so drift in machine speed affects all alike.
+        built = {label: trainer(label, spec) for label, spec in specs.items()}
+        parameters = count_parameters(next(iter(built.values()))[0])
+        order = list(built)
+        for step in range(warmup + steps):
+            if progress:
+                progress("bench train", step * len(order), total)
+            order = order[1:] + order[:1]
+            for label in order:
+                _sync(torch.device(device))
+                step_once(label, built[label], step, time.perf_counter())
     if progress:
         progress("bench train", total, total)
     result = TrainBench(config={

@@ -58,8 +58,11 @@ def model_velocity(model: nn.Module) -> Velocity:
 
 def sample_model(model: nn.Module, count: int, image_shape: tuple[int, ...], seed: int = 0,
                  solver: str = "euler", steps: int = 100, atol: float = 1e-5, rtol: float = 1e-5,
-                 batch_size: int = 256, device: str | torch.device = "cpu") -> Tensor:
-    """`count` samples of a velocity network, in [-1, 1] (clamped), float32 (N, C, H, W)."""
+                 batch_size: int = 256, device: str | torch.device = "cpu",
+                 progress: Callable[[str, int, int], None] | None = None,
+                 stage: str = "sampling") -> Tensor:
+    """`count` samples of a velocity network, in [-1, 1] (clamped), float32 (N, C, H, W);
+    progress(stage, done, total) after each batch when given."""
     if count < 1:
         raise InputError(f"--n must be at least 1, got {count}")
     gen = torch.Generator().manual_seed(seed)
@@ -69,6 +72,8 @@ def sample_model(model: nn.Module, count: int, image_shape: tuple[int, ...], see
     for start in range(0, count, batch_size):
         x0 = noise[start:start + batch_size].to(device)
         out.append(integrate(model_velocity(model), x0, solver, steps, atol, rtol).cpu())
+        if progress:
+            progress(stage, min(start + batch_size, count), count)
     return torch.cat(out).clamp(-1, 1)
 
 

@@ -633,25 +633,6 @@ def prepare_work_folder(work: Path, dataset: str, budget: Budget, overwrite: boo
 # --------------------------------------------------------------------------- the pipeline
 
 
-def sample_images(model, count: int, image_shape: tuple[int, ...], seed: int, steps: int,
-                  device: str = "cpu", batch_size: int = 256,
-                  progress: Progress | None = None, stage: str = "sampling") -> torch.Tensor:
-    """sample.sample_model (Euler) with a progress callback: the same noises, batches and
-    result, bit for bit."""
-    from knnflow.sample import integrate, model_velocity
-
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(count, *image_shape, generator=gen)
-    model.eval()
-    out = []
-    for start in range(0, count, batch_size):
-        x0 = noise[start:start + batch_size].to(device)
-        out.append(integrate(model_velocity(model), x0, "euler", steps).cpu())
-        if progress:
-            progress(stage, min(start + batch_size, count), count)
-    return torch.cat(out).clamp(-1, 1)
-
-
 class _Pipeline:
     def __init__(self, dataset: str, budget: Budget, root, work: Path, device: str,
                  log: Log, progress: Progress):
@@ -839,7 +820,7 @@ class _Pipeline:
         from knnflow.analysis.velocity_error import velocity_error_of_run, write_velocity_error
         from knnflow.files import atomic_folder
         from knnflow.memorization import load_samples, run_memorization
-        from knnflow.sample import save_samples
+        from knnflow.sample import sample_model, save_samples
         from knnflow.train import load_run_model
 
         budget, name = self.budget, f"{spec.label}-seed{seed}"
@@ -849,8 +830,9 @@ class _Pipeline:
 
         def sample() -> dict:
             model, _ = load_run_model(folder, device=self.device)
-            images = sample_images(model, budget.samples, self.image_shape, seed,
-                                   budget.sample_steps, self.device, progress=self.progress)
+            images = sample_model(model, budget.samples, self.image_shape, seed=seed,
+                                  steps=budget.sample_steps, device=self.device,
+                                  progress=self.progress)
             save_samples(images, samples_folder, overwrite=True, meta={
                 "run": str(folder), "checkpoint_sha256": checkpoint, "n": budget.samples,
                 "seed": seed, "solver": "euler", "steps": budget.sample_steps, "ema": True})
@@ -1473,5 +1455,5 @@ __all__ = ["BUDGETS", "DATASETS", "Budget", "Comparison", "Estimate", "Reproduce
            "TargetRow", "TargetSpec", "Verdict", "bootstrap_fid", "claim_collapse",
            "claim_copy_onset", "claim_knn_vs_cfm", "combine", "default_work_folder",
            "difference_verdict", "final_loss", "frechet_distance_psd", "get_budget",
-           "prepare_work_folder", "psd_sqrt", "reproduce", "run_config", "sample_images",
+           "prepare_work_folder", "psd_sqrt", "reproduce", "run_config",
            "target_specs"]

@@ -132,10 +132,11 @@ class KNNVelocity:
     certified search itself runs on the CPU, next to the sketches and the FAISS index.
     calibrate: below some t no query certifies on a given data set (the noise in x/t hides the
     neighbours from every lower bound), and trying costs a sketch scan per query. On the first
-    call, seeded probe queries built from the training points (16 per t bin of width 0.05,
-    from the top bin down) find the lowest bin where most of them still certify; queries below
-    it go straight to the exact engine. The probes depend only on the index, so results are
-    reproducible; the floor is in `t_floor`. calibrate=False tries every query.
+    call, seeded probe queries built from the training points (16 per t bin of width 0.05, in
+    one batched call) find the lowest bin from which every bin up to 1 certifies at least half
+    of its probes; queries below it go straight to the exact engine. The probes depend only on
+    the index, so results are reproducible; the floor is in `t_floor`. calibrate=False tries
+    every query.
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,

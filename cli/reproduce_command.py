@@ -51,10 +51,11 @@ def reproduce(
         help="Delete the work folder and start again instead of reusing finished stages.")]
     = False,
 ) -> None:
-    """Train cfm, efm-128, efm-n (M = n) and knn-efm with equal budgets and seeds; run FID
-    (classifier features), memorization, velocity error and hybrid sampling on each, and
-    collapse on the data set; write a markdown page with one table, figures and a verdict on
-    each of the paper's claims. Rerunning resumes: finished stages are reused."""
+    """Train cfm, efm-128, efm-n (M = n; 1000 on cifar10, the paper's largest) and knn-efm
+    with equal budgets and seeds; run FID (classifier features), memorization, velocity error
+    and hybrid sampling on each, and collapse on the data set; write a markdown page with one
+    table, figures and a verdict on each of the paper's claims. Rerunning resumes: finished
+    stages are reused."""
     from knnflow.analysis.reproduce import reproduce as run_reproduction
 
     check_dataset(dataset)

@@ -82,7 +82,8 @@ class Budget:
     collapse_*: pairs, t grid and square sizes of the collapse analysis (None: the data's own
     size). bootstrap: replicates of the FID bootstrap. closed_form_index: û* for the velocity
     error and hybrid sampling from the certified KNNVelocity over the index (for large data)
-    instead of the exact engine. threads: CPU threads of torch and of numpy/scipy's
+    instead of the exact engine. efm_large_max: the second EFM's M is min(n, this).
+    threads: CPU threads of torch and of numpy/scipy's
     BLAS (None: the libraries' defaults).
     """
 
@@ -95,6 +96,9 @@ class Budget:
     checkpoint_every: int = 200
     flip: bool = False
     efm_m: int = 128
+    # The large EFM's M: n (None) or at most this. On CIFAR-10 with flips, M = n = 100,000
+    # candidates per row would gather ~40 GB per step; the paper's largest M is 1000.
+    efm_large_max: int | None = None
     samples: int = 512
     sample_steps: int = 100
     velocity_bins: int = 20
@@ -136,10 +140,11 @@ BUDGETS: dict[str, dict[str, Budget]] = {
         "small": Budget("small", "cifar", steps=20_000, log_every=100, checkpoint_every=2000,
                         flip=True, samples=10_000, sample_steps=100, velocity_n=256,
                         hybrid_n=256, collapse_pairs=256, bootstrap=100,
-                        closed_form_index=True),
+                        closed_form_index=True, efm_large_max=1000),
         "full": Budget("full", "cifar", steps=500_000, log_every=100, checkpoint_every=10_000,
                        flip=True, samples=50_000, sample_steps=100, velocity_n=512,
-                       hybrid_n=256, collapse_pairs=256, bootstrap=200, closed_form_index=True),
+                       hybrid_n=256, collapse_pairs=256, bootstrap=200, closed_form_index=True,
+                       efm_large_max=1000),
     },
 }
 
@@ -188,12 +193,14 @@ class TargetSpec:
 
 
 def target_specs(n: int, budget: Budget) -> list[TargetSpec]:
-    """cfm, efm-128, efm-n and knn-efm; n: the points û* sums over (with flips, 2× images)."""
-    if n == budget.efm_m:
+    """cfm, efm-128, efm-n (M capped at budget.efm_large_max) and knn-efm; n: the points û*
+    sums over (with flips, 2× images)."""
+    large = n if budget.efm_large_max is None else min(n, budget.efm_large_max)
+    if large == budget.efm_m:
         raise InputError(f"the training set has {n} points, the M of efm-{budget.efm_m}: efm-n "
                          "would repeat it; choose another --limit")
     return [TargetSpec("cfm", "cfm"), TargetSpec(f"efm-{budget.efm_m}", "efm", budget.efm_m),
-            TargetSpec(f"efm-{n}", "efm", n), TargetSpec("knn-efm", "knn-efm")]
+            TargetSpec(f"efm-{large}", "efm", large), TargetSpec("knn-efm", "knn-efm")]
 
 
 def run_config(dataset: str, budget: Budget, spec: TargetSpec, seed: int,

@@ -40,6 +40,11 @@ from knnflow.closed_form import (
 from knnflow.errors import IndexMismatchError, InputError
 
 TARGETS = ("cfm", "efm", "knn-efm", "exact")
+# EFM's independent pools become one dense GEMM per batch when the draws of a row are at least
+# n / DENSE_DRAW_RATIO (a GEMM element costs far less than a gathered draw) and the float64
+# data set is at most DENSE_DRAW_ELEMENTS numbers.
+DENSE_DRAW_RATIO = 8
+DENSE_DRAW_ELEMENTS = 1 << 24
 EFM_POOLS = ("independent", "shared")
 KNN_FALLBACKS = ("exact", "efm")
 
@@ -154,6 +159,37 @@ class EFMTarget(Target):
     def velocity(self, x0, x1, x_t, t, generator):
         return self.velocity_from(x1, x_t, t, generator), None, float(self.candidates(len(t)))
 
+    def _add_draws(self, state: SoftmaxState, pairs: ExactPairs, rows: Tensor,
+                   ids: Tensor) -> None:
+        """Add the drawn candidates (rows[i], ids[i]) to the state. Where the draws per row
+        outnumber the data set's points / DENSE_DRAW_RATIO, a row's candidates are all the
+        points with multiplicities: its weights are one float64 GEMM over the data (counts
+        times exp of the exact logits) instead of a gather per draw. Rows whose logits need
+        the difference form (t near 1, ExactPairs.dot_form false) keep the pairwise path."""
+        batch, n = state.z.shape[0], self.train.n
+        dense = pairs.dot_form & (len(ids) >= batch * n / DENSE_DRAW_RATIO)
+        if n * self.train.dim > DENSE_DRAW_ELEMENTS or not bool(dense.any()):
+            pairs.add_(state, rows, self.train.points, ids)
+            return
+        sparse = ~dense[rows]
+        if bool(sparse.any()):
+            pairs.add_(state, rows[sparse], self.train.points, ids[sparse])
+        which = dense.nonzero().squeeze(1)
+        counts = torch.zeros(batch, n, dtype=torch.float64, device=ids.device)
+        counts.index_put_((rows, ids), torch.ones_like(rows, dtype=torch.float64),
+                          accumulate=True)
+        counts = counts[which]
+        points = self.train.points.to(torch.float64)
+        t, x = pairs.t[which], pairs.x64[which]
+        logits = -pairs.s[which][:, None] * (
+            pairs.x_sq[which][:, None] - 2 * t[:, None] * (x @ points.T)
+            + (t * t)[:, None] * self.train.sq_norms[None, :])
+        ref = logits.masked_fill(counts == 0, -math.inf).amax(dim=1)
+        weights = counts * torch.exp((logits - ref[:, None]).clamp(max=0))
+        part = SoftmaxState.empty(batch, x.shape[1], x.device)
+        part.ref[which], part.z[which], part.s[which] = ref, weights.sum(1), weights @ points
+        state.merge_(part)
+
     def candidates(self, batch: int) -> int:
         return self.m if self.pool == "independent" else batch + self.m
 
@@ -178,7 +214,7 @@ class EFMTarget(Target):
                 ids, flips = self._draw_ids(batch * others, generator)
                 pair_rows = rows.repeat_interleave(others)
                 if not self.flip:
-                    pairs.add_(state, pair_rows, self.train.points, ids)
+                    self._add_draws(state, pairs, pair_rows, ids)
                 # Flipped candidates are materialised in groups of ~16 MB.
                 step = max(1, (1 << 22) // x64.shape[1])
                 for i in range(0, len(ids) if self.flip else 0, step):

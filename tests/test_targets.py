@@ -53,14 +53,15 @@ def _posterior_draws(points, x_t, t, count, gen):
     return points[ids]
 
 
-@pytest.mark.parametrize("pool", ["independent", "shared"])
-def test_efm_is_unbiased_for_the_exact_velocity(pool):
+@pytest.mark.parametrize("pool,m", [("independent", 3), ("independent", 8), ("shared", 3)])
+def test_efm_is_unbiased_for_the_exact_velocity(pool, m):
     """Monte Carlo: for a fixed x_t, x1 ~ p(x1 | x_t) and fresh candidates, the mean of the
     EFM target is û*(x_t) within 5 standard errors; the same estimator fed a uniform x1
-    (not the one that made x_t) is biased, which shows the test can fail."""
+    (not the one that made x_t) is biased, which shows the test can fail. m = 8 takes the
+    dense path (7 draws per row ≥ 30 points / 8)."""
     gen = torch.Generator().manual_seed(0)
     points = torch.randn(30, 2, generator=gen)
-    t, draws, m = 0.6, 20000, 3
+    t, draws = 0.6, 20000
     x_t = torch.tensor([0.3, -0.2], dtype=torch.float64)
     exact = brute_force_velocity(x_t[None], t, points)[0]
     target = EFMTarget(points, m=m, pool=pool)
@@ -157,3 +158,20 @@ def test_bad_input_is_refused(digits, digits_index):
         make_target("knn-efm", index=digits_index, knn_fallback="cfm")
     with pytest.raises(InputError, match="t must"):
         make_target("cfm")(digits[:2], digits[:2], torch.tensor([0.5, 1.0]))
+
+
+def test_dense_draws_equal_pairwise_draws(digits, monkeypatch):
+    """Independent pools with many draws per row take one dense GEMM with multiplicities; the
+    same draws through the pairwise path give the same targets (rows near t = 1 keep the
+    pairwise path inside the dense call)."""
+    import knnflow.targets as targets
+
+    gen = torch.Generator().manual_seed(4)
+    x1 = digits[torch.randint(len(digits), (24,), generator=gen)]
+    x0 = torch.randn(x1.shape, generator=gen)
+    t = torch.cat([torch.rand(20, generator=gen), torch.tensor([0.995, 0.999, 0.9999, 0.5])])
+    target = EFMTarget(digits, m=400)  # 399 draws per row ≥ 1498 / 8
+    dense = target(x0, x1, t, generator=torch.Generator().manual_seed(1)).target
+    monkeypatch.setattr(targets, "DENSE_DRAW_RATIO", 1e-9)
+    pairwise = target(x0, x1, t, generator=torch.Generator().manual_seed(1)).target
+    assert relative_error(dense, pairwise).max() < 1e-10

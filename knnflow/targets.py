@@ -41,8 +41,8 @@ from knnflow.errors import IndexMismatchError, InputError
 
 TARGETS = ("cfm", "efm", "knn-efm", "exact")
 # EFM's independent pools become one dense GEMM per batch when the draws of a row are at least
-# n / DENSE_DRAW_RATIO (a GEMM element costs far less than a gathered draw) and the float64
-# data set is at most DENSE_DRAW_ELEMENTS numbers.
+# n / DENSE_DRAW_RATIO (a GEMM element costs far less than a gathered draw) and neither the
+# float64 data set nor the batch × n weights exceed DENSE_DRAW_ELEMENTS numbers.
 DENSE_DRAW_RATIO = 8
 DENSE_DRAW_ELEMENTS = 1 << 24
 EFM_POOLS = ("independent", "shared")
@@ -168,7 +168,8 @@ class EFMTarget(Target):
         the difference form (t near 1, ExactPairs.dot_form false) keep the pairwise path."""
         batch, n = state.z.shape[0], self.train.n
         dense = pairs.dot_form & (len(ids) >= batch * n / DENSE_DRAW_RATIO)
-        if n * self.train.dim > DENSE_DRAW_ELEMENTS or not bool(dense.any()):
+        too_big = max(n * self.train.dim, batch * n) > DENSE_DRAW_ELEMENTS
+        if too_big or not bool(dense.any()):
             pairs.add_(state, rows, self.train.points, ids)
             return
         sparse = ~dense[rows]

@@ -16,6 +16,7 @@ from knnflow.analysis.classifier import train_classifier as train_classifier_mod
 from knnflow.analysis.fid import DINOV2_FILE, INCEPTION_FILE, FeatureExtractor, parse_reference
 from knnflow.data import load_dataset
 from knnflow.errors import InputError
+from knnflow.index import resolve_device
 from knnflow.memorization import Samples, load_samples
 
 from .console import console, err_console, key_value_table, progress_bar
@@ -77,7 +78,7 @@ def fid(
     ref_limit: Annotated[Optional[int], typer.Option(
         help="Use the first N reference images only (default: the whole split).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per feature batch.")] = 64,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the result as JSON on stdout, for scripts.")] = False,
     out: Annotated[Optional[Path], typer.Option(
@@ -85,8 +86,7 @@ def fid(
 ) -> None:
     """Fréchet distance between the feature statistics (mean, covariance) of samples and of a
     reference data set. FID grows as n shrinks: compare values at equal n."""
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
+    device = resolve_device(device)
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
     dataset, split = parse_reference(ref)
@@ -154,7 +154,7 @@ def train_classifier(
         help="Classifier folder (default: classifiers/DATASET).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing classifier folder.")]
     = False,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the classifier's record as JSON on stdout, for scripts.")]
     = False,
@@ -162,8 +162,7 @@ def train_classifier(
     """Train a small in-domain CNN classifier (train split, tested on the test split) whose
     penultimate features give an offline Fréchet distance: knnflow fid --features
     classifier:FOLDER. Writes classifier.safetensors and classifier.json."""
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
+    device = resolve_device(device)
     folder = out if out is not None else default_classifier_folder(dataset)
     if folder.exists() and not overwrite:
         raise InputError(f"{folder} already exists; pass --overwrite to replace it")

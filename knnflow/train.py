@@ -382,15 +382,16 @@ class BatchStream:
         if self.pool is None:
             return self._make()
         current = self.pending.result() if self.pending is not None else self._make()
-        self.pending = self.pool.submit(self._make)
         if self.stream is not None:
-            # The training stream reads tensors made on the target's stream: wait for it, and
-            # keep the allocator from reusing their memory until the training stream is done.
+            # The training stream reads tensors made on the target's stream: wait for it
+            # (before the next batch queues work there), and keep the allocator from reusing
+            # their memory until the training stream is done with them.
             main = torch.cuda.current_stream(self.stream.device)
             main.wait_stream(self.stream)
             for tensor in (current[1].x_t, current[1].target):
                 if tensor.is_cuda:
                     tensor.record_stream(main)
+        self.pending = self.pool.submit(self._make)
         return current
 
     def __enter__(self) -> BatchStream:

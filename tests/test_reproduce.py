@@ -302,3 +302,30 @@ def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path):
     assert result.returncode == 2
     assert_one_line_error(result, "nowhere")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "docs").exists()
+
+
+def test_the_page_never_replaces_a_folder_it_did_not_make(tmp_path):
+    """The figures go to the page's path without .md: a folder there that this command did
+    not make, or one that holds the work folder, is refused; trial settings get their own
+    page."""
+    from knnflow.analysis.reproduce import (
+        BUDGETS,
+        FIGURES_MARK,
+        check_page_paths,
+        default_page,
+    )
+    from knnflow.errors import InputError
+
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(InputError, match="holds no figures"):
+        check_page_paths(tmp_path / "mine.md", tmp_path / "work")
+    (tmp_path / "mine" / FIGURES_MARK).write_text("")
+    check_page_paths(tmp_path / "mine.md", tmp_path / "work")
+    with pytest.raises(InputError, match="would hold the work folder"):
+        check_page_paths(tmp_path / "wk.md", tmp_path / "wk" / "inner")
+    with pytest.raises(InputError, match=".md"):
+        check_page_paths(tmp_path / "page.txt", tmp_path / "work")
+    small = BUDGETS["digits"]["small"]
+    assert default_page("digits", small).name == "digits.md"
+    assert default_page("digits", replace(small, steps=50, limit=200)).name == \
+        "digits-steps50-limit200.md"

@@ -1,8 +1,9 @@
 """`knnflow reproduce`: the paper's comparison of training targets, end to end, at equal budgets.
 
 For one data set: train cfm, efm-128, efm-n (EFM with M = n, as many candidates as û* sums
-over) and knn-efm with the same preset, batch, step count and seeds, so that only the target
-differs; sample each run; measure FID with the features of an in-domain classifier,
+over) and knn-efm with the same preset, batch, step count and seeds (EFM's candidate draws
+share the data generator, so after the first batch the targets see different batches: data-
+order noise, not bias); sample each run; measure FID with the features of an in-domain classifier,
 memorization, the velocity error against û* and hybrid sampling (û* on [0, τ], the network on
 [τ, 1]); run the collapse analysis on the data set; and write one markdown page with a table,
 figures, and a verdict on each of the paper's claims derived from the measured numbers.
@@ -183,6 +184,32 @@ def default_work_folder(dataset: str, budget: Budget) -> Path:
     return Path("runs") / name
 
 
+# Written into every figures folder, so a later call replaces only a folder it made.
+FIGURES_MARK = ".knnflow-reproduce-figures"
+
+
+def default_page(dataset: str, budget: Budget) -> Path:
+    """docs/results/DATASET.md, with the work folder's -stepsN / -limitN suffix when those
+    differ from the named budget, so a trial run never replaces the page of a full one."""
+    suffix = default_work_folder(dataset, budget).name[len(f"reproduce-{dataset}-{budget.name}"):]
+    return Path("docs/results") / f"{dataset}{suffix}.md"
+
+
+def check_page_paths(md_path: Path, work: Path) -> None:
+    """Refuse a page whose figures folder (the page's path without .md) exists but was not
+    made by this command, or holds the work folder."""
+    figures = md_path.parent / md_path.stem
+    if md_path.suffix != ".md":
+        raise InputError(f"--out-md must name a .md file, got {md_path}")
+    if figures.exists() and not (figures / FIGURES_MARK).is_file():
+        raise InputError(f"{figures} exists and holds no figures of knnflow reproduce (the "
+                         "page's figures go there); choose another --out-md")
+    resolved = figures.resolve()
+    if resolved == work.resolve() or resolved in work.resolve().parents:
+        raise InputError(f"the figures folder {figures} would hold the work folder {work}; "
+                         "choose another --out-md or --work")
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """One row of the comparison: its label, the training target and EFM's M."""
@@ -319,9 +346,10 @@ def claim_collapse(sizes: list[dict], headline: str, early: float = EARLY_COLLAP
         verdict, reason = NOT_HELD, (f"at {headline} (d = {d}) the softmax never collapses "
                                      "within the t grid")
     elif t <= early:
-        verdict, reason = HELD, (f"T = {t:.2f} ≤ {early:g}: from T on, û*(x_t, t) is x1 − x0 "
-                                 "for at least 90% of pairs, so the cfm and closed-form targets "
-                                 "coincide on most of the path")
+        verdict, reason = HELD, (f"T = {t:.2f} ≤ {early:g}: from T on, at least 90% of pairs "
+                                 "have one training image with softmax weight above 0.9 (in "
+                                 "almost all cases the x1 that made x_t), so the cfm and "
+                                 "closed-form targets nearly coincide on most of the path")
     else:
         verdict, reason = NOT_HELD, (
             f"T = {t:.2f} > {early:g}: at d = {d} the softmax weights stay spread over several "
@@ -794,8 +822,14 @@ class _Pipeline:
         def compute() -> dict:
             resumed_from = None
             if (folder / "config.json").is_file():
-                differences = config_differences(json.loads((folder / "config.json")
-                                                            .read_text()), resolved)
+                saved = json.loads((folder / "config.json").read_text())
+                # The index is the work folder's own (its points are checked by their
+                # checksum); its path changes when the work folder is moved or named anew.
+                differences = [text for text in config_differences(saved, resolved)
+                               if not text.startswith("index:")]
+                if resolved.index is not None and saved.get("index") != resolved.index:
+                    saved["index"] = resolved.index  # so that train() resumes it
+                    (folder / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
                 if differences:
                     raise InputError(f"{folder} was trained with other settings "
                                      f"({'; '.join(differences)}); pass --overwrite to start "
@@ -816,8 +850,8 @@ class _Pipeline:
             return {"checkpoint_step": mark["step"], "checkpoint_sha256": mark["sha256"],
                     "resumed_from": resumed_from}
 
-        record = self.stage(f"train-{spec.label}-seed{seed}", label, asdict(resolved), compute,
-                            done)
+        key = {**asdict(resolved), "index": None if resolved.index is None else "work/index"}
+        record = self.stage(f"train-{spec.label}-seed{seed}", label, key, compute, done)
         return folder, record
 
     def analyse_run(self, spec: TargetSpec, seed: int, folder: Path, trained: dict) -> dict:
@@ -1226,10 +1260,11 @@ def write_markdown(path: Path, *, dataset: str, budget: Budget, rows: list[Targe
         f"{'×'.join(map(str, info['image_shape']))} images (d = {d}), "
         f"{len(budget.seeds)} seed{'s' if len(budget.seeds) > 1 else ''} per target"
         + ("; the paper's released configuration trains CIFAR-10 for 500,000 steps. The "
-           "networks here are far from "
-           "converged, the data set is small and low-dimensional, and the sample counts are "
-           "small, so read the verdicts as what this budget shows, not as a test of the paper "
-           "at its scale." if dataset == "digits" or budget.steps < 500_000 else "."),
+           "networks here are far from converged"
+           + (", the data set is small and low-dimensional, and the sample counts are small"
+              if dataset == "digits" else "")
+           + ", so read the verdicts as what this budget shows, not as a test of the paper at "
+             "its scale." if dataset == "digits" or budget.steps < 500_000 else "."),
         "",
         "## Results",
         "",
@@ -1357,8 +1392,10 @@ def _reproduce(dataset: str, budget: Budget, *, root, work, out_md, device: str,
                overwrite: bool, command: str | None, log: Log | None,
                progress: Progress | None) -> ReproduceResult:
     began = time.perf_counter()
-    pipeline = _Pipeline(dataset, budget, root, Path(work) if work is not None
-                         else default_work_folder(dataset, budget), device,
+    work = Path(work) if work is not None else default_work_folder(dataset, budget)
+    md_path = Path(out_md) if out_md is not None else default_page(dataset, budget)
+    check_page_paths(md_path, work)
+    pipeline = _Pipeline(dataset, budget, root, work, device,
                          log or (lambda text: None), progress or (lambda *args: None))
     # The data come first: missing files fail in one line before anything is written.
     pipeline.load_data()
@@ -1400,12 +1437,11 @@ def _reproduce(dataset: str, budget: Budget, *, root, work, out_md, device: str,
                                  collapse["collapse_time"], distances=distances,
                                  reference=train_to_train)]
 
-    md_path = Path(out_md) if out_md is not None else Path("docs/results") / f"{dataset}.md"
-    figures = write_figures(md_path.parent / md_path.stem, specs, budget, runs,
-                            pipeline, collapse["collapse_time"])
     first = runs[f"{specs[0].label}-seed{budget.seeds[0]}"]
     config = json.loads((first["folder"] / "config.json").read_text())
     memo = json.loads((first["folder"] / "memorization" / "summary.json").read_text())
+    figures = write_figures(md_path.parent / md_path.stem, specs, budget, runs,
+                            pipeline, collapse["collapse_time"])
     seconds = time.perf_counter() - began
     info = {
         "command": command or f"knnflow reproduce {dataset} --budget {budget.name}",
@@ -1441,6 +1477,7 @@ def write_figures(folder: Path, specs: list[TargetSpec], budget: Budget, runs: d
 
     names = ("samples", "loss", "velocity_error", "hybrid", "collapse")
     with atomic_folder(folder, overwrite=True) as tmp:
+        (tmp / FIGURES_MARK).write_text("figures of knnflow reproduce; replaced on every call\n")
         first = budget.seeds[0]
         panels = {spec.label: torch.from_numpy(np.load(
             runs[f"{spec.label}-seed{first}"]["folder"] / "samples" / "samples.npz")["samples"])

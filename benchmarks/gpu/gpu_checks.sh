@@ -69,7 +69,7 @@ ln -sf /tmp/shim/libcublas.so.12 /tmp/shim/libcublasLt.so.12 /tmp/site-cu/nvidia
 [ -n "$CURAND10" ] && ln -sf "$CURAND10" /tmp/site-cu/nvidia/curand/lib/libcurand.so.10
 export LD_LIBRARY_PATH="/tmp/shim:/tmp/site-cu/nvidia/cuda_runtime/lib:$(dirname "${CUBLAS13:-/x/x}"):${LD_LIBRARY_PATH:-}"
 export _FAISS_WHEEL_DISABLE_CUDA_PRELOAD=1
-KF="python3 $HERE/kf.py"
+KF="python3 -m cli.main"  # the knnflow command, run from the checkout on PYTHONPATH
 
 export PYTHONPATH="/tmp/site-gpu:/tmp/site-cu:$REPO"
 if [ "$STAGE" != bench ]; then

@@ -276,7 +276,7 @@ class KNNVelocity:
 
         # 4. Exact float64 weights over the kept set, and the bound on what was left out.
         state = SoftmaxState.empty(len(t), x64.shape[1])
-        pairs.add_(state, rows, self.train.points, cols)
+        pairs.add_grouped_(state, rows, self.train.points, cols, self.train.sq_norms)
         kept = torch.bincount(rows, minlength=len(t))
         denoiser = state.denoiser()
         velocity = (denoiser - x64) / (1 - t)[:, None]
@@ -304,8 +304,8 @@ class KNNVelocity:
         # Exact float64 weights over those k, in bounded blocks (never a B×k×d tensor).
         rows = torch.arange(len(t)).repeat_interleave(k)
         state = SoftmaxState.empty(len(t), x64.shape[1])
-        ExactPairs(x64, t, 0.5 / (1 - t) ** 2, self.train.max_norm).add_(
-            state, rows, self.train.points, ids.reshape(-1))
+        ExactPairs(x64, t, 0.5 / (1 - t) ** 2, self.train.max_norm).add_grouped_(
+            state, rows, self.train.points, ids.reshape(-1), self.train.sq_norms)
         velocity = (state.denoiser() - x64) / (1 - t)[:, None]
         evaluated = torch.full((len(t),), k, dtype=torch.int64)
         return velocity, None, evaluated, torch.zeros(len(t), dtype=torch.bool)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from knnflow.closed_form import row_groups
 from knnflow.sketch import Sketches
 
 SEED_WIDTH = 32
@@ -128,15 +129,47 @@ class SketchScanner:
         fine_q = sk.fine.embed(queries.coords)
         fine_norm = fine_q.norm(dim=1)
         slack = sk.query_slack(fine_norm, queries.norms)
-        keep = torch.empty(rows.numel(), dtype=torch.bool)
-        block = max(1, (1 << 19) // sk.fine.width)
-        for i in range(0, rows.numel(), block):
-            r, c = rows[i:i + block], cols[i:i + block]
-            dot = (fine_q[r] * sk.fine_points[c].to(torch.float64)).sum(1)
-            sq = fine_norm[r].square() + self.fine_sq[c] - 2 * dot
-            bound = sk.lower_bound(sq, slack[r], fine_norm[r], sk.fine.width)
-            keep[i:i + block] = bound <= threshold[r]
+        dot = pair_dots(fine_q, sk.fine_points, rows, cols)
+        sq = fine_norm[rows].square() + self.fine_sq[cols] - 2 * dot
+        bound = sk.lower_bound(sq, slack[rows], fine_norm[rows], sk.fine.width)
+        keep = bound <= threshold[rows]
         return rows[keep], cols[keep]
+
+
+def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
+              group_min: int = 32, block_values: int = 1 << 19) -> Tensor:
+    """float64 ⟨queries[row], points[col]⟩ per pair (queries float64, points any dtype).
+
+    Rows with at least `group_min` pairs go in padded blocks (closed_form.row_groups): their
+    points are read once into a reused buffer and multiplied by the queries as one batched
+    float64 product. The other pairs go in blocks that copy their query row per pair.
+    """
+    out = torch.empty(rows.numel(), dtype=torch.float64)
+    if rows.numel() == 0:
+        return out
+    width = points.shape[1]
+    groups = list(row_groups(rows, queries.shape[0], group_min, width))
+    grouped = torch.zeros(rows.numel(), dtype=torch.bool)
+    for _, pos in groups:
+        grouped[pos[pos >= 0]] = True
+    single = (~grouped).nonzero().squeeze(1)
+    block = max(1, block_values // max(1, width))
+    for i in range(0, single.numel(), block):
+        pick = single[i:i + block]
+        r, c = rows[pick], cols[pick]
+        out[pick] = (queries[r] * points[c].to(torch.float64)).sum(1)
+    if groups:
+        largest = max(pos.numel() for _, pos in groups)
+        buffer = torch.empty(largest, width, dtype=points.dtype)
+        buffer64 = torch.empty(largest, width, dtype=torch.float64)
+        for group, pos in groups:
+            valid = pos >= 0
+            idx = torch.where(valid, cols[pos.clamp(min=0)], 0).reshape(-1)
+            found = torch.index_select(points, 0, idx, out=buffer[:idx.numel()])
+            found = buffer64[:idx.numel()].copy_(found).view(*pos.shape, width)
+            dots = torch.bmm(found, queries[group][:, :, None]).squeeze(2)
+            out[pos[valid]] = dots[valid]
+    return out
 
 
 def pair_sq_distances(q64: Tensor, points: Tensor, rows: Tensor, cols: Tensor,

@@ -9,6 +9,7 @@ import torch
 
 import knnflow
 from knnflow.closed_form import (
+    ExactPairs,
     SoftmaxState,
     TrainingSet,
     closed_form_state,
@@ -236,3 +237,38 @@ def test_gpu_sized_chunks_match_float64(t):
     for chunk in (None, GPU_CHUNK):
         assert relative_error(closed_form_velocity(x, t, points, chunk_size=chunk),
                               reference).max() < 1e-5
+
+
+@pytest.mark.parametrize("t", [0.3, 0.7, 0.9999])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_norms", [True, False])
+def test_grouped_pairs_match_float64_brute_force(t, dtype, with_norms):
+    """add_grouped_ (padded per-query blocks for rows with many pairs, add_ for the rest) gives
+    each query's softmax over exactly its own pairs, as explicit float64 differences do.
+    t = 0.9999 takes the difference form (dot_form false)."""
+    gen = torch.Generator().manual_seed(3)
+    points = torch.randn(300, 40, generator=gen).to(dtype)
+    train = TrainingSet.from_points(points)
+    batch = 6
+    x = torch.randn(batch, 40, generator=gen, dtype=torch.float64)
+    tt = torch.full((batch,), t, dtype=torch.float64)
+    s = 0.5 / (1 - tt) ** 2
+    # Rows with 0, 3, 31, 32, 150 and 300 pairs: both paths, and an empty row.
+    sizes = [0, 3, 31, 32, 150, 300]
+    rows = torch.cat([torch.full((k,), i) for i, k in enumerate(sizes)])
+    cols = torch.cat([torch.randperm(300, generator=gen)[:k] for k in sizes])
+    shuffle = torch.randperm(rows.numel(), generator=gen)
+    rows, cols = rows[shuffle], cols[shuffle]
+    pairs = ExactPairs(x, tt, s, train.max_norm)
+    assert bool(pairs.dot_form.all()) == (t < 0.999)
+    state = SoftmaxState.empty(batch, 40)
+    pairs.add_grouped_(state, rows, train.points, cols, train.sq_norms if with_norms else None)
+    denoiser = state.denoiser()
+    for i, k in enumerate(sizes):
+        if k == 0:
+            assert float(state.z[i]) == 0.0
+            continue
+        mine = points[cols[rows == i]].to(torch.float64)
+        logits = -s[i] * (x[i] - tt[i] * mine).square().sum(1)
+        expected = torch.softmax(logits, 0) @ mine
+        assert torch.allclose(denoiser[i], expected, rtol=0, atol=1e-11), (i, k)

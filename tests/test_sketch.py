@@ -52,3 +52,22 @@ def test_sketch_lower_bounds_hold_for_noisy_flow_queries():
             assert (bound <= true_sq).all()
             # and they are not vacuous: most points are bounded well away from zero
             assert (bound > 0.5 * true_sq).double().mean() > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_dots_match_float64_products(dtype):
+    """pair_dots (padded blocks for rows with many pairs, per-pair blocks for the rest) returns
+    ⟨q_row, x_col⟩ in the pairs' own order."""
+    from knnflow.prune import pair_dots
+
+    gen = torch.Generator().manual_seed(5)
+    points = torch.randn(200, 24, generator=gen).to(dtype)
+    queries = torch.randn(5, 24, generator=gen, dtype=torch.float64)
+    sizes = [0, 2, 40, 200, 33]
+    rows = torch.cat([torch.full((k,), i) for i, k in enumerate(sizes)])
+    cols = torch.cat([torch.randint(200, (k,), generator=gen) for k in sizes])
+    shuffle = torch.randperm(rows.numel(), generator=gen)
+    rows, cols = rows[shuffle], cols[shuffle]
+    expected = (queries[rows] * points[cols].to(torch.float64)).sum(1)
+    got = pair_dots(queries, points, rows, cols, group_min=32)
+    assert torch.allclose(got, expected, rtol=1e-13, atol=1e-12)

@@ -21,6 +21,7 @@ from knnflow.closed_form import (
     SoftmaxState,
     TrainingSet,
     as_training_set,
+    batched_dots,
     check_t,
     closed_form_state,
     flatten_queries,
@@ -98,9 +99,11 @@ class ExactVelocity:
 
 
 MIN_INDEX_T = 1e-3
-# KNNVelocity's calibration: t bins of width 1/20, 16 probe queries each.
-CALIBRATION_BINS = 20
+# KNNVelocity's calibration: t bins of width 1/40, 16 probe queries each; a bin certifies when
+# at most a quarter of its probes fall back.
+CALIBRATION_BINS = 40
 CALIBRATION_PROBES = 16
+CALIBRATION_MAX_FAIL = 0.25
 
 
 class KNNVelocity:
@@ -120,8 +123,10 @@ class KNNVelocity:
        with R the largest distance of a training point from the mean. That is error_bound.
     4. A query falls back to the exact engine (bound 0) when t is below the calibrated floor
        (below, see `calibrate`) or below 1e-3, when more than
-       `coarse_budget`·n points (at least 512) survive the coarse sketch or `exact_budget`·n
-       (at least 128) the fine one, or when the bound exceeds tol·‖velocity‖.
+       `coarse_budget`·n points (at least 512) survive the coarse sketch (the fine filter
+       costs about a fifth of an exact pair per point, so this budget is loose) or
+       `exact_budget`·n (at least 128) the fine one, or when the bound exceeds
+       tol·‖velocity‖.
 
     certified=False: softmax over the k nearest neighbours of x/t found by the index (k=16 by
     default), the truncation published kNN estimators use. error_bound is None.
@@ -132,16 +137,16 @@ class KNNVelocity:
     certified search itself runs on the CPU, next to the sketches and the FAISS index.
     calibrate: below some t no query certifies on a given data set (the noise in x/t hides the
     neighbours from every lower bound), and trying costs a sketch scan per query. On the first
-    call, seeded probe queries built from the training points (16 per t bin of width 0.05, in
-    one batched call) find the lowest bin from which every bin up to 1 certifies at least half
-    of its probes; queries below it go straight to the exact engine. The probes depend only on
+    call, seeded probe queries built from the training points (16 per t bin of width 0.025,
+    in one batched call) find the lowest bin from which every bin up to 1 certifies at least
+    three quarters of its probes; queries below it go straight to the exact engine. The probes depend only on
     the index, so results are reproducible; the floor is in `t_floor`. calibrate=False tries
     every query.
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
-                 certified: bool = True, *, data: Tensor | None = None, seeds: int = 8,
-                 coarse_budget: float = 0.02, exact_budget: float = 0.005,
+                 certified: bool = True, *, data: Tensor | None = None, seeds: int = 4,
+                 coarse_budget: float = 0.1, exact_budget: float = 0.005,
                  scan_chunk: int = 8192, fallback: str = "exact",
                  device: torch.device | str | None = None, calibrate: bool = True):
         if not isinstance(index, Index):
@@ -183,8 +188,9 @@ class KNNVelocity:
 
     def _calibrate(self, bins: int = CALIBRATION_BINS, per_bin: int = CALIBRATION_PROBES,
                    seed: int = 0) -> float:
-        """The lower edge of the lowest t bin from which, in every bin up to 1, at most half of
-        the probe queries fail to certify (1.0 when even the top bin fails). One batched call:
+        """The lower edge of the lowest t bin from which, in every bin up to 1, at most
+        CALIBRATION_MAX_FAIL of the probe queries fail to certify (1.0 when even the top bin
+        fails). One batched call:
         a call's fixed costs (full sketch scans) dwarf those of its rows."""
         gen = torch.Generator().manual_seed(seed)
         low = torch.arange(bins, dtype=torch.float64).repeat_interleave(per_bin) / bins
@@ -196,7 +202,7 @@ class KNNVelocity:
         failed = self._certified(x.to(torch.float64), t)[3].reshape(bins, per_bin)
         floor = 1.0
         for b in reversed(range(bins)):
-            if float(failed[b].double().mean()) > 0.5:
+            if float(failed[b].double().mean()) > CALIBRATION_MAX_FAIL:
                 break
             floor = b / bins
         return max(floor, MIN_INDEX_T)
@@ -247,28 +253,30 @@ class KNNVelocity:
         queries = self.scanner.sketch(x64 / t[:, None])
         pairs = ExactPairs(x64, t, s, self.train.max_norm)
 
-        # 1. Seeds: small prefix-sketch distances. Their distances only place the threshold
-        #    (the bound below holds for any threshold), so float32 suffices.
-        seeds = self.scanner.seeds(queries, self.seeds)
-        seed_points = self.train.points[seeds.reshape(-1)].to(torch.float32).reshape(
-            *seeds.shape, -1)
-        dots = torch.bmm(seed_points, x64.to(torch.float32)[:, :, None]).squeeze(2)
-        seed_sq = (x64.square().sum(1)[:, None] - 2 * t[:, None] * dots.to(torch.float64)
-                   + (t * t)[:, None] * self.train.sq_norms[seeds]) / (t * t)[:, None]
-        best = seed_sq.argmin(dim=1)
-        best_point = seed_points[torch.arange(len(t)), best].to(torch.float64)
-        # The best seed's own distance, exactly: the threshold must clear it to keep it in K.
-        best_sq = (x64 - t[:, None] * best_point).square().sum(1) / (t * t)
+        # 1-2. Seeds (small coarse-sketch distances) place the threshold: a left-out point's
+        #    weight is below e^(-s·t²·Δ) of the best seed's. Their distances only place it
+        #    (the bound below holds for any threshold), so float32 suffices for choosing.
+        def threshold_of(rows: slice, seeds: Tensor) -> Tensor:
+            x, tt = x64[rows], t[rows]
+            seed_points = self.train.points[seeds.reshape(-1)].to(torch.float32).reshape(
+                *seeds.shape, -1)
+            dots = batched_dots(seed_points, x.to(torch.float32))
+            seed_sq = (x.square().sum(1)[:, None] - 2 * tt[:, None] * dots.to(torch.float64)
+                       + (tt * tt)[:, None] * self.train.sq_norms[seeds]) / (tt * tt)[:, None]
+            best = seed_sq.argmin(dim=1)
+            best_point = seed_points[torch.arange(len(tt)), best].to(torch.float64)
+            # The best seed's own distance, exactly: the threshold must clear it (keep it in K).
+            best_sq = (x - tt[:, None] * best_point).square().sum(1) / (tt * tt)
+            speed = ((best_point - x).norm(dim=1) / (1 - tt)).clamp(min=1e-12)
+            spread = 2 * sk.max_radius
+            log_terms = math.log(n) + torch.log(
+                spread / ((1 - tt) * self.tol * 0.5 * speed)) + 1.0
+            return best_sq + log_terms.clamp(min=0) / st2[rows]
 
-        # 2. The threshold: a left-out point's weight is below e^(-s·t²·Δ) of the best one.
-        speed = ((best_point - x64).norm(dim=1) / (1 - t)).clamp(min=1e-12)
-        spread = 2 * sk.max_radius
-        log_terms = math.log(n) + torch.log(spread / ((1 - t) * self.tol * 0.5 * speed)) + 1.0
-        threshold = best_sq + log_terms.clamp(min=0) / st2
-
-        # 3. Coarse scan, then the fine sketch on the survivors.
-        rows, cols, over = self.scanner.coarse_scan(queries, threshold, self.coarse_budget)
-        rows, cols = self.scanner.fine_filter(queries, rows, cols, threshold)
+        # 3. One pass of coarse GEMMs (seeds and survivors), then the fine sketch.
+        scan = self.scanner.seeded_scan(queries, self.seeds, threshold_of, self.coarse_budget)
+        threshold, over = scan.threshold, scan.over
+        rows, cols = self.scanner.fine_filter(queries, scan.rows, scan.cols, threshold)
         counts = torch.bincount(rows, minlength=len(t))
         over |= counts > self.exact_budget
         keep = ~over[rows]
@@ -288,7 +296,7 @@ class KNNVelocity:
         failed = over | ~(bound <= self.tol * velocity.norm(dim=1)) | (kept == 0)
         velocity = torch.where(failed[:, None], torch.zeros_like(velocity), velocity)
         bound = torch.where(failed, torch.zeros_like(bound), bound)
-        return velocity, bound, kept + seeds.shape[1], failed
+        return velocity, bound, kept + scan.seeds.shape[1], failed
 
     # ------------------------------------------------------------------ top-k path
 

@@ -5,10 +5,11 @@ distance of a query, found without reading them in full dimension.
 three stages that both the certified velocity (estimators.py) and the exact nearest-neighbour
 search (`sketch_knn`, used by `Index.search` and `knnflow memorization`) are built from:
 
-1. seeds: the points of smallest distance over the first 32 sketch coordinates, good
-   candidates for the nearest neighbours, found with one thin GEMM (no proof needed);
-2. coarse scan: every point whose coarse-sketch lower bound (~128 numbers) is ≤ a threshold,
-   as one float32 GEMM per chunk over augmented vectors, with the float32 rounding bounded;
+1. seeds: the points of smallest coarse-sketch distance in each chunk, good candidates for
+   the nearest neighbours (no proof needed); the caller turns them into a threshold;
+2. coarse scan: every point whose coarse-sketch lower bound (~128 numbers) is ≤ that
+   threshold, from the same float32 GEMMs (one per chunk, over augmented vectors, their
+   rounding bounded), so seeds and scan read the sketches once;
 3. fine filter: the coarse survivors screened again with the fine sketch (~512 numbers).
 
 A point left out by stage 2 or 3 provably lies farther than the threshold (sketch.py).
@@ -22,11 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from knnflow.closed_form import row_groups
+from knnflow.closed_form import batched_dots, row_groups
 from knnflow.sketch import Sketches
 
-SEED_WIDTH = 32
 SCAN_CHUNK = 8192
+# Float32 coarse distances kept per slice of queries (64 MB): seeds and survivors come from
+# the same GEMMs.
+SCAN_VALUES = 1 << 24
 
 
 def augment_points(points: Tensor) -> Tensor:
@@ -52,6 +55,19 @@ class SketchedQueries:
     coarse_norm: Tensor
 
 
+@dataclass
+class ScanResult:
+    """What `SketchScanner.seeded_scan` found: the (query row, point) pairs that survive the
+    coarse sketch, the rows over budget (which keep no pairs), each row's threshold on the
+    true distance² and its seeds."""
+
+    rows: Tensor
+    cols: Tensor
+    over: Tensor
+    threshold: Tensor
+    seeds: Tensor
+
+
 class SketchScanner:
     """The sketched training points of one index, ready for scans."""
 
@@ -61,8 +77,6 @@ class SketchScanner:
         coarse = sketches.coarse_points.to(torch.float64)
         self.n = coarse.shape[0]
         self.coarse32 = augment_points(coarse)
-        # Seeds need no proof, only good candidates: the leading coordinates suffice.
-        self.seed32 = augment_points(coarse[:, :SEED_WIDTH])
         self.fine_sq = (sketches.fine_points.to(torch.float64).square().sum(1)
                         if sketches.fine is not None else None)
 
@@ -77,47 +91,59 @@ class SketchScanner:
         one GEMM over augmented vectors [-2a, ‖a‖², 1]·[b, 1, ‖b‖²]."""
         return query @ points[start:start + self.scan_chunk].T
 
-    def seeds(self, queries: SketchedQueries, count: int) -> Tensor:
-        """(B, ≥ count) ids: the points of smallest prefix-sketch distance in each chunk."""
-        seed_query = augment_queries(queries.coarse[:, :SEED_WIDTH])
-        chunks = range(0, self.n, self.scan_chunk)
-        per_chunk = max(1, math.ceil(count / len(chunks)))
-        found = []
-        for start in chunks:
-            dist = self._chunk_distances(self.seed32, seed_query, start)
-            found.append(dist.topk(min(per_chunk, dist.shape[1]), dim=1, largest=False).indices
-                         + start)
-        return torch.cat(found, dim=1)
+    def seeded_scan(self, queries: SketchedQueries, count: int, threshold_of,
+                    budget: int) -> ScanResult:
+        """Seeds, then every point whose coarse lower bound is ≤ the threshold, from one pass
+        of coarse GEMMs.
 
-    def coarse_scan(self, queries: SketchedQueries, threshold: Tensor,
-                    budget: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(query row, point) pairs whose coarse lower bound is ≤ threshold (true distance²),
-        and the rows with more than `budget` such points (those rows keep no pairs)."""
+        Seeds are `count` points per query of smallest coarse-sketch distance among a few
+        candidates from each chunk: good candidates for the nearest neighbours (no proof
+        needed).
+        threshold_of(rows, seed_ids) turns a slice of query rows and their seeds into
+        thresholds on the true distance²; the distances computed for the seeds are then
+        compared with them, so the GEMMs run once. Queries go in slices of at most
+        SCAN_VALUES // n rows, which bounds the stored distances (64 MB). Rows with more than
+        `budget` survivors are marked `over` and keep no pairs.
+        """
         sk = self.sketches
-        limit = sk.screened_threshold(threshold, queries.coarse_norm, queries.norms,
-                                      sk.coarse.width + 2)
-        limit32 = limit.to(torch.float32)
-        query32 = augment_queries(queries.coarse)
-        batch = len(threshold)
-        counts = torch.zeros(batch, dtype=torch.int64)
-        active = torch.arange(batch)
-        found_rows, found_cols = [], []
-        for start in range(0, self.n, self.scan_chunk):
-            # Rows over budget leave the scan.
-            dist = self._chunk_distances(self.coarse32, query32[active], start)
-            hits = dist <= limit32[active, None]
-            counts[active] += torch.count_nonzero(hits, dim=1)
-            within = counts[active] <= budget
-            r, c = hits[within].nonzero().unbind(1)
-            found_rows.append(active[within][r])
-            found_cols.append(c + start)
-            active = active[within]
-            if active.numel() == 0:
-                break
-        over = counts > budget
-        rows, cols = torch.cat(found_rows), torch.cat(found_cols)
-        keep = ~over[rows]
-        return rows[keep], cols[keep], over
+        batch = queries.q.shape[0]
+        starts = range(0, self.n, self.scan_chunk)
+        per_chunk = max(2, math.ceil(count / len(starts)))
+        step = max(1, SCAN_VALUES // self.n)
+        found_rows, found_cols, overs, thresholds, all_seeds = [], [], [], [], []
+        for first in range(0, batch, step):
+            rows = slice(first, min(first + step, batch))
+            query32 = augment_queries(queries.coarse[rows])
+            dists, seeds, seed_dists = [], [], []
+            for start in starts:
+                dist = self._chunk_distances(self.coarse32, query32, start)
+                dists.append(dist)
+                found = chunk_seeds(dist, per_chunk)
+                seeds.append(found + start)
+                seed_dists.append(dist.gather(1, found))
+            seed_ids, seed_dists = torch.cat(seeds, dim=1), torch.cat(seed_dists, dim=1)
+            if seed_ids.shape[1] > count:
+                best = seed_dists.topk(count, dim=1, largest=False).indices
+                seed_ids = seed_ids.gather(1, best)
+            threshold = threshold_of(rows, seed_ids)
+            limit = sk.screened_threshold(threshold, queries.coarse_norm[rows],
+                                          queries.norms[rows], sk.coarse.width + 2)
+            limit32 = limit.to(torch.float32)[:, None]
+            hits = [dist <= limit32 for dist in dists]
+            counts = sum(torch.count_nonzero(hit, dim=1) for hit in hits)
+            over = counts > budget
+            within = (~over).nonzero().squeeze(1)
+            for start, hit in zip(starts, hits, strict=True):
+                if within.numel() < hit.shape[0]:
+                    hit = hit[within]
+                r, c = hit.nonzero().unbind(1)
+                found_rows.append(within[r] + first)
+                found_cols.append(c + start)
+            overs.append(over)
+            thresholds.append(threshold)
+            all_seeds.append(seed_ids)
+        return ScanResult(torch.cat(found_rows), torch.cat(found_cols), torch.cat(overs),
+                          torch.cat(thresholds), torch.cat(all_seeds))
 
     def fine_filter(self, queries: SketchedQueries, rows: Tensor, cols: Tensor,
                     threshold: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,6 +160,18 @@ class SketchScanner:
         bound = sk.lower_bound(sq, slack[rows], fine_norm[rows], sk.fine.width)
         keep = bound <= threshold[rows]
         return rows[keep], cols[keep]
+
+
+def chunk_seeds(dist: Tensor, count: int) -> Tensor:
+    """(B, count) columns of small distance per row: the argmin of each of `count` equal
+    slices of the columns (all columns when there are fewer). Cheaper than topk, and spreads
+    the seeds over the chunk; seeds need no proof."""
+    columns = dist.shape[1]
+    if columns <= count:
+        return torch.arange(columns).expand(dist.shape[0], columns)
+    width = columns // count
+    slices = dist[:, :width * count].reshape(dist.shape[0], count, width)
+    return slices.argmin(dim=2) + torch.arange(count) * width
 
 
 def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
@@ -167,7 +205,7 @@ def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
             idx = torch.where(valid, cols[pos.clamp(min=0)], 0).reshape(-1)
             found = torch.index_select(points, 0, idx, out=buffer[:idx.numel()])
             found = buffer64[:idx.numel()].copy_(found).view(*pos.shape, width)
-            dots = torch.bmm(found, queries[group][:, :, None]).squeeze(2)
+            dots = batched_dots(found, queries[group])
             out[pos[valid]] = dots[valid]
     return out
 
@@ -211,14 +249,17 @@ def sketch_knn(scanner: SketchScanner, points: Tensor, q64: Tensor, k: int,
     """
     batch = q64.shape[0]
     queries = scanner.sketch(q64)
-    seed_ids = scanner.seeds(queries, max(seeds, k))
-    seed_rows = torch.arange(batch).repeat_interleave(seed_ids.shape[1])
-    seed_sq = pair_sq_distances(q64, points, seed_rows, seed_ids.reshape(-1)).reshape(
-        seed_ids.shape)
-    kth = seed_sq.kthvalue(k, dim=1).values
-    # A margin over float64 rounding of the seeds' distances keeps them inside the threshold.
-    threshold = kth * (1 + 1e-9) + 1e-12
-    rows, cols, over = scanner.coarse_scan(queries, threshold, budget)
+
+    def threshold_of(rows: slice, seed_ids: Tensor) -> Tensor:
+        query_rows = torch.arange(batch)[rows].repeat_interleave(seed_ids.shape[1])
+        seed_sq = pair_sq_distances(q64, points, query_rows, seed_ids.reshape(-1)).reshape(
+            seed_ids.shape)
+        kth = seed_sq.kthvalue(k, dim=1).values
+        # A margin over float64 rounding of the seeds' distances keeps them inside.
+        return kth * (1 + 1e-9) + 1e-12
+
+    scan = scanner.seeded_scan(queries, max(seeds, k), threshold_of, budget)
+    rows, cols, over, threshold = scan.rows, scan.cols, scan.over, scan.threshold
     rows, cols = scanner.fine_filter(queries, rows, cols, threshold)
     counts = torch.bincount(rows, minlength=batch)
     done = ~over & (counts >= k)
@@ -238,4 +279,4 @@ def sketch_knn(scanner: SketchScanner, points: Tensor, q64: Tensor, k: int,
     if done_rows.numel():
         take = starts[done_rows, None] + torch.arange(k)[None]
         out_d[done_rows], out_i[done_rows] = sq[take], cols[take]
-    return PrunedSearch(out_d, out_i, done, counts + seed_ids.shape[1])
+    return PrunedSearch(out_d, out_i, done, counts + scan.seeds.shape[1])

@@ -139,9 +139,9 @@ class KNNVelocity:
     neighbours from every lower bound), and trying costs a sketch scan per query. On the first
     call, seeded probe queries built from the training points (16 per t bin of width 0.025,
     in one batched call) find the lowest bin from which every bin up to 1 certifies at least
-    three quarters of its probes; queries below it go straight to the exact engine. The probes depend only on
-    the index, so results are reproducible; the floor is in `t_floor`. calibrate=False tries
-    every query.
+    three quarters of its probes; queries below it go straight to the exact engine. The
+    probes depend only on the index, so results are reproducible; the floor is in `t_floor`.
+    calibrate=False tries every query.
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,

@@ -71,3 +71,24 @@ def test_pair_dots_match_float64_products(dtype):
     expected = (queries[rows] * points[cols].to(torch.float64)).sum(1)
     got = pair_dots(queries, points, rows, cols, group_min=32)
     assert torch.allclose(got, expected, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(7, 8192), (3, 4096), (5, 846), (4, 64)])
+def test_scan_helpers_match_plain_torch(shape):
+    """chunk_seeds' blocked argmin picks the columns a plain argmin of each slice picks;
+    sparse_nonzero lists the True entries of a mask as nonzero() does, in the same order."""
+    from knnflow.prune import chunk_seeds, sparse_nonzero
+
+    gen = torch.Generator().manual_seed(shape[1])
+    dist = torch.randn(shape, generator=gen)
+    for count in (1, 2, 3):
+        width = shape[1] // count
+        slices = dist[:, :width * count].reshape(shape[0], count, width)
+        expected = slices.argmin(dim=2) + torch.arange(count) * width
+        assert torch.equal(chunk_seeds(dist, count), expected)
+    for level in (-3.0, -1.0, 0.5):
+        mask = dist <= level
+        rows, cols = sparse_nonzero(mask)
+        expected = mask.nonzero()
+        assert torch.equal(rows, expected[:, 0]) and torch.equal(cols, expected[:, 1])
+    assert sparse_nonzero(torch.zeros(shape, dtype=torch.bool))[0].numel() == 0

@@ -170,11 +170,12 @@ class EFMTarget(Target):
         dense = pairs.dot_form & (len(ids) >= batch * n / DENSE_DRAW_RATIO)
         too_big = max(n * self.train.dim, batch * n) > DENSE_DRAW_ELEMENTS
         if too_big or not bool(dense.any()):
-            pairs.add_(state, rows, self.train.points, ids)
+            pairs.add_grouped_(state, rows, self.train.points, ids, self.train.sq_norms)
             return
         sparse = ~dense[rows]
         if bool(sparse.any()):
-            pairs.add_(state, rows[sparse], self.train.points, ids[sparse])
+            pairs.add_grouped_(state, rows[sparse], self.train.points, ids[sparse],
+                               self.train.sq_norms)
         which = dense.nonzero().squeeze(1)
         counts = torch.zeros(batch, n, dtype=torch.float64, device=ids.device)
         counts.index_put_((rows, ids), torch.ones_like(rows, dtype=torch.float64),
@@ -221,8 +222,8 @@ class EFMTarget(Target):
                 for i in range(0, len(ids) if self.flip else 0, step):
                     part = slice(i, i + step)
                     drawn = self._points(ids[part], flips[part])
-                    pairs.add_(state, pair_rows[part], drawn,
-                               torch.arange(len(drawn), device=x64.device))
+                    pairs.add_grouped_(state, pair_rows[part], drawn,
+                                       torch.arange(len(drawn), device=x64.device))
         return (state.denoiser() - x64) / (1 - t64)[:, None]
 
 

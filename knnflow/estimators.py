@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from knnflow.closed_form import (
+    LIVE_NATS,
     ExactPairs,
     SoftmaxState,
     TrainingSet,
@@ -118,9 +119,11 @@ class KNNVelocity:
     2. Every point is left out whose lower bound exceeds thr = d_b² + Δ, with Δ chosen from
        tol (a left-out point has weight below e^(-s·t²·Δ) of the best one). The coarse
        survivors are screened again with the fine sketch (~512 numbers).
-    3. The remaining set K is evaluated exactly in float64. The left-out mass is at most
-       Z_R ≤ (n - |K|)·e^(-s·t²·thr), so ‖û_K - û*‖ ≤ Z_R/(Z_K + Z_R)·(‖D_K - mean‖ + R)/(1-t)
-       with R the largest distance of a training point from the mean. That is error_bound.
+    3. The remaining set K is evaluated exactly in float64 (a float32 screen with a proven
+       error skips pairs that weigh below e^-40 of Z_K in all: ExactPairs.add_grouped_).
+       The left-out mass is at most Z_R ≤ (n - |K|)·e^(-s·t²·thr) + e^-40·Z_K, so
+       ‖û_K - û*‖ ≤ Z_R/(Z_K + Z_R)·(‖D_K - mean‖ + R)/(1-t) with R the largest distance of
+       a training point from the mean. That is error_bound.
     4. A query falls back to the exact engine (bound 0) when t is below the calibrated floor
        (below, see `calibrate`) or below 1e-3, when more than
        `coarse_budget`·n points (at least 512) survive the coarse sketch (the fine filter
@@ -290,7 +293,9 @@ class KNNVelocity:
         velocity = (denoiser - x64) / (1 - t)[:, None]
         left_out = (n - kept).to(torch.float64)
         log_ratio = torch.log(left_out) - st2 * threshold - state.ref - torch.log(state.z)
-        ratio = torch.exp(log_ratio.clamp(max=700))
+        # The kept set's screen (ExactPairs.add_grouped_) may leave out pairs inside the
+        # threshold whose weights sum below e^-LIVE_NATS of Z_K: they count as left out too.
+        ratio = torch.exp(log_ratio.clamp(max=700)) + math.exp(-LIVE_NATS)
         reach = (denoiser - sk.transform.mean).norm(dim=1) + sk.max_radius
         bound = ratio / (1 + ratio) * reach / (1 - t)
         failed = over | ~(bound <= self.tol * velocity.norm(dim=1)) | (kept == 0)

@@ -453,11 +453,14 @@ class _DenseSums:
         self.s.zero_()
 
 
-def DOT32_ERROR(dim: int) -> float:  # noqa: N802 (a constant of d)
+def DOT32_ERROR(dim: int, input_roundoff: float = 0.0) -> float:  # noqa: N802
     """c with |float32 ⟨fl(x), p⟩ - ⟨x, p⟩| ≤ c·‖x‖·‖p‖ for float64 x rounded to float32 and
-    float32 p of length dim, in any summation order: u + γ_d·(1 + u), γ_d = d·u/(1 - d·u)."""
+    float32 p of length dim, in any summation order: each term is off by a factor
+    (1 + u)(1 + u_in)²(1 + γ_d) at most, γ_d = d·u/(1 - d·u), where u_in is the matmul's own
+    rounding of its inputs (TF32 or bf16 settings: matmul_input_roundoff; 0 in full float32)."""
     u = FLOAT32_ROUNDOFF
-    return u + dim * u / (1 - dim * u) * (1 + u)
+    gamma = dim * u / (1 - dim * u)
+    return (1 + u) * (1 + input_roundoff) ** 2 * (1 + gamma) - 1
 
 
 def batched_dots(points: Tensor, queries: Tensor) -> Tensor:
@@ -470,13 +473,17 @@ def batched_dots(points: Tensor, queries: Tensor) -> Tensor:
 
 
 def row_groups(rows: Tensor, batch: int, min_pairs: int, dim: int,
-               max_elements: int = GROUP_BLOCK_ELEMENTS):
+               max_elements: int | None = None):
     """The pairs of every query row with at least `min_pairs` pairs, in padded blocks.
 
     Yields (group, pos): group (g,) query rows, pos (g, K) positions into `rows` of each
     row's pairs, padded with -1. Rows go in order of size, so a block pads little, and a
-    block holds at most max_elements values of width `dim` (one row alone may exceed it).
+    block holds at most max_elements (default GROUP_BLOCK_ELEMENTS) values of width `dim`:
+    a row with more pairs than that comes in pieces, each its own block (the same row in
+    several blocks).
     """
+    if max_elements is None:
+        max_elements = GROUP_BLOCK_ELEMENTS
     counts = torch.bincount(rows, minlength=batch)
     heavy = (counts >= min_pairs).nonzero().squeeze(1)
     if heavy.numel() == 0:
@@ -485,10 +492,12 @@ def row_groups(rows: Tensor, batch: int, min_pairs: int, dim: int,
     order = torch.argsort(rows, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     sizes = counts[heavy].tolist()
+    cap = max(1, max_elements // dim)
     first = 0
-    while first < len(sizes):
+    while first < len(sizes) and sizes[first] <= cap:
         last = first
-        while last + 1 < len(sizes) and (last + 2 - first) * sizes[last + 1] * dim <= max_elements:
+        while (last + 1 < len(sizes) and sizes[last + 1] <= cap
+               and (last + 2 - first) * sizes[last + 1] * dim <= max_elements):
             last += 1
         group, width = heavy[first:last + 1], sizes[last]
         offsets = torch.arange(width)
@@ -496,6 +505,11 @@ def row_groups(rows: Tensor, batch: int, min_pairs: int, dim: int,
         pos = order[(starts[group][:, None] + offsets[None]).clamp(max=len(order) - 1)]
         yield group, torch.where(valid, pos, -1)
         first = last + 1
+    for i in range(first, len(sizes)):
+        row, begin = heavy[i:i + 1], int(starts[heavy[i]])
+        for piece in range(0, sizes[i], cap):
+            stop = begin + min(sizes[i], piece + cap)
+            yield row, order[begin + piece:stop][None]
 
 
 class ExactPairs:
@@ -540,7 +554,8 @@ class ExactPairs:
         sizes (row_groups), their points read once into a reused buffer. For float32 points
         with known sq_norms, a float32 screen (batched_dots) bounds every logit within
         `slack` = 2·s·t·DOT32_ERROR(d)·‖x‖·max‖x_j‖ nats, and only the pairs within
-        LIVE_NATS + log(K) + 2·slack of the row's best get exact float64 weights (a second
+        LIVE_NATS + log(K) + 2·slack (+ float64 rounding) of the best in their block get exact
+        float64 weights (a second
         pass, screen=False): the others weigh below e^-40 of the total, under float64
         resolution. Otherwise
         the block's logits and weighted sums are batched float64 products. Against `add_` on
@@ -548,11 +563,14 @@ class ExactPairs:
         blocks) this was 2-4× faster on the synthetic set's certified pairs. Other pairs, and
         other devices, take `add_`. sq_norms: float64 ‖x_j‖² of the chunk's points.
         """
+        if chunk.device.type != "cpu":
+            self.add_(state, rows, chunk, cols)
+            return
         if rows.numel() == 0:
             return
         batch, dim = state.z.shape[0], chunk.shape[1]
-        groups = list(row_groups(rows, batch, GROUP_MIN_PAIRS, dim)) \
-            if chunk.device.type == "cpu" else []
+        groups = list(row_groups(rows, batch, GROUP_MIN_PAIRS, dim))
+        totals = torch.bincount(rows, minlength=batch)
         grouped = torch.zeros(rows.numel(), dtype=torch.bool)
         for _, pos in groups:
             grouped[pos[pos >= 0]] = True
@@ -564,6 +582,10 @@ class ExactPairs:
             buffer64 = buffer if chunk.dtype == torch.float64 else torch.empty(
                 largest, dim, dtype=torch.float64)
         screen = screen and chunk.dtype == torch.float32 and sq_norms is not None
+        if screen:
+            # Every point's norm, rounded up: max_norm came from a float64 square root.
+            reach = max(self.max_norm, float(sq_norms.max()) ** 0.5) * (1 + 1e-12)
+            dot_error = DOT32_ERROR(dim, matmul_input_roundoff(torch.float32, chunk.device))
         for group, pos in groups:
             valid = pos >= 0
             idx = torch.where(valid, cols[pos.clamp(min=0)], 0)
@@ -580,8 +602,11 @@ class ExactPairs:
                 logits = -s * (self.x_sq[group, None] - 2 * t * dots.to(torch.float64)
                                + t * t * sq_p)
                 logits = logits.masked_fill(~valid, -math.inf)
-                slack = 2 * s * t * DOT32_ERROR(dim) * self.x_norm[group, None] * self.max_norm
-                margin = LIVE_NATS + math.log(idx.shape[1]) + 2 * slack
+                slack = 2 * s * t * dot_error * self.x_norm[group, None] * reach
+                # log of the row's whole pair count (a long row comes in several blocks), and
+                # the float64 rounding of the logits themselves (dot form: ≤ DOT_FORM_NATS).
+                margin = (LIVE_NATS + totals[group, None].to(torch.float64).log()
+                          + 2 * slack + 2 * DOT_FORM_NATS)
                 keep = logits >= logits.max(dim=1, keepdim=True).values - margin
                 which, k = keep.nonzero().unbind(1)
                 live.append((group[which], idx[which, k]))

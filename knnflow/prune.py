@@ -30,6 +30,9 @@ SCAN_CHUNK = 8192
 # Float32 coarse distances kept per slice of queries (64 MB): seeds and survivors come from
 # the same GEMMs.
 SCAN_VALUES = 1 << 24
+# Fewer query rows per slice than this make the scan's GEMMs thin (slow): then the GEMMs run
+# twice instead of keeping distances.
+MIN_SLICE_ROWS = 64
 
 
 def augment_points(points: Tensor) -> Tensor:
@@ -93,23 +96,38 @@ class SketchScanner:
 
     def seeded_scan(self, queries: SketchedQueries, count: int, threshold_of,
                     budget: int) -> ScanResult:
-        """Seeds, then every point whose coarse lower bound is ≤ the threshold, from one pass
-        of coarse GEMMs.
+        """Seeds, then every point whose coarse lower bound is ≤ the threshold.
 
         Seeds are `count` points per query of smallest coarse-sketch distance among a few
         candidates from each chunk: good candidates for the nearest neighbours (no proof
-        needed).
-        threshold_of(rows, seed_ids) turns a slice of query rows and their seeds into
-        thresholds on the true distance²; the distances computed for the seeds are then
-        compared with them, so the GEMMs run once. Queries go in slices of at most
-        SCAN_VALUES // n rows, which bounds the stored distances (64 MB). Rows with more than
-        `budget` survivors are marked `over` and keep no pairs.
+        needed). threshold_of(rows, seed_ids) turns a slice of query rows and their seeds into
+        thresholds on the true distance², and the coarse distances are compared with them.
+        When a slice of at least MIN_SLICE_ROWS queries (or the whole batch) fits in
+        SCAN_VALUES stored distances (64 MB), the distances computed for the seeds are kept
+        and the GEMMs run once; otherwise (large n) the whole batch goes at once and the
+        GEMMs run a second time, so thin slices never make the GEMMs slow. Rows with more
+        than `budget` survivors leave the scan, are marked `over` and keep no pairs.
         """
         sk = self.sketches
         batch = queries.q.shape[0]
-        starts = range(0, self.n, self.scan_chunk)
-        per_chunk = max(2, math.ceil(count / len(starts)))
-        step = max(1, SCAN_VALUES // self.n)
+        starts = list(range(0, self.n, self.scan_chunk))
+        sizes = [min(self.scan_chunk, self.n - start) for start in starts]
+        wanted = min(count, self.n)
+        per_chunk = max(2, math.ceil(wanted / len(starts)))
+
+        def candidates(per: int) -> int:
+            return sum(min(per, size) for size in sizes)
+
+        while candidates(per_chunk) < wanted:
+            per_chunk += 1
+        if min(sizes) < per_chunk:
+            # A short chunk gives all its columns, near or not: take twice the seeds from the
+            # others and keep the best by coarse distance.
+            while candidates(per_chunk) < min(2 * wanted, self.n):
+                per_chunk += 1
+        step = SCAN_VALUES // self.n
+        keep = step >= min(batch, MIN_SLICE_ROWS)
+        step = step if keep else batch
         found_rows, found_cols, overs, thresholds, all_seeds = [], [], [], [], []
         for first in range(0, batch, step):
             rows = slice(first, min(first + step, batch))
@@ -117,33 +135,46 @@ class SketchScanner:
             dists, seeds, seed_dists = [], [], []
             for start in starts:
                 dist = self._chunk_distances(self.coarse32, query32, start)
-                dists.append(dist)
+                if keep:
+                    dists.append(dist)
                 found = chunk_seeds(dist, per_chunk)
                 seeds.append(found + start)
                 seed_dists.append(dist.gather(1, found))
             seed_ids, seed_dists = torch.cat(seeds, dim=1), torch.cat(seed_dists, dim=1)
-            if seed_ids.shape[1] > count:
-                best = seed_dists.topk(count, dim=1, largest=False).indices
+            if seed_ids.shape[1] > wanted:
+                best = seed_dists.topk(wanted, dim=1, largest=False).indices
                 seed_ids = seed_ids.gather(1, best)
             threshold = threshold_of(rows, seed_ids)
             limit = sk.screened_threshold(threshold, queries.coarse_norm[rows],
                                           queries.norms[rows], sk.coarse.width + 2)
             limit32 = limit.to(torch.float32)[:, None]
-            hits = [dist <= limit32 for dist in dists]
-            counts = sum(hit.view(torch.uint8).sum(dim=1) for hit in hits)
-            over = counts > budget
-            within = (~over).nonzero().squeeze(1)
-            for start, hit in zip(starts, hits, strict=True):
-                if within.numel() < hit.shape[0]:
-                    hit = hit[within]
+            size = query32.shape[0]
+            counts = torch.zeros(size, dtype=torch.int64)
+            active = torch.arange(size)
+            for i, start in enumerate(starts):
+                if active.numel() == 0:
+                    break
+                everyone = active.numel() == size
+                if keep:
+                    dist = dists[i] if everyone else dists[i][active]
+                else:
+                    dist = self._chunk_distances(self.coarse32, query32[active], start)
+                hit = dist <= (limit32 if everyone else limit32[active])
+                counts[active] += hit.view(torch.uint8).sum(dim=1)
+                within = counts[active] <= budget
+                if not bool(within.all()):
+                    hit, active = hit[within], active[within]
                 r, c = sparse_nonzero(hit)
-                found_rows.append(within[r] + first)
+                found_rows.append(active[r] + first)
                 found_cols.append(c + start)
-            overs.append(over)
+            overs.append(counts > budget)
             thresholds.append(threshold)
             all_seeds.append(seed_ids)
-        return ScanResult(torch.cat(found_rows), torch.cat(found_cols), torch.cat(overs),
-                          torch.cat(thresholds), torch.cat(all_seeds))
+        over = torch.cat(overs)
+        rows, cols = torch.cat(found_rows), torch.cat(found_cols)
+        kept = ~over[rows]
+        return ScanResult(rows[kept], cols[kept], over, torch.cat(thresholds),
+                          torch.cat(all_seeds))
 
     def fine_filter(self, queries: SketchedQueries, rows: Tensor, cols: Tensor,
                     threshold: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,9 +194,11 @@ class SketchScanner:
 
 
 def chunk_seeds(dist: Tensor, count: int, block: int = 128) -> Tensor:
-    """(B, count) columns of small distance per row: the argmin of each of `count` equal
-    slices of the columns (all columns when there are fewer). Cheaper than topk, and spreads
-    the seeds over the chunk; seeds need no proof.
+    """(B, count) columns of small distance per row; seeds need no proof. For count ≤ 2 (the
+    certified velocity's seeds, k ≤ 2 searches) the argmin of each of `count` equal slices
+    of the columns, cheaper than topk; for more (a k-NN search's k-th seed places its
+    threshold, so the seeds should be the chunk's nearest) topk. All columns when there are
+    fewer than `count`.
 
     torch's argmin over 8192 float32 columns took 25× longer than amin on this CPU, so the
     argmin goes through blocks: amin per block of `block` columns, argmin over the blocks,
@@ -174,6 +207,8 @@ def chunk_seeds(dist: Tensor, count: int, block: int = 128) -> Tensor:
     batch, columns = dist.shape
     if columns <= count:
         return torch.arange(columns).expand(batch, columns)
+    if count > 2:
+        return dist.topk(count, dim=1, largest=False).indices
     width = columns // count
     slices = dist[:, :width * count].reshape(batch, count, width)
     offsets = torch.arange(count) * width
@@ -190,7 +225,8 @@ def sparse_nonzero(mask: Tensor) -> tuple[Tensor, Tensor]:
     mask.nonzero(), but fast when they are few: 8-byte words first, then the bytes of the
     nonzero words (1.5 ms → ~0.3 ms for a 256 × 8192 scan chunk here)."""
     batch, columns = mask.shape
-    if columns % 8 or not mask.is_contiguous() or mask.numel() == 0:
+    if (columns % 8 or not mask.is_contiguous() or mask.storage_offset() % 8
+            or mask.numel() == 0):
         return mask.nonzero().unbind(1)
     as_bytes = mask.view(torch.uint8)
     r, w = (as_bytes.view(torch.int64) != 0).nonzero().unbind(1)

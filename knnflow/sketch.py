@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from knnflow.closed_form import FLOAT32_ROUNDOFF, FLOAT64_ROUNDOFF
+from knnflow.closed_form import FLOAT32_ROUNDOFF, FLOAT64_ROUNDOFF, matmul_input_roundoff
 
 PCA_MAX_DIM = 1024
 SKETCH_FILE, TRANSFORM_FILE, COARSE_FILE, FINE_FILE = (
@@ -260,10 +260,15 @@ class Sketches:
 
     def gemm_error(self, sketch_norms: Tensor, width: int) -> Tensor:
         """Bound on |float32 ‖a‖² + ‖b‖² - 2⟨a, b⟩ - ‖a - b‖²| for ‖a‖ ≤ sketch_norms,
-        ‖b‖ ≤ max_radius (1.01 covers the float32 storage of both)."""
+        ‖b‖ ≤ max_radius (1.01 covers the float32 storage of both). Where torch's float32
+        matmul settings round the inputs (bf16 or TF32, closed_form.matmul_input_roundoff),
+        each of the terms, whose magnitudes sum to at most (‖a‖ + ‖b‖)², is off by up to
+        (1 + u_in)² - 1 more."""
         u = FLOAT32_ROUNDOFF
+        u_in = matmul_input_roundoff(torch.float32, sketch_norms.device)
         gamma = width * u / (1 - width * u)
-        return 1.01 * (2 * gamma + 8 * u) * (sketch_norms + self.max_radius) ** 2
+        return 1.01 * (2 * gamma + 8 * u + 2 * u_in + u_in * u_in) * (
+            sketch_norms + self.max_radius) ** 2
 
     def screened_threshold(self, threshold: Tensor, sketch_norms: Tensor,
                            query_norms: Tensor, width: int) -> Tensor:

@@ -242,10 +242,15 @@ def test_gpu_sized_chunks_match_float64(t):
 @pytest.mark.parametrize("t", [0.3, 0.7, 0.9999])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_norms", [True, False])
-def test_grouped_pairs_match_float64_brute_force(t, dtype, with_norms):
+@pytest.mark.parametrize("block", [1 << 21, 40 * 50])
+def test_grouped_pairs_match_float64_brute_force(t, dtype, with_norms, block, monkeypatch):
     """add_grouped_ (padded per-query blocks for rows with many pairs, add_ for the rest) gives
     each query's softmax over exactly its own pairs, as explicit float64 differences do.
-    t = 0.9999 takes the difference form (dot_form false)."""
+    t = 0.9999 takes the difference form (dot_form false); block = 40·50 values splits rows
+    of more than 50 pairs into pieces."""
+    import knnflow.closed_form as closed_form
+
+    monkeypatch.setattr(closed_form, "GROUP_BLOCK_ELEMENTS", block)
     gen = torch.Generator().manual_seed(3)
     points = torch.randn(300, 40, generator=gen).to(dtype)
     train = TrainingSet.from_points(points)

@@ -118,19 +118,29 @@ def test_knn_bound_holds_on_random_sets(seed, t, tol, duplicates, far, dim):
     assert (out.error_bound <= tol * out.velocity.to(torch.float64).norm(dim=1) + 1e-12).all()
 
 
-def test_knn_on_image_sized_data_uses_both_sketches():
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_knn_on_image_sized_data_uses_both_sketches(precision):
+    """Image-sized data (the DCT transform, coarse and fine sketches); with torch's float32
+    matmul precision at "medium" the GEMMs may round their inputs to bf16, and the scan's and
+    the screen's error bounds must widen to stay proven."""
     from knnflow.data import synthetic_images
 
     images = synthetic_images(3000, (3, 32, 32), seed=0)
     held_out = synthetic_images(32, (3, 32, 32), seed=1)
     index = knnflow.Index.build(images)
     assert index.sketches.transform.kind == "dct" and index.sketches.fine is not None
-    estimator = knnflow.KNNVelocity(index)
-    for t in (0.3, 0.7, 0.95):
-        x = flow_queries(held_out, t, 32, seed=3, jitter=0.0)
-        out = estimator(x, t)
-        assert_bound_holds(out, brute_force_velocity(x, t, images))
-    assert out.fallback.double().mean() < 0.2
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        estimator = knnflow.KNNVelocity(index)
+        for t in (0.3, 0.7, 0.95):
+            x = flow_queries(held_out, t, 32, seed=3, jitter=0.0)
+            out = estimator(x, t)
+            assert_bound_holds(out, brute_force_velocity(x, t, images))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    if precision == "highest":
+        assert out.fallback.double().mean() < 0.2
 
 
 def test_uncertified_top_k_is_flagged(digits, digits_index):

@@ -219,3 +219,25 @@ def test_search_method_is_checked(sketch_index, digit_images):
     no_sketch.sketches = None
     with pytest.raises(InputError, match="no sketches"):
         no_sketch.search(digit_images[:1], k=1, method="sketch")
+
+
+@pytest.mark.parametrize("scan_chunk, scan_values", [(2995, 1 << 24), (1024, 1)])
+def test_sketch_knn_with_short_chunks_and_recomputed_scans(sketch_index, monkeypatch,
+                                                           scan_chunk, scan_values):
+    """k above what a short last chunk gives (2995 + 5 columns, k = 16: the seeds must still
+    number k), and the two-pass scan that recomputes the GEMMs when distances cannot be kept
+    (SCAN_VALUES tiny): both exact against float64 brute force."""
+    from knnflow import prune
+
+    index, points = sketch_index
+    monkeypatch.setattr(prune, "SCAN_VALUES", scan_values)
+    flat = points.reshape(points.shape[0], -1)
+    gen = torch.Generator().manual_seed(1)
+    queries = flat[300:330] + 0.05 * torch.randn(30, flat.shape[1], generator=gen)
+    scanner = prune.SketchScanner(index.sketches, scan_chunk=scan_chunk)
+    found = prune.sketch_knn(scanner, index.training_set().points, queries.double(), k=16,
+                             budget=1500)
+    distances, ids = brute_force_knn(queries, points, 16)
+    assert bool(found.done.all())
+    assert torch.allclose(found.sq_distances, distances, rtol=1e-12, atol=1e-12)
+    assert torch.equal(found.ids, ids)

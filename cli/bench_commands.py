@@ -38,9 +38,10 @@ app = typer.Typer(help="Measure speed and error against baselines, in one run on
 
 def machine_text(config: dict) -> str:
     """'cpu (N threads)' or the GPU's name, for table titles."""
+    search = config.get("search_device") or config.get("knn_search_device")
     if config.get("device") == "cuda":
         return (f"{config['gpu']} (+ {config['threads']} CPU threads; FAISS on "
-                f"{config.get('faiss_device', 'cuda')})")
+                f"{config.get('faiss_device', 'cuda')}; certified search on {search or 'cpu'})")
     return f"cpu ({config['threads']} threads)"
 
 
@@ -126,13 +127,17 @@ def knn(
     repeats: Annotated[int, typer.Option(help="Timed calls per measurement (median).")] = 3,
     index: IndexOption = None,
     device: DeviceOption = "cpu",
+    search_device: Annotated[str, typer.Option(
+        help="cpu, cuda or auto: where (b)'s certified search runs (sketch scans, the kept "
+             "set's weights); its exact fallback runs on --device.")] = "cpu",
     json_out: JsonOutOption = None,
 ) -> None:
     """Certified kNN velocity (b) against the exact engine (a) and top-k truncation (c)."""
     with progress_bar() as progress:
         result = bench_knn(dataset=dataset, root=str(root) if root else None, limit=limit,
                            ts=parse_floats(t, "--t"), batch=batch, tol=tol, repeats=repeats,
-                           index_folder=index, device=device, progress=progress)
+                           index_folder=index, device=device, search_device=search_device,
+                           progress=progress)
     c = result.config
     table = Table(title=(f"Certified kNN û*: {c['data']}, n={c['n']}, d={c['d']}, batch "
                          f"{c['batch']}, tol {c['tol']:g}, {machine_text(c)}"),
@@ -272,6 +277,9 @@ def train(
         help="Compute the next batch's target in a background thread while the network "
              "trains (default: on GPUs, as knnflow train does).")] = None,
     index: IndexOption = None,
+    knn_search_device: Annotated[str, typer.Option(
+        help="cpu, cuda or auto: where knn-efm's certified search runs (its exact fallback "
+             "runs on --device).")] = "cpu",
     json_out: JsonOutOption = None,
 ) -> None:
     """Training step time with each target relative to cfm, in one run: each target trains its
@@ -283,7 +291,8 @@ def train(
         result = bench_train(dataset=dataset, root=str(root) if root else None, limit=limit,
                              preset=preset, targets=labels, batch=batch, steps=steps,
                              warmup=warmup, device=device, tol=tol, index_folder=index,
-                             prefetch=prefetch, progress=progress)
+                             prefetch=prefetch, knn_search_device=knn_search_device,
+                             progress=progress)
     c = result.config
     table = Table(title=(f"Training step time: {c['data']}, n={c['n']}, preset {c['preset']} "
                          f"({c['parameters']:,} parameters), batch {c['batch']}, "

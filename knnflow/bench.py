@@ -377,12 +377,13 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
               ts: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9), batch: int = 256,
               tol: float = 1e-4, ks: tuple[int, ...] = (16, 256), repeats: int = 3,
               index_folder: str | Path | None = None, seed: int = 0, device: str = "cpu",
-              progress: Progress | None = None) -> KnnBench:
+              search_device: str = "cpu", progress: Progress | None = None) -> KnnBench:
     """Exact engine (a) against KNNVelocity certified (b) and the top-k truncation (c), on the
     same queries x_t = (1-t)·x0 + t·x1 (x1 held-out images), for each t and for t ~ U[0,1).
 
     device cuda: the exact engine, the certified estimator's exact fallback and the FAISS
-    index (top-k search) run on the GPU; the certified search itself stays on the CPU."""
+    index (top-k search) run on the GPU; the certified search itself runs on
+    `search_device` (default the CPU)."""
     from knnflow.estimators import ExactVelocity, KNNVelocity
 
     if any(not 0 <= t < 1 for t in ts):
@@ -392,16 +393,18 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
     if min(batch, repeats) < 1:
         raise InputError("--batch and --repeats must be at least 1")
     device = resolve_device(device)
+    search_device = resolve_device(search_device, "--search-device")
     index, name = bench_index(dataset, root, limit, index_folder, progress, device)
     held_out = load_dataset(dataset, root=root, split="test")
     held_out = held_out.reshape(held_out.shape[0], -1)
     gen = torch.Generator().manual_seed(seed)
     exact = ExactVelocity(index, device=device)
-    certified = KNNVelocity(index, tol=tol, device=device)
+    certified = KNNVelocity(index, tol=tol, device=device, search_device=search_device)
     topk = {f"top-{k}": KNNVelocity(index, k=min(k, index.n), certified=False) for k in ks}
     result = KnnBench(config={"data": name, "n": index.n, "d": index.dim, "batch": batch,
                               "tol": tol, "repeats": repeats, "threads": torch.get_num_threads(),
                               "torch": torch.__version__, "device": device,
+                              "search_device": search_device,
                               "faiss_device": faiss_device(device),
                               "gpu": torch.cuda.get_device_name() if device == "cuda" else None})
     cases = [(f"{t:g}", torch.full((batch,), float(t))) for t in ts]
@@ -666,7 +669,7 @@ def bench_train(dataset: str = "digits", root: str | None = None, limit: int | N
                 preset: str = "tiny", targets: tuple[str, ...] = TRAIN_TARGETS,
                 batch: int = 128, steps: int = 20, warmup: int = 3, device: str = "cpu",
                 tol: float = 1e-4, index_folder: str | Path | None = None, seed: int = 0,
-                prefetch: bool | None = None,
+                prefetch: bool | None = None, knn_search_device: str = "cpu",
                 progress: Progress | None = None) -> TrainBench:
     """Training step time with each target, relative to cfm, in one run: every target trains
     its own copy of the model (same initial weights) on the same seeded stream of (x0, x1, t),
@@ -683,6 +686,7 @@ def bench_train(dataset: str = "digits", root: str | None = None, limit: int | N
     if min(batch, steps) < 1 or warmup < 0:
         raise InputError("--batch and --steps must be at least 1, --warmup at least 0")
     device = resolve_device(device)
+    knn_search_device = resolve_device(knn_search_device, "--knn-search-device")
     prefetch = device == "cuda" if prefetch is None else prefetch
     index, name = bench_index(dataset, root, limit, index_folder, progress, device)
     train_set = index.training_set()
@@ -703,7 +707,8 @@ def bench_train(dataset: str = "digits", root: str | None = None, limit: int | N
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
         target = make_target(tol=tol, index=index if spec["name"] == "knn-efm" else None,
-                             data=train_set, device=device, image_shape=image_shape, **spec)
+                             data=train_set, device=device, image_shape=image_shape,
+                             knn_search_device=knn_search_device, **spec)
         stream = BatchStream(images, target, batch, False, torch.Generator().manual_seed(seed),
                              prefetch=prefetch)
         return model, ema, torch.optim.Adam(model.parameters(), lr=config.lr), stream
@@ -754,6 +759,7 @@ def bench_train(dataset: str = "digits", root: str | None = None, limit: int | N
         "data": name, "n": index.n, "d": index.dim, "preset": preset, "parameters": parameters,
         "batch": batch, "steps": steps, "warmup": warmup, "device": device,
         "faiss_device": faiss_device(device), "prefetch": prefetch, "tol": tol,
+        "knn_search_device": knn_search_device,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None})
     base = statistics.median(step_ms["cfm"]) if "cfm" in step_ms else None

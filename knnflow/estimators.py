@@ -136,8 +136,10 @@ class KNNVelocity:
     data: the training points, to check that the index was built on them.
     fallback="none" leaves the queries that would fall back to the caller: their velocity is
     NaN, their bound inf and `fallback` marks them (the knn-efm target fills them with EFM).
-    device: where the exact engine runs the fallback queries (for example "cuda"); the
-    certified search itself runs on the CPU, next to the sketches and the FAISS index.
+    device: where the exact engine runs the fallback queries (for example "cuda").
+    search_device: where the certified search runs (sketch scans, the kept set's weights);
+    default the CPU. "cuda" keeps the sketches and the training points on the GPU (the exact
+    engine's copy) and scans there; not yet measured on a GPU (docs/benchmarks.md).
     calibrate: below some t no query certifies on a given data set (the noise in x/t hides the
     neighbours from every lower bound), and trying costs a sketch scan per query. On the first
     call, seeded probe queries built from the training points (16 per t bin of width 0.025,
@@ -151,7 +153,8 @@ class KNNVelocity:
                  certified: bool = True, *, data: Tensor | None = None, seeds: int = 4,
                  coarse_budget: float = 0.1, exact_budget: float = 0.005,
                  scan_chunk: int = 8192, fallback: str = "exact",
-                 device: torch.device | str | None = None, calibrate: bool = True):
+                 device: torch.device | str | None = None, calibrate: bool = True,
+                 search_device: torch.device | str | None = None):
         if not isinstance(index, Index):
             raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
@@ -178,8 +181,19 @@ class KNNVelocity:
         self.exact_budget = max(128, int(exact_budget * index.n))
         self.train = index.training_set()
         self.exact = ExactVelocity(self.train, device=device)
+        self.search_device = torch.device(search_device or "cpu")
+        # The kept set and the seeds are read from the training points on the search device.
+        on_engine = self.exact.train.points.device
+        if self.search_device.type == "cpu":
+            self.search_train = self.train
+        elif on_engine.type == self.search_device.type and self.search_device.index in (
+                None, on_engine.index):
+            self.search_train = self.exact.train  # one copy on the GPU
+        else:
+            self.search_train = training_set_of(self.train, self.search_device)
         self.last_stats: dict[str, float] = {}
-        self.scanner = SketchScanner(index.sketches, scan_chunk) if certified else None
+        self.scanner = (SketchScanner(index.sketches, scan_chunk, self.search_device)
+                        if certified else None)
         self._t_floor: float | None = None if (certified and calibrate) else 0.0
 
     @property
@@ -250,24 +264,31 @@ class KNNVelocity:
     # ------------------------------------------------------------------ certified path
 
     def _certified(self, x64: Tensor, t: Tensor):
-        sk, n = self.index.sketches, self.train.n
+        """(velocity, bound, evaluated, failed) for float64 queries and times, returned on the
+        CPU; computed on the search device."""
+        out = self._certified_on_device(x64.to(self.search_device), t.to(self.search_device))
+        return tuple(part.cpu() for part in out)
+
+    def _certified_on_device(self, x64: Tensor, t: Tensor):
+        sk, n, train = self.index.sketches, self.train.n, self.search_train
         s = 0.5 / (1 - t) ** 2
         st2 = s * t * t
         queries = self.scanner.sketch(x64 / t[:, None])
-        pairs = ExactPairs(x64, t, s, self.train.max_norm)
+        pairs = ExactPairs(x64, t, s, train.max_norm)
 
         # 1-2. Seeds (small coarse-sketch distances) place the threshold: a left-out point's
         #    weight is below e^(-s·t²·Δ) of the best seed's. Their distances only place it
         #    (the bound below holds for any threshold), so float32 suffices for choosing.
         def threshold_of(rows: slice, seeds: Tensor) -> Tensor:
             x, tt = x64[rows], t[rows]
-            seed_points = self.train.points[seeds.reshape(-1)].to(torch.float32).reshape(
+            seed_points = train.points[seeds.reshape(-1)].to(torch.float32).reshape(
                 *seeds.shape, -1)
             dots = batched_dots(seed_points, x.to(torch.float32))
             seed_sq = (x.square().sum(1)[:, None] - 2 * tt[:, None] * dots.to(torch.float64)
-                       + (tt * tt)[:, None] * self.train.sq_norms[seeds]) / (tt * tt)[:, None]
+                       + (tt * tt)[:, None] * train.sq_norms[seeds]) / (tt * tt)[:, None]
             best = seed_sq.argmin(dim=1)
-            best_point = seed_points[torch.arange(len(tt)), best].to(torch.float64)
+            best_point = seed_points[torch.arange(len(tt), device=x.device), best].to(
+                torch.float64)
             # The best seed's own distance, exactly: the threshold must clear it (keep it in K).
             best_sq = (x - tt[:, None] * best_point).square().sum(1) / (tt * tt)
             speed = ((best_point - x).norm(dim=1) / (1 - tt)).clamp(min=1e-12)
@@ -286,8 +307,8 @@ class KNNVelocity:
         rows, cols = rows[keep], cols[keep]
 
         # 4. Exact float64 weights over the kept set, and the bound on what was left out.
-        state = SoftmaxState.empty(len(t), x64.shape[1])
-        pairs.add_grouped_(state, rows, self.train.points, cols, self.train.sq_norms)
+        state = SoftmaxState.empty(len(t), x64.shape[1], x64.device)
+        pairs.add_grouped_(state, rows, train.points, cols, train.sq_norms)
         kept = torch.bincount(rows, minlength=len(t))
         denoiser = state.denoiser()
         velocity = (denoiser - x64) / (1 - t)[:, None]
@@ -296,7 +317,7 @@ class KNNVelocity:
         # The kept set's screen (ExactPairs.add_grouped_) may leave out pairs inside the
         # threshold whose weights sum below e^-LIVE_NATS of Z_K: they count as left out too.
         ratio = torch.exp(log_ratio.clamp(max=700)) + math.exp(-LIVE_NATS)
-        reach = (denoiser - sk.transform.mean).norm(dim=1) + sk.max_radius
+        reach = (denoiser - sk.transform.mean.to(x64.device)).norm(dim=1) + sk.max_radius
         bound = ratio / (1 + ratio) * reach / (1 - t)
         failed = over | ~(bound <= self.tol * velocity.norm(dim=1)) | (kept == 0)
         velocity = torch.where(failed[:, None], torch.zeros_like(velocity), velocity)

@@ -50,13 +50,14 @@ def _faiss():
     return faiss
 
 
-def resolve_device(device: str) -> str:
-    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error."""
+def resolve_device(device: str, option: str = "--device") -> str:
+    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error
+    (naming `option`)."""
     if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}; choose auto, cpu or cuda")
+        raise InputError(f"unknown {option} {device!r}; choose auto, cpu or cuda")
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
-        raise InputError("--device cuda was asked for but torch sees no CUDA GPU")
+        raise InputError(f"{option} cuda was asked for but torch sees no CUDA GPU")
     return "cuda" if device == "auto" and has_cuda else ("cpu" if device == "auto" else device)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from knnflow.closed_form import batched_dots, row_groups
+from knnflow.closed_form import GPU_PAIR_BLOCK_ELEMENTS, batched_dots, row_groups
 from knnflow.sketch import Sketches
 
 SCAN_CHUNK = 8192
@@ -72,15 +72,20 @@ class ScanResult:
 
 
 class SketchScanner:
-    """The sketched training points of one index, ready for scans."""
+    """The sketched training points of one index, ready for scans, on `device` (default: the
+    CPU; queries passed to the scans must live there too)."""
 
-    def __init__(self, sketches: Sketches, scan_chunk: int = SCAN_CHUNK):
+    def __init__(self, sketches: Sketches, scan_chunk: int = SCAN_CHUNK,
+                 device: torch.device | str | None = None):
         self.sketches = sketches
         self.scan_chunk = scan_chunk
+        self.device = torch.device(device or "cpu")
         coarse = sketches.coarse_points.to(torch.float64)
         self.n = coarse.shape[0]
-        self.coarse32 = augment_points(coarse)
-        self.fine_sq = (sketches.fine_points.to(torch.float64).square().sum(1)
+        self.coarse32 = augment_points(coarse).to(self.device)
+        self.fine_points = (sketches.fine_points.to(self.device)
+                            if sketches.fine is not None else None)
+        self.fine_sq = (self.fine_points.to(torch.float64).square().sum(1)
                         if sketches.fine is not None else None)
 
     def sketch(self, q: Tensor) -> SketchedQueries:
@@ -149,8 +154,8 @@ class SketchScanner:
                                           queries.norms[rows], sk.coarse.width + 2)
             limit32 = limit.to(torch.float32)[:, None]
             size = query32.shape[0]
-            counts = torch.zeros(size, dtype=torch.int64)
-            active = torch.arange(size)
+            counts = torch.zeros(size, dtype=torch.int64, device=self.device)
+            active = torch.arange(size, device=self.device)
             for i, start in enumerate(starts):
                 if active.numel() == 0:
                     break
@@ -186,7 +191,7 @@ class SketchScanner:
         fine_q = sk.fine.embed(queries.coords)
         fine_norm = fine_q.norm(dim=1)
         slack = sk.query_slack(fine_norm, queries.norms)
-        dot = pair_dots(fine_q, sk.fine_points, rows, cols)
+        dot = pair_dots(fine_q, self.fine_points, rows, cols)
         sq = fine_norm[rows].square() + self.fine_sq[cols] - 2 * dot
         bound = sk.lower_bound(sq, slack[rows], fine_norm[rows], sk.fine.width)
         keep = bound <= threshold[rows]
@@ -206,12 +211,12 @@ def chunk_seeds(dist: Tensor, count: int, block: int = 128) -> Tensor:
     """
     batch, columns = dist.shape
     if columns <= count:
-        return torch.arange(columns).expand(batch, columns)
+        return torch.arange(columns, device=dist.device).expand(batch, columns)
     if count > 2:
         return dist.topk(count, dim=1, largest=False).indices
     width = columns // count
     slices = dist[:, :width * count].reshape(batch, count, width)
-    offsets = torch.arange(count) * width
+    offsets = torch.arange(count, device=dist.device) * width
     if width % block or width == block:
         return slices.argmin(dim=2) + offsets
     blocks = slices.reshape(batch, count, width // block, block)
@@ -240,12 +245,19 @@ def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
 
     Rows with at least `group_min` pairs go in padded blocks (closed_form.row_groups): their
     points are read once into a reused buffer and multiplied by the queries as one batched
-    float64 product. The other pairs go in blocks that copy their query row per pair.
+    float64 product. The other pairs go in blocks that copy their query row per pair. On a
+    GPU every pair takes those blocks, 64× larger (one kernel per block, no host loop).
     """
-    out = torch.empty(rows.numel(), dtype=torch.float64)
+    out = torch.empty(rows.numel(), dtype=torch.float64, device=rows.device)
     if rows.numel() == 0:
         return out
     width = points.shape[1]
+    if rows.device.type != "cpu":
+        block = max(1, GPU_PAIR_BLOCK_ELEMENTS // max(1, width))
+        for i in range(0, rows.numel(), block):
+            r, c = rows[i:i + block], cols[i:i + block]
+            out[i:i + block] = (queries[r] * points[c].to(torch.float64)).sum(1)
+        return out
     groups = list(row_groups(rows, queries.shape[0], group_min, width))
     grouped = torch.zeros(rows.numel(), dtype=torch.bool)
     for _, pos in groups:

@@ -251,7 +251,8 @@ class KNNEFMTarget(Target):
 
     def __init__(self, index, data: Tensor | TrainingSet | None = None, tol: float = 1e-4,
                  budget: float = 0.005, fallback: str = "exact", m: int = 128,
-                 pool: str = "independent", device: str | torch.device = "cpu"):
+                 pool: str = "independent", device: str | torch.device = "cpu",
+                 search_device: str | torch.device | None = None):
         from knnflow.estimators import KNNVelocity
         from knnflow.index import Index
 
@@ -271,12 +272,12 @@ class KNNEFMTarget(Target):
                 raise IndexMismatchError(f"{err}; build the index of the training data with "
                                          "knnflow build-index (with --flip, on the data set "
                                          "with both flips)") from None
-        # The certified search runs on the CPU (sketches, FAISS); the exact fallback and the
-        # EFM fallback run on `device`.
+        # The certified search runs on `search_device` (default the CPU); the exact fallback
+        # and the EFM fallback run on `device`.
         self.device = torch.device(device)
         self.estimator = KNNVelocity(index, tol=tol, exact_budget=budget,
                                      fallback="exact" if fallback == "exact" else "none",
-                                     device=self.device)
+                                     device=self.device, search_device=search_device)
         self.efm = EFMTarget(index.training_set(), m=m, pool=pool, device=self.device) \
             if fallback == "efm" else None
 
@@ -295,16 +296,18 @@ def make_target(name: str, *, data: Tensor | TrainingSet | None = None, index=No
                 m: int = 128, pool: str = "independent", tol: float = 1e-4,
                 knn_budget: float = 0.005, knn_fallback: str = "exact", flip: bool = False,
                 image_shape: tuple[int, ...] | None = None,
-                device: str | torch.device = "cpu") -> Target:
+                device: str | torch.device = "cpu",
+                knn_search_device: str | torch.device | None = None) -> Target:
     """The target called `name` (cfm, efm, knn-efm, exact), from the training data (or the
-    index's data), computed on `device` (knn-efm's certified search stays on the CPU)."""
+    index's data), computed on `device` (knn-efm's certified search on knn_search_device,
+    by default the CPU)."""
     if name not in TARGETS:
         raise InputError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")
     if name == "cfm":
         return CFMTarget(device)
     if name == "knn-efm":
         return KNNEFMTarget(index, data, tol=tol, budget=knn_budget, fallback=knn_fallback,
-                            m=m, pool=pool, device=device)
+                            m=m, pool=pool, device=device, search_device=knn_search_device)
     source = data if data is not None else (index.training_set() if index is not None else None)
     if source is None:
         raise InputError(f"the {name} target needs the training data")

@@ -42,16 +42,20 @@ def test_faiss_gpu_index_search_matches_cpu(images):
     assert torch.equal(a.ids, b.ids) and torch.allclose(a.sq_distances, b.sq_distances)
 
 
-def test_certified_bound_with_the_exact_fallback_on_gpu(images):
+@pytest.mark.parametrize("search_device", ["cpu", "cuda"])
+def test_certified_bound_with_the_exact_fallback_on_gpu(images, search_device):
+    """The exact engine on the GPU, the certified search on the CPU or (search_device) on
+    the GPU too; the bound holds against float64 either way."""
     points = images.reshape(len(images), -1)
     index = Index.build(images, device="cuda" if faiss_gpu_count() else "cpu")
-    estimator = KNNVelocity(index, tol=1e-4, device="cuda")
+    estimator = KNNVelocity(index, tol=1e-4, device="cuda", search_device=search_device)
     for t in (0.0, 0.1, 0.5, 0.9):
         x = flow_queries(points, t, 32, seed=3)
         out = estimator(x, t)
         reference = brute_force_velocity(x, t, points)
         err = (out.velocity.double() - reference).norm(dim=1)
         assert bool((err <= out.error_bound + 1e-4 * reference.norm(dim=1)).all())
+    assert not bool(out.fallback.all())  # t = 0.9 certifies
 
 
 @pytest.mark.parametrize("spec", [{"name": "efm", "m": 64}, {"name": "efm", "m": 64,

@@ -92,13 +92,15 @@ step index-50k 90 $KF build-index synthetic --device $FAISS_DEV --out /tmp/idx50
 step bench-train 150 $KF bench train --dataset synthetic --index /tmp/idx50k --preset cifar \
     --device cuda --targets cfm,efm-128,efm-128-shared,knn-efm,exact --steps 10 --warmup 2 \
     --json-out "$OUT/train.json"
-step bench-train-serial 150 $KF bench train --dataset synthetic --index /tmp/idx50k \
+step bench-train-gpu-search 150 $KF bench train --dataset synthetic --index /tmp/idx50k \
     --preset cifar --device cuda --targets cfm,knn-efm,exact --steps 10 --warmup 2 \
-    --no-prefetch --json-out "$OUT/train-serial.json"
+    --knn-search-device cuda --json-out "$OUT/train-gpu-search.json"
 step bench-knn-50k 120 $KF bench knn --index /tmp/idx50k --device cuda --t 0.1,0.5,0.9 \
     --json-out "$OUT/knn50k.json"
+step bench-knn-50k-gpu-search 120 $KF bench knn --index /tmp/idx50k --device cuda \
+    --search-device cuda --t 0.1,0.5,0.9 --json-out "$OUT/knn50k-gpu-search.json"
 step index-200k 120 $KF build-index synthetic --limit 200000 --device $FAISS_DEV \
     --out /tmp/idx200k --overwrite
-step bench-knn-200k 120 $KF bench knn --index /tmp/idx200k --device cuda --t 0.1,0.5,0.9 \
-    --json-out "$OUT/knn200k.json"
+step bench-knn-200k-gpu-search 120 $KF bench knn --index /tmp/idx200k --device cuda \
+    --search-device cuda --t 0.1,0.5,0.9 --json-out "$OUT/knn200k-gpu-search.json"
 echo "=== done at $((SECONDS))s"

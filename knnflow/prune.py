@@ -37,12 +37,12 @@ MIN_SLICE_ROWS = 64
 
 def augment_points(points: Tensor) -> Tensor:
     """[b, 1, ‖b‖²] in float32, so that one GEMM with [-2a, ‖a‖², 1] gives ‖a - b‖²."""
-    ones = torch.ones(points.shape[0], 1, dtype=torch.float64)
+    ones = torch.ones(points.shape[0], 1, dtype=torch.float64, device=points.device)
     return torch.cat([points, ones, points.square().sum(1, keepdim=True)], 1).to(torch.float32)
 
 
 def augment_queries(queries: Tensor) -> Tensor:
-    ones = torch.ones(queries.shape[0], 1, dtype=torch.float64)
+    ones = torch.ones(queries.shape[0], 1, dtype=torch.float64, device=queries.device)
     return torch.cat([-2 * queries, queries.square().sum(1, keepdim=True), ones],
                      1).to(torch.float32)
 

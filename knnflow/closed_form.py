@@ -554,11 +554,10 @@ class ExactPairs:
         sizes (row_groups), their points read once into a reused buffer. For float32 points
         with known sq_norms, a float32 screen (batched_dots) bounds every logit within
         `slack` = 2·s·t·DOT32_ERROR(d)·‖x‖·max‖x_j‖ nats, and only the pairs within
-        LIVE_NATS + log(K) + 2·slack (+ float64 rounding) of the best in their block get exact
-        float64 weights (a second
-        pass, screen=False): the others weigh below e^-40 of the total, under float64
-        resolution. Otherwise
-        the block's logits and weighted sums are batched float64 products. Against `add_` on
+        LIVE_NATS + log K + 2·slack (+ float64 rounding) of the best in their block get exact
+        float64 weights, in a second pass (screen=False); K is the row's pair count, so the
+        others weigh below e^-40 of the total, under float64 resolution. Otherwise the
+        block's logits and weighted sums are batched float64 products. Against `add_` on
         every pair (which copies the query once per pair and makes ~8 passes over float64
         blocks) this was 2-4× faster on the synthetic set's certified pairs. Other pairs, and
         other devices, take `add_`. sq_norms: float64 ‖x_j‖² of the chunk's points.
@@ -592,11 +591,8 @@ class ExactPairs:
             size = idx.numel()
             points = torch.index_select(chunk, 0, idx.reshape(-1), out=buffer[:size])
             x, t, s = self.x64[group], self.t[group, None], self.s[group, None]
-            if not bool(self.dot_form[group].all()):
-                dot_form = False
-            else:
-                dot_form = True
-                sq_p = sq_norms[idx] if sq_norms is not None else None
+            dot_form = bool(self.dot_form[group].all())
+            sq_p = sq_norms[idx] if dot_form and sq_norms is not None else None
             if screen and dot_form:
                 dots = batched_dots(points.view(*idx.shape, dim), x.to(torch.float32))
                 logits = -s * (self.x_sq[group, None] - 2 * t * dots.to(torch.float64)
@@ -628,7 +624,7 @@ class ExactPairs:
             part.merge_(SoftmaxState(ref, weights.sum(dim=1), sums))
             state.ref[group], state.z[group], state.s[group] = part.ref, part.z, part.s
         if single[0].numel():
-            self.add_(state, *single[:1], chunk, single[1])
+            self.add_(state, single[0], chunk, single[1])
         if live:
             self.add_grouped_(state, torch.cat([r for r, _ in live]), chunk,
                               torch.cat([c for _, c in live]), sq_norms, screen=False)

@@ -284,7 +284,7 @@ class KNNVelocity:
             seed_points = train.points[seeds.reshape(-1)].to(torch.float32).reshape(
                 *seeds.shape, -1)
             dots = batched_dots(seed_points, x.to(torch.float32))
-            seed_sq = (x.square().sum(1)[:, None] - 2 * tt[:, None] * dots.to(torch.float64)
+            seed_sq = (pairs.x_sq[rows, None] - 2 * tt[:, None] * dots.to(torch.float64)
                        + (tt * tt)[:, None] * train.sq_norms[seeds]) / (tt * tt)[:, None]
             best = seed_sq.argmin(dim=1)
             best_point = seed_points[torch.arange(len(tt), device=x.device), best].to(

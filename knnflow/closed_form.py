@@ -23,6 +23,7 @@ screened logits (`screening_error_bound`), never from a fixed k.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -276,17 +277,46 @@ def as_training_set(data: Tensor | TrainingSet) -> TrainingSet:
 # --------------------------------------------------------------------------- error bounds
 
 
+TF32_ROUNDOFF = 2.0**-10  # tensor cores read 10 mantissa bits: truncation, not rounding
+BF16_ROUNDOFF = 2.0**-7    # 7 stored mantissa bits, truncated in the worst case
+
+
+def _fp32_precision(backend) -> str | None:
+    """A backend's float32 matmul mode under torch's newer setting ('ieee', 'tf32', 'bf16'),
+    inherited from torch.backends.fp32_precision where it says 'none'; None where unset."""
+    mode = getattr(backend, "fp32_precision", None)
+    if mode in (None, "none"):
+        mode = getattr(torch.backends, "fp32_precision", None)
+    return None if mode in (None, "none") else mode
+
+
 def matmul_input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     """Relative rounding of a matmul's inputs under torch's current float32 matmul settings.
 
-    0 for full-precision float32 or float64; 2^-11 where TF32 is allowed, 2^-8 for bf16.
+    0 for full-precision float32 or float64; TF32_ROUNDOFF where TF32 is allowed,
+    BF16_ROUNDOFF for bf16. Reads torch's newer per-backend setting (fp32_precision) first and
+    the older flags only where it is unset: once the newer one is used, reading the older
+    ones raises. Where the older ones cannot be read either, the coarser rounding is assumed.
     """
     if dtype == torch.float64:
         return 0.0
     if device.type == "cuda":
-        return 2.0**-11 if torch.backends.cuda.matmul.allow_tf32 else 0.0
-    precision = torch.get_float32_matmul_precision()
-    return {"highest": 0.0, "high": 2.0**-11}.get(precision, 2.0**-8)
+        mode = _fp32_precision(torch.backends.cuda.matmul)
+        if mode is None:
+            try:
+                mode = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+            except RuntimeError:
+                mode = "tf32"
+        return TF32_ROUNDOFF if mode == "tf32" else 0.0
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    mode = _fp32_precision(mkldnn) if mkldnn is not None else None
+    if mode is None:
+        try:
+            mode = {"highest": "ieee", "high": "tf32"}.get(
+                torch.get_float32_matmul_precision(), "bf16")
+        except RuntimeError:
+            mode = "bf16"
+    return {"ieee": 0.0, "tf32": TF32_ROUNDOFF}.get(mode, BF16_ROUNDOFF)
 
 
 def screening_error_bound(x_norm: Tensor, t: Tensor, max_norm: float, dim: int,
@@ -333,6 +363,11 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
     t64 = check_t(t, batch, device)
     if compute_dtype not in (torch.float32, torch.float64):
         raise InputError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
+    if compute_dtype == torch.float32 and matmul_input_roundoff(compute_dtype, device) > 0:
+        warnings.warn("torch's float32 matmuls run in TF32 or bf16 here: the exact engine's "
+                      "screening bounds widen for it, but its dense sums are then accurate "
+                      "only to ~1e-3 relative; keep TF32/bf16 off (torch's default) for "
+                      "exact û*", stacklevel=2)
     return _stream(xf.to(torch.float64), t64, train, chunk_size or default_chunk(device),
                    compute_dtype)
 

@@ -83,9 +83,11 @@ class SketchScanner:
         coarse = sketches.coarse_points.to(torch.float64)
         self.n = coarse.shape[0]
         self.coarse32 = augment_points(coarse).to(self.device)
+        # Made on the CPU and copied: a kernel on the default stream here would race with a
+        # first scan run on another stream (the trainer's prefetch).
         self.fine_points = (sketches.fine_points.to(self.device)
                             if sketches.fine is not None else None)
-        self.fine_sq = (self.fine_points.to(torch.float64).square().sum(1)
+        self.fine_sq = (sketches.fine_points.to(torch.float64).square().sum(1).to(self.device)
                         if sketches.fine is not None else None)
 
     def sketch(self, q: Tensor) -> SketchedQueries:

@@ -284,7 +284,7 @@ class KNNEFMTarget(Target):
     def velocity(self, x0, x1, x_t, t, generator):
         out = self.estimator(x_t.reshape(x_t.shape[0], -1), t)
         velocity = out.velocity.to(torch.float64)
-        evaluated = out.evaluated.to(torch.float64)
+        evaluated = out.evaluated.to(velocity.device, torch.float64)
         rows = out.fallback.nonzero().squeeze(1).to(x_t.device)
         if self.efm is not None and rows.numel():
             velocity[rows] = self.efm.velocity_from(x1[rows], x_t[rows], t[rows], generator)

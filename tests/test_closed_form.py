@@ -277,3 +277,30 @@ def test_grouped_pairs_match_float64_brute_force(t, dtype, with_norms, block, mo
         logits = -s[i] * (x[i] - tt[i] * mine).square().sum(1)
         expected = torch.softmax(logits, 0) @ mine
         assert torch.allclose(denoiser[i], expected, rtol=0, atol=1e-11), (i, k)
+
+
+def test_matmul_input_roundoff_reads_old_and_new_torch_settings():
+    """The bounds widen for TF32/bf16 whichever torch API set them; after the newer one is
+    used, the older flags raise when read, which must not break the engine."""
+    from knnflow.closed_form import BF16_ROUNDOFF, TF32_ROUNDOFF, matmul_input_roundoff
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert matmul_input_roundoff(torch.float64, cpu) == 0.0
+    assert matmul_input_roundoff(torch.float32, cpu) == 0.0
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert matmul_input_roundoff(torch.float32, cpu) == BF16_ROUNDOFF
+        torch.set_float32_matmul_precision("high")
+        assert matmul_input_roundoff(torch.float32, cpu) == TF32_ROUNDOFF
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert matmul_input_roundoff(torch.float32, cuda) == TF32_ROUNDOFF
+        assert matmul_input_roundoff(torch.float32, cpu) == 0.0  # the CPU's own setting
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert matmul_input_roundoff(torch.float32, cuda) == 0.0
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+    assert matmul_input_roundoff(torch.float32, cuda) == 0.0

@@ -135,7 +135,11 @@ def test_knn_on_image_sized_data_uses_both_sketches(precision):
         estimator = knnflow.KNNVelocity(index)
         for t in (0.3, 0.7, 0.95):
             x = flow_queries(held_out, t, 32, seed=3, jitter=0.0)
-            out = estimator(x, t)
+            if precision == "medium" and t == 0.3:  # all fall back: the exact engine says
+                with pytest.warns(UserWarning, match="TF32 or bf16"):  # its sums lose accuracy
+                    out = estimator(x, t)
+            else:
+                out = estimator(x, t)
             assert_bound_holds(out, brute_force_velocity(x, t, images))
     finally:
         torch.set_float32_matmul_precision(before)

@@ -43,9 +43,13 @@ def test_faiss_gpu_index_search_matches_cpu(images):
 
 
 @pytest.mark.parametrize("search_device", ["cpu", "cuda"])
-def test_certified_bound_with_the_exact_fallback_on_gpu(images, search_device):
+@pytest.mark.parametrize("shape", [(3, 16, 16), (3, 32, 32)])
+def test_certified_bound_with_the_exact_fallback_on_gpu(images, search_device, shape):
     """The exact engine on the GPU, the certified search on the CPU or (search_device) on
-    the GPU too; the bound holds against float64 either way."""
+    the GPU too; the bound holds against float64 either way. 3×32×32 takes the DCT transform
+    and the fine sketch (pair_dots' GPU blocks), 3×16×16 the PCA and the coarse sketch only."""
+    if shape != tuple(images.shape[1:]):
+        images = synthetic_images(6000, shape, seed=5)
     points = images.reshape(len(images), -1)
     index = Index.build(images, device="cuda" if faiss_gpu_count() else "cpu")
     estimator = KNNVelocity(index, tol=1e-4, device="cuda", search_device=search_device)
@@ -68,6 +72,27 @@ def test_targets_on_gpu_match_cpu(spec):
         x0, x1, t, generator=torch.Generator().manual_seed(1)) for device in ("cpu", "cuda")]
     assert outs[1].target.is_cuda
     assert torch.allclose(outs[0].target, outs[1].target.cpu(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fallback", ["exact", "efm"])
+@pytest.mark.parametrize("search_device", ["cpu", "cuda"])
+def test_knn_efm_target_on_gpu(fallback, search_device):
+    """knn-efm on the GPU, its certified search on either device, low t falling back to the
+    exact engine or to EFM: finite targets on the GPU, and with the exact fallback equal to
+    the exact target within the bound."""
+    images = load_dataset("digits")
+    data = images.reshape(-1, 64)
+    index = Index.build(images)
+    gen = torch.Generator().manual_seed(0)
+    x1, x0, t = data[:32], torch.randn(32, 64, generator=gen), torch.linspace(0, 0.99, 32)
+    out = make_target("knn-efm", index=index, data=data, device="cuda", knn_fallback=fallback,
+                      knn_search_device=search_device)(
+        x0, x1, t, generator=torch.Generator().manual_seed(1))
+    assert out.target.is_cuda and bool(torch.isfinite(out.target).all())
+    if fallback == "exact":
+        exact = make_target("exact", data=data)(x0, x1, t,
+                                                generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(out.target.cpu(), exact.target, rtol=1e-4, atol=1e-4)
 
 
 def test_training_steps_on_gpu(tmp_path):

@@ -547,6 +547,27 @@ def row_groups(rows: Tensor, batch: int, min_pairs: int, dim: int,
             yield row, order[begin + piece:stop][None]
 
 
+@dataclass
+class PaddedPairs:
+    """row_groups' blocks for the pairs (rows, cols): per block the query rows, the pairs'
+    positions into rows (-1 pads) and their point ids (0 at pads); `grouped` marks the pairs
+    that are in a block, `largest` is the largest block's size (one reused buffer)."""
+
+    blocks: list[tuple[Tensor, Tensor, Tensor]]
+    grouped: Tensor
+    largest: int
+
+
+def padded_pairs(rows: Tensor, cols: Tensor, batch: int, min_pairs: int,
+                 dim: int) -> PaddedPairs:
+    blocks, grouped = [], torch.zeros(rows.numel(), dtype=torch.bool)
+    for group, pos in row_groups(rows, batch, min_pairs, dim):
+        valid = pos >= 0
+        grouped[pos[valid]] = True
+        blocks.append((group, pos, torch.where(valid, cols[pos.clamp(min=0)], 0)))
+    return PaddedPairs(blocks, grouped, max((idx.numel() for *_, idx in blocks), default=0))
+
+
 class ExactPairs:
     """Exact float64 logits ℓ = -s‖x - t·x_j‖² for (query, point) pairs, in bounded blocks.
 
@@ -603,26 +624,20 @@ class ExactPairs:
         if rows.numel() == 0:
             return
         batch, dim = state.z.shape[0], chunk.shape[1]
-        groups = list(row_groups(rows, batch, GROUP_MIN_PAIRS, dim))
+        plan = padded_pairs(rows, cols, batch, GROUP_MIN_PAIRS, dim)
         totals = torch.bincount(rows, minlength=batch)
-        grouped = torch.zeros(rows.numel(), dtype=torch.bool)
-        for _, pos in groups:
-            grouped[pos[pos >= 0]] = True
-        single = (rows[~grouped], cols[~grouped])
+        single = (rows[~plan.grouped], cols[~plan.grouped])
         live = []
-        if groups:
-            largest = max(pos.numel() for _, pos in groups)
-            buffer = torch.empty(largest, dim, dtype=chunk.dtype)
-            buffer64 = buffer if chunk.dtype == torch.float64 else torch.empty(
-                largest, dim, dtype=torch.float64)
+        buffer = torch.empty(plan.largest, dim, dtype=chunk.dtype)
+        buffer64 = buffer if chunk.dtype == torch.float64 else torch.empty(
+            plan.largest, dim, dtype=torch.float64)
         screen = screen and chunk.dtype == torch.float32 and sq_norms is not None
         if screen:
             # Every point's norm, rounded up: max_norm came from a float64 square root.
             reach = max(self.max_norm, float(sq_norms.max()) ** 0.5) * (1 + 1e-12)
             dot_error = DOT32_ERROR(dim, matmul_input_roundoff(torch.float32, chunk.device))
-        for group, pos in groups:
+        for group, pos, idx in plan.blocks:
             valid = pos >= 0
-            idx = torch.where(valid, cols[pos.clamp(min=0)], 0)
             size = idx.numel()
             points = torch.index_select(chunk, 0, idx.reshape(-1), out=buffer[:size])
             x, t, s = self.x64[group], self.t[group, None], self.s[group, None]

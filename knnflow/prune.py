@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from knnflow.closed_form import GPU_PAIR_BLOCK_ELEMENTS, batched_dots, row_groups
+from knnflow.closed_form import GPU_PAIR_BLOCK_ELEMENTS, batched_dots, padded_pairs
 from knnflow.sketch import Sketches
 
 SCAN_CHUNK = 8192
@@ -245,7 +245,7 @@ def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
               group_min: int = 32, block_values: int = 1 << 19) -> Tensor:
     """float64 ⟨queries[row], points[col]⟩ per pair (queries float64, points any dtype).
 
-    Rows with at least `group_min` pairs go in padded blocks (closed_form.row_groups): their
+    Rows with at least `group_min` pairs go in padded blocks (closed_form.padded_pairs): their
     points are read once into a reused buffer and multiplied by the queries as one batched
     float64 product. The other pairs go in blocks that copy their query row per pair. On a
     GPU every pair takes those blocks, 64× larger (one kernel per block, no host loop).
@@ -260,27 +260,21 @@ def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
             r, c = rows[i:i + block], cols[i:i + block]
             out[i:i + block] = (queries[r] * points[c].to(torch.float64)).sum(1)
         return out
-    groups = list(row_groups(rows, queries.shape[0], group_min, width))
-    grouped = torch.zeros(rows.numel(), dtype=torch.bool)
-    for _, pos in groups:
-        grouped[pos[pos >= 0]] = True
-    single = (~grouped).nonzero().squeeze(1)
+    plan = padded_pairs(rows, cols, queries.shape[0], group_min, width)
+    single = (~plan.grouped).nonzero().squeeze(1)
     block = max(1, block_values // max(1, width))
     for i in range(0, single.numel(), block):
         pick = single[i:i + block]
         r, c = rows[pick], cols[pick]
         out[pick] = (queries[r] * points[c].to(torch.float64)).sum(1)
-    if groups:
-        largest = max(pos.numel() for _, pos in groups)
-        buffer = torch.empty(largest, width, dtype=points.dtype)
-        buffer64 = torch.empty(largest, width, dtype=torch.float64)
-        for group, pos in groups:
-            valid = pos >= 0
-            idx = torch.where(valid, cols[pos.clamp(min=0)], 0).reshape(-1)
-            found = torch.index_select(points, 0, idx, out=buffer[:idx.numel()])
-            found = buffer64[:idx.numel()].copy_(found).view(*pos.shape, width)
-            dots = batched_dots(found, queries[group])
-            out[pos[valid]] = dots[valid]
+    buffer = torch.empty(plan.largest, width, dtype=points.dtype)
+    buffer64 = torch.empty(plan.largest, width, dtype=torch.float64)
+    for group, pos, idx in plan.blocks:
+        size = idx.numel()
+        found = torch.index_select(points, 0, idx.reshape(-1), out=buffer[:size])
+        dots = batched_dots(buffer64[:size].copy_(found).view(*pos.shape, width),
+                            queries[group])
+        out[pos[pos >= 0]] = dots[pos >= 0]
     return out
 
 

@@ -3,8 +3,10 @@ gradient clipping and an EMA of the weights, checkpointed atomically and resumab
 
 A run folder runs/NAME holds config.json, metrics.jsonl (one line per logged step),
 checkpoints/step_N.safetensors + step_N.json and progress/step_N.png (sample grids). Every
-random draw comes from two sources whose states the checkpoint stores: a torch.Generator for the
-data (x1 ids, flips, x0, t, EFM candidates) and torch's global RNG (dropout). A checkpoint
+random draw comes from sources whose states the checkpoint stores: a torch.Generator for the
+data (x1 ids, flips, x0, t), a second one for the target's own draws (EFM candidates), and
+torch's global RNG (dropout). With the target's draws apart, runs with the same seed and
+different targets train on the same (x0, x1, t) batches, a paired comparison. A checkpoint
 counts only when its JSON, written last, names the sha256 of its tensors, so a run killed at
 any moment resumes from the newest complete checkpoint and continues exactly as if it had not
 stopped.
@@ -116,7 +118,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer, data_state: Tensor,
+                    optimizer: torch.optim.Optimizer, rng_states: dict[str, Tensor],
                     keep: int) -> Path:
     """checkpoints/step_N.safetensors (model, EMA, Adam moments, RNG states), then
     step_N.json naming its sha256: the JSON is the commit mark."""
@@ -130,7 +132,7 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
         for key, value in state.items():
             tensors[f"opt.{pid}.{key}"] = torch.as_tensor(value).contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.data"] = data_state
+    tensors.update(rng_states)  # the batch stream's generators (BatchStream.next)
     if next(model.parameters()).is_cuda:  # dropout draws from the GPU's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     weights = folder / f"step_{step}.safetensors"
@@ -284,6 +286,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     ema.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     data_gen = torch.Generator().manual_seed(config.seed + 1)
+    target_gen = torch.Generator().manual_seed(config.seed + 2)
     start = 0
     if checkpoint is not None:
         meta, tensors = checkpoint
@@ -292,6 +295,10 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         restore_optimizer(optimizer, tensors, meta["param_groups"])
         torch.set_rng_state(tensors["rng.torch"])
         data_gen.set_state(tensors["rng.data"])
+        if "rng.target" in tensors:
+            target_gen.set_state(tensors["rng.target"])
+        else:  # a checkpoint from before the target had its own generator: resume as it ran
+            target_gen = data_gen
         if "rng.cuda" in tensors and torch.device(device).type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         start = meta["step"]
@@ -304,12 +311,13 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
 
     logged: list[StepMetrics] = []
     stream = BatchStream(images, target, config.batch_size, config.flip, data_gen,
-                         prefetch=torch.device(device).type == "cuda")
+                         prefetch=torch.device(device).type == "cuda",
+                         target_generator=target_gen)
     model.train()
     with open(metrics_path, "a") as metrics_file, stream:
         for step in range(start, config.steps):
             began = time.perf_counter()
-            t, batch, data_state = stream.next()
+            t, batch, rng_states = stream.next()
             lr = _lr_at(step, config)
             loss = optimizer_step(model, ema, optimizer, batch, t, config, step, lr, device)
             done = step + 1
@@ -325,7 +333,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                 metrics_file.flush()
                 logged.append(entry)
             if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(folder / CHECKPOINTS, done, model, ema, optimizer, data_state,
+                save_checkpoint(folder / CHECKPOINTS, done, model, ema, optimizer, rng_states,
                                 config.keep_checkpoints)
             if config.sample_every and (done % config.sample_every == 0 or done == config.steps):
                 _progress_grid(ema, image_shape, folder / "progress" / f"step_{done}.png", device)
@@ -335,22 +343,26 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
 
 
 class BatchStream:
-    """A run's training batches in order: x1 (random flips under --flip), x0, t, then the
-    target, all drawn from one CPU generator.
+    """A run's training batches in order: x1 (random flips under --flip), x0, t from one CPU
+    generator, then the target, whose own draws come from `target_generator` (default: the
+    same generator).
 
     With prefetch (on GPUs), the next batch and its target are computed in a background thread
     while the current one trains, so a target computed on the CPU (knn-efm's certified search)
     overlaps the network's step. The draws happen in the same order either way, so a run is the
-    same with and without prefetch; next() returns the generator's state after the batch, which
+    same with and without prefetch; next() returns the generators' states after the batch
+    ({"rng.data": ..., "rng.target": ...}, one entry when they are the same generator), which
     is what a checkpoint taken after that batch must hold.
     """
 
     def __init__(self, images: Tensor, target, batch_size: int, flip: bool,
-                 generator: torch.Generator, prefetch: bool = False):
+                 generator: torch.Generator, prefetch: bool = False,
+                 target_generator: torch.Generator | None = None):
         self.flat = images.reshape(len(images), -1)
         self.image_shape = tuple(images.shape[1:])
         self.target, self.batch_size, self.flip = target, batch_size, flip
         self.generator = generator
+        self.target_generator = target_generator if target_generator is not None else generator
         self.pool = None
         self.pending = None
         self.stream = None
@@ -370,15 +382,19 @@ class BatchStream:
             x1[flips] = x1[flips].flip(-1)
         x0 = torch.randn(x1.shape, generator=gen)
         t = torch.rand(self.batch_size, generator=gen)
+        draws = self.target_generator
         if self.stream is None:
-            batch = self.target(x0, x1, t, generator=gen)
+            batch = self.target(x0, x1, t, generator=draws)
         else:
             with torch.cuda.stream(self.stream):
-                batch = self.target(x0, x1, t, generator=gen)
-        return t, batch, gen.get_state()
+                batch = self.target(x0, x1, t, generator=draws)
+        states = {"rng.data": gen.get_state()}
+        if draws is not gen:
+            states["rng.target"] = draws.get_state()
+        return t, batch, states
 
     def next(self) -> tuple[Tensor, object, Tensor]:
-        """(t, TargetBatch, generator state after this batch)."""
+        """(t, TargetBatch, the generators' states after this batch)."""
         if self.pool is None:
             return self._make()
         current = self.pending.result() if self.pending is not None else self._make()

@@ -197,11 +197,34 @@ def test_prefetched_batches_equal_the_plain_stream():
     outs = []
     for prefetch in (False, True):
         with BatchStream(images, target, 8, True, torch.Generator().manual_seed(3),
-                         prefetch=prefetch) as stream:
+                         prefetch=prefetch,
+                         target_generator=torch.Generator().manual_seed(4)) as stream:
             outs.append([stream.next() for _ in range(4)])
     for (t_a, a, state_a), (t_b, b, state_b) in zip(*outs, strict=True):
         assert torch.equal(t_a, t_b) and torch.equal(a.x_t, b.x_t)
-        assert torch.equal(a.target, b.target) and torch.equal(state_a, state_b)
+        assert torch.equal(a.target, b.target)
+        assert state_a.keys() == state_b.keys() == {"rng.data", "rng.target"}
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_targets_draw_apart_from_the_batches():
+    """With one seed, cfm and efm train on the same (x0, x1, t): EFM's candidate draws come
+    from the target's own generator, so they do not shift the next batches."""
+    from knnflow.data import load_dataset
+    from knnflow.targets import make_target
+    from knnflow.train import BatchStream
+
+    images = load_dataset("digits")
+    flat = images.reshape(len(images), -1)
+    batches = {}
+    for name in ("cfm", "efm"):
+        with BatchStream(images, make_target(name, data=flat, m=16), 8, False,
+                         torch.Generator().manual_seed(3),
+                         target_generator=torch.Generator().manual_seed(4)) as stream:
+            batches[name] = [stream.next() for _ in range(3)]
+    for (t_c, c, _), (t_e, e, _) in zip(batches["cfm"], batches["efm"], strict=True):
+        assert torch.equal(t_c, t_e) and torch.equal(c.x_t, e.x_t)
+        assert not torch.equal(c.target, e.target)
 
 
 def test_closed_form_and_network_sampling_share_noises():

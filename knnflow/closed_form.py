@@ -70,7 +70,8 @@ PAIR_BLOCK_ELEMENTS = 1 << 19
 GPU_PAIR_BLOCK_ELEMENTS = 1 << 25
 # ExactPairs.add_grouped_: queries with at least this many pairs take per-query products.
 GROUP_MIN_PAIRS = 8
-# add_grouped_ drops pairs whose weight is provably below e^-(LIVE_NATS + log K) of the best.
+# add_grouped_ drops pairs whose weight is provably below e^-(LIVE_NATS + log K) of the best
+# (by default; callers that account for the dropped mass may pass less).
 LIVE_NATS = 40.0
 # Values of width d per padded block of row_groups (16 MB of float64).
 GROUP_BLOCK_ELEMENTS = 1 << 21
@@ -603,17 +604,20 @@ class ExactPairs:
             state.add_points_(r, logits, points)
 
     def add_grouped_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor,
-                     sq_norms: Tensor | None = None, screen: bool = True) -> None:
+                     sq_norms: Tensor | None = None, screen: bool = True,
+                     live_nats: float = LIVE_NATS) -> None:
         """`add_` for many pairs per query (the certified kNN set, top-k).
 
         On the CPU, queries with at least GROUP_MIN_PAIRS pairs go in padded blocks of similar
         sizes (row_groups), their points read once into a reused buffer. For float32 points
         with known sq_norms, a float32 screen (batched_dots) bounds every logit within
         `slack` = 2·s·t·DOT32_ERROR(d)·‖x‖·max‖x_j‖ nats, and only the pairs within
-        LIVE_NATS + log K + 2·slack (+ float64 rounding) of the best in their block get exact
+        live_nats + log K + 2·slack (+ float64 rounding) of the best in their block get exact
         float64 weights, in a second pass (screen=False); K is the row's pair count, so the
-        others weigh below e^-40 of the total, under float64 resolution. Otherwise the
-        block's logits and weighted sums are batched float64 products. Against `add_` on
+        others weigh below e^-live_nats of the total (default LIVE_NATS = 40: under float64
+        resolution; the certified path passes less and adds e^-live_nats to its bound).
+        Otherwise the block's logits and weighted sums are batched float64 products. Against
+        `add_` on
         every pair (which copies the query once per pair and makes ~8 passes over float64
         blocks) this was 2-4× faster on the synthetic set's certified pairs. Other pairs, and
         other devices, take `add_`. sq_norms: float64 ‖x_j‖² of the chunk's points.
@@ -651,7 +655,7 @@ class ExactPairs:
                 slack = 2 * s * t * dot_error * self.x_norm[group, None] * reach
                 # log of the row's whole pair count (a long row comes in several blocks), and
                 # the float64 rounding of the logits themselves (dot form: ≤ DOT_FORM_NATS).
-                margin = (LIVE_NATS + totals[group, None].to(torch.float64).log()
+                margin = (live_nats + totals[group, None].to(torch.float64).log()
                           + 2 * slack + 2 * DOT_FORM_NATS)
                 keep = logits >= logits.max(dim=1, keepdim=True).values - margin
                 which, k = keep.nonzero().unbind(1)

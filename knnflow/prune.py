@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from knnflow.closed_form import GPU_PAIR_BLOCK_ELEMENTS, batched_dots, padded_pairs
+from knnflow.closed_form import (
+    DOT32_ERROR,
+    GPU_PAIR_BLOCK_ELEMENTS,
+    batched_dots,
+    matmul_input_roundoff,
+    padded_pairs,
+)
 from knnflow.sketch import Sketches
 
 SCAN_CHUNK = 8192
@@ -167,7 +173,8 @@ class SketchScanner:
                 else:
                     dist = self._chunk_distances(self.coarse32, query32[active], start)
                 hit = dist <= (limit32 if everyone else limit32[active])
-                counts[active] += hit.view(torch.uint8).sum(dim=1)
+                # int32 sums: an int64 sum of bytes first copies the chunk to int64 (4× slower).
+                counts[active] += hit.view(torch.uint8).sum(dim=1, dtype=torch.int32)
                 within = counts[active] <= budget
                 if not bool(within.all()):
                     hit, active = hit[within], active[within]
@@ -193,8 +200,12 @@ class SketchScanner:
         fine_q = sk.fine.embed(queries.coords)
         fine_norm = fine_q.norm(dim=1)
         slack = sk.query_slack(fine_norm, queries.norms)
-        dot = pair_dots(fine_q, self.fine_points, rows, cols)
-        sq = fine_norm[rows].square() + self.fine_sq[cols] - 2 * dot
+        # float32 products (half the bytes of float64 ones, no conversion); their error,
+        # ≤ c·‖a‖·‖b‖ (closed_form.DOT32_ERROR), comes off the distance before the bound.
+        dot = pair_dots(fine_q, self.fine_points, rows, cols, dtype=torch.float32)
+        c = DOT32_ERROR(sk.fine.width, matmul_input_roundoff(torch.float32, rows.device))
+        dot_error = 2 * c * fine_norm[rows] * self.fine_sq[cols].sqrt() * (1 + 1e-9)
+        sq = fine_norm[rows].square() + self.fine_sq[cols] - 2 * dot - dot_error
         bound = sk.lower_bound(sq, slack[rows], fine_norm[rows], sk.fine.width)
         keep = bound <= threshold[rows]
         return rows[keep], cols[keep]
@@ -242,8 +253,11 @@ def sparse_nonzero(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
-              group_min: int = 32, block_values: int = 1 << 19) -> Tensor:
-    """float64 ⟨queries[row], points[col]⟩ per pair (queries float64, points any dtype).
+              group_min: int = 32, block_values: int = 1 << 19,
+              dtype: torch.dtype = torch.float64) -> Tensor:
+    """⟨queries[row], points[col]⟩ per pair (queries float64, points any dtype), computed in
+    `dtype` (float32: the queries rounded to it, the points read as they are stored) and
+    returned as float64.
 
     Rows with at least `group_min` pairs go in padded blocks (closed_form.padded_pairs): their
     points are read once into a reused buffer and multiplied by the queries as one batched
@@ -254,11 +268,12 @@ def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
     if rows.numel() == 0:
         return out
     width = points.shape[1]
+    queries = queries.to(dtype)
     if rows.device.type != "cpu":
         block = max(1, GPU_PAIR_BLOCK_ELEMENTS // max(1, width))
         for i in range(0, rows.numel(), block):
             r, c = rows[i:i + block], cols[i:i + block]
-            out[i:i + block] = (queries[r] * points[c].to(torch.float64)).sum(1)
+            out[i:i + block] = (queries[r] * points[c].to(dtype)).sum(1).to(torch.float64)
         return out
     plan = padded_pairs(rows, cols, queries.shape[0], group_min, width)
     single = (~plan.grouped).nonzero().squeeze(1)
@@ -266,15 +281,17 @@ def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
     for i in range(0, single.numel(), block):
         pick = single[i:i + block]
         r, c = rows[pick], cols[pick]
-        out[pick] = (queries[r] * points[c].to(torch.float64)).sum(1)
+        out[pick] = (queries[r] * points[c].to(dtype)).sum(1).to(torch.float64)
     buffer = torch.empty(plan.largest, width, dtype=points.dtype)
-    buffer64 = torch.empty(plan.largest, width, dtype=torch.float64)
+    converted = buffer if points.dtype == dtype else torch.empty(plan.largest, width,
+                                                                  dtype=dtype)
     for group, pos, idx in plan.blocks:
         size = idx.numel()
         found = torch.index_select(points, 0, idx.reshape(-1), out=buffer[:size])
-        dots = batched_dots(buffer64[:size].copy_(found).view(*pos.shape, width),
-                            queries[group])
-        out[pos[pos >= 0]] = dots[pos >= 0]
+        if converted is not buffer:
+            found = converted[:size].copy_(found)
+        dots = batched_dots(found.view(*pos.shape, width), queries[group])
+        out[pos[pos >= 0]] = dots[pos >= 0].to(torch.float64)
     return out
 
 

@@ -71,6 +71,14 @@ def test_pair_dots_match_float64_products(dtype):
     expected = (queries[rows] * points[cols].to(torch.float64)).sum(1)
     got = pair_dots(queries, points, rows, cols, group_min=32)
     assert torch.allclose(got, expected, rtol=1e-13, atol=1e-12)
+    if dtype == torch.float32:
+        # In float32 (the fine filter's products) within the proven DOT32_ERROR bound.
+        from knnflow.closed_form import DOT32_ERROR
+
+        got32 = pair_dots(queries, points, rows, cols, group_min=32, dtype=torch.float32)
+        limit = DOT32_ERROR(24) * queries.norm(dim=1)[rows] * points.double().norm(dim=1)[cols]
+        assert ((got32 - expected).abs() <= limit).all()
+        assert not torch.equal(got32, expected)  # computed in float32 indeed
 
 
 @pytest.mark.parametrize("shape", [(7, 8192), (3, 4096), (5, 846), (4, 64)])

@@ -288,8 +288,8 @@ class KNNVelocity:
         #    (the bound below holds for any threshold), so float32 suffices for choosing.
         def threshold_of(rows: slice, seeds: Tensor) -> Tensor:
             x, tt = x64[rows], t[rows]
-            seed_points = train.points[seeds.reshape(-1)].to(torch.float32).reshape(
-                *seeds.shape, -1)
+            seed_points = torch.index_select(train.points, 0, seeds.reshape(-1)).to(
+                torch.float32).reshape(*seeds.shape, -1)
             dots = batched_dots(seed_points, x.to(torch.float32))
             seed_sq = (pairs.x_sq[rows, None] - 2 * tt[:, None] * dots.to(torch.float64)
                        + (tt * tt)[:, None] * train.sq_norms[seeds]) / (tt * tt)[:, None]

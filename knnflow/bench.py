@@ -710,7 +710,8 @@ def bench_train(dataset: str = "digits", root: str | None = None, limit: int | N
                              data=train_set, device=device, image_shape=image_shape,
                              knn_search_device=knn_search_device, **spec)
         stream = BatchStream(images, target, batch, False, torch.Generator().manual_seed(seed),
-                             prefetch=prefetch)
+                             prefetch=prefetch,
+                             target_generator=torch.Generator().manual_seed(seed + 1))
         return model, ema, torch.optim.Adam(model.parameters(), lr=config.lr), stream
 
     def step_once(label: str, parts, step: int, began: float) -> float:

@@ -605,7 +605,7 @@ class ExactPairs:
 
     def add_grouped_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor,
                      sq_norms: Tensor | None = None, screen: bool = True,
-                     live_nats: float = LIVE_NATS) -> None:
+                     live_nats: float | Tensor = LIVE_NATS) -> None:
         """`add_` for many pairs per query (the certified kNN set, top-k).
 
         On the CPU, queries with at least GROUP_MIN_PAIRS pairs go in padded blocks of similar
@@ -615,7 +615,8 @@ class ExactPairs:
         live_nats + log K + 2·slack (+ float64 rounding) of the best in their block get exact
         float64 weights, in a second pass (screen=False); K is the row's pair count, so the
         others weigh below e^-live_nats of the total (default LIVE_NATS = 40: under float64
-        resolution; the certified path passes less and adds e^-live_nats to its bound).
+        resolution; the certified path passes less, per query row as a (B,) tensor, and adds
+        e^-live_nats to its bound).
         Otherwise the block's logits and weighted sums are batched float64 products. Against
         `add_` on
         every pair (which copies the query once per pair and makes ~8 passes over float64
@@ -637,6 +638,8 @@ class ExactPairs:
             plan.largest, dim, dtype=torch.float64)
         screen = screen and chunk.dtype == torch.float32 and sq_norms is not None
         if screen:
+            live_nats = torch.as_tensor(live_nats, dtype=torch.float64,
+                                        device=rows.device).expand(batch)
             # Every point's norm, rounded up: max_norm came from a float64 square root.
             reach = max(self.max_norm, float(sq_norms.max()) ** 0.5) * (1 + 1e-12)
             dot_error = DOT32_ERROR(dim, matmul_input_roundoff(torch.float32, chunk.device))
@@ -655,7 +658,7 @@ class ExactPairs:
                 slack = 2 * s * t * dot_error * self.x_norm[group, None] * reach
                 # log of the row's whole pair count (a long row comes in several blocks), and
                 # the float64 rounding of the logits themselves (dot form: ≤ DOT_FORM_NATS).
-                margin = (live_nats + totals[group, None].to(torch.float64).log()
+                margin = (live_nats[group, None] + totals[group, None].to(torch.float64).log()
                           + 2 * slack + 2 * DOT_FORM_NATS)
                 keep = logits >= logits.max(dim=1, keepdim=True).values - margin
                 which, k = keep.nonzero().unbind(1)

@@ -122,8 +122,8 @@ class KNNVelocity:
        tol (a left-out point has weight below e^(-s·t²·Δ) of the best one). The coarse
        survivors are screened again with the fine sketch (~512 numbers).
     3. The remaining set K is evaluated exactly in float64 (a float32 screen with a proven
-       error skips pairs that weigh below e^-L of Z_K in all, L = ln(1/tol) + 11 within
-       [20, 40]: ExactPairs.add_grouped_). The left-out mass is at most
+       error skips pairs that weigh below e^-L of Z_K in all, L = ln(1/tol) + 11 +
+       ln(1/(1-t)) within [20, 40]: ExactPairs.add_grouped_). The left-out mass is at most
        Z_R ≤ (n - |K|)·e^(-s·t²·thr) + e^-L·Z_K, so
        ‖û_K - û*‖ ≤ Z_R/(Z_K + Z_R)·(‖D_K - mean‖ + R)/(1-t) with R the largest distance of
        a training point from the mean. That is error_bound.
@@ -176,10 +176,6 @@ class KNNVelocity:
             raise InputError("this index has no sketch for certified search; rebuild it with "
                              "knnflow build-index")
         self.index, self.tol, self.certified = index, float(tol), certified
-        # The kept set's screen may drop pairs below e^-live_nats of Z_K (counted in the
-        # bound): e^-11 of tol, so it costs the bound nothing visible, and fewer pairs need
-        # float64 weights (t = 0.5 on the synthetic set: 8,200 → 2,700 of 25,600 at 40 → 20).
-        self.live_nats = min(LIVE_NATS, max(LIVE_NATS_MIN, math.log(1 / self.tol) + 11.0))
         self.fallback = fallback
         self.k = k if k is not None else (None if certified else 16)
         self.seeds = max(1, min(seeds, index.n))
@@ -315,8 +311,14 @@ class KNNVelocity:
 
         # 4. Exact float64 weights over the kept set, and the bound on what was left out.
         state = SoftmaxState.empty(len(t), x64.shape[1], x64.device)
+        # The kept set's screen may drop pairs below e^-L of Z_K, counted in the bound:
+        # e^-L = e^-11·tol·(1-t), invisible next to tol·‖v‖ (the bound's term is
+        # e^-L·reach/(1-t)), and fewer pairs need float64 weights (t = 0.5 on the synthetic
+        # set: 8,200 → 2,700 of 25,600 at L = 40 → 20).
+        live_nats = (math.log(1 / self.tol) + 11.0 - torch.log1p(-t)).clamp(LIVE_NATS_MIN,
+                                                                            LIVE_NATS)
         pairs.add_grouped_(state, rows, train.points, cols, train.sq_norms,
-                           live_nats=self.live_nats)
+                           live_nats=live_nats)
         kept = torch.bincount(rows, minlength=len(t))
         denoiser = state.denoiser()
         velocity = (denoiser - x64) / (1 - t)[:, None]
@@ -324,7 +326,7 @@ class KNNVelocity:
         log_ratio = torch.log(left_out) - st2 * threshold - state.ref - torch.log(state.z)
         # The kept set's screen (ExactPairs.add_grouped_) may leave out pairs inside the
         # threshold whose weights sum below e^-LIVE_NATS of Z_K: they count as left out too.
-        ratio = torch.exp(log_ratio.clamp(max=700)) + math.exp(-self.live_nats)
+        ratio = torch.exp(log_ratio.clamp(max=700)) + torch.exp(-live_nats)
         reach = (denoiser - sk.transform.mean.to(x64.device)).norm(dim=1) + sk.max_radius
         bound = ratio / (1 + ratio) * reach / (1 - t)
         failed = over | ~(bound <= self.tol * velocity.norm(dim=1)) | (kept == 0)

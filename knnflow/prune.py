@@ -91,7 +91,8 @@ class SketchScanner:
         self.coarse32 = augment_points(coarse).to(self.device)
         # Made on the CPU and copied: a kernel on the default stream here would race with a
         # first scan run on another stream (the trainer's prefetch).
-        self.fine_points = (sketches.fine_points.to(self.device)
+        # float32, as fine_filter's error bound assumes (Sketches stores them so).
+        self.fine_points = (sketches.fine_points.to(self.device, torch.float32)
                             if sketches.fine is not None else None)
         self.fine_sq = (sketches.fine_points.to(torch.float64).square().sum(1).to(self.device)
                         if sketches.fine is not None else None)
@@ -203,7 +204,11 @@ class SketchScanner:
         # float32 products (half the bytes of float64 ones, no conversion); their error,
         # ≤ c·‖a‖·‖b‖ (closed_form.DOT32_ERROR), comes off the distance before the bound.
         dot = pair_dots(fine_q, self.fine_points, rows, cols, dtype=torch.float32)
-        c = DOT32_ERROR(sk.fine.width, matmul_input_roundoff(torch.float32, rows.device))
+        # Only the CPU's padded blocks run through a matmul (bmm), whose TF32/bf16 settings
+        # may round its inputs; on a GPU pair_dots takes elementwise products.
+        roundoff = (matmul_input_roundoff(torch.float32, rows.device)
+                    if rows.device.type == "cpu" else 0.0)
+        c = DOT32_ERROR(sk.fine.width, roundoff)
         dot_error = 2 * c * fine_norm[rows] * self.fine_sq[cols].sqrt() * (1 + 1e-9)
         sq = fine_norm[rows].square() + self.fine_sq[cols] - 2 * dot - dot_error
         bound = sk.lower_bound(sq, slack[rows], fine_norm[rows], sk.fine.width)

@@ -87,6 +87,22 @@ def test_knn_prunes_where_the_softmax_has_collapsed(digits, digits_index):
     assert out.evaluated.double().median() < digits.shape[0] / 10
 
 
+def test_knn_certifies_right_up_to_t_one(digits, digits_index):
+    """The kept set's screen leaves out mass that the bound counts (e^-L of Z_K); near t = 1
+    the bound divides by 1-t, so L grows with ln(1/(1-t)) and those queries still certify
+    (the trainer's t ~ U[0,1) reaches 1 - 2^-24)."""
+    estimator = knnflow.KNNVelocity(digits_index, tol=1e-4, calibrate=False, fallback="none")
+    gen = torch.Generator().manual_seed(3)
+    points = digits.reshape(len(digits), -1).to(torch.float64)
+    for eps in (1e-4, 1e-5, 2.0**-24):
+        t = torch.full((32,), 1 - eps, dtype=torch.float64)
+        x1 = points[torch.randint(len(points), (32,), generator=gen)]
+        x = t[:, None] * x1 + eps * torch.randn(x1.shape, generator=gen, dtype=torch.float64)
+        out = estimator(x, t)
+        assert not out.fallback.any(), eps
+        assert_bound_holds(out, brute_force_velocity(x, t, digits))
+
+
 def test_knn_bound_holds_with_batched_t(digits, digits_index):
     t = torch.linspace(0, 0.999, 64)
     x = torch.cat([flow_queries(digits, float(ti), 1, seed=i) for i, ti in enumerate(t)])

@@ -28,6 +28,7 @@ from knnflow.closed_form import (
     flatten_queries,
     velocity_from_denoiser,
 )
+from knnflow.distributed import all_reduce_state_, total_points
 from knnflow.errors import InputError
 from knnflow.index import Index
 from knnflow.prune import SketchScanner
@@ -71,19 +72,29 @@ class ExactVelocity:
     compute_dtype=float32 screens logits with float32 GEMMs and recomputes every weight that
     matters in float64; float64 does all arithmetic in float64 (slower, for references).
     device: where the data lives while computing (for example "cuda"); default: where it is.
+    group: a torch.distributed process group whose ranks each hold one shard of the training
+    set (knnflow.distributed.shard_of); the data passed is then this rank's shard, every rank
+    calls with the same x and t, and each gets û* over all shards (their softmax states are
+    all-reduced). Constructing it is a collective too (the shards' sizes are summed).
     """
 
     def __init__(self, data_or_index: Tensor | TrainingSet | Index, *,
                  chunk_size: int | None = None, compute_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, group=None):
         self.train = training_set_of(data_or_index, device)
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
+        self.group = group
+        self.n = self.train.n
+        if group is not None:
+            self.n = total_points(self.train.n, self.train.points.device, group)
 
     def denoiser(self, x: Tensor, t: float | Tensor) -> Tensor:
         """E[x1 | x_t = x], float64 (B, d)."""
         state = closed_form_state(x.to(self.train.points.device), t, self.train,
                                   chunk_size=self.chunk_size, compute_dtype=self.compute_dtype)
+        if self.group is not None:
+            all_reduce_state_(state, self.group)
         return state.denoiser()
 
     def __call__(self, x: Tensor, t: float | Tensor) -> VelocityOutput:
@@ -95,7 +106,7 @@ class ExactVelocity:
         return VelocityOutput(
             velocity=velocity.to(dtype=x.dtype, device=x.device).reshape(x.shape),
             error_bound=torch.zeros(batch, dtype=torch.float64),
-            evaluated=torch.full((batch,), self.train.n, dtype=torch.int64),
+            evaluated=torch.full((batch,), self.n, dtype=torch.int64),
         )
 
 

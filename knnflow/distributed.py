@@ -1,0 +1,67 @@
+"""Scale-out: û* over a training set split across torch.distributed ranks.
+
+Each rank (a GPU, or a machine) holds one shard of the training points and streams it with
+the exact engine. The per-query softmax states (m, Z, S) of closed_form merge exactly, so two
+all-reduces give every rank the state over the whole set: the maximum of the references m,
+then the sum of (Z, S) rescaled to it. Traffic per call is O(B·d), independent of n.
+
+    torch.distributed.init_process_group("nccl")       # under torchrun; "gloo" on CPUs
+    shard = shard_of(Index.load("indices/cifar10-train"))
+    exact = ExactVelocity(shard, group=torch.distributed.group.WORLD, device="cuda")
+    out = exact(x, t)    # every rank calls with the same x and t, and gets û* over all n
+
+The result equals the single-process one up to float64 rounding of the merge (the order in
+which the shards' sums are added); tests/test_distributed.py checks it with two CPU processes
+and the gloo backend against a float64 brute force.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from knnflow.closed_form import SoftmaxState, _rescale
+from knnflow.errors import InputError
+from knnflow.index import Index
+
+
+def shard_range(n: int, rank: int, world: int) -> slice:
+    """The contiguous rows of rank `rank` among `world`: sizes differ by at most one."""
+    if not 0 <= rank < world:
+        raise InputError(f"rank {rank} is outside 0..{world - 1}")
+    if n < world:
+        raise InputError(f"{n} training points cannot be split over {world} ranks")
+    start, stop = rank * n // world, (rank + 1) * n // world
+    return slice(start, stop)
+
+
+def shard_of(data: Tensor | np.ndarray | Index, group=None) -> Tensor:
+    """This rank's rows of the whole training set (an Index's memory-mapped data are read
+    only for these rows), for `ExactVelocity(shard, group=group)`."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if isinstance(data, Index):
+        data = data.points
+    elif isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    return data[shard_range(data.shape[0], rank, world)]
+
+
+def all_reduce_state_(state: SoftmaxState, group=None) -> None:
+    """Replace each rank's partial state by the state over the union of all ranks' points,
+    in place. Every rank must call with states of the same queries."""
+    ref = state.ref.clone()
+    dist.all_reduce(ref, op=dist.ReduceOp.MAX, group=group)
+    scale = _rescale(state.ref, ref)
+    # Z and S in one message.
+    packed = torch.cat([(state.z * scale)[:, None], state.s * scale[:, None]], dim=1)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    state.ref, state.z, state.s = ref, packed[:, 0].contiguous(), packed[:, 1:].contiguous()
+
+
+def total_points(count: int, device: torch.device, group=None) -> int:
+    """The sum of `count` over the ranks."""
+    total = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return int(total)

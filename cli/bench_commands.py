@@ -18,6 +18,7 @@ from knnflow.bench import (
     save_json,
 )
 from knnflow.errors import InputError
+from knnflow.files import check_output_file
 
 from .console import console, human_bytes, progress_bar
 
@@ -27,7 +28,15 @@ LimitOption = Annotated[Optional[int], typer.Option(
     help="Index only the first N training images.")]
 IndexOption = Annotated[Optional[Path], typer.Option(
     help="Use this index folder instead of building one in memory.")]
-JsonOutOption = Annotated[Optional[Path], typer.Option(help="Also write the results as JSON.")]
+
+
+def _json_out(path: Path | None) -> Path | None:
+    """--json-out is checked before any work: a bench's results are not lost at the end."""
+    return check_output_file(path, "--json-out")
+
+
+JsonOutOption = Annotated[Optional[Path], typer.Option(help="Also write the results as JSON.",
+                                                       callback=_json_out)]
 DeviceOption = Annotated[str, typer.Option(
     help="cpu, cuda or auto (cuda: the FAISS index, the exact engine and the targets' dense "
          "work on the GPU).")]
@@ -75,7 +84,7 @@ def exact(
              f"{', '.join(map(str, QUICK_TS))}, at least 10 repeats (calls take ~1 ms).")]
     = False,
     json_out: Annotated[Optional[Path], typer.Option(
-        help="Also write the results as JSON to this file.")] = None,
+        help="Also write the results as JSON to this file.", callback=_json_out)] = None,
 ) -> None:
     """Exact û*: naive cdist+softmax+matmul (a) against knnflow's engine (b) and plain GEMMs (c)."""
     ts = parse_floats(t, "--t")

@@ -18,8 +18,9 @@ from knnflow.analysis.collapse import (
     parse_t_grid,
     write_collapse_report,
 )
-from knnflow.data import load_dataset
+from knnflow.data import dataset_sources, load_dataset
 from knnflow.errors import InputError
+from knnflow.files import check_output_folder
 
 from .console import console, progress_bar
 from .data_commands import dataset_slug
@@ -73,9 +74,8 @@ def collapse(
         raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     if not tol > 0:
         raise InputError(f"--tol must be positive, got {tol}")
-    target = out if out is not None else default_collapse_folder(dataset)
-    if target.exists() and not overwrite:
-        raise InputError(f"{target} already exists; pass --overwrite to replace it")
+    target = check_output_folder(out if out is not None else default_collapse_folder(dataset),
+                                 overwrite, dataset_sources(dataset, root))
     with progress_bar() as progress:
         progress(f"loading {dataset}", 0, 1)
         images = load_dataset(dataset, root=root, split=split, limit=limit)

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from knnflow.data import dataset_infos, load_dataset
-from knnflow.errors import InputError
+from knnflow.data import dataset_infos, dataset_sources, load_dataset
+from knnflow.files import check_output_folder
 from knnflow.index import DTYPES, KINDS, Index, read_manifest
 from knnflow.targets import with_flips
 
@@ -103,9 +103,9 @@ def build_index(
         help="Index every image and its horizontal flip (for knnflow train --flip).")] = False,
 ) -> None:
     """Build and save an index folder: FAISS index, raw data and a manifest with checksums."""
-    folder = out or default_index_folder(dataset, split + ("-flip" if flip else ""))
-    if folder.exists() and not overwrite:
-        raise InputError(f"{folder} already exists; pass --overwrite to replace it")
+    folder = check_output_folder(
+        out or default_index_folder(dataset, split + ("-flip" if flip else "")), overwrite,
+        dataset_sources(dataset, root))
     with progress_bar() as progress:
         index = build_dataset_index(dataset, folder, progress, root=root, split=split,
                                     limit=limit, size=size, flip=flip, kind=kind, device=device,

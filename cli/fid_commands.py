@@ -14,8 +14,9 @@ from knnflow.analysis import fid as fid_analysis
 from knnflow.analysis.classifier import SMALL_DATASET, save_classifier
 from knnflow.analysis.classifier import train_classifier as train_classifier_model
 from knnflow.analysis.fid import DINOV2_FILE, INCEPTION_FILE, FeatureExtractor, parse_reference
-from knnflow.data import load_dataset
+from knnflow.data import dataset_sources, load_dataset
 from knnflow.errors import InputError
+from knnflow.files import check_output_file, check_output_folder
 from knnflow.index import resolve_device
 from knnflow.memorization import Samples, load_samples
 
@@ -82,7 +83,8 @@ def fid(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the result as JSON on stdout, for scripts.")] = False,
     out: Annotated[Optional[Path], typer.Option(
-        help="Also write the result as JSON to this file (replaced if present).")] = None,
+        help="Also write the result as JSON to this file (replaced if present).",
+        callback=lambda path: check_output_file(path, "--out"))] = None,
 ) -> None:
     """Fréchet distance between the feature statistics (mean, covariance) of samples and of a
     reference data set. FID grows as n shrinks: compare values at equal n."""
@@ -163,9 +165,8 @@ def train_classifier(
     penultimate features give an offline Fréchet distance: knnflow fid --features
     classifier:FOLDER. Writes classifier.safetensors and classifier.json."""
     device = resolve_device(device)
-    folder = out if out is not None else default_classifier_folder(dataset)
-    if folder.exists() and not overwrite:
-        raise InputError(f"{folder} already exists; pass --overwrite to replace it")
+    folder = check_output_folder(out if out is not None else default_classifier_folder(dataset),
+                                 overwrite, dataset_sources(dataset, root))
     with progress_bar() as progress:
         model, record = train_classifier_model(
             dataset, root=root, limit=limit, epochs=epochs, batch_size=batch_size, lr=lr,

@@ -39,16 +39,38 @@ app.add_typer(bench_commands.app, name="bench")
 
 
 def run() -> None:
-    """Run the app; user errors become one line on stderr and exit status 2."""
+    """Run the app; user errors become one line on stderr and exit status 2: knnflow's own,
+    the command line's (an unknown option, a missing argument, a value of the wrong type), and
+    files that cannot be read or written."""
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="knnflow")
     except KnnflowError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-
+    except Exception as err:
+        # The command line's own errors (click's, vendored by newer typer versions: matched
+        # by name and shape rather than by an import path that moves between versions).
+        kind = type(err).__name__
+        if kind == "Abort":
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
+            raise
+        if kind == "NoArgsIsHelpError":  # a command group alone: its help
+            print(err.format_message())
+            sys.exit(2)
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        print(f"error: {' '.join(err.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 if __name__ == "__main__":
     run()

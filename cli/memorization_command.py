@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from knnflow.data import dataset_sources
 from knnflow.errors import InputError
+from knnflow.files import check_output_folder
 from knnflow.index import Index
 from knnflow.memorization import REFERENCE_SIZE, default_out, parse_threshold, run_memorization
 
@@ -80,9 +82,8 @@ def memorization(
     parse_threshold(threshold)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    target = out if out is not None else default_out(samples)
-    if target.exists() and not overwrite:
-        raise InputError(f"{target} already exists; pass --overwrite to replace it")
+    target = check_output_folder(out if out is not None else default_out(samples), overwrite,
+                                 [samples, index, *dataset_sources(dataset, root)])
     with progress_bar() as progress:
         opened = open_index(index, dataset, root, approximate, progress)
         if approximate and opened.kind == "flat" and not as_json:

@@ -12,6 +12,7 @@ from rich.table import Table
 from knnflow.analysis.hybrid import COPY_FRACTION, DEFAULT_TAUS, GRID_ROWS, REFERENCE_SIZE
 from knnflow.analysis.velocity_error import WEIGHT_LABELS, WEIGHT_SETS
 from knnflow.errors import InputError
+from knnflow.files import check_output_folder
 from knnflow.sample import SOLVERS
 
 from .console import console, progress_bar
@@ -42,11 +43,9 @@ def _check_device(device: str) -> str:
     return resolve_device(device)
 
 
-def _output_folder(out: Path | None, run: Path, name: str, overwrite: bool) -> Path:
-    target = out if out is not None else run / name
-    if target.exists() and not overwrite:
-        raise InputError(f"{target} already exists; pass --overwrite to replace it")
-    return target
+def _output_folder(out: Path | None, run: Path, name: str, overwrite: bool,
+                   index: Path | None = None) -> Path:
+    return check_output_folder(out if out is not None else run / name, overwrite, [run, index])
 
 
 def _fmt(value: float) -> str:
@@ -86,7 +85,7 @@ def velocity_error(
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     device = _check_device(device)
-    target = _output_folder(out, run, "velocity-error", overwrite)
+    target = _output_folder(out, run, "velocity-error", overwrite, index)
     with progress_bar() as progress:
         result, summary = velocity_error_of_run(
             run, weights=WEIGHT_CHOICES[weights], t_bins=t_bins, n=n, seed=seed, index=index,
@@ -158,7 +157,7 @@ def hybrid(
     if rows < 1:
         raise InputError(f"--rows must be at least 1, got {rows}")
     device = _check_device(device)
-    target = _output_folder(out, run, "hybrid", overwrite)
+    target = _output_folder(out, run, "hybrid", overwrite, index)
     with progress_bar() as progress:
         result, summary = hybrid_of_run(
             run, taus=values, n=n, seed=seed, ema=ema, solver=solver, steps=steps, atol=atol,

@@ -10,6 +10,8 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from knnflow.errors import InputError
+from knnflow.files import check_output_folder
+from knnflow.index import resolve_device
 from knnflow.models import PRESET_HELP
 from knnflow.sample import SOLVERS
 from knnflow.targets import EFM_POOLS, KNN_FALLBACKS, TARGETS
@@ -97,6 +99,7 @@ def train_command(
     folder = name or default_run_folder(dataset, target)
     if device not in ("cpu", "cuda"):
         raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
+    device = resolve_device(device)
     columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[rate]:.1f} steps/s"),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
@@ -148,20 +151,22 @@ def sample_command(
     from knnflow.sample import sample_closed_form, sample_model, save_samples
     from knnflow.train import load_run_model
 
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
+    device = resolve_device(device)
+
     if (run is None) == (closed_form is None):
         raise InputError("pass a RUN folder or --closed-form INDEX (one of them)")
     meta = {"n": n, "solver": solver, "steps": steps, "atol": atol, "rtol": rtol, "seed": seed}
     if closed_form is not None:
-        target = out or Path("runs") / f"closed-form-{closed_form.name}" / "samples"
-        if target.exists() and not overwrite:
-            raise InputError(f"{target} already exists; pass --overwrite to replace it")
+        target = check_output_folder(
+            out or Path("runs") / f"closed-form-{closed_form.name}" / "samples", overwrite,
+            [closed_form])
         index = Index.load(closed_form)
         samples = sample_closed_form(index, n, seed, solver, steps, atol, rtol)
         meta["closed_form"] = str(closed_form)
     else:
-        target = out or run / "samples"
-        if target.exists() and not overwrite:
-            raise InputError(f"{target} already exists; pass --overwrite to replace it")
+        target = check_output_folder(out or run / "samples", overwrite, [run])
         model, record = load_run_model(run, ema, device)
         samples = sample_model(model, n, tuple(record["image_shape"]), seed, solver, steps,
                                atol, rtol, device=device)

@@ -370,6 +370,14 @@ def dataset_names() -> list[str]:
     return list(_LOADERS) + [f"{kind}:PATH" for kind in _PATH_KINDS]
 
 
+def dataset_sources(name: str | None, root: str | Path | None = None) -> list[Path]:
+    """The files or folders a data set is read from, where the user named them (PATH of
+    folder:/npz:/npy:PATH, or --root): outputs must never replace them."""
+    kind, _, path = (name or "").partition(":")
+    sources = [Path(path).expanduser()] if kind in _PATH_KINDS and path else []
+    return sources + ([Path(root).expanduser()] if root is not None else [])
+
+
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
                  limit: int | None = None, size: int | None = None,
                  with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
@@ -382,6 +390,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     split = _split_name(split)
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
+    if size is not None and size < 1:
+        raise InputError(f"--size must be at least 1, got {size}")
     root_path = Path(root).expanduser() if root is not None else None
     kind, _, path = name.partition(":")
     if kind in _PATH_KINDS and path:

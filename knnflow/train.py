@@ -211,7 +211,14 @@ class Run:
         if not self.config_path.is_file():
             raise InputError(f"{self.folder} is not a run folder: expected "
                              f"{self.config_path}")
-        return json.loads(self.config_path.read_text())
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{self.config_path} is not valid JSON ({err}); the run's config "
+                             "is damaged") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{self.config_path} does not hold a run config")
+        return config
 
 
 def _lr_at(step: int, config: TrainConfig) -> float:
@@ -250,11 +257,16 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     one except for RESUMABLE_CHANGES; with `explicit` (the options a user actually gave),
     every other field is taken from the saved config.
     """
+    from knnflow.data import dataset_sources
+    from knnflow.files import check_output_folder
+    from knnflow.index import points_sha256
     from knnflow.targets import make_target
 
     folder = Path(folder)
     run = Run(folder)
     checkpoint = None
+    if resume and overwrite:
+        raise InputError("--resume continues a run and --overwrite deletes it: pass one of them")
     if resume:
         saved = run.read_config()
         if explicit is not None:
@@ -267,12 +279,22 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         if differences:
             raise InputError("cannot resume with a different config: " + "; ".join(differences))
         checkpoint = load_checkpoint(folder / CHECKPOINTS)
-    elif folder.exists():
-        if not overwrite:
+        if checkpoint is not None and checkpoint[0]["step"] > config.steps:
+            raise InputError(f"{folder} has trained {checkpoint[0]['step']} steps, more than "
+                             f"the --steps {config.steps} asked for")
+    else:
+        if folder.exists() and not overwrite:
             raise InputError(f"{folder} already exists; pass --resume to continue it or "
                              "--overwrite to start again")
-        shutil.rmtree(folder)
+        # Only a run folder (or an empty one) is replaced, and only once the new run's data,
+        # index and target have loaded: a mistake in them must not cost the old run.
+        check_output_folder(folder, overwrite, [config.index, *dataset_sources(
+            config.dataset, config.root)], option="--name")
     images, candidates, index = load_training_data(config)
+    data_sha256 = points_sha256(images.reshape(len(images), -1).numpy())
+    if resume and saved.get("data_sha256", data_sha256) != data_sha256:
+        raise InputError(f"the training data of {config.dataset} changed since {folder} "
+                         "started (checksum differs); resuming would not continue the same run")
     image_shape = tuple(images.shape[1:])
     target = make_target(config.target, data=candidates.reshape(len(candidates), -1),
                          index=index, m=config.m, pool=config.efm_pool, tol=config.tol,
@@ -302,9 +324,11 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         if "rng.cuda" in tensors and torch.device(device).type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         start = meta["step"]
+    if not resume and folder.exists():
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     record = {**asdict(config), "image_shape": list(image_shape),
-              "parameters": count_parameters(model)}
+              "parameters": count_parameters(model), "data_sha256": data_sha256}
     run.config_path.write_text(json.dumps(record, indent=2) + "\n")
     metrics_path = folder / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)

@@ -117,3 +117,45 @@ def test_bench_exact_quick_prints_the_check_table(tmp_path):
     rows = json.loads((tmp_path / "q.json").read_text())["rows"]
     assert [row["t"] for row in rows] == [0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999]
     assert max(row["engine_error_max"] for row in rows) < 1e-4
+
+
+def test_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path):
+    """--overwrite replaces only a folder knnflow wrote, never the command's own input, and a
+    path that cannot be written is refused before any work: one line each, nothing lost."""
+    images = tmp_path / "imgs.npy"
+    import numpy as np
+
+    np.save(images, np.random.default_rng(0).uniform(-1, 1, (30, 1, 8, 8)).astype(np.float32))
+    assert run("build-index", f"npy:{images}", "--out", "ix", cwd=tmp_path).returncode == 0
+    assert_one_line_error(run("build-index", f"npy:{tmp_path}/ix/data.npy", "--out", "ix",
+                              "--overwrite", cwd=tmp_path), "holds the input")
+    assert (tmp_path / "ix" / "manifest.json").is_file()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("years of work")
+    assert_one_line_error(run("build-index", "digits", "--limit", "20", "--out", "notes",
+                              "--overwrite", cwd=tmp_path), "not a folder knnflow wrote")
+    assert (tmp_path / "notes" / "thesis.txt").is_file()
+    assert run("sample", "--closed-form", "ix", "--n", "2", "--steps", "2", "--out", "s",
+               cwd=tmp_path).returncode == 0
+    assert_one_line_error(run("memorization", "s", "--index", "ix", "--out", "s", "--overwrite",
+                              cwd=tmp_path), "holds the input")
+    assert (tmp_path / "s" / "samples.npz").is_file()
+    (tmp_path / "afile").write_text("x")
+    assert_one_line_error(run("build-index", "digits", "--out", "afile/ix", cwd=tmp_path),
+                          "afile is a file")
+    assert_one_line_error(run("build-index", "digits", "--out", "afile", "--overwrite",
+                              cwd=tmp_path), "is a file")
+    assert_one_line_error(run("bench", "exact", "--quick", "--json-out", "notes",
+                              cwd=tmp_path), "--json-out", "is a folder")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("train", "--stepz", "3"), ("No such option", "knnflow train --help")),
+    (("sample", "--n", "1.5", "run"), ("--n",)),
+    (("fid", "samples"), ("--ref",)),
+    (("build-index", "folder:.", "--size", "0"), ("--size must be at least 1",)),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, args, fragments):
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, *fragments)

@@ -251,3 +251,47 @@ def test_closed_form_and_network_sampling_share_noises():
     finally:
         sample_module.integrate = real
     assert torch.equal(seen[0].reshape(5, 1, 4, 4), seen[1])
+
+
+def test_resume_refuses_what_would_not_continue_the_run(tmp_path):
+    """--resume with --overwrite, with fewer steps than already trained, or after the training
+    data changed: each refused in one line, the run left as it was."""
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).uniform(-1, 1, (40, 1, 4, 4)).astype(np.float32))
+    config = TrainConfig(dataset=f"npy:{data}", preset="mlp", batch_size=8, steps=4,
+                         checkpoint_every=2, log_every=1)
+    train(config, tmp_path / "r")
+    before = _metrics(tmp_path / "r")
+    with pytest.raises(InputError, match="--resume continues a run and --overwrite deletes"):
+        train(config, tmp_path / "r", resume=True, overwrite=True)
+    with pytest.raises(InputError, match="has trained 4 steps, more than the --steps 2"):
+        train(TrainConfig(**{**config.__dict__, "steps": 2}), tmp_path / "r", resume=True)
+    np.save(data, np.random.default_rng(1).uniform(-1, 1, (40, 1, 4, 4)).astype(np.float32))
+    with pytest.raises(InputError, match="training data of .* changed"):
+        train(TrainConfig(**{**config.__dict__, "steps": 6}), tmp_path / "r", resume=True)
+    assert _metrics(tmp_path / "r") == before
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(tmp_path):
+    """train --overwrite with a mistake in the new run (an index of other data) fails before
+    it deletes anything; a folder knnflow did not write is never replaced."""
+    config = TrainConfig(dataset="digits", preset="mlp", batch_size=8, steps=2, log_every=1)
+    train(config, tmp_path / "r")
+    other = tmp_path / "other-index"
+    from knnflow.errors import IndexMismatchError
+    from knnflow.index import Index
+
+    Index.build(torch.rand(30, 1, 8, 8) * 2 - 1).save(other)
+    with pytest.raises(IndexMismatchError, match="index holds 30 points"):
+        train(TrainConfig(**{**config.__dict__, "target": "knn-efm", "index": str(other)}),
+              tmp_path / "r", overwrite=True)
+    assert (tmp_path / "r" / "config.json").is_file()
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(InputError, match="not a folder knnflow wrote"):
+        train(config, precious, overwrite=True)
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    (tmp_path / "r" / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        train(config, tmp_path / "r", resume=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -197,8 +198,8 @@ def memorization(
 ) -> None:
     """Nearest training images: torch.cdist + topk (a) against knnflow's exact search (b)
     and FAISS flat search with float64 re-ranking (c)."""
-    if noise < 0:
-        raise InputError(f"--noise must be at least 0, got {noise}")
+    if not noise >= 0 or not math.isfinite(noise):
+        raise InputError(f"--noise must be a number ≥ 0, got {noise}")
     with progress_bar() as progress:
         result = bench_memorization(dataset=dataset, root=str(root) if root else None,
                                     limit=limit, samples=samples, noise=noise, repeats=repeats,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -21,23 +23,58 @@ console = Console() if Console().is_terminal else Console(width=160)
 err_console = Console(stderr=True)
 
 
+# Where stderr is not a terminal (nohup, a log file), a stage that runs longer than this
+# prints a plain progress line this often, and one when it ends; short stages print nothing
+# (a quick failure stays one line).
+LOG_EVERY_SECONDS = 30.0
+
+
+def log_throttle(every: float = LOG_EVERY_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> Callable[[str, bool], bool]:
+    """due(key, final): whether a progress line for `key` should be printed now."""
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+
+    def due(key: str, final: bool = False) -> bool:
+        now = clock()
+        first.setdefault(key, now)
+        if now - first[key] < every or (not final and now - last.get(key, first[key]) < every):
+            return False
+        last[key] = now
+        return True
+
+    return due
+
+
 @contextmanager
 def progress_bar() -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress display; yields callback(stage, done, total), one bar per stage.
 
     Transient: the bars vanish when the work ends, so a result table or a one-line error is
-    what stays on screen. Off when stderr is not a terminal, so logs hold no bar residue.
+    what stays on screen. Where stderr is not a terminal, plain lines instead (no bar residue
+    in logs) for stages longer than LOG_EVERY_SECONDS: one that often, and one at the end.
     """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True,
-                  disable=not err_console.is_terminal) as bar:
+    terminal = err_console.is_terminal
+    due = log_throttle()
+    began: dict[str, float] = {}
+    with Progress(*columns, console=err_console, transient=True, disable=not terminal) as bar:
         tasks: dict[str, int] = {}
+        shown: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
+                began[stage] = time.monotonic()
+            elif shown[stage] == done:
+                return
+            shown[stage] = done
             bar.update(tasks[stage], completed=done, total=total)
+            if not terminal and due(stage, done >= total):
+                elapsed = time.monotonic() - began[stage]
+                print(f"{stage}: {done}/{total} ({elapsed:.0f} s)", file=sys.stderr,
+                      flush=True)
 
         yield update
 

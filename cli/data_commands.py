@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from knnflow.data import dataset_infos, dataset_sources, load_dataset
+from knnflow.errors import InputError
 from knnflow.files import check_output_folder
 from knnflow.index import DTYPES, KINDS, Index, read_manifest
 from knnflow.targets import with_flips
@@ -103,6 +104,10 @@ def build_index(
         help="Index every image and its horizontal flip (for knnflow train --flip).")] = False,
 ) -> None:
     """Build and save an index folder: FAISS index, raw data and a manifest with checksums."""
+    if kind == "flat" and (nlist is not None or nprobe is not None):
+        raise InputError("--nlist and --nprobe apply to --kind ivf only")
+    if size is not None and not dataset.startswith("folder:"):
+        raise InputError("--size resizes the images of folder:PATH data sets only")
     folder = check_output_folder(
         out or default_index_folder(dataset, split + ("-flip" if flip else "")), overwrite,
         dataset_sources(dataset, root))

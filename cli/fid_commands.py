@@ -91,6 +91,8 @@ def fid(
     device = resolve_device(device)
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
+    if ref_limit is not None and ref_limit < 1:
+        raise InputError(f"--ref-limit must be at least 1, got {ref_limit}")
     dataset, split = parse_reference(ref)
     extractor = _extractor(features, weights, dataset, device)
     reference = load_dataset(dataset, root, split, ref_limit)

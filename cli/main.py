@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -42,6 +43,9 @@ def run() -> None:
     """Run the app; user errors become one line on stderr and exit status 2: knnflow's own,
     the command line's (an unknown option, a missing argument, a value of the wrong type), and
     files that cannot be read or written."""
+    # Library warnings (a clamped option, a doubtful classifier) as one line each.
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}",
+                                                                  file=sys.stderr)
     try:
         code = app(standalone_mode=False, prog_name="knnflow")
     except KnnflowError as err:

@@ -30,7 +30,16 @@ def open_index(index: Path | None, dataset: str | None, root: Path | None, appro
     if approximate:
         folder = folder.with_name(folder.name + "-ivf")
     if folder.exists():
-        return Index.load(folder)
+        cached = Index.load(folder)
+        made = cached.manifest.get("dataset") or {}
+        if made.get("limit") is not None or made.get("flip") or (
+                root is not None and made.get("root") != str(root)):
+            which = f"the first {made['limit']}" if made.get("limit") else "other"
+            raise InputError(f"the cached index {folder} holds {which} images of {dataset}, "
+                             f"not its whole training set from {root or 'the default place'}: "
+                             f"pass --index, or rebuild it with knnflow build-index {dataset} "
+                             f"--out {folder} --overwrite")
+        return cached
     build_dataset_index(dataset, folder, progress, root=root,
                         kind="ivf" if approximate else "flat")
     err_console.print(f"built and cached the index of {dataset} at {folder}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,7 +18,7 @@ from knnflow.sample import SOLVERS
 from knnflow.targets import EFM_POOLS, KNN_FALLBACKS, TARGETS
 from knnflow.train import TrainConfig, config_from_options, train
 
-from .console import console, err_console, key_value_table
+from .console import console, err_console, key_value_table, log_throttle, progress_bar
 from .data_commands import dataset_slug
 
 PRESET_LIST = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
@@ -104,6 +105,7 @@ def train_command(
                TextColumn("{task.fields[rate]:.1f} steps/s"),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
                TimeRemainingColumn())
+    due = log_throttle()
     with Progress(*columns, console=err_console, transient=True,
                   disable=not err_console.is_terminal) as bar:
         task = bar.add_task("train", total=config.steps, rate=0.0, loss=float("nan"))
@@ -111,6 +113,9 @@ def train_command(
         def update(info: dict) -> None:
             speed = bar.tasks[0].speed or 0.0
             bar.update(task, completed=info["step"], loss=info["loss"], rate=speed)
+            if not err_console.is_terminal and due("train", info["step"] == info["steps"]):
+                print(f"step {info['step']}/{info['steps']}, loss {info['loss']:.4f}",
+                      file=sys.stderr, flush=True)
 
         logged = train(config, folder, resume=resume, overwrite=overwrite, progress=update,
                        device=device, explicit=explicit)
@@ -163,13 +168,16 @@ def sample_command(
             out or Path("runs") / f"closed-form-{closed_form.name}" / "samples", overwrite,
             [closed_form])
         index = Index.load(closed_form)
-        samples = sample_closed_form(index, n, seed, solver, steps, atol, rtol)
+        with progress_bar() as progress:
+            samples = sample_closed_form(index, n, seed, solver, steps, atol, rtol,
+                                         progress=progress)
         meta["closed_form"] = str(closed_form)
     else:
         target = check_output_folder(out or run / "samples", overwrite, [run])
         model, record = load_run_model(run, ema, device)
-        samples = sample_model(model, n, tuple(record["image_shape"]), seed, solver, steps,
-                               atol, rtol, device=device)
+        with progress_bar() as progress:
+            samples = sample_model(model, n, tuple(record["image_shape"]), seed, solver, steps,
+                                   atol, rtol, device=device, progress=progress)
         meta.update({"run": str(run), "ema": ema, "checkpoint_step": record["checkpoint_step"]})
     folder = save_samples(samples, target, overwrite, meta)
     console.print(key_value_table(f"{n} samples written to {folder}", [

@@ -179,10 +179,13 @@ class Index:
         if kind == "flat":
             index = _to_faiss_device(faiss.IndexFlatL2(dim), device)
         else:
-            nlist = nlist or default_ivf_lists(n)
+            nlist = default_ivf_lists(n) if nlist is None else nlist
             if not 1 <= nlist <= n:
                 raise InputError(f"--nlist must lie in [1, {n}], got {nlist}")
-            params.update(nlist=nlist, nprobe=nprobe or max(1, nlist // 16))
+            nprobe = max(1, nlist // 16) if nprobe is None else nprobe
+            if not 1 <= nprobe <= nlist:
+                raise InputError(f"--nprobe must lie in [1, --nlist = {nlist}], got {nprobe}")
+            params.update(nlist=nlist, nprobe=nprobe)
             index = _to_faiss_device(faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist), device)
             if progress:
                 progress("training k-means", 0, 1)

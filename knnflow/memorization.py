@@ -418,7 +418,7 @@ def write_report(out: Path, samples: Samples, index: Index, scores: Scores,
 
 def default_out(samples_path: str | Path) -> Path:
     """<folder>-memorization beside a samples folder; <stem>-memorization beside a file."""
-    path = Path(samples_path).expanduser()
+    path = Path(samples_path).expanduser().resolve()
     name = path.name if path.is_dir() else path.stem
     return path.parent / f"{name}-memorization"
 

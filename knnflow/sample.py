@@ -28,8 +28,10 @@ Velocity = Callable[[Tensor, Tensor], Tensor]
 
 
 def integrate(velocity: Velocity, x0: Tensor, solver: str = "euler", steps: int = 100,
-              atol: float = 1e-5, rtol: float = 1e-5, t_end: float = 1.0) -> Tensor:
-    """x(t_end) from x(0) = x0 along dx/dt = velocity(x, t) (t a (B,) tensor)."""
+              atol: float = 1e-5, rtol: float = 1e-5, t_end: float = 1.0,
+              on_time: Callable[[float], None] | None = None) -> Tensor:
+    """x(t_end) from x(0) = x0 along dx/dt = velocity(x, t) (t a (B,) tensor); on_time(t)
+    at each evaluation of the velocity, for progress."""
     from torchdiffeq import odeint
 
     if solver not in SOLVERS:
@@ -40,6 +42,8 @@ def integrate(velocity: Velocity, x0: Tensor, solver: str = "euler", steps: int 
         raise InputError("--atol and --rtol must be positive")
 
     def func(t: Tensor, x: Tensor) -> Tensor:
+        if on_time is not None:
+            on_time(float(t))
         return velocity(x, t.expand(x.shape[0]))
 
     times = torch.tensor([0.0, t_end], dtype=x0.dtype, device=x0.device)
@@ -71,7 +75,13 @@ def sample_model(model: nn.Module, count: int, image_shape: tuple[int, ...], see
     out = []
     for start in range(0, count, batch_size):
         x0 = noise[start:start + batch_size].to(device)
-        out.append(integrate(model_velocity(model), x0, solver, steps, atol, rtol).cpu())
+
+        def on_time(t: float, start: int = start, size: int = x0.shape[0]) -> None:
+            if progress:  # samples done, counting the batch's share by its time t
+                progress(stage, start + int(min(t, 1.0) * size), count)
+
+        out.append(integrate(model_velocity(model), x0, solver, steps, atol, rtol,
+                             on_time=on_time).cpu())
         if progress:
             progress(stage, min(start + batch_size, count), count)
     return torch.cat(out).clamp(-1, 1)
@@ -79,8 +89,10 @@ def sample_model(model: nn.Module, count: int, image_shape: tuple[int, ...], see
 
 def sample_closed_form(index, count: int, seed: int = 0, solver: str = "euler",
                        steps: int = 100, atol: float = 1e-5, rtol: float = 1e-5,
-                       batch_size: int = 256) -> Tensor:
-    """`count` samples of the closed-form flow û* of an index's training set."""
+                       batch_size: int = 256,
+                       progress: Callable[[str, int, int], None] | None = None) -> Tensor:
+    """`count` samples of the closed-form flow û* of an index's training set;
+    progress(stage, done, total) as the integration advances when given."""
     from knnflow.estimators import ExactVelocity
 
     if count < 1:
@@ -97,8 +109,15 @@ def sample_closed_form(index, count: int, seed: int = 0, solver: str = "euler",
 
     out = []
     for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+
+        def on_time(t: float, start: int = start, size: int = size) -> None:
+            if progress:
+                progress("sampling û*", start + int(min(t / CLOSED_FORM_T_END, 1.0) * size),
+                         count)
+
         x = integrate(velocity, noise[start:start + batch_size], solver, steps, atol, rtol,
-                      t_end=CLOSED_FORM_T_END)
+                      t_end=CLOSED_FORM_T_END, on_time=on_time)
         out.append(exact.denoiser(x.to(torch.float32), CLOSED_FORM_T_END).to(torch.float32))
     return torch.cat(out).clamp(-1, 1).reshape(count, *shape)
 

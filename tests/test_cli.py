@@ -159,3 +159,22 @@ def test_command_line_mistakes_are_one_line(tmp_path, args, fragments):
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert_one_line_error(result, *fragments)
+
+
+def test_progress_in_logs_only_for_long_stages():
+    """Where stderr is not a terminal, a stage prints a line only once it has run `every`
+    seconds, then at most that often, plus one at its end; short stages print nothing."""
+    from knnflow.cli.console import log_throttle
+
+    now = [0.0]
+    due = log_throttle(every=30, clock=lambda: now[0])
+    printed = []
+    for second in range(0, 100, 5):  # a 95-second stage, updated every 5 s
+        now[0] = float(second)
+        printed.append((second, due("long", second == 95)))
+    assert [s for s, shown in printed if shown] == [30, 60, 90, 95]
+    now[0] = 0.0
+    short = log_throttle(every=30, clock=lambda: now[0])
+    short("short")
+    now[0] = 12.0
+    assert not short("short", True)

@@ -376,3 +376,23 @@ def test_classifier_and_fid_on_cuda(tmp_path, digits_test):
                  feature_extractor(f"classifier:{folder}", device="cuda"))
     on_cpu = fid(noisy(digits_test, 0.2), digits_test, feature_extractor(f"classifier:{folder}"))
     assert on_gpu.fid == pytest.approx(on_cpu.fid, rel=1e-3)
+
+
+def test_a_classifier_near_chance_is_flagged(monkeypatch, tmp_path):
+    """FID on the features of a classifier that barely beats chance means little: warned."""
+    import knnflow.analysis.classifier as classifier_module
+    from knnflow.analysis.fid import feature_extractor
+
+    record = {"test_accuracy": 0.11, "architecture": {"classes": 10}, "image_shape": [1, 8, 8]}
+    stub = torch.nn.Identity()
+    stub.features = lambda x: x
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: (stub,
+                                                                                      record))
+    with pytest.warns(UserWarning, match="only 11% test accuracy"):
+        feature_extractor(f"classifier:{tmp_path}")
+    record["test_accuracy"] = 0.97
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feature_extractor(f"classifier:{tmp_path}")

@@ -247,3 +247,14 @@ def test_cli_report_json_and_errors(tmp_path, index_folder, train):
     assert_one_line_error(neither, "--index", "--dataset")
     for folder in ("o3", "o4", "o5"):
         assert not (tmp_path / folder).exists()
+
+
+def test_a_cached_index_of_part_of_the_data_is_not_reused(tmp_path):
+    """memorization --dataset reuses indices/NAME-train only when it holds the whole set."""
+    from tests.test_cli import assert_one_line_error, run
+
+    assert run("build-index", "digits", "--limit", "100", "--out", "indices/digits-train",
+               cwd=tmp_path).returncode == 0
+    np.save(tmp_path / "s.npy", np.zeros((4, 1, 8, 8), np.float32))
+    assert_one_line_error(run("memorization", "s.npy", "--dataset", "digits", cwd=tmp_path),
+                          "the first 100", "--index")

@@ -136,8 +136,8 @@ def train_classifier(dataset: str = "digits", root: str | Path | None = None,
                         ("--feature-dim", feature_dim)):
         if value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
-    if lr <= 0:
-        raise InputError(f"--lr must be positive, got {lr}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise InputError(f"--lr must be a positive number, got {lr}")
     if shift < 0:
         raise InputError(f"--shift must be at least 0, got {shift}")
     train_x, train_y = _labelled(dataset, root, "train", limit)

@@ -219,6 +219,12 @@ def _classifier(folder: Path, device: torch.device) -> FeatureExtractor:
     from knnflow.analysis.classifier import load_classifier
 
     model, record = load_classifier(folder, device)
+    accuracy, classes = record.get("test_accuracy"), record["architecture"]["classes"]
+    if accuracy is not None and accuracy < max(0.5, 2 / classes):
+        warnings.warn(f"the classifier {folder} reaches only {accuracy:.0%} test accuracy "
+                      f"(chance: {1 / classes:.0%}): its features barely tell images apart, so "
+                      "a Fréchet distance on them means little; train it longer "
+                      "(knnflow train-classifier --epochs)", stacklevel=2)
     return FeatureExtractor("classifier", str(folder), model.features, lambda x: x, device,
                             tuple(record["image_shape"]))
 
@@ -320,4 +326,8 @@ def parse_reference(text: str) -> tuple[str, str]:
     if dataset in dataset_names():
         raise InputError(f"unknown split {split!r} in {text!r}; choose one of: "
                          f"{', '.join(SPLITS)}")
+    kind, _, path = text.partition(":")
+    if text not in dataset_names() and not (f"{kind}:PATH" in dataset_names() and path):
+        raise InputError(f"unknown reference data set {text!r}; valid: "
+                         f"{', '.join(dataset_names())} (optionally :train or :test)")
     return text, REFERENCE_SPLIT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,8 +27,16 @@ IndexOption = Annotated[Optional[Path], typer.Option(
     help="Index folder of the run's training images (knnflow build-index DATASET, with --flip "
          "for a --flip run): û* from the certified KNNVelocity instead of the exact engine, "
          "for large data.")]
+
+
+def _tol(value: float) -> float:
+    if not (value > 0 and math.isfinite(value)):
+        raise InputError(f"--tol must be a positive number, got {value}")
+    return value
+
+
 TolOption = Annotated[float, typer.Option(
-    help="With --index: error tolerance of û* relative to ‖û*‖ (certified).")]
+    help="With --index: error tolerance of û* relative to ‖û*‖ (certified).", callback=_tol)]
 BatchOption = Annotated[int, typer.Option(help="Queries per batch.")]
 DeviceOption = Annotated[str, typer.Option(help="cpu or cuda (the network and û*).")]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace an existing output folder.")]

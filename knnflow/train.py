@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -88,6 +89,8 @@ class TrainConfig:
             raise InputError(f"--ema-decay must lie in [0, 1), got {config.ema_decay}")
         if not config.grad_clip > 0:
             raise InputError(f"--grad-clip must be positive, got {config.grad_clip}")
+        if config.index is not None and config.target != "knn-efm":
+            raise InputError(f"--index is used by --target knn-efm only, not {config.target}")
         return config
 
 
@@ -156,17 +159,23 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]] | None:
-    """The newest checkpoint whose tensors match its JSON's sha256, or None."""
+    """The newest checkpoint whose tensors match its JSON's sha256, or None; a damaged newer
+    one is skipped with a warning naming it."""
     from safetensors.torch import load_file
 
+    damaged = []
     for mark in reversed(complete_checkpoints(folder)):
         weights = mark.with_suffix(".safetensors")
         try:
             meta = json.loads(mark.read_text())
             if weights.is_file() and _sha256(weights) == meta["sha256"]:
+                if damaged:
+                    warnings.warn(f"skipped damaged checkpoint(s) {', '.join(damaged)}; using "
+                                  f"{weights.name} (step {meta['step']})", stacklevel=2)
                 return meta, load_file(str(weights))
         except (json.JSONDecodeError, KeyError, OSError):
-            continue
+            pass
+        damaged.append(weights.name)
     return None
 
 

@@ -154,6 +154,12 @@ def test_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path):
     (("sample", "--n", "1.5", "run"), ("--n",)),
     (("fid", "samples"), ("--ref",)),
     (("build-index", "folder:.", "--size", "0"), ("--size must be at least 1",)),
+    (("build-index", "digits", "--kind", "flat", "--nlist", "3"), ("ivf only",)),
+    (("build-index", "digits", "--kind", "ivf", "--nprobe", "-1"), ("--nprobe must lie",)),
+    (("collapse", "digits", "--t-grid", "0:0.9:10"), ("larger than the range", "0:0.9:0.1")),
+    (("train", "digits", "--index", "somewhere"), ("knn-efm only",)),
+    (("fid", "x", "--ref", "nosuch"), ("unknown reference data set",)),
+    (("train-classifier", "digits", "--lr", "nan"), ("--lr",)),
 ])
 def test_command_line_mistakes_are_one_line(tmp_path, args, fragments):
     result = run(*args, cwd=tmp_path)

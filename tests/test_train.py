@@ -109,7 +109,8 @@ def test_a_damaged_newest_checkpoint_is_skipped(tmp_path):
     assert [m.stem for m in marks] == ["step_2", "step_4"]
     weights = marks[-1].with_suffix(".safetensors")
     weights.write_bytes(weights.read_bytes()[:-10])
-    meta, _ = load_checkpoint(tmp_path / "r" / CHECKPOINTS)
+    with pytest.warns(UserWarning, match="skipped damaged checkpoint.*step_4.*step 2"):
+        meta, _ = load_checkpoint(tmp_path / "r" / CHECKPOINTS)
     assert meta["step"] == 2
 
 

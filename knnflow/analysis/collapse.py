@@ -107,6 +107,10 @@ def parse_t_grid(text: str) -> np.ndarray:
             raise InputError(f"--t-grid: the step must be positive, got {step:g}")
         if stop < start:
             raise InputError(f"--t-grid: stop {stop:g} is below start {start:g}")
+        if stop > start and step > stop - start:
+            raise InputError(f"--t-grid {raw!r}: the step {step:g} is larger than the range "
+                             f"(start:stop:STEP, not a count: for 10 points from {start:g} to "
+                             f"{stop:g} write {start:g}:{stop:g}:{(stop - start) / 9:g})")
         count = math.floor((stop - start) / step + 1e-9) + 1
         if count > 100_000:
             raise InputError(f"--t-grid {raw!r} has {count} points; at most 100000")

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from knnflow.analysis.reproduce import DATASETS, check_dataset, get_budget
-from knnflow.errors import InputError
+from knnflow.index import resolve_device
 
 from .console import console, err_console, progress_bar
 
@@ -59,8 +59,7 @@ def reproduce(
     from knnflow.analysis.reproduce import reproduce as run_reproduction
 
     check_dataset(dataset)
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
+    resolve_device(device, allow_auto=False)
     chosen = get_budget(dataset, budget, steps=steps, limit=limit, threads=threads)
     command = shlex.join(["knnflow", *sys.argv[1:]])
     with progress_bar() as progress:

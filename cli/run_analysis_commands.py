@@ -14,6 +14,7 @@ from knnflow.analysis.hybrid import COPY_FRACTION, DEFAULT_TAUS, GRID_ROWS, REFE
 from knnflow.analysis.velocity_error import WEIGHT_LABELS, WEIGHT_SETS
 from knnflow.errors import InputError
 from knnflow.files import check_output_folder
+from knnflow.index import resolve_device
 from knnflow.sample import SOLVERS
 
 from .console import console, progress_bar
@@ -43,13 +44,6 @@ OverwriteOption = Annotated[bool, typer.Option(help="Replace an existing output 
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print only the JSON summary on stdout, for scripts.")]
 
-
-def _check_device(device: str) -> str:
-    from knnflow.index import resolve_device
-
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
-    return resolve_device(device)
 
 
 def _output_folder(out: Path | None, run: Path, name: str, overwrite: bool,
@@ -93,7 +87,7 @@ def velocity_error(
         raise InputError(f"unknown --weights {weights!r}; choose both, ema or raw")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    device = _check_device(device)
+    device = resolve_device(device, allow_auto=False)
     target = _output_folder(out, run, "velocity-error", overwrite, index)
     with progress_bar() as progress:
         result, summary = velocity_error_of_run(
@@ -165,7 +159,7 @@ def hybrid(
                            batch_size)
     if rows < 1:
         raise InputError(f"--rows must be at least 1, got {rows}")
-    device = _check_device(device)
+    device = resolve_device(device, allow_auto=False)
     target = _output_folder(out, run, "hybrid", overwrite, index)
     with progress_bar() as progress:
         result, summary = hybrid_of_run(

@@ -98,9 +98,7 @@ def train_command(
     options["index"] = str(index) if index else None
     config: TrainConfig = config_from_options(**options)
     folder = name or default_run_folder(dataset, target)
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
-    device = resolve_device(device)
+    device = resolve_device(device, allow_auto=False)
     columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[rate]:.1f} steps/s"),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
@@ -156,9 +154,7 @@ def sample_command(
     from knnflow.sample import sample_closed_form, sample_model, save_samples
     from knnflow.train import load_run_model
 
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
-    device = resolve_device(device)
+    device = resolve_device(device, allow_auto=False)
 
     if (run is None) == (closed_form is None):
         raise InputError("pass a RUN folder or --closed-form INDEX (one of them)")

@@ -50,11 +50,13 @@ def _faiss():
     return faiss
 
 
-def resolve_device(device: str, option: str = "--device") -> str:
+def resolve_device(device: str, option: str = "--device", allow_auto: bool = True) -> str:
     """'auto' → 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error
-    (naming `option`)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"unknown {option} {device!r}; choose auto, cpu or cuda")
+    (naming `option`). allow_auto=False: only cpu or cuda are accepted."""
+    choices = ("auto", "cpu", "cuda") if allow_auto else ("cpu", "cuda")
+    if device not in choices:
+        raise InputError(f"unknown {option} {device!r}; choose {', '.join(choices[:-1])} or "
+                         f"{choices[-1]}")
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
         raise InputError(f"{option} cuda was asked for but torch sees no CUDA GPU")

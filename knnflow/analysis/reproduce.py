@@ -1369,9 +1369,7 @@ def reproduce(dataset: str, budget: Budget, *, root: str | Path | None = None,
     from knnflow.index import resolve_device
 
     check_dataset(dataset)
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
-    device = resolve_device(device)
+    device = resolve_device(device, allow_auto=False)
     threads = torch.get_num_threads()
     # The thread limit covers numpy's and scipy's BLAS too: on the shared 2-core machine,
     # scipy's sqrtm of a 128×128 covariance product (FID) took 1.2 s with two OpenBLAS

@@ -166,7 +166,7 @@ def sample_command(
         index = Index.load(closed_form)
         with progress_bar() as progress:
             samples = sample_closed_form(index, n, seed, solver, steps, atol, rtol,
-                                         progress=progress)
+                                         progress=progress, device=device)
         meta["closed_form"] = str(closed_form)
     else:
         target = check_output_folder(out or run / "samples", overwrite, [run])

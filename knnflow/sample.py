@@ -90,14 +90,15 @@ def sample_model(model: nn.Module, count: int, image_shape: tuple[int, ...], see
 def sample_closed_form(index, count: int, seed: int = 0, solver: str = "euler",
                        steps: int = 100, atol: float = 1e-5, rtol: float = 1e-5,
                        batch_size: int = 256,
-                       progress: Callable[[str, int, int], None] | None = None) -> Tensor:
-    """`count` samples of the closed-form flow û* of an index's training set;
-    progress(stage, done, total) as the integration advances when given."""
+                       progress: Callable[[str, int, int], None] | None = None,
+                       device: str | torch.device = "cpu") -> Tensor:
+    """`count` samples of the closed-form flow û* of an index's training set, û* computed on
+    `device`; progress(stage, done, total) as the integration advances when given."""
     from knnflow.estimators import ExactVelocity
 
     if count < 1:
         raise InputError(f"--n must be at least 1, got {count}")
-    exact = ExactVelocity(index.training_set())
+    exact = ExactVelocity(index.training_set(), device=device)
     shape = index.image_shape
     # The same noises as sample_model with this seed (float32 draws), so `knnflow sample RUN`,
     # `knnflow sample --closed-form` and `knnflow hybrid` start from the same points.
@@ -118,7 +119,8 @@ def sample_closed_form(index, count: int, seed: int = 0, solver: str = "euler",
 
         x = integrate(velocity, noise[start:start + batch_size], solver, steps, atol, rtol,
                       t_end=CLOSED_FORM_T_END, on_time=on_time)
-        out.append(exact.denoiser(x.to(torch.float32), CLOSED_FORM_T_END).to(torch.float32))
+        out.append(exact.denoiser(x.to(torch.float32), CLOSED_FORM_T_END).to(
+            device="cpu", dtype=torch.float32))
     return torch.cat(out).clamp(-1, 1).reshape(count, *shape)
 
 

@@ -122,3 +122,15 @@ def test_resume_on_gpu_is_bit_exact(tmp_path):
     b = load_file(str(tmp_path / "parts" / "checkpoints" / "step_8.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_closed_form_sampling_on_gpu_matches_cpu():
+    """`knnflow sample --closed-form --device cuda`: û* on the GPU, samples back on the CPU,
+    equal to the CPU's up to float32 rounding of the flow."""
+    from knnflow.sample import sample_closed_form
+
+    index = Index.build(load_dataset("digits")[:300])
+    cpu = sample_closed_form(index, 6, seed=3, steps=20)
+    gpu = sample_closed_form(index, 6, seed=3, steps=20, device="cuda")
+    assert gpu.device.type == "cpu"
+    assert torch.allclose(cpu, gpu, atol=1e-4)

@@ -143,6 +143,7 @@ def knn(
     json_out: JsonOutOption = None,
 ) -> None:
     """Certified kNN velocity (b) against the exact engine (a) and top-k truncation (c)."""
+    check_output_file(json_out, "--json-out", [index, root])
     with progress_bar() as progress:
         result = bench_knn(dataset=dataset, root=str(root) if root else None, limit=limit,
                            ts=parse_floats(t, "--t"), batch=batch, tol=tol, repeats=repeats,
@@ -200,6 +201,7 @@ def memorization(
     and FAISS flat search with float64 re-ranking (c)."""
     if not noise >= 0 or not math.isfinite(noise):
         raise InputError(f"--noise must be a number ≥ 0, got {noise}")
+    check_output_file(json_out, "--json-out", [index, root])
     with progress_bar() as progress:
         result = bench_memorization(dataset=dataset, root=str(root) if root else None,
                                     limit=limit, samples=samples, noise=noise, repeats=repeats,
@@ -242,6 +244,7 @@ def targets(
 ) -> None:
     """Training targets against û*: mean ‖target - û*‖² per t bin and ms per batch for cfm,
     efm-128, efm-1000, efm-128 (shared pool) and knn-efm, on the same (x0, x1, t)."""
+    check_output_file(json_out, "--json-out", [index, root])
     with progress_bar() as progress:
         result = bench_targets(dataset=dataset, root=str(root) if root else None, limit=limit,
                                batch=batch, bins=bins, tol=tol, index_folder=index,
@@ -297,6 +300,7 @@ def train(
     labels = tuple(part.strip() for part in targets.split(",") if part.strip())
     if not labels:
         raise InputError("--targets is empty")
+    check_output_file(json_out, "--json-out", [index, root])
     with progress_bar() as progress:
         result = bench_train(dataset=dataset, root=str(root) if root else None, limit=limit,
                              preset=preset, targets=labels, batch=batch, steps=steps,

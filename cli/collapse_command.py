@@ -75,7 +75,7 @@ def collapse(
     if not tol > 0:
         raise InputError(f"--tol must be positive, got {tol}")
     target = check_output_folder(out if out is not None else default_collapse_folder(dataset),
-                                 overwrite, dataset_sources(dataset, root))
+                                 overwrite, "collapse", dataset_sources(dataset, root))
     with progress_bar() as progress:
         progress(f"loading {dataset}", 0, 1)
         images = load_dataset(dataset, root=root, split=split, limit=limit)

@@ -110,7 +110,7 @@ def build_index(
         raise InputError("--size resizes the images of folder:PATH data sets only")
     folder = check_output_folder(
         out or default_index_folder(dataset, split + ("-flip" if flip else "")), overwrite,
-        dataset_sources(dataset, root))
+        "index", dataset_sources(dataset, root))
     with progress_bar() as progress:
         index = build_dataset_index(dataset, folder, progress, root=root, split=split,
                                     limit=limit, size=size, flip=flip, kind=kind, device=device,

@@ -95,6 +95,8 @@ def fid(
         raise InputError(f"--ref-limit must be at least 1, got {ref_limit}")
     dataset, split = parse_reference(ref)
     extractor = _extractor(features, weights, dataset, device)
+    check_output_file(out, "--out", [samples, root, extractor.source, weights,
+                                     *dataset_sources(dataset)])
     reference = load_dataset(dataset, root, split, ref_limit)
     shape = tuple(reference.shape[1:])
     opened = _open_samples(samples, shape, f"{dataset} ({split})")
@@ -168,7 +170,7 @@ def train_classifier(
     classifier:FOLDER. Writes classifier.safetensors and classifier.json."""
     device = resolve_device(device)
     folder = check_output_folder(out if out is not None else default_classifier_folder(dataset),
-                                 overwrite, dataset_sources(dataset, root))
+                                 overwrite, "classifier", dataset_sources(dataset, root))
     with progress_bar() as progress:
         model, record = train_classifier_model(
             dataset, root=root, limit=limit, epochs=epochs, batch_size=batch_size, lr=lr,

@@ -32,13 +32,16 @@ def open_index(index: Path | None, dataset: str | None, root: Path | None, appro
     if folder.exists():
         cached = Index.load(folder)
         made = cached.manifest.get("dataset") or {}
-        if made.get("limit") is not None or made.get("flip") or (
-                root is not None and made.get("root") != str(root)):
+        other_root = (root is not None and made.get("root") is not None
+                      and Path(made["root"]).expanduser().resolve()
+                      != Path(root).expanduser().resolve())
+        if made.get("limit") is not None or made.get("flip") or other_root:
             which = f"the first {made['limit']}" if made.get("limit") else "other"
             raise InputError(f"the cached index {folder} holds {which} images of {dataset}, "
                              f"not its whole training set from {root or 'the default place'}: "
                              f"pass --index, or rebuild it with knnflow build-index {dataset} "
-                             f"--out {folder} --overwrite")
+                             + (f"--root {root} " if root is not None else "")
+                             + f"--out {folder} --overwrite")
         return cached
     build_dataset_index(dataset, folder, progress, root=root,
                         kind="ivf" if approximate else "flat")
@@ -91,8 +94,13 @@ def memorization(
     parse_threshold(threshold)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    cached = None
+    if dataset is not None:  # the cached index that --dataset reads
+        cached = default_index_folder(dataset, "train")
+        cached = cached.with_name(cached.name + "-ivf") if approximate else cached
     target = check_output_folder(out if out is not None else default_out(samples), overwrite,
-                                 [samples, index, *dataset_sources(dataset, root)])
+                                 "memorization", [samples, index, cached,
+                                                  *dataset_sources(dataset, root)])
     with progress_bar() as progress:
         opened = open_index(index, dataset, root, approximate, progress)
         if approximate and opened.kind == "flat" and not as_json:

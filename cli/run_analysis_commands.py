@@ -48,7 +48,8 @@ JsonOption = Annotated[bool, typer.Option(
 
 def _output_folder(out: Path | None, run: Path, name: str, overwrite: bool,
                    index: Path | None = None) -> Path:
-    return check_output_folder(out if out is not None else run / name, overwrite, [run, index])
+    return check_output_folder(out if out is not None else run / name, overwrite, name,
+                               [run, index])
 
 
 def _fmt(value: float) -> str:

@@ -162,14 +162,14 @@ def sample_command(
     if closed_form is not None:
         target = check_output_folder(
             out or Path("runs") / f"closed-form-{closed_form.name}" / "samples", overwrite,
-            [closed_form])
+            "samples", [closed_form])
         index = Index.load(closed_form)
         with progress_bar() as progress:
             samples = sample_closed_form(index, n, seed, solver, steps, atol, rtol,
                                          progress=progress, device=device)
         meta["closed_form"] = str(closed_form)
     else:
-        target = check_output_folder(out or run / "samples", overwrite, [run])
+        target = check_output_folder(out or run / "samples", overwrite, "samples", [run])
         model, record = load_run_model(run, ema, device)
         with progress_bar() as progress:
             samples = sample_model(model, n, tuple(record["image_shape"]), seed, solver, steps,

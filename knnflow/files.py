@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -11,10 +12,43 @@ from pathlib import Path
 
 from knnflow.errors import InputError
 
-# A folder holding one of these was written by knnflow (index, run, samples, reports,
-# classifier): --overwrite replaces only such folders, or empty ones.
-OUTPUT_MARKERS = ("manifest.json", "config.json", "sampling.json", "samples.npz",
-                  "summary.json", "classifier.json", "checkpoints")
+# Every folder knnflow writes holds this file, naming its kind (index, run, samples, ...):
+# --overwrite replaces only a folder of the command's own kind, or an empty one.
+MARKER = ".knnflow.json"
+# Folders written before the marker existed are recognised by what they hold.
+LEGACY_KINDS = (("index", "manifest.json", ("format_version", "data_sha256")),
+                ("run", "config.json", ("preset", "target", "image_shape")),
+                ("samples", "sampling.json", ()),
+                ("classifier", "classifier.json", ("architecture", "sha256")),
+                ("memorization", "memorization.csv", ()),
+                ("collapse", "collapse.csv", ()),
+                ("velocity-error", "velocity_error.csv", ()),
+                ("hybrid", "hybrid.csv", ()))
+
+
+def folder_kind(folder: Path) -> str | None:
+    """The kind of output knnflow wrote into `folder`, or None for any other folder."""
+    try:
+        return str(json.loads((folder / MARKER).read_text())["kind"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for kind, name, keys in LEGACY_KINDS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not keys:
+            return kind
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict) and all(key in content for key in keys):
+            return kind
+    return None
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    (folder / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
 
 
 def _writable_ancestor(path: Path) -> None:
@@ -32,49 +66,71 @@ def _writable_ancestor(path: Path) -> None:
         raise InputError(f"cannot write in {ancestor}: {err.strerror}") from None
 
 
-def check_output_folder(folder: str | Path, overwrite: bool,
+def check_output_folder(folder: str | Path, overwrite: bool, kind: str,
                         inputs: Iterable[str | Path | None] = (), option: str = "--out") -> Path:
     """Check, before any work, that `folder` can be written: it does not exist, or it does and
-    overwrite is set, it is a folder knnflow wrote (or an empty one), and it neither is nor
-    holds one of the command's `inputs` (which --overwrite would delete)."""
+    overwrite is set, it holds knnflow's output of this `kind` (or nothing), it is no symbolic
+    link, and it neither is nor holds one of the command's `inputs` (which --overwrite would
+    delete)."""
     folder = Path(folder)
+    if folder.is_symlink():
+        raise InputError(f"{folder} is a symbolic link; give the folder it points to, or "
+                         f"another {option}")
     if folder.exists():
         if not folder.is_dir():
             raise InputError(f"{folder} is a file; {option} needs a folder path")
         if not overwrite:
             raise InputError(f"{folder} already exists; pass --overwrite to replace it")
-        target = folder.resolve()
-        for item in inputs:
-            if item is None:
-                continue
-            source = Path(item).resolve()
-            if source == target or target in source.parents:
-                raise InputError(f"{folder} holds the input {item}; --overwrite would delete "
-                                 f"it: choose another {option}")
-        if any(folder.iterdir()) and not any((folder / m).exists() for m in OUTPUT_MARKERS):
-            raise InputError(f"{folder} is not a folder knnflow wrote (none of "
-                             f"{', '.join(OUTPUT_MARKERS)}); remove it yourself or choose "
-                             f"another {option}")
+        refuse_inputs(folder, inputs, option)
+        found = folder_kind(folder)
+        if found is None and any(folder.iterdir()):
+            raise InputError(f"{folder} is not a folder knnflow wrote; remove it yourself or "
+                             f"choose another {option}")
+        if found is not None and found != kind:
+            raise InputError(f"{folder} holds a knnflow {found}, not {kind} output; "
+                             f"choose another {option}")
     _writable_ancestor(folder)
     return folder
 
 
-def check_output_file(path: str | Path | None, option: str) -> Path | None:
-    """Check, before any work, that a single output file can be written."""
+def refuse_inputs(target: Path, inputs: Iterable[str | Path | None], option: str) -> None:
+    """Refuse a target that is, or holds, one of the inputs."""
+    resolved = target.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).expanduser().resolve()
+        if source == resolved or resolved in source.parents:
+            raise InputError(f"{target} holds the input {item}; writing there would destroy "
+                             f"it: choose another {option}")
+
+
+def check_output_file(path: str | Path | None, option: str,
+                      inputs: Iterable[str | Path | None] = ()) -> Path | None:
+    """Check, before any work, that a single output file can be written, and that it is not
+    one of the command's inputs nor inside one."""
     if path is None:
         return None
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; give a file path")
+    refuse_inputs(path, inputs, option)
+    resolved = path.resolve()
+    for item in inputs:  # a file written into an input folder may replace one of its files
+        if item is not None and Path(item).expanduser().resolve() in resolved.parents:
+            raise InputError(f"{option} {path} lies inside the input {item}; choose a path "
+                             "outside it")
     _writable_ancestor(path)
     return path
 
 
 @contextmanager
-def atomic_folder(folder: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `folder` to write into. When the block ends normally, the
-    temporary folder is renamed to `folder` (an existing one is replaced only with
-    overwrite=True, and only then); when it raises, the temporary folder is removed."""
+def atomic_folder(folder: str | Path, overwrite: bool = False,
+                  kind: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of `folder` to write into, marked as output of `kind`. When
+    the block ends normally, the temporary folder is renamed to `folder` (an existing one is
+    replaced only with overwrite=True, and only then); when it raises, the temporary folder
+    is removed."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise InputError(f"{folder} already exists; pass --overwrite to replace it")
@@ -83,12 +139,17 @@ def atomic_folder(folder: str | Path, overwrite: bool = False) -> Iterator[Path]
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        if kind is not None:
+            write_marker(tmp, kind)
         yield tmp
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
             folder.rename(old)
             tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(folder)
     except BaseException:

@@ -216,7 +216,7 @@ class Index:
              progress: Progress | None = None) -> Path:
         """Write the folder atomically: a temporary sibling, renamed when complete."""
         folder = Path(folder)
-        with atomic_folder(folder, overwrite) as tmp:
+        with atomic_folder(folder, overwrite, kind="index") as tmp:
             if progress:
                 progress("writing data", 0, 1)
             np.save(tmp / DATA_FILE, self.points.numpy())

@@ -407,7 +407,7 @@ def write_report(out: Path, samples: Samples, index: Index, scores: Scores,
                  reference: Tensor, summary: dict, overwrite: bool = False) -> Path:
     """Write the report folder atomically: everything goes into a temporary folder that is
     renamed to `out` once complete, so a crash leaves no half-written report."""
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, kind="memorization") as tmp:
         write_csv(tmp / "memorization.csv", samples, scores, summary["threshold"])
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_histogram(tmp / "histogram.png", scores.distances[:, 0], reference,

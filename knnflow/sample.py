@@ -81,7 +81,7 @@ def sample_model(model: nn.Module, count: int, image_shape: tuple[int, ...], see
                 progress(stage, start + int(min(t, 1.0) * size), count)
 
         out.append(integrate(model_velocity(model), x0, solver, steps, atol, rtol,
-                             on_time=on_time).cpu())
+                             on_time=on_time if progress else None).cpu())
         if progress:
             progress(stage, min(start + batch_size, count), count)
     return torch.cat(out).clamp(-1, 1)
@@ -118,7 +118,7 @@ def sample_closed_form(index, count: int, seed: int = 0, solver: str = "euler",
                          count)
 
         x = integrate(velocity, noise[start:start + batch_size], solver, steps, atol, rtol,
-                      t_end=CLOSED_FORM_T_END, on_time=on_time)
+                      t_end=CLOSED_FORM_T_END, on_time=on_time if progress else None)
         out.append(exact.denoiser(x.to(torch.float32), CLOSED_FORM_T_END).to(
             device="cpu", dtype=torch.float32))
     return torch.cat(out).clamp(-1, 1).reshape(count, *shape)
@@ -164,7 +164,7 @@ def save_samples(samples: Tensor, out: Path, overwrite: bool = False,
     written to a temporary folder renamed to `out` when complete."""
     import json
 
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, kind="samples") as tmp:
         for i, picture in enumerate(to_uint8(samples)):
             save_image(picture, tmp / f"sample_{i:05d}.png")
         save_image(image_grid(samples[:256]), tmp / "grid.png", grid_scale(samples.shape[2]))

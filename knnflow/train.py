@@ -89,8 +89,6 @@ class TrainConfig:
             raise InputError(f"--ema-decay must lie in [0, 1), got {config.ema_decay}")
         if not config.grad_clip > 0:
             raise InputError(f"--grad-clip must be positive, got {config.grad_clip}")
-        if config.index is not None and config.target != "knn-efm":
-            raise InputError(f"--index is used by --target knn-efm only, not {config.target}")
         return config
 
 
@@ -267,7 +265,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     every other field is taken from the saved config.
     """
     from knnflow.data import dataset_sources
-    from knnflow.files import check_output_folder
+    from knnflow.files import check_output_folder, write_marker
     from knnflow.index import points_sha256
     from knnflow.targets import make_target
 
@@ -282,7 +280,12 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
             known = {f.name for f in fields(TrainConfig)}
             config = TrainConfig(**{**{k: v for k, v in saved.items() if k in known},
                                     **{k: getattr(config, k) for k in explicit if k in known}})
-    config = config.resolved()
+    try:
+        config = config.resolved()
+    except (TypeError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{run.config_path} holds a value of the wrong type ({err})") from None
     if resume:
         differences = config_differences(saved, config)
         if differences:
@@ -292,12 +295,14 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
             raise InputError(f"{folder} has trained {checkpoint[0]['step']} steps, more than "
                              f"the --steps {config.steps} asked for")
     else:
+        if config.index is not None and config.target != "knn-efm":
+            raise InputError(f"--index is used by --target knn-efm only, not {config.target}")
         if folder.exists() and not overwrite:
             raise InputError(f"{folder} already exists; pass --resume to continue it or "
                              "--overwrite to start again")
         # Only a run folder (or an empty one) is replaced, and only once the new run's data,
         # index and target have loaded: a mistake in them must not cost the old run.
-        check_output_folder(folder, overwrite, [config.index, *dataset_sources(
+        check_output_folder(folder, overwrite, "run", [config.index, *dataset_sources(
             config.dataset, config.root)], option="--name")
     images, candidates, index = load_training_data(config)
     data_sha256 = points_sha256(images.reshape(len(images), -1).numpy())
@@ -336,6 +341,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     if not resume and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    write_marker(folder, "run")
     record = {**asdict(config), "image_shape": list(image_shape),
               "parameters": count_parameters(model), "data_sha256": data_sha256}
     run.config_path.write_text(json.dumps(record, indent=2) + "\n")

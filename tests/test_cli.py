@@ -147,6 +147,25 @@ def test_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path):
                               cwd=tmp_path), "is a file")
     assert_one_line_error(run("bench", "exact", "--quick", "--json-out", "notes",
                               cwd=tmp_path), "--json-out", "is a folder")
+    # names alone do not make a folder knnflow's (an ML project with checkpoints/ and
+    # config.json), one kind of output never replaces another, links are not followed
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.json").write_text('{"model_type": "bert"}')
+    assert_one_line_error(run("sample", "--closed-form", "ix", "--n", "2", "--steps", "2",
+                              "--out", "project", "--overwrite", cwd=tmp_path),
+                          "not a folder knnflow wrote")
+    assert_one_line_error(run("sample", "--closed-form", "ix", "--n", "2", "--steps", "2",
+                              "--out", "ix", "--overwrite", cwd=tmp_path),
+                          "holds the input")
+    assert_one_line_error(run("build-index", "digits", "--limit", "20", "--out", "s",
+                              "--overwrite", cwd=tmp_path), "holds a knnflow samples")
+    (tmp_path / "link").symlink_to(tmp_path / "s")
+    assert_one_line_error(run("sample", "--closed-form", "ix", "--n", "2", "--steps", "2",
+                              "--out", "link", "--overwrite", cwd=tmp_path), "symbolic link")
+    assert_one_line_error(run("bench", "knn", "--index", "ix", "--json-out", "ix/manifest.json",
+                              cwd=tmp_path), "lies inside the input")
+    assert (tmp_path / "ix" / "manifest.json").is_file() and (tmp_path / "s").is_dir()
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -89,7 +89,7 @@ def classifier_folder(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     for text in ("test accuracy", "train seconds", "1×8×8", "10 epochs"):
         assert text in result.stdout
-    assert sorted(p.name for p in folder.iterdir()) == ["classifier.json",
+    assert sorted(p.name for p in folder.iterdir()) == [".knnflow.json", "classifier.json",
                                                         "classifier.safetensors"]
     return folder
 

@@ -293,6 +293,15 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(tmp_path):
     with pytest.raises(InputError, match="not a folder knnflow wrote"):
         train(config, precious, overwrite=True)
     assert (precious / "thesis.txt").read_text() == "years of work"
+    # an older run that saved --index with another target still resumes
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    (tmp_path / "r" / "config.json").write_text(json.dumps({**saved, "index": "elsewhere"}))
+    train(TrainConfig(**{**config.__dict__, "steps": 3, "index": "elsewhere"}), tmp_path / "r",
+          resume=True)
+    (tmp_path / "r" / "config.json").write_text(json.dumps({**saved, "steps": "4"}))
+    with pytest.raises(InputError, match="wrong type"):
+        train(TrainConfig(**{**config.__dict__, "steps": "4"}), tmp_path / "r", resume=True,
+              explicit=set())
     (tmp_path / "r" / "config.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         train(config, tmp_path / "r", resume=True)

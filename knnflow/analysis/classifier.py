@@ -203,7 +203,7 @@ def save_classifier(folder: str | Path, model: ClassifierNet, record: dict,
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    with atomic_folder(folder, overwrite=overwrite) as tmp:
+    with atomic_folder(folder, overwrite=overwrite, kind="classifier") as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(weights))

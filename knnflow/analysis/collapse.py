@@ -612,7 +612,7 @@ def write_collapse_report(result: CollapseResult, out: str | Path, *, dataset: s
     """collapse.png, collapse.csv (one row per size and t), collapse_histograms.csv and
     summary.json, written atomically to `out`. Returns the summary."""
     summary = summarize(result, dataset, extra)
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, kind="collapse") as tmp:
         _write_csv(tmp / "collapse.csv", curve_table(result))
         _write_csv(tmp / "collapse_histograms.csv", histogram_table(result))
         plot_collapse(tmp / "collapse.png", result, dataset)

@@ -452,7 +452,7 @@ def write_hybrid(out: str | Path, result: HybridResult, summary: dict, overwrite
     """hybrid.png, grid.png, hybrid.csv, summary.json and samples.npz (taus, noise, samples,
     d1, d2, nearest_ids, memorized), written atomically."""
     title = plot_title(summary)
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, kind="hybrid") as tmp:
         write_hybrid_csv(tmp / CSV_NAME, result)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
         np.savez(tmp / ARRAYS_NAME, taus=np.array(result.taus), noise=result.noise.numpy(),

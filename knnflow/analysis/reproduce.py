@@ -646,9 +646,11 @@ def newest_checkpoint(run: Path) -> dict | None:
     return None
 
 
-def prepare_work_folder(work: Path, dataset: str, budget: Budget, overwrite: bool) -> None:
+def prepare_work_folder(work: Path, dataset: str, budget: Budget, overwrite: bool,
+                        root: str | Path | None = None) -> None:
     """Create (or, with overwrite, empty) the work folder; refuse a folder that is not a
-    reproduce work folder, or one of another data set."""
+    reproduce work folder, one of another data set, or (with overwrite) one that holds the
+    data set's files."""
     marker = work / MARKER
     if work.exists() and any(work.iterdir()):
         saved = _read_json(marker)
@@ -656,6 +658,10 @@ def prepare_work_folder(work: Path, dataset: str, budget: Budget, overwrite: boo
             raise InputError(f"{work} exists and is not a knnflow reproduce work folder (no "
                              f"{MARKER}); choose another --work")
         if overwrite:
+            from knnflow.data import dataset_sources
+            from knnflow.files import refuse_inputs
+
+            refuse_inputs(work, dataset_sources(dataset, root), "--work")
             shutil.rmtree(work)
         elif saved.get("dataset") != dataset:
             raise InputError(f"{work} holds a reproduction of {saved.get('dataset')}, not "
@@ -1399,7 +1405,7 @@ def _reproduce(dataset: str, budget: Budget, *, root, work, out_md, device: str,
     pipeline.load_data()
     specs = target_specs(len(pipeline.candidates), budget)
     pipeline.total = 4 + 6 * len(specs) * len(budget.seeds)
-    prepare_work_folder(pipeline.work, dataset, budget, overwrite)
+    prepare_work_folder(pipeline.work, dataset, budget, overwrite, root)
     pipeline.build_index()
     pipeline.train_classifier()
     pipeline.collapse()

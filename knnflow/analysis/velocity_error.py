@@ -305,7 +305,7 @@ def plot_title(summary: dict) -> str:
 def write_velocity_error(out: str | Path, result: VelocityErrorResult, summary: dict,
                          overwrite: bool = False) -> Path:
     """velocity_error.png, velocity_error.csv and summary.json, written atomically."""
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, kind="velocity-error") as tmp:
         write_velocity_error_csv(tmp / CSV_NAME, result)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
         plot_velocity_error(tmp / PLOT_NAME, result, plot_title(summary))

@@ -19,6 +19,12 @@ from .console import console, err_console, progress_bar
 from .data_commands import build_dataset_index, default_index_folder
 
 
+def cached_index_folder(dataset: str, approximate: bool) -> Path:
+    """Where --dataset NAME keeps its index: indices/NAME-train (-ivf for --approximate)."""
+    folder = default_index_folder(dataset, "train")
+    return folder.with_name(folder.name + "-ivf") if approximate else folder
+
+
 def open_index(index: Path | None, dataset: str | None, root: Path | None, approximate: bool,
                progress) -> Index:
     """--index DIR, or --dataset NAME: the cached index under indices/, built on first use."""
@@ -26,9 +32,7 @@ def open_index(index: Path | None, dataset: str | None, root: Path | None, appro
         raise InputError("pass exactly one of --index DIR or --dataset NAME")
     if index is not None:
         return Index.load(index)
-    folder = default_index_folder(dataset, "train")
-    if approximate:
-        folder = folder.with_name(folder.name + "-ivf")
+    folder = cached_index_folder(dataset, approximate)
     if folder.exists():
         cached = Index.load(folder)
         made = cached.manifest.get("dataset") or {}
@@ -94,10 +98,7 @@ def memorization(
     parse_threshold(threshold)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    cached = None
-    if dataset is not None:  # the cached index that --dataset reads
-        cached = default_index_folder(dataset, "train")
-        cached = cached.with_name(cached.name + "-ivf") if approximate else cached
+    cached = None if dataset is None else cached_index_folder(dataset, approximate)
     target = check_output_folder(out if out is not None else default_out(samples), overwrite,
                                  "memorization", [samples, index, cached,
                                                   *dataset_sources(dataset, root)])

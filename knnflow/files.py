@@ -93,8 +93,10 @@ def check_output_folder(folder: str | Path, overwrite: bool, kind: str,
     return folder
 
 
-def refuse_inputs(target: Path, inputs: Iterable[str | Path | None], option: str) -> None:
-    """Refuse a target that is, or holds, one of the inputs."""
+def refuse_inputs(target: Path, inputs: Iterable[str | Path | None], option: str,
+                  inside: bool = False) -> None:
+    """Refuse a target that is, or holds, one of the inputs (inside=True: or lies inside
+    one)."""
     resolved = target.resolve()
     for item in inputs:
         if item is None:
@@ -103,6 +105,9 @@ def refuse_inputs(target: Path, inputs: Iterable[str | Path | None], option: str
         if source == resolved or resolved in source.parents:
             raise InputError(f"{target} holds the input {item}; writing there would destroy "
                              f"it: choose another {option}")
+        if inside and source in resolved.parents:
+            raise InputError(f"{option} {target} lies inside the input {item}; choose a path "
+                             "outside it")
 
 
 def check_output_file(path: str | Path | None, option: str,
@@ -114,12 +119,8 @@ def check_output_file(path: str | Path | None, option: str,
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; give a file path")
-    refuse_inputs(path, inputs, option)
-    resolved = path.resolve()
-    for item in inputs:  # a file written into an input folder may replace one of its files
-        if item is not None and Path(item).expanduser().resolve() in resolved.parents:
-            raise InputError(f"{option} {path} lies inside the input {item}; choose a path "
-                             "outside it")
+    # A file written into an input folder may replace one of its files.
+    refuse_inputs(path, inputs, option, inside=True)
     _writable_ancestor(path)
     return path
 

@@ -52,6 +52,15 @@ def integrate(velocity: Velocity, x0: Tensor, solver: str = "euler", steps: int 
                   options=options)[-1]
 
 
+def batch_progress(progress: Callable[[str, int, int], None] | None, stage: str, start: int,
+                   size: int, count: int, t_end: float = 1.0) -> Callable[[float], None] | None:
+    """integrate's on_time for one batch of `size` samples from `start` of `count`: samples
+    done, counting the batch's share by its time t (None without progress: no callback)."""
+    if progress is None:
+        return None
+    return lambda t: progress(stage, start + int(min(t / t_end, 1.0) * size), count)
+
+
 def model_velocity(model: nn.Module) -> Velocity:
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         with torch.no_grad():
@@ -75,13 +84,9 @@ def sample_model(model: nn.Module, count: int, image_shape: tuple[int, ...], see
     out = []
     for start in range(0, count, batch_size):
         x0 = noise[start:start + batch_size].to(device)
-
-        def on_time(t: float, start: int = start, size: int = x0.shape[0]) -> None:
-            if progress:  # samples done, counting the batch's share by its time t
-                progress(stage, start + int(min(t, 1.0) * size), count)
-
+        on_time = batch_progress(progress, stage, start, x0.shape[0], count)
         out.append(integrate(model_velocity(model), x0, solver, steps, atol, rtol,
-                             on_time=on_time if progress else None).cpu())
+                             on_time=on_time).cpu())
         if progress:
             progress(stage, min(start + batch_size, count), count)
     return torch.cat(out).clamp(-1, 1)
@@ -110,15 +115,10 @@ def sample_closed_form(index, count: int, seed: int = 0, solver: str = "euler",
 
     out = []
     for start in range(0, count, batch_size):
-        size = min(batch_size, count - start)
-
-        def on_time(t: float, start: int = start, size: int = size) -> None:
-            if progress:
-                progress("sampling û*", start + int(min(t / CLOSED_FORM_T_END, 1.0) * size),
-                         count)
-
+        on_time = batch_progress(progress, "sampling û*", start, min(batch_size, count - start),
+                                 count, CLOSED_FORM_T_END)
         x = integrate(velocity, noise[start:start + batch_size], solver, steps, atol, rtol,
-                      t_end=CLOSED_FORM_T_END, on_time=on_time if progress else None)
+                      t_end=CLOSED_FORM_T_END, on_time=on_time)
         out.append(exact.denoiser(x.to(torch.float32), CLOSED_FORM_T_END).to(
             device="cpu", dtype=torch.float32))
     return torch.cat(out).clamp(-1, 1).reshape(count, *shape)

@@ -282,9 +282,9 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                                     **{k: getattr(config, k) for k in explicit if k in known}})
     try:
         config = config.resolved()
-    except (TypeError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
+    except InputError:
+        raise
+    except (TypeError, ValueError) as err:  # only a saved config.json can carry wrong types
         raise InputError(f"{run.config_path} holds a value of the wrong type ({err})") from None
     if resume:
         differences = config_differences(saved, config)

@@ -11,10 +11,10 @@ import sys
 
 import torch
 
-from knnflow.bench import interleaved_seconds
 from knnflow.data import load_dataset
 from knnflow.estimators import ExactVelocity, KNNVelocity
 from knnflow.index import Index
+from knnflow.timing import interleaved_seconds
 
 index = Index.load(sys.argv[1] if len(sys.argv) > 1 else "indices/synthetic-train")
 held = load_dataset("synthetic", split="test").reshape(10000, -1)

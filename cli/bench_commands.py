@@ -140,6 +140,10 @@ def knn(
     search_device: Annotated[str, typer.Option(
         help="cpu, cuda or auto: where (b)'s certified search runs (sketch scans, the kept "
              "set's weights); its exact fallback runs on --device.")] = "cpu",
+    route: Annotated[str, typer.Option(
+        help="(b)'s route: certify (every t above the calibrated floor), faster (t bins where "
+             "the exact engine is faster, timed once, go to it) or auto (faster when --device "
+             "is cuda).")] = "auto",
     json_out: JsonOutOption = None,
 ) -> None:
     """Certified kNN velocity (b) against the exact engine (a) and top-k truncation (c)."""
@@ -148,15 +152,17 @@ def knn(
         result = bench_knn(dataset=dataset, root=str(root) if root else None, limit=limit,
                            ts=parse_floats(t, "--t"), batch=batch, tol=tol, repeats=repeats,
                            index_folder=index, device=device, search_device=search_device,
-                           progress=progress)
+                           route=route, progress=progress)
     c = result.config
+    routed = c["route"] == "faster"
     table = Table(title=(f"Certified kNN û*: {c['data']}, n={c['n']}, d={c['d']}, batch "
                          f"{c['batch']}, tol {c['tol']:g}, {machine_text(c)}"),
                   title_justify="left")
     topk_names = list(result.rows[0].topk_qps) if result.rows else []
     columns = ["t", "(a) exact q/s", "(b) cert. q/s", "b/a",
                *[f"(c) {name} q/s" for name in topk_names], "err (b) med/max",
-               "bound med/max", "fallback", "viol.", "evaluated"]
+               "bound med/max", "fallback", *(["routed"] if routed else []), "viol.",
+               "evaluated"]
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     for row in result.rows:
@@ -165,6 +171,7 @@ def knn(
             *[f"{row.topk_qps[name]:.0f}" for name in topk_names],
             f"{row.error_median:.0e}/{row.error_max:.0e}",
             f"{row.bound_median:.0e}/{row.bound_max:.0e}", f"{row.fallback:.0%}",
+            *([f"{row.routed:.0%}"] if routed else []),
             str(row.violations), f"{row.evaluated_median:.0f}")
     console.print(table)
     errors = Table(title="Uncertified top-k truncation (c): error against û*, median/max",
@@ -177,7 +184,9 @@ def knn(
     console.print(errors)
     console.print("Errors and bounds are relative to ‖û*‖ from the exact engine; a violation is "
                   "an error above bound + 1e-4·‖û*‖; evaluated: median training points touched "
-                  "in full dimension per query.")
+                  "in full dimension per query"
+                  + ("; routed: sent to the exact engine, faster at their t (--route)."
+                     if routed else "."))
     if json_out:
         save_json(result.to_dict(), json_out)
 

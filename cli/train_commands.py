@@ -15,7 +15,7 @@ from knnflow.files import check_output_folder
 from knnflow.index import resolve_device
 from knnflow.models import PRESET_HELP
 from knnflow.sample import SOLVERS
-from knnflow.targets import EFM_POOLS, KNN_FALLBACKS, TARGETS
+from knnflow.targets import EFM_POOLS, KNN_FALLBACKS, KNN_ROUTES, TARGETS
 from knnflow.train import TrainConfig, config_from_options, train
 
 from .console import console, err_console, key_value_table, log_throttle, progress_bar
@@ -58,6 +58,11 @@ def train_command(
     knn_fallback: Annotated[str, typer.Option(
         help=f"knn-efm: what rows over budget get: {' or '.join(KNN_FALLBACKS)} (efm uses "
              "--m and --efm-pool).")] = "exact",
+    knn_route: Annotated[str, typer.Option(
+        help=f"knn-efm: {', '.join(KNN_ROUTES)}. certify: certify every row above the t where "
+             "certifying stops succeeding; faster: rows at t where the exact engine is faster "
+             "(timed once per run, kept in checkpoints) go to it; auto: faster on --device "
+             "cuda, else certify.")] = "auto",
     flip: Annotated[bool, typer.Option(
         help="Random horizontal flips of x1; candidates and index hold both flips.")] = False,
     preset: Annotated[str, typer.Option(help=f"Model: {PRESET_LIST}.")] = "tiny",

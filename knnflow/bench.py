@@ -26,17 +26,14 @@ from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
 from knnflow.data import load_dataset, synthetic_images
 from knnflow.errors import InputError
 from knnflow.index import resolve_device
+from knnflow.timing import interleaved_seconds
+from knnflow.timing import sync as _sync
 
 QUICK_TS = (0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999)
 Progress = Callable[[str, int, int], None]
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -247,23 +244,6 @@ def bench_exact(n: int = 50_000, dim: int = 3072, batch: int = 256,
     return result
 
 
-def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int,
-                        device: torch.device) -> dict[str, float]:
-    """Median wall time of each call, timed in rounds (a, b, c, a, b, c, ...) after one warm-up
-    call each: the first call is slower, and drift in machine speed then affects all alike."""
-    for fn in calls.values():
-        fn()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def gemm_calls(queries: Tensor, points: Tensor, seed: int,
                chunk_size: int = DEFAULT_CHUNK) -> dict[str, Callable[[], object]]:
     """(c): the exact computation's two GEMMs (B×d·d×n and B×n·n×d) on the full shapes, and
@@ -362,6 +342,7 @@ class KnnRow:
     violations: int
     evaluated_median: float
     topk_error: dict[str, tuple[float, float]]
+    routed: float = 0.0
 
 
 @dataclass
@@ -377,13 +358,16 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
               ts: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9), batch: int = 256,
               tol: float = 1e-4, ks: tuple[int, ...] = (16, 256), repeats: int = 3,
               index_folder: str | Path | None = None, seed: int = 0, device: str = "cpu",
-              search_device: str = "cpu", progress: Progress | None = None) -> KnnBench:
+              search_device: str = "cpu", route: str = "auto",
+              progress: Progress | None = None) -> KnnBench:
     """Exact engine (a) against KNNVelocity certified (b) and the top-k truncation (c), on the
     same queries x_t = (1-t)·x0 + t·x1 (x1 held-out images), for each t and for t ~ U[0,1).
 
     device cuda: the exact engine, the certified estimator's exact fallback and the FAISS
     index (top-k search) run on the GPU; the certified search itself runs on
-    `search_device` (default the CPU)."""
+    `search_device` (default the CPU). route: (b)'s route (KNNVelocity; "auto" times the
+    exact engine against certifying when the exact engine runs on a GPU); its calibration
+    happens in the warm-up call, outside the timings."""
     from knnflow.estimators import ExactVelocity, KNNVelocity
 
     if any(not 0 <= t < 1 for t in ts):
@@ -399,12 +383,13 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
     held_out = held_out.reshape(held_out.shape[0], -1)
     gen = torch.Generator().manual_seed(seed)
     exact = ExactVelocity(index, device=device)
-    certified = KNNVelocity(index, tol=tol, device=device, search_device=search_device)
+    certified = KNNVelocity(index, tol=tol, device=device, search_device=search_device,
+                            route=route)
     topk = {f"top-{k}": KNNVelocity(index, k=min(k, index.n), certified=False) for k in ks}
     result = KnnBench(config={"data": name, "n": index.n, "d": index.dim, "batch": batch,
                               "tol": tol, "repeats": repeats, "threads": torch.get_num_threads(),
                               "torch": torch.__version__, "device": device,
-                              "search_device": search_device,
+                              "search_device": search_device, "route": certified.route,
                               "faiss_device": faiss_device(device),
                               "gpu": torch.cuda.get_device_name() if device == "cuda" else None})
     cases = [(f"{t:g}", torch.full((batch,), float(t))) for t in ts]
@@ -438,9 +423,12 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
             bound_median=float((bound / ref_norm).median()),
             bound_max=float((bound / ref_norm).max()),
             fallback=float(out.fallback.double().mean()), violations=violations,
-            evaluated_median=float(out.evaluated.double().median()), topk_error=topk_error))
+            evaluated_median=float(out.evaluated.double().median()), topk_error=topk_error,
+            routed=float(out.routed.double().mean())))
     if progress:
         progress("bench knn", len(cases), len(cases))
+    result.config["floors"] = list(certified.floors)
+    result.config["route_timings"] = certified.route_timings
     return result
 
 
@@ -634,17 +622,20 @@ TRAIN_TARGETS = ("cfm", "efm-128", "knn-efm", "exact")
 
 
 def parse_target_label(label: str, n: int) -> dict:
-    """'cfm', 'exact', 'knn-efm', 'efm-M' or 'efm-M-shared' (M a number or 'n') → make_target
-    options."""
+    """'cfm', 'exact', 'knn-efm', 'knn-efm-certify', 'knn-efm-faster', 'efm-M' or
+    'efm-M-shared' (M a number or 'n') → make_target options."""
     if label in ("cfm", "exact", "knn-efm"):
         return {"name": label}
+    if label in ("knn-efm-certify", "knn-efm-faster"):
+        return {"name": "knn-efm", "knn_route": label.rsplit("-", 1)[1]}
     parts = label.split("-")
     if parts[0] == "efm" and len(parts) in (2, 3) and (len(parts) == 2 or parts[2] == "shared"):
         m = n if parts[1] == "n" else (int(parts[1]) if parts[1].isdigit() else 0)
         if m >= 1:
             return {"name": "efm", "m": m, "pool": "shared" if len(parts) == 3 else "independent"}
-    raise InputError(f"unknown target {label!r}; use cfm, exact, knn-efm, efm-M or "
-                     "efm-M-shared (M a number or n)")
+    raise InputError(f"unknown target {label!r}; use cfm, exact, knn-efm (or "
+                     "knn-efm-certify, knn-efm-faster: its --knn-route), efm-M or efm-M-shared "
+                     "(M a number or n)")
 
 
 @dataclass

@@ -42,7 +42,10 @@ class VelocityOutput:
     ‖velocity - û*‖₂, or None for estimators that give no bound (random or approximate ones).
     evaluated: (B,) how many training points each query touched in full dimension.
     certified: whether error_bound is a proof (False: no bound at all).
-    fallback: (B,) bool, queries that an index-based estimator sent to the exact engine.
+    fallback: (B,) bool, queries that an index-based estimator could not certify (sent to
+    its fallback).
+    routed: (B,) bool, queries sent to the exact engine because it is faster at their t
+    (KNNVelocity(route="faster")); exact, bound 0, not counted in `fallback`.
     """
 
     velocity: Tensor
@@ -50,6 +53,7 @@ class VelocityOutput:
     evaluated: Tensor
     certified: bool = True
     fallback: Tensor | None = field(default=None)
+    routed: Tensor | None = field(default=None)
 
 
 def training_set_of(data_or_index: Tensor | TrainingSet | Index,
@@ -116,6 +120,12 @@ MIN_INDEX_T = 1e-3
 CALIBRATION_BINS = 40
 CALIBRATION_PROBES = 16
 CALIBRATION_MAX_FAIL = 0.25
+# route="faster": t bins of width 1/20 above the certification floor, each timed on 64 probe
+# queries (median of 3 interleaved rounds) through the certified path and the exact engine.
+ROUTES = ("auto", "certify", "faster")
+ROUTE_BINS = 20
+ROUTE_PROBES = 64
+ROUTE_REPEATS = 3
 # The kept set's screen drops at least e^-LIVE_NATS_MIN of Z_K (closed_form.LIVE_NATS at most).
 LIVE_NATS_MIN = 20.0
 
@@ -161,6 +171,17 @@ class KNNVelocity:
     three quarters of its probes; queries below it go straight to the exact engine. The
     probes depend only on the index, so results are reproducible; the floor is in `t_floor`.
     calibrate=False tries every query.
+    route: "certify" certifies every query above that floor. "faster" also times, once, the
+    certified path against the exact engine on seeded probes in t bins of width 0.05 above
+    the floor, and sends every t below the lowest bin from which certifying is faster to the
+    exact engine (bound 0, not counted as fallback, whatever `fallback` says): on a GPU the
+    exact engine outruns the certified search at n = 50,000 (docs/benchmarks.md). The choice
+    depends on timings, so two estimators may route differently; `floors` holds it and can be
+    passed back to pin it (a resumed training run does). "auto" (default): "faster" when the
+    exact engine runs on a GPU, else "certify" (on a CPU certifying pays wherever it
+    succeeds on the data sets measured).
+    floors: (certification floor, exact floor) from an earlier estimator's `floors`: no
+    calibration and no timing.
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
@@ -168,7 +189,8 @@ class KNNVelocity:
                  coarse_budget: float = 0.1, exact_budget: float = 0.005,
                  scan_chunk: int = 8192, fallback: str = "exact",
                  device: torch.device | str | None = None, calibrate: bool = True,
-                 search_device: torch.device | str | None = None):
+                 search_device: torch.device | str | None = None, route: str = "auto",
+                 floors: tuple[float, float] | None = None):
         if not isinstance(index, Index):
             raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
@@ -181,6 +203,8 @@ class KNNVelocity:
             k = index.n
         if fallback not in ("exact", "none"):
             raise InputError(f"fallback must be 'exact' or 'none', got {fallback!r}")
+        if route not in ROUTES:
+            raise InputError(f"unknown route {route!r}; choose one of: {', '.join(ROUTES)}")
         if data is not None:
             index.verify_points(data)
         if certified and index.sketches is None:
@@ -208,14 +232,85 @@ class KNNVelocity:
         self.last_stats: dict[str, float] = {}
         self.scanner = (SketchScanner(index.sketches, scan_chunk, self.search_device)
                         if certified else None)
+        if route == "auto":
+            route = "faster" if self.exact.train.points.device.type == "cuda" else "certify"
+        self.route = route
+        self.route_timings: list[dict[str, float]] = []
         self._t_floor: float | None = None if (certified and calibrate) else 0.0
+        self._exact_floor: float | None = None if route == "faster" else 0.0
+        if floors is not None:
+            self.floors = floors
 
     @property
     def t_floor(self) -> float:
-        """Queries with t below this go to the exact engine without trying to certify."""
+        """Queries with t below this go to the fallback without trying to certify."""
         if self._t_floor is None:
             self._t_floor = self._calibrate()
         return self._t_floor
+
+    @property
+    def floors(self) -> tuple[float, float]:
+        """(t_floor, exact floor): below the first, queries go to the fallback; between the
+        two, to the exact engine because it is faster there (route="faster")."""
+        if not self.certified:
+            return 0.0, 0.0
+        if self._exact_floor is None:
+            self._exact_floor = self._time_routes(self.t_floor)
+        return self.t_floor, max(self.t_floor, self._exact_floor)
+
+    @floors.setter
+    def floors(self, value: tuple[float, float]) -> None:
+        try:
+            low, high = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise InputError(f"floors must be two numbers, got {value!r}") from None
+        if not 0 <= low <= high <= 1:
+            raise InputError(f"floors must satisfy 0 ≤ t_floor ≤ exact floor ≤ 1, got {value!r}")
+        self._t_floor, self._exact_floor = low, high
+
+    def known_floors(self) -> tuple[float, float] | None:
+        """`floors` once calibrated (or pinned), else None; never starts a calibration."""
+        if self._t_floor is None or self._exact_floor is None:
+            return None
+        return self._t_floor, max(self._t_floor, self._exact_floor)
+
+    def _probes(self, t: Tensor, gen: torch.Generator) -> Tensor:
+        """Seeded float32 queries (1-t)·x0 + t·x1 with x1 drawn from the training points."""
+        x1 = self.train.points[torch.randint(self.train.n, (len(t),), generator=gen)]
+        noise = torch.randn(x1.shape, generator=gen, dtype=torch.float64)
+        return ((1 - t)[:, None] * noise + t[:, None] * x1.to(torch.float64)).to(torch.float32)
+
+    def _time_routes(self, floor: float) -> float:
+        """The lower edge of the lowest t bin (width 1/ROUTE_BINS, from `floor` up) in which
+        the certified path, exact fallbacks included, takes no longer than the exact engine on
+        the same probes; 1.0 when no bin does. Bins are timed from the floor up and the search
+        stops at the first such bin (certifying gets cheaper as t grows: fewer points kept).
+        The timings are kept in route_timings."""
+        from knnflow.timing import interleaved_seconds
+
+        gen = torch.Generator().manual_seed(1)
+        device = self.exact.train.points.device
+        low = floor
+        while low < 1:
+            high = min(1.0, (math.floor(low * ROUTE_BINS + 1e-9) + 1) / ROUTE_BINS)
+            t = (low + (high - low) * torch.rand(ROUTE_PROBES, generator=gen,
+                                                  dtype=torch.float64)).clamp(MIN_INDEX_T,
+                                                                              1 - 1e-4)
+            x = self._probes(t, gen)
+
+            def certify(x=x, t=t):
+                failed = self._certified(x.to(torch.float64), t)[3]
+                if bool(failed.any()):
+                    self.exact(x[failed], t[failed])
+
+            seconds = interleaved_seconds(
+                {"exact": lambda x=x, t=t: self.exact(x, t), "certified": certify},
+                ROUTE_REPEATS, device)
+            self.route_timings.append({"t_low": low, "t_high": high, **seconds})
+            if seconds["certified"] <= seconds["exact"]:
+                return low
+            low = high
+        return 1.0
 
     def _calibrate(self, bins: int = CALIBRATION_BINS, per_bin: int = CALIBRATION_PROBES,
                    seed: int = 0) -> float:
@@ -227,9 +322,7 @@ class KNNVelocity:
         low = torch.arange(bins, dtype=torch.float64).repeat_interleave(per_bin) / bins
         t = (low + torch.rand(len(low), generator=gen, dtype=torch.float64) / bins).clamp(
             MIN_INDEX_T, 1 - 1e-4)
-        x1 = self.train.points[torch.randint(self.train.n, (len(t),), generator=gen)]
-        noise = torch.randn(x1.shape, generator=gen, dtype=torch.float64)
-        x = ((1 - t)[:, None] * noise + t[:, None] * x1.to(torch.float64)).to(torch.float32)
+        x = self._probes(t, gen)
         failed = self._certified(x.to(torch.float64), t)[3].reshape(bins, per_bin)
         floor = 1.0
         for b in reversed(range(bins)):
@@ -250,9 +343,12 @@ class KNNVelocity:
         bound = torch.zeros(batch, dtype=torch.float64)
         evaluated = torch.full((batch,), self.train.n, dtype=torch.int64)
         # Below MIN_INDEX_T the softmax is flat (nothing to prune) and x/t leaves float32 range;
-        # below the calibrated floor nothing certifies on this data set.
-        fallback = t64 < (max(MIN_INDEX_T, self.t_floor) if self.certified else MIN_INDEX_T)
-        todo = (~fallback).nonzero().squeeze(1)
+        # below the calibrated floor nothing certifies on this data set; below the exact floor
+        # (route="faster") the exact engine is faster than certifying.
+        t_floor, exact_floor = self.floors
+        fallback = t64 < max(MIN_INDEX_T, t_floor)
+        routed = ~fallback & (t64 < exact_floor)
+        todo = (~fallback & ~routed).nonzero().squeeze(1)
         if todo.numel():
             run = self._certified if self.certified else self._top_k
             v, b, ev, failed = run(x64[todo], t64[todo])
@@ -260,20 +356,22 @@ class KNNVelocity:
             if b is not None:
                 bound[todo] = b
             fallback[todo] = failed
-        if bool(fallback.any()):
+        exact_rows = routed | fallback if self.fallback == "exact" else routed
+        if bool(exact_rows.any()):  # one call of the exact engine for all of them
+            rows = exact_rows.nonzero().squeeze(1)
+            velocity[rows] = self.exact(flat[rows], t64[rows]).velocity.to(
+                device="cpu", dtype=torch.float64)
+            bound[rows], evaluated[rows] = 0.0, self.train.n
+        if self.fallback == "none" and bool(fallback.any()):
             rows = fallback.nonzero().squeeze(1)
-            if self.fallback == "exact":
-                velocity[rows] = self.exact(flat[rows], t64[rows]).velocity.to(
-                    device="cpu", dtype=torch.float64)
-                bound[rows], evaluated[rows] = 0.0, self.train.n
-            else:
-                velocity[rows], bound[rows], evaluated[rows] = math.nan, math.inf, 0
+            velocity[rows], bound[rows], evaluated[rows] = math.nan, math.inf, 0
         self.last_stats = {"queries": batch, "fallback": int(fallback.sum()),
+                           "routed": int(routed.sum()),
                            "evaluated_median": float(evaluated.double().median())}
         return VelocityOutput(
             velocity=velocity.to(dtype=x.dtype, device=x.device).reshape(x.shape),
             error_bound=bound if self.certified else None, evaluated=evaluated,
-            certified=self.certified, fallback=fallback)
+            certified=self.certified, fallback=fallback, routed=routed)
 
     # ------------------------------------------------------------------ certified path
 

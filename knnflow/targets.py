@@ -47,6 +47,7 @@ DENSE_DRAW_RATIO = 8
 DENSE_DRAW_ELEMENTS = 1 << 24
 EFM_POOLS = ("independent", "shared")
 KNN_FALLBACKS = ("exact", "efm")
+KNN_ROUTES = ("auto", "certify", "faster")  # estimators.ROUTES
 
 
 @dataclass
@@ -105,6 +106,13 @@ class Target:
 
     def velocity(self, x0, x1, x_t, t, generator):
         raise NotImplementedError
+
+    def state(self) -> dict:
+        """What a checkpoint keeps so that a resumed run computes the same targets (JSON)."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Take back what state() gave, from a checkpoint's JSON (other keys ignored)."""
 
 
 class CFMTarget(Target):
@@ -252,7 +260,7 @@ class KNNEFMTarget(Target):
     def __init__(self, index, data: Tensor | TrainingSet | None = None, tol: float = 1e-4,
                  budget: float = 0.005, fallback: str = "exact", m: int = 128,
                  pool: str = "independent", device: str | torch.device = "cpu",
-                 search_device: str | torch.device | None = None):
+                 search_device: str | torch.device | None = None, route: str = "auto"):
         from knnflow.estimators import KNNVelocity
         from knnflow.index import Index
 
@@ -262,6 +270,9 @@ class KNNEFMTarget(Target):
         if fallback not in KNN_FALLBACKS:
             raise InputError(f"unknown --knn-fallback {fallback!r}; choose one of: "
                              f"{', '.join(KNN_FALLBACKS)}")
+        if route not in KNN_ROUTES:
+            raise InputError(f"unknown --knn-route {route!r}; choose one of: "
+                             f"{', '.join(KNN_ROUTES)}")
         if not (math.isfinite(budget) and 0 < budget <= 1):
             raise InputError(f"--knn-budget must lie in (0, 1], got {budget}")
         if data is not None:
@@ -273,13 +284,25 @@ class KNNEFMTarget(Target):
                                          "knnflow build-index (with --flip, on the data set "
                                          "with both flips)") from None
         # The certified search runs on `search_device` (default the CPU); the exact fallback
-        # and the EFM fallback run on `device`.
+        # and the EFM fallback run on `device`. route: see KNNVelocity (auto: on a GPU, t bins
+        # where the exact engine is faster than certifying go to it).
         self.device = torch.device(device)
         self.estimator = KNNVelocity(index, tol=tol, exact_budget=budget,
                                      fallback="exact" if fallback == "exact" else "none",
-                                     device=self.device, search_device=search_device)
+                                     device=self.device, search_device=search_device,
+                                     route=route)
         self.efm = EFMTarget(index.training_set(), m=m, pool=pool, device=self.device) \
             if fallback == "efm" else None
+
+    def state(self) -> dict:
+        # The estimator's floors may come from timings (route "faster"): a resumed run must
+        # route the same t the same way.
+        floors = self.estimator.known_floors()
+        return {} if floors is None else {"knn_floors": list(floors)}
+
+    def restore(self, state: dict) -> None:
+        if "knn_floors" in state:
+            self.estimator.floors = state["knn_floors"]
 
     def velocity(self, x0, x1, x_t, t, generator):
         out = self.estimator(x_t.reshape(x_t.shape[0], -1), t)
@@ -297,7 +320,8 @@ def make_target(name: str, *, data: Tensor | TrainingSet | None = None, index=No
                 knn_budget: float = 0.005, knn_fallback: str = "exact", flip: bool = False,
                 image_shape: tuple[int, ...] | None = None,
                 device: str | torch.device = "cpu",
-                knn_search_device: str | torch.device | None = None) -> Target:
+                knn_search_device: str | torch.device | None = None,
+                knn_route: str = "auto") -> Target:
     """The target called `name` (cfm, efm, knn-efm, exact), from the training data (or the
     index's data), computed on `device` (knn-efm's certified search on knn_search_device,
     by default the CPU)."""
@@ -307,7 +331,8 @@ def make_target(name: str, *, data: Tensor | TrainingSet | None = None, index=No
         return CFMTarget(device)
     if name == "knn-efm":
         return KNNEFMTarget(index, data, tol=tol, budget=knn_budget, fallback=knn_fallback,
-                            m=m, pool=pool, device=device, search_device=knn_search_device)
+                            m=m, pool=pool, device=device, search_device=knn_search_device,
+                            route=knn_route)
     source = data if data is not None else (index.training_set() if index is not None else None)
     if source is None:
         raise InputError(f"the {name} target needs the training data")

@@ -52,6 +52,7 @@ class TrainConfig:
     tol: float = 1e-4
     knn_budget: float = 0.005
     knn_fallback: str = "exact"
+    knn_route: str = "auto"
     index: str | None = None
     flip: bool = False
     preset: str = "tiny"
@@ -87,16 +88,22 @@ class TrainConfig:
             raise InputError(f"--lr must be positive, got {config.lr}")
         if not 0 <= config.ema_decay < 1:
             raise InputError(f"--ema-decay must lie in [0, 1), got {config.ema_decay}")
+        from knnflow.targets import KNN_ROUTES
+
+        if config.knn_route not in KNN_ROUTES:
+            raise InputError(f"unknown --knn-route {config.knn_route!r}; choose one of: "
+                             f"{', '.join(KNN_ROUTES)}")
         if not config.grad_clip > 0:
             raise InputError(f"--grad-clip must be positive, got {config.grad_clip}")
         return config
 
 
 def config_differences(saved: dict, current: TrainConfig) -> list[str]:
-    """Fields (other than RESUMABLE_CHANGES) whose values differ, as 'name: old → new'."""
-    now = asdict(current)
-    return [f"{name}: {saved.get(name)!r} → {now[name]!r}" for name in now
-            if name not in RESUMABLE_CHANGES and saved.get(name) != now[name]]
+    """Fields (other than RESUMABLE_CHANGES) whose values differ, as 'name: old → new'. A
+    field missing from an older saved config counts as its default."""
+    now, default = asdict(current), asdict(TrainConfig())
+    return [f"{name}: {saved.get(name, default[name])!r} → {now[name]!r}" for name in now
+            if name not in RESUMABLE_CHANGES and saved.get(name, default[name]) != now[name]]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -120,9 +127,10 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, rng_states: dict[str, Tensor],
-                    keep: int) -> Path:
+                    keep: int, extra: dict | None = None) -> Path:
     """checkpoints/step_N.safetensors (model, EMA, Adam moments, RNG states), then
-    step_N.json naming its sha256: the JSON is the commit mark."""
+    step_N.json naming its sha256 (plus `extra`, the target's state): the JSON is the commit
+    mark."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,7 +146,7 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     weights = folder / f"step_{step}.safetensors"
     _write_atomic(weights, lambda p: save_file(tensors, str(p)))
-    meta = {"step": step, "sha256": _sha256(weights),
+    meta = {**(extra or {}), "step": step, "sha256": _sha256(weights),
             "param_groups": opt_state["param_groups"]}
     _write_atomic(folder / f"step_{step}.json",
                   lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
@@ -313,6 +321,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     target = make_target(config.target, data=candidates.reshape(len(candidates), -1),
                          index=index, m=config.m, pool=config.efm_pool, tol=config.tol,
                          knn_budget=config.knn_budget, knn_fallback=config.knn_fallback,
+                         knn_route=config.knn_route,
                          flip=False, image_shape=image_shape, device=device)
 
     torch.manual_seed(config.seed)
@@ -337,6 +346,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
             target_gen = data_gen
         if "rng.cuda" in tensors and torch.device(device).type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
+        target.restore(meta)
         start = meta["step"]
     if not resume and folder.exists():
         shutil.rmtree(folder)
@@ -373,7 +383,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                 logged.append(entry)
             if done % config.checkpoint_every == 0 or done == config.steps:
                 save_checkpoint(folder / CHECKPOINTS, done, model, ema, optimizer, rng_states,
-                                config.keep_checkpoints)
+                                config.keep_checkpoints, extra=target.state())
             if config.sample_every and (done % config.sample_every == 0 or done == config.steps):
                 _progress_grid(ema, image_shape, folder / "progress" / f"step_{done}.png", device)
             if progress:

@@ -214,3 +214,82 @@ def test_calibrated_floor_routes_hopeless_queries_to_the_exact_engine(digits, di
     assert_bound_holds(out, brute_force_velocity(x, high, digits))
     assert float(out.evaluated.double().median()) < digits.shape[0] / 4
     assert knnflow.KNNVelocity(digits_index, calibrate=False).t_floor == 0.0
+
+
+# --------------------------------------------------------------------------- route="faster"
+
+
+def test_route_faster_sends_t_below_the_exact_floor_to_the_exact_engine(digits, digits_index):
+    """Pinned floors (0.3, 0.9): t < 0.3 is a fallback, 0.3 ≤ t < 0.9 is routed to the exact
+    engine (bound 0, not a fallback, exact even with fallback='none'), t ≥ 0.9 is certified;
+    every row within its bound of float64 brute force."""
+    t = torch.tensor([0.1, 0.5, 0.8, 0.95, 0.97, 0.2] * 8)
+    x = torch.cat([flow_queries(digits, float(ti), 1, seed=i) for i, ti in enumerate(t)])
+    reference = brute_force_velocity(x, t, digits)
+    for fallback in ("exact", "none"):
+        estimator = knnflow.KNNVelocity(digits_index, fallback=fallback, route="faster",
+                                        floors=(0.3, 0.9))
+        out = estimator(x, t)
+        assert torch.equal(out.routed, (t >= 0.3) & (t < 0.9))
+        assert torch.equal(out.fallback[t < 0.3], torch.ones(16, dtype=torch.bool))
+        assert not out.fallback[out.routed].any()
+        routed = out.routed.nonzero().squeeze(1)
+        assert torch.equal(out.error_bound[routed], torch.zeros(len(routed), dtype=torch.float64))
+        assert (out.evaluated[routed] == digits_index.n).all()
+        assert relative_error(out.velocity[routed], reference[routed]).max() < 1e-5
+        high = (t >= 0.9).nonzero().squeeze(1)
+        assert (out.evaluated[high] < digits_index.n).all()  # pruned, not routed
+        kept = ~out.fallback if fallback == "none" else torch.ones(len(t), dtype=torch.bool)
+        assert_bound_holds(VelocityRows(out, kept), reference[kept])
+        assert estimator.last_stats["routed"] == 16
+
+
+class VelocityRows:
+    """The rows `keep` of an estimator output (velocity and bound), for assert_bound_holds."""
+
+    def __init__(self, out, keep):
+        self.velocity, self.error_bound = out.velocity[keep], out.error_bound[keep]
+
+
+def test_route_faster_picks_the_lowest_bin_where_certifying_is_faster(digits_index,
+                                                                      monkeypatch):
+    """With timings made up (certifying slower than the exact engine below t = 0.8, faster
+    from there), the bins are timed from the calibrated floor up and the search stops at the
+    first bin where certifying wins."""
+    timed = []
+
+    def made_up(calls, repeats, device):
+        bin_t = estimator.route_timings_pending
+        timed.append(bin_t)
+        return {"exact": 1.0, "certified": 0.5 if bin_t >= 0.8 - 1e-9 else 2.0}
+
+    estimator = knnflow.KNNVelocity(digits_index, route="faster")
+    original = estimator._probes
+
+    def probes(t, gen):  # remember which bin is being timed
+        estimator.route_timings_pending = float(t.min())
+        return original(t, gen)
+
+    monkeypatch.setattr(estimator, "_probes", probes)
+    estimator._t_floor = 0.6
+    monkeypatch.setattr("knnflow.timing.interleaved_seconds", made_up)
+    assert estimator.floors == (0.6, 0.8)
+    assert [round(r["t_low"], 6) for r in estimator.route_timings] == [0.6, 0.65, 0.7, 0.75,
+                                                                       0.8]
+    assert estimator.known_floors() == (0.6, 0.8)
+    never = knnflow.KNNVelocity(digits_index, route="faster")
+    never._t_floor = 0.9
+    monkeypatch.setattr("knnflow.timing.interleaved_seconds",
+                        lambda calls, repeats, device: {"exact": 1.0, "certified": 2.0})
+    assert never.floors == (0.9, 1.0)  # nothing pays: every t goes to the exact engine
+    assert knnflow.KNNVelocity(digits_index, route="auto").route == "certify"  # on a CPU
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"route": "fastest"}, "choose one of: auto, certify, faster"),
+    ({"floors": (0.5, 0.2)}, "t_floor ≤ exact floor"),
+    ({"floors": (0.1, 1.5)}, "t_floor ≤ exact floor"),
+    ({"floors": "x"}, "two numbers")])
+def test_route_and_floors_are_checked(digits_index, kwargs, message):
+    with pytest.raises(knnflow.InputError, match=message):
+        knnflow.KNNVelocity(digits_index, **kwargs)

@@ -52,7 +52,9 @@ def test_certified_bound_with_the_exact_fallback_on_gpu(images, search_device, s
         images = synthetic_images(6000, shape, seed=5)
     points = images.reshape(len(images), -1)
     index = Index.build(images, device="cuda" if faiss_gpu_count() else "cpu")
-    estimator = KNNVelocity(index, tol=1e-4, device="cuda", search_device=search_device)
+    # route="certify": the default on a GPU ("faster") may send every t to the exact engine.
+    estimator = KNNVelocity(index, tol=1e-4, device="cuda", search_device=search_device,
+                            route="certify")
     for t in (0.0, 0.1, 0.5, 0.9):
         x = flow_queries(points, t, 32, seed=3)
         out = estimator(x, t)
@@ -74,9 +76,26 @@ def test_targets_on_gpu_match_cpu(spec):
     assert torch.allclose(outs[0].target, outs[1].target.cpu(), rtol=1e-4, atol=1e-4)
 
 
+def test_route_faster_on_gpu_times_and_holds_the_bound(images):
+    """The default route on a GPU times the exact engine against certifying once; whatever it
+    chooses, every row stays within its bound of float64, and the routed rows are exact."""
+    points = images.reshape(len(images), -1)
+    estimator = KNNVelocity(Index.build(images), tol=1e-4, device="cuda")
+    assert estimator.route == "faster"
+    t = torch.linspace(0.05, 0.99, 64)
+    x = torch.cat([flow_queries(points, float(ti), 1, seed=i) for i, ti in enumerate(t)])
+    out = estimator(x, t)
+    low, high = estimator.floors
+    assert estimator.route_timings and torch.equal(out.routed, (t >= low) & (t < high))
+    reference = brute_force_velocity(x, t, points)
+    err = (out.velocity.double() - reference).norm(dim=1)
+    assert bool((err <= out.error_bound + 1e-4 * reference.norm(dim=1)).all())
+
+
 @pytest.mark.parametrize("fallback", ["exact", "efm"])
 @pytest.mark.parametrize("search_device", ["cpu", "cuda"])
-def test_knn_efm_target_on_gpu(fallback, search_device):
+@pytest.mark.parametrize("route", ["certify", "faster"])
+def test_knn_efm_target_on_gpu(fallback, search_device, route):
     """knn-efm on the GPU, its certified search on either device, low t falling back to the
     exact engine or to EFM: finite targets on the GPU, and with the exact fallback equal to
     the exact target within the bound."""
@@ -86,7 +105,7 @@ def test_knn_efm_target_on_gpu(fallback, search_device):
     gen = torch.Generator().manual_seed(0)
     x1, x0, t = data[:32], torch.randn(32, 64, generator=gen), torch.linspace(0, 0.99, 32)
     out = make_target("knn-efm", index=index, data=data, device="cuda", knn_fallback=fallback,
-                      knn_search_device=search_device)(
+                      knn_search_device=search_device, knn_route=route)(
         x0, x1, t, generator=torch.Generator().manual_seed(1))
     assert out.target.is_cuda and bool(torch.isfinite(out.target).all())
     if fallback == "exact":

@@ -305,3 +305,45 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(tmp_path):
     (tmp_path / "r" / "config.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         train(config, tmp_path / "r", resume=True)
+
+
+def test_knn_route_floors_are_kept_in_checkpoints(tmp_path, monkeypatch):
+    """knn-efm with --knn-route faster times its routes once; the floors go into every
+    checkpoint and a resumed run takes them back instead of timing again (timings differ
+    from run to run, the targets must not)."""
+    from knnflow.estimators import KNNVelocity
+
+    Index.build(load_dataset("digits", limit=200)).save(tmp_path / "idx")
+    monkeypatch.setattr(KNNVelocity, "_time_routes", lambda self, floor: 0.85)
+    config = TrainConfig(preset="mlp", limit=200, target="knn-efm", index=str(tmp_path / "idx"),
+                         knn_route="faster", batch_size=8, steps=4, checkpoint_every=2)
+    train(config, tmp_path / "run")
+    first = json.loads((tmp_path / "run" / "checkpoints" / "step_4.json").read_text())
+    low, high = first["knn_floors"]
+    assert 0 < low <= high == 0.85
+
+    def no_timing(self, floor):
+        raise AssertionError("a resumed run timed its routes again")
+
+    monkeypatch.setattr(KNNVelocity, "_time_routes", no_timing)
+    train(TrainConfig(**{**config.__dict__, "steps": 6}), tmp_path / "run", resume=True)
+    again = json.loads((tmp_path / "run" / "checkpoints" / "step_6.json").read_text())
+    assert again["knn_floors"] == [low, high]
+    with pytest.raises(InputError, match="knn_route: 'faster' → 'certify'"):
+        train(TrainConfig(**{**config.__dict__, "steps": 8, "knn_route": "certify"}),
+              tmp_path / "run", resume=True)
+    with pytest.raises(InputError, match="--knn-route"):
+        train(TrainConfig(**{**config.__dict__, "knn_route": "fastest"}), tmp_path / "bad")
+
+
+def test_a_run_from_before_a_new_option_resumes(tmp_path):
+    """A config.json written before an option existed (here --knn-route) resumes: the missing
+    field counts as its default."""
+    config = TrainConfig(preset="mlp", batch_size=8, steps=2, checkpoint_every=2)
+    train(config, tmp_path / "r")
+    path = tmp_path / "r" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["knn_route"]
+    path.write_text(json.dumps(saved))
+    logged = train(TrainConfig(**{**config.__dict__, "steps": 3}), tmp_path / "r", resume=True)
+    assert [m.step for m in logged] == [3]

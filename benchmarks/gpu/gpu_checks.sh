@@ -91,13 +91,15 @@ if [ "$STAGE" = setup ]; then echo "=== setup done at ${SECONDS}s"; exit 0; fi
 # In order of what the open issues need most; the last steps run as the deadline allows.
 step index-50k 90 $KF build-index synthetic --device $FAISS_DEV --out /tmp/idx50k --overwrite
 step bench-train 150 $KF bench train --dataset synthetic --index /tmp/idx50k --preset cifar \
-    --device cuda --targets cfm,efm-128,efm-128-shared,knn-efm,exact --steps 10 --warmup 2 \
-    --json-out "$OUT/train.json"
+    --device cuda --targets cfm,efm-128,efm-128-shared,knn-efm-faster,knn-efm-certify,exact \
+    --steps 10 --warmup 2 --json-out "$OUT/train.json"
 step bench-train-gpu-search 150 $KF bench train --dataset synthetic --index /tmp/idx50k \
-    --preset cifar --device cuda --targets cfm,knn-efm,exact --steps 10 --warmup 2 \
+    --preset cifar --device cuda --targets cfm,knn-efm-faster,knn-efm-certify,exact \
+    --steps 10 --warmup 2 \
     --knn-search-device cuda --json-out "$OUT/train-gpu-search.json"
 step bench-knn-50k-gpu-search 120 $KF bench knn --index /tmp/idx50k --device cuda \
-    --search-device cuda --t 0.1,0.5,0.9 --json-out "$OUT/knn50k-gpu-search.json"
+    --search-device cuda --route certify --t 0.1,0.5,0.9 \
+    --json-out "$OUT/knn50k-gpu-search.json"
 step bench-knn-50k 120 $KF bench knn --index /tmp/idx50k --device cuda --t 0.1,0.5,0.9 \
     --json-out "$OUT/knn50k.json"
 step index-200k 120 $KF build-index synthetic --limit 200000 --device $FAISS_DEV \

@@ -124,8 +124,9 @@ def exact(
 
 @app.command("knn")
 def knn(
-    dataset: Annotated[str, typer.Option(
-        help="Data set: train split indexed, test split for queries.")] = "synthetic",
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Data set: train split indexed, test split for queries (default synthetic; with "
+             "--index, the index's).")] = None,
     root: RootOption = None,
     limit: LimitOption = None,
     t: Annotated[str, typer.Option("--t", help="Comma-separated times in [0, 1); a row for "
@@ -193,8 +194,9 @@ def knn(
 
 @app.command("memorization")
 def memorization(
-    dataset: Annotated[str, typer.Option(
-        help="Data set: train split indexed, test split for held-out samples.")] = "synthetic",
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Data set: train split indexed, test split for held-out samples (default "
+             "synthetic; with --index, the index's).")] = None,
     root: RootOption = None,
     limit: LimitOption = None,
     samples: Annotated[int, typer.Option(
@@ -241,7 +243,9 @@ def memorization(
 
 @app.command("targets")
 def targets(
-    dataset: Annotated[str, typer.Option(help="Data set: train split as data.")] = "digits",
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Data set: train split as data (default digits; with --index, the index's).")]
+    = None,
     root: RootOption = None,
     limit: Annotated[Optional[int], typer.Option(
         help="Use only the first N training images.")] = None,
@@ -280,7 +284,9 @@ def targets(
 
 @app.command("train")
 def train(
-    dataset: Annotated[str, typer.Option(help="Data set: train split as data.")] = "digits",
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Data set: train split as data (default digits; with --index, the index's).")]
+    = None,
     root: RootOption = None,
     limit: Annotated[Optional[int], typer.Option(
         help="Use only the first N training images.")] = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -22,7 +23,8 @@ from . import (
 
 app = typer.Typer(
     help="knnflow: the closed-form optimal velocity of a training set, fast and with a stated "
-         "error, for flow-matching research.",
+         "error, for flow-matching research. Errors print as one line; set KNNFLOW_DEBUG=1 "
+         "for the full traceback.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.command("datasets")(data_commands.datasets)
 app.command("build-index")(data_commands.build_index)
@@ -42,16 +44,22 @@ app.add_typer(bench_commands.app, name="bench")
 def run() -> None:
     """Run the app; user errors become one line on stderr and exit status 2: knnflow's own,
     the command line's (an unknown option, a missing argument, a value of the wrong type), and
-    files that cannot be read or written."""
+    files that cannot be read or written. KNNFLOW_DEBUG=1 (any value but 0 or empty) lets
+    knnflow's errors and OSErrors through with their tracebacks, to report a bug."""
+    debug = os.environ.get("KNNFLOW_DEBUG", "") not in ("", "0")
     # Library warnings (a clamped option, a doubtful classifier) as one line each.
     warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}",
                                                                   file=sys.stderr)
     try:
         code = app(standalone_mode=False, prog_name="knnflow")
     except KnnflowError as err:
+        if debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
+        if debug:
+            raise
         where = f": {err.filename}" if err.filename else ""
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         sys.exit(2)

@@ -309,22 +309,41 @@ def faiss_device(device: str) -> str:
 # --------------------------------------------------------------------------- bench knn
 
 
-def bench_index(dataset: str, root: str | None, limit: int | None,
+def bench_index(dataset: str | None, root: str | None, limit: int | None,
                 index_folder: str | Path | None, progress: Progress | None,
-                device: str = "cpu"):
-    """The index a benchmark runs on, and its data set's name: loaded from index_folder, or
-    built in memory on the train split. Its FAISS index goes on the GPU for device cuda when
-    FAISS has GPU support; with faiss-cpu it stays on the CPU (the torch work still runs on
-    the GPU), which the results' config records as faiss_device."""
+                device: str = "cpu", default: str = "synthetic"):
+    """(index, data set name, root) a benchmark runs on: the index loaded from index_folder,
+    or built in memory on the train split of `dataset` (None: `default`). With an index, the
+    data set, root and limit are the ones it was built on: a --dataset or --limit that
+    contradicts them is refused (held-out queries come from that data set's test split).
+    The FAISS index goes on the GPU for device cuda when FAISS has GPU support; with
+    faiss-cpu it stays on the CPU (the torch work still runs on the GPU), which the results'
+    config records as faiss_device."""
     from knnflow.index import Index
 
     device = faiss_device(device)
     if index_folder is not None:
         index = Index.load(index_folder, device=device)
-        return index, index.manifest["dataset"].get("name", str(index_folder))
+        described = index.manifest.get("dataset") or {}
+        name = described.get("name")
+        if name in (None, "custom"):  # built from a tensor: the data set cannot be checked
+            if dataset is None:
+                raise InputError(f"{index_folder} does not record its data set; pass "
+                                 "--dataset (the one it was built on)")
+            return index, dataset, root
+        if dataset is not None and dataset != name:
+            raise InputError(f"--dataset {dataset} contradicts the index, built on {name}; "
+                             "leave --dataset out with --index")
+        if limit is not None and limit != described.get("limit"):
+            raise InputError(f"--limit {limit} contradicts the index, built on "
+                             + (f"the first {described['limit']} images"
+                                if described.get("limit") else "the whole train split")
+                             + "; leave --limit out with --index")
+        return index, name, root if root is not None else described.get("root")
+    dataset = dataset or default
     images = load_dataset(dataset, root=root, split="train", limit=limit)
     return Index.build(images, dataset={"name": dataset, "limit": limit}, device=device,
-                       progress=progress), dataset
+                       progress=progress), dataset, root
 
 
 @dataclass
@@ -354,7 +373,7 @@ class KnnBench:
         return asdict(self)
 
 
-def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | None = None,
+def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | None = None,
               ts: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9), batch: int = 256,
               tol: float = 1e-4, ks: tuple[int, ...] = (16, 256), repeats: int = 3,
               index_folder: str | Path | None = None, seed: int = 0, device: str = "cpu",
@@ -378,8 +397,8 @@ def bench_knn(dataset: str = "synthetic", root: str | None = None, limit: int | 
         raise InputError("--batch and --repeats must be at least 1")
     device = resolve_device(device)
     search_device = resolve_device(search_device, "--search-device")
-    index, name = bench_index(dataset, root, limit, index_folder, progress, device)
-    held_out = load_dataset(dataset, root=root, split="test")
+    index, name, root = bench_index(dataset, root, limit, index_folder, progress, device)
+    held_out = load_dataset(name, root=root, split="test")
     held_out = held_out.reshape(held_out.shape[0], -1)
     gen = torch.Generator().manual_seed(seed)
     exact = ExactVelocity(index, device=device)
@@ -479,7 +498,7 @@ def float64_nearest(samples: Tensor, points: Tensor, block: int = 128) -> Tensor
     return out
 
 
-def bench_memorization(dataset: str = "synthetic", root: str | None = None,
+def bench_memorization(dataset: str | None = None, root: str | None = None,
                        limit: int | None = None, samples: int = 2048, noise: float = 0.1,
                        repeats: int = 3, index_folder: str | Path | None = None,
                        seed: int = 0, progress: Progress | None = None) -> MemorizationBench:
@@ -490,9 +509,9 @@ def bench_memorization(dataset: str = "synthetic", root: str | None = None,
 
     if min(samples, repeats) < 1:
         raise InputError("--samples and --repeats must be at least 1")
-    index, name = bench_index(dataset, root, limit, index_folder, progress)
+    index, name, root = bench_index(dataset, root, limit, index_folder, progress)
     points = index.points.to(torch.float32)
-    held_out = load_dataset(dataset, root=root, split="test")
+    held_out = load_dataset(name, root=root, split="test")
     held_out = held_out.reshape(held_out.shape[0], -1)
     gen = torch.Generator().manual_seed(seed)
     fresh = held_out[torch.randint(held_out.shape[0], (samples - samples // 2,), generator=gen)]
@@ -567,7 +586,7 @@ class TargetsBench:
         return asdict(self)
 
 
-def bench_targets(dataset: str = "digits", root: str | None = None, limit: int | None = None,
+def bench_targets(dataset: str | None = None, root: str | None = None, limit: int | None = None,
                   batch: int = 128, bins: int = 10, tol: float = 1e-4,
                   index_folder: str | Path | None = None, seed: int = 0,
                   progress: Progress | None = None) -> TargetsBench:
@@ -579,7 +598,8 @@ def bench_targets(dataset: str = "digits", root: str | None = None, limit: int |
 
     if min(batch, bins) < 1:
         raise InputError("--batch and --bins must be at least 1")
-    index, name = bench_index(dataset, root, limit, index_folder, progress)
+    index, name, _ = bench_index(dataset, root, limit, index_folder, progress,
+                                 default="digits")
     train = index.training_set()
     exact = ExactVelocity(train)
     targets = {label: make_target(tol=tol, index=index if spec["name"] == "knn-efm" else None,
@@ -656,7 +676,7 @@ class TrainBench:
         return asdict(self)
 
 
-def bench_train(dataset: str = "digits", root: str | None = None, limit: int | None = None,
+def bench_train(dataset: str | None = None, root: str | None = None, limit: int | None = None,
                 preset: str = "tiny", targets: tuple[str, ...] = TRAIN_TARGETS,
                 batch: int = 128, steps: int = 20, warmup: int = 3, device: str = "cpu",
                 tol: float = 1e-4, index_folder: str | Path | None = None, seed: int = 0,
@@ -679,7 +699,8 @@ def bench_train(dataset: str = "digits", root: str | None = None, limit: int | N
     device = resolve_device(device)
     knn_search_device = resolve_device(knn_search_device, "--knn-search-device")
     prefetch = device == "cuda" if prefetch is None else prefetch
-    index, name = bench_index(dataset, root, limit, index_folder, progress, device)
+    index, name, _ = bench_index(dataset, root, limit, index_folder, progress, device,
+                                 default="digits")
     train_set = index.training_set()
     specs = {label: parse_target_label(label, index.n) for label in targets}
     image_shape = index.image_shape

@@ -78,3 +78,28 @@ def test_bench_train_steps_every_target_like_the_trainer():
     assert parse_target_label("efm-n", 300) == {"name": "efm", "m": 300, "pool": "independent"}
     with pytest.raises(InputError, match="unknown target"):
         parse_target_label("efm-0", 300)
+
+
+def test_bench_with_an_index_takes_its_data_set(tmp_path):
+    """With --index the data set and limit are the index's (held-out queries from its test
+    split); a --dataset or --limit that contradicts them is refused in one line."""
+    from test_cli import assert_one_line_error, run
+
+    from knnflow.bench import bench_knn
+    from knnflow.data import load_dataset
+    from knnflow.index import Index
+
+    Index.build(load_dataset("digits", limit=300),
+                dataset={"name": "digits", "limit": 300}).save(tmp_path / "ix")
+    result = bench_knn(index_folder=tmp_path / "ix", ts=(0.9,), batch=16, repeats=1)
+    assert result.config["data"] == "digits" and result.config["n"] == 300
+    assert result.rows[-1].violations == 0
+    agreeing = bench_knn(dataset="digits", limit=300, index_folder=tmp_path / "ix", ts=(0.9,),
+                         batch=8, repeats=1)
+    assert agreeing.config["n"] == 300
+    with pytest.raises(InputError, match="contradicts the index, built on digits"):
+        bench_knn(dataset="synthetic", index_folder=tmp_path / "ix")
+    with pytest.raises(InputError, match="the first 300 images"):
+        bench_knn(limit=100, index_folder=tmp_path / "ix")
+    assert_one_line_error(run("bench", "train", "--index", "ix", "--limit", "50", cwd=tmp_path),
+                          "--limit 50 contradicts the index")

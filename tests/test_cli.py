@@ -12,8 +12,9 @@ import pytest
 KNNFLOW = [sys.executable, "-m", "knnflow.cli.main"]
 
 
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, COLUMNS="200")
+def run(*args: str, cwd=None, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "KNNFLOW_DEBUG"}  # errors one line
+    env.update(COLUMNS="200", **env_vars)
     return subprocess.run([*KNNFLOW, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)
 
@@ -203,3 +204,11 @@ def test_progress_in_logs_only_for_long_stages():
     short("short")
     now[0] = 12.0
     assert not short("short", True)
+
+
+def test_knnflow_debug_shows_the_traceback(tmp_path):
+    """Errors are one line, unless KNNFLOW_DEBUG is set: then the traceback, to report a bug."""
+    assert_one_line_error(run("index-info", "nosuch", cwd=tmp_path), "no index folder")
+    result = run("index-info", "nosuch", cwd=tmp_path, KNNFLOW_DEBUG="1")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "MissingFileError" in result.stderr

@@ -293,8 +293,9 @@ def train(
     preset: Annotated[str, typer.Option(help="Model preset (see knnflow train --help).")]
     = "tiny",
     targets: Annotated[str, typer.Option(
-        help="Comma-separated targets: cfm, exact, knn-efm, efm-M or efm-M-shared (M a number "
-             "or n, the data set's size).")] = "cfm,efm-128,knn-efm,exact",
+        help="Comma-separated targets: cfm, exact, knn-efm (knn-efm-certify, knn-efm-faster: "
+             "with that --knn-route), efm-M or efm-M-shared (M a number or n, the data set's "
+             "size).")] = "cfm,efm-128,knn-efm,exact",
     batch: Annotated[int, typer.Option(help="Training pairs per step.")] = 128,
     steps: Annotated[int, typer.Option(help="Timed steps per target (median taken).")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed steps per target first.")] = 3,

@@ -387,7 +387,7 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
     `search_device` (default the CPU). route: (b)'s route (KNNVelocity; "auto" times the
     exact engine against certifying when the exact engine runs on a GPU); its calibration
     happens in the warm-up call, outside the timings."""
-    from knnflow.estimators import ExactVelocity, KNNVelocity
+    from knnflow.estimators import ROUTES, ExactVelocity, KNNVelocity
 
     if any(not 0 <= t < 1 for t in ts):
         raise InputError(f"every t must lie in [0, 1), got {list(ts)}")
@@ -395,6 +395,8 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
         raise InputError(f"tol must be a positive number, got {tol!r}")
     if min(batch, repeats) < 1:
         raise InputError("--batch and --repeats must be at least 1")
+    if route not in ROUTES:
+        raise InputError(f"unknown --route {route!r}; choose one of: {', '.join(ROUTES)}")
     device = resolve_device(device)
     search_device = resolve_device(search_device, "--search-device")
     index, name, root = bench_index(dataset, root, limit, index_folder, progress, device)

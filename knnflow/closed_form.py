@@ -104,7 +104,7 @@ def flatten_queries(x: Tensor, dim: int) -> Tensor:
         raise InputError("x must be a floating-point tensor")
     if x.ndim < 2:
         raise InputError(f"x has shape {tuple(x.shape)}; expected (B, d) or (B, C, H, W)")
-    flat = x.reshape(x.shape[0], -1)
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # also for B = 0
     if flat.shape[1] != dim:
         raise InputError(
             f"x has shape {tuple(x.shape)} ({flat.shape[1]} values per sample) but the data has "
@@ -369,6 +369,8 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
                       "screening bounds widen for it, but its dense sums are then accurate "
                       "only to ~1e-3 relative; keep TF32/bf16 off (torch's default) for "
                       "exact û*", stacklevel=2)
+    if batch == 0:
+        return SoftmaxState.empty(0, train.dim, device)
     return _stream(xf.to(torch.float64), t64, train, chunk_size or default_chunk(device),
                    compute_dtype)
 

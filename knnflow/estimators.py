@@ -120,12 +120,15 @@ MIN_INDEX_T = 1e-3
 CALIBRATION_BINS = 40
 CALIBRATION_PROBES = 16
 CALIBRATION_MAX_FAIL = 0.25
-# route="faster": t bins of width 1/20 above the certification floor, each timed on 64 probe
-# queries (median of 3 interleaved rounds) through the certified path and the exact engine.
+# route="faster": t bins on a grid of 1/20 above the certification floor, each timed on 64
+# probe queries (median of 5 interleaved rounds) through the certified path and the exact
+# engine; certifying must be at least ROUTE_MARGIN× faster to be chosen (on a tie the exact
+# engine wins: bound 0, and timing noise flips fewer bins).
 ROUTES = ("auto", "certify", "faster")
 ROUTE_BINS = 20
 ROUTE_PROBES = 64
-ROUTE_REPEATS = 3
+ROUTE_REPEATS = 5
+ROUTE_MARGIN = 0.9
 # The kept set's screen drops at least e^-LIVE_NATS_MIN of Z_K (closed_form.LIVE_NATS at most).
 LIVE_NATS_MIN = 20.0
 
@@ -234,7 +237,7 @@ class KNNVelocity:
                         if certified else None)
         if route == "auto":
             route = "faster" if self.exact.train.points.device.type == "cuda" else "certify"
-        self.route = route
+        self.route = route if certified else "certify"  # the top-k truncation routes nothing
         self.route_timings: list[dict[str, float]] = []
         self._t_floor: float | None = None if (certified and calibrate) else 0.0
         self._exact_floor: float | None = None if route == "faster" else 0.0
@@ -270,6 +273,8 @@ class KNNVelocity:
 
     def known_floors(self) -> tuple[float, float] | None:
         """`floors` once calibrated (or pinned), else None; never starts a calibration."""
+        if not self.certified:
+            return 0.0, 0.0
         if self._t_floor is None or self._exact_floor is None:
             return None
         return self._t_floor, max(self._t_floor, self._exact_floor)
@@ -281,11 +286,13 @@ class KNNVelocity:
         return ((1 - t)[:, None] * noise + t[:, None] * x1.to(torch.float64)).to(torch.float32)
 
     def _time_routes(self, floor: float) -> float:
-        """The lower edge of the lowest t bin (width 1/ROUTE_BINS, from `floor` up) in which
-        the certified path, exact fallbacks included, takes no longer than the exact engine on
-        the same probes; 1.0 when no bin does. Bins are timed from the floor up and the search
-        stops at the first such bin (certifying gets cheaper as t grows: fewer points kept).
-        The timings are kept in route_timings."""
+        """The lower edge of the lowest t bin (on the 1/ROUTE_BINS grid, the first from `floor`
+        to the next grid line) in which the certified path takes at most ROUTE_MARGIN of the
+        exact engine's time on the same probes; 1.0 when no bin does. The certified path's
+        time includes its exact fallbacks (none with fallback="none": the caller's fallback,
+        EFM in knn-efm, is cheap). Bins are timed from the floor up and the search stops at
+        the first such bin (certifying gets cheaper as t grows: fewer points kept). The
+        timings are kept in route_timings."""
         from knnflow.timing import interleaved_seconds
 
         gen = torch.Generator().manual_seed(1)
@@ -300,14 +307,14 @@ class KNNVelocity:
 
             def certify(x=x, t=t):
                 failed = self._certified(x.to(torch.float64), t)[3]
-                if bool(failed.any()):
+                if self.fallback == "exact" and bool(failed.any()):
                     self.exact(x[failed], t[failed])
 
             seconds = interleaved_seconds(
                 {"exact": lambda x=x, t=t: self.exact(x, t), "certified": certify},
                 ROUTE_REPEATS, device)
             self.route_timings.append({"t_low": low, "t_high": high, **seconds})
-            if seconds["certified"] <= seconds["exact"]:
+            if seconds["certified"] <= ROUTE_MARGIN * seconds["exact"]:
                 return low
             low = high
         return 1.0

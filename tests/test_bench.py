@@ -103,3 +103,15 @@ def test_bench_with_an_index_takes_its_data_set(tmp_path):
         bench_knn(limit=100, index_folder=tmp_path / "ix")
     assert_one_line_error(run("bench", "train", "--index", "ix", "--limit", "50", cwd=tmp_path),
                           "--limit 50 contradicts the index")
+
+
+def test_target_labels_name_the_knn_route():
+    from knnflow.bench import parse_target_label
+
+    assert parse_target_label("knn-efm", 10) == {"name": "knn-efm"}
+    assert parse_target_label("knn-efm-faster", 10) == {"name": "knn-efm",
+                                                         "knn_route": "faster"}
+    assert parse_target_label("knn-efm-certify", 10)["knn_route"] == "certify"
+    assert parse_target_label("efm-n-shared", 10) == {"name": "efm", "m": 10, "pool": "shared"}
+    with pytest.raises(InputError, match="knn-efm-certify"):
+        parse_target_label("knn-efm-fastest", 10)

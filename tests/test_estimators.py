@@ -293,3 +293,10 @@ def test_route_faster_picks_the_lowest_bin_where_certifying_is_faster(digits_ind
 def test_route_and_floors_are_checked(digits_index, kwargs, message):
     with pytest.raises(knnflow.InputError, match=message):
         knnflow.KNNVelocity(digits_index, **kwargs)
+
+
+def test_an_empty_batch_gives_empty_outputs(digits, digits_index):
+    for estimator in (knnflow.ExactVelocity(digits), knnflow.KNNVelocity(digits_index),
+                      knnflow.KNNVelocity(digits_index, route="faster", floors=(0.5, 0.8))):
+        out = estimator(torch.zeros(0, 1, 8, 8), torch.zeros(0))
+        assert out.velocity.shape == (0, 1, 8, 8) and out.evaluated.shape == (0,)

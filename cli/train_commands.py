@@ -94,7 +94,11 @@ def train_command(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Train a velocity network on a flow-matching target; writes runs/NAME/ (config.json,
-    metrics.jsonl, checkpoints/, progress/)."""
+    metrics.jsonl, checkpoints/, progress/). Under torchrun (torchrun --nproc_per_node N -m
+    knnflow.cli.main train ...) the N processes share each batch (DDP; NCCL with --device
+    cuda, one GPU each, gloo on CPUs)."""
+    from knnflow.distributed import init_from_env, rank_and_world
+
     options = {k: v for k, v in locals().items() if k != "ctx"}
     # Options given on the command line (not defaults): on --resume the rest come from the run.
     explicit = {k for k in options
@@ -103,14 +107,15 @@ def train_command(
     options["index"] = str(index) if index else None
     config: TrainConfig = config_from_options(**options)
     folder = name or default_run_folder(dataset, target)
-    device = resolve_device(device, allow_auto=False)
+    device = init_from_env(resolve_device(device, allow_auto=False))
+    first = rank_and_world()[0] == 0  # only the first process reports
     columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[rate]:.1f} steps/s"),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
                TimeRemainingColumn())
     due = log_throttle()
     with Progress(*columns, console=err_console, transient=True,
-                  disable=not err_console.is_terminal) as bar:
+                  disable=not (err_console.is_terminal and first)) as bar:
         task = bar.add_task("train", total=config.steps, rate=0.0, loss=float("nan"))
 
         def update(info: dict) -> None:
@@ -122,9 +127,13 @@ def train_command(
 
         logged = train(config, folder, resume=resume, overwrite=overwrite, progress=update,
                        device=device, explicit=explicit)
+    if not first:
+        return
     record = json.loads((folder / "config.json").read_text())
     rows = [("run", folder), ("target", record["target"]), ("preset", record["preset"]),
             ("parameters", f"{record['parameters']:,}"), ("steps", record["steps"])]
+    if record.get("processes", 1) > 1:
+        rows.append(("processes (DDP)", record["processes"]))
     if logged:
         last = logged[-1]
         rows += [("final loss", f"{last.loss:.4f}"), ("ms / step", f"{last.ms_step:.1f}"),

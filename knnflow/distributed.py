@@ -17,6 +17,8 @@ and the gloo backend against a float64 brute force.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -25,6 +27,30 @@ from torch import Tensor
 from knnflow.closed_form import SoftmaxState, _rescale
 from knnflow.errors import InputError
 from knnflow.index import Index
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """(rank, number of processes) of this process; (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def init_from_env(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join the default process group,
+    NCCL for device "cuda" (this rank's GPU is cuda:LOCAL_RANK) and gloo for "cpu", and
+    return this rank's device; otherwise return `device` unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if not dist.is_available():
+        raise InputError("WORLD_SIZE > 1 but this torch has no torch.distributed")
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
 
 
 def shard_range(n: int, rank: int, world: int) -> slice:

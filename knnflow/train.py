@@ -38,6 +38,8 @@ PRESET_DEFAULTS = {  # (lr, warm-up steps, EMA decay): the paper's values for ci
     "celeba64": (2e-4, 5000, 0.9999),
 }
 # Fields that may differ when resuming: more steps, and how often things are written.
+# Seeds of process R's own draws (dropout, the target's) are offset by R times this.
+RANK_SEED_STRIDE = 7919
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints"}
 # Options added after runs were saved, with the value that gives those runs' behaviour (which
 # may differ from the new default): knn-efm certified every row before --knn-route existed.
@@ -274,8 +276,15 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     resume: continue from the newest complete checkpoint. The config must match the saved
     one except for RESUMABLE_CHANGES; with `explicit` (the options a user actually gave),
     every other field is taken from the saved config.
+
+    Under torch.distributed (torchrun; knnflow.distributed.init_from_env) every process
+    calls this with the same arguments: each draws the same global batch and trains on its
+    own rows of it through DistributedDataParallel; process 0 writes the run folder.
     """
+    import torch.distributed as dist
+
     from knnflow.data import dataset_sources
+    from knnflow.distributed import rank_and_world
     from knnflow.files import check_output_folder, write_marker
     from knnflow.index import points_sha256
     from knnflow.targets import make_target
@@ -283,6 +292,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     folder = Path(folder)
     run = Run(folder)
     checkpoint = None
+    rank, world = rank_and_world()
     if resume and overwrite:
         raise InputError("--resume continues a run and --overwrite deletes it: pass one of them")
     if resume:
@@ -297,10 +307,17 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         raise
     except (TypeError, ValueError) as err:  # only a saved config.json can carry wrong types
         raise InputError(f"{run.config_path} holds a value of the wrong type ({err})") from None
+    if config.batch_size % world:
+        raise InputError(f"--batch-size {config.batch_size} must be a multiple of the "
+                         f"{world} processes (each trains on an equal share of the batch)")
     if resume:
         differences = config_differences(saved, config)
         if differences:
             raise InputError("cannot resume with a different config: " + "; ".join(differences))
+        if saved.get("processes", 1) != world:
+            raise InputError(f"{folder} was trained by {saved.get('processes', 1)} processes "
+                             f"and this is {world}; resume it with as many (torchrun "
+                             "--nproc_per_node), or its batches and random draws differ")
         checkpoint = load_checkpoint(folder / CHECKPOINTS)
         if checkpoint is not None and checkpoint[0]["step"] > config.steps:
             raise InputError(f"{folder} has trained {checkpoint[0]['step']} steps, more than "
@@ -328,43 +345,63 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                          flip=False, image_shape=image_shape, device=device)
 
     torch.manual_seed(config.seed)
-    model = build_model(config.preset, image_shape).to(device)
+    net = build_model(config.preset, image_shape).to(device)
     ema = build_model(config.preset, image_shape).to(device)
-    ema.load_state_dict(model.state_dict())
+    ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    # Every process draws the same batches (rng.data); the other draws (dropout, EFM's
+    # candidates) are each process's own, process 0's as in a single-process run.
     data_gen = torch.Generator().manual_seed(config.seed + 1)
-    target_gen = torch.Generator().manual_seed(config.seed + 2)
+    target_gen = torch.Generator().manual_seed(config.seed + 2 + RANK_SEED_STRIDE * rank)
+    if rank:
+        torch.manual_seed(config.seed + RANK_SEED_STRIDE * rank)
+    mine = f"rank{rank}." if rank else ""  # this process's keys in a checkpoint
     start = 0
     if checkpoint is not None:
         meta, tensors = checkpoint
-        model.load_state_dict(_split_state(tensors, "model."))
+        net.load_state_dict(_split_state(tensors, "model."))
         ema.load_state_dict(_split_state(tensors, "ema."))
         restore_optimizer(optimizer, tensors, meta["param_groups"])
-        torch.set_rng_state(tensors["rng.torch"])
+        torch.set_rng_state(tensors[mine + "rng.torch"])
         data_gen.set_state(tensors["rng.data"])
-        if "rng.target" in tensors:
-            target_gen.set_state(tensors["rng.target"])
+        if mine + "rng.target" in tensors:
+            target_gen.set_state(tensors[mine + "rng.target"])
         else:  # a checkpoint from before the target had its own generator: resume as it ran
             target_gen = data_gen
-        if "rng.cuda" in tensors and torch.device(device).type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
-        target.restore(meta)
+        if mine + "rng.cuda" in tensors and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state(tensors[mine + "rng.cuda"])
+        target.restore(meta.get("ranks", {}).get(str(rank), {}) if rank else meta)
         start = meta["step"]
-    if not resume and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_marker(folder, "run")
-    record = {**asdict(config), "image_shape": list(image_shape),
-              "parameters": count_parameters(model), "data_sha256": data_sha256}
-    run.config_path.write_text(json.dumps(record, indent=2) + "\n")
+    if world > 1:
+        dist.barrier()  # every process has checked and read the run folder before it changes
+    if rank == 0:
+        if not resume and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_marker(folder, "run")
+        record = {**asdict(config), "image_shape": list(image_shape),
+                  "parameters": count_parameters(net), "data_sha256": data_sha256,
+                  "processes": world}
+        run.config_path.write_text(json.dumps(record, indent=2) + "\n")
     metrics_path = folder / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    if rank == 0:
+        _truncate_metrics(metrics_path, start)
+    model = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.barrier()  # the run folder is ready
+        on_gpu = torch.device(device).type == "cuda"
+        model = DistributedDataParallel(
+            net, device_ids=[torch.device(device).index or 0] if on_gpu else None)
 
     logged: list[StepMetrics] = []
+    share = config.batch_size // world
     stream = BatchStream(images, target, config.batch_size, config.flip, data_gen,
                          prefetch=torch.device(device).type == "cuda",
-                         target_generator=target_gen)
+                         target_generator=target_gen,
+                         rows=slice(rank * share, (rank + 1) * share) if world > 1 else None)
     model.train()
     with open(metrics_path, "a") as metrics_file, stream:
         for step in range(start, config.steps):
@@ -373,25 +410,65 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
             lr = _lr_at(step, config)
             loss = optimizer_step(model, ema, optimizer, batch, t, config, step, lr, device)
             done = step + 1
-            loss_value = float(loss.detach())
+            # The loss and the target's variance over the whole batch (all processes).
+            loss_value, variance = _batch_means(
+                torch.stack([loss.detach().float().cpu(),
+                             batch.target.square().mean().float().cpu()]), world)
             if not math.isfinite(loss_value):
                 raise InputError(f"the loss became {loss_value} at step {done}; lower --lr")
-            entry = StepMetrics(done, loss_value,
-                                float(batch.target.square().mean()),
+            entry = StepMetrics(done, loss_value, variance,
                                 1e3 * (time.perf_counter() - began), 1e3 * batch.seconds,
                                 batch.fallback, lr)
             if done % config.log_every == 0 or done == config.steps:
-                metrics_file.write(json.dumps(asdict(entry)) + "\n")
-                metrics_file.flush()
+                if rank == 0:
+                    metrics_file.write(json.dumps(asdict(entry)) + "\n")
+                    metrics_file.flush()
                 logged.append(entry)
             if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(folder / CHECKPOINTS, done, model, ema, optimizer, rng_states,
-                                config.keep_checkpoints, extra=target.state())
-            if config.sample_every and (done % config.sample_every == 0 or done == config.steps):
+                extra, tensors = target.state(), dict(rng_states)
+                if world > 1:
+                    extra, tensors = _gather_rank_states(extra, tensors, rank, world, device)
+                if rank == 0:
+                    save_checkpoint(folder / CHECKPOINTS, done, net, ema, optimizer, tensors,
+                                    config.keep_checkpoints, extra=extra)
+            if rank == 0 and config.sample_every and (done % config.sample_every == 0
+                                                      or done == config.steps):
                 _progress_grid(ema, image_shape, folder / "progress" / f"step_{done}.png", device)
-            if progress:
+            if progress and rank == 0:
                 progress({"step": done, "steps": config.steps, "loss": loss_value})
+    if world > 1:
+        dist.barrier()  # every process returns once process 0 has written the last checkpoint
     return logged
+
+
+def _batch_means(values: Tensor, world: int) -> list[float]:
+    """Per-process means of equal shares of the batch → the whole batch's means."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(values)
+        values = values / world
+    return [float(v) for v in values]
+
+
+def _gather_rank_states(extra: dict, tensors: dict[str, Tensor], rank: int, world: int,
+                        device: str) -> tuple[dict, dict[str, Tensor]]:
+    """Every process's own random states (torch's, the target's generator, the GPU's) and
+    target state, gathered for process 0's checkpoint: under "rankR." keys and meta["ranks"]
+    for R ≥ 1 (process 0's stay where a single-process run keeps them)."""
+    import torch.distributed as dist
+
+    own = {k: v for k, v in tensors.items() if k != "rng.data"}  # rng.data: the same on all
+    own["rng.torch"] = torch.get_rng_state()
+    if torch.device(device).type == "cuda":
+        own["rng.cuda"] = torch.cuda.get_rng_state()
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, {"state": extra, "tensors": own})
+    ranks = {}
+    for r in range(1, world):
+        tensors.update({f"rank{r}.{k}": v for k, v in gathered[r]["tensors"].items()})
+        ranks[str(r)] = gathered[r]["state"]
+    return {**extra, "ranks": ranks}, tensors
 
 
 class BatchStream:
@@ -409,7 +486,8 @@ class BatchStream:
 
     def __init__(self, images: Tensor, target, batch_size: int, flip: bool,
                  generator: torch.Generator, prefetch: bool = False,
-                 target_generator: torch.Generator | None = None):
+                 target_generator: torch.Generator | None = None, rows: slice | None = None):
+        self.rows = rows
         self.flat = images.reshape(len(images), -1)
         self.image_shape = tuple(images.shape[1:])
         self.target, self.batch_size, self.flip = target, batch_size, flip
@@ -434,6 +512,8 @@ class BatchStream:
             x1[flips] = x1[flips].flip(-1)
         x0 = torch.randn(x1.shape, generator=gen)
         t = torch.rand(self.batch_size, generator=gen)
+        if self.rows is not None:  # this process's share of the batch (all draw all of it)
+            x1, x0, t = x1[self.rows], x0[self.rows], t[self.rows]
         draws = self.target_generator
         if self.stream is None:
             batch = self.target(x0, x1, t, generator=draws)

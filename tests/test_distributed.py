@@ -1,7 +1,13 @@
-"""The sharded exact engine: two CPU processes with the gloo backend, each holding half of the
-training set, against a float64 brute force over the whole set."""
+"""torch.distributed on CPUs (gloo, two processes): the sharded exact engine, each process
+holding half of the training set, against a float64 brute force over the whole set; DDP
+training against one process, its resume, and the torchrun command."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,3 +82,89 @@ def test_shard_range_covers_every_row_once():
         shard_range(2, 0, 3)
     with pytest.raises(InputError, match="outside"):
         shard_range(10, 3, 3)
+
+
+# --------------------------------------------------------------------------- DDP training
+
+
+def _train_rank(rank: int, rendezvous: str, jobs: list) -> None:
+    """Run train() for each (config fields, folder, resume) in `jobs` as process `rank` of
+    WORLD; an InputError is written to FOLDER.error.RANK instead of raised."""
+    from knnflow.errors import InputError
+    from knnflow.train import TrainConfig, train
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=WORLD)
+    try:
+        for fields, folder, resume in jobs:
+            try:
+                train(TrainConfig(**fields), folder, resume=resume)
+            except InputError as err:
+                with open(f"{folder}.error.{rank}", "w") as f:
+                    f.write(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_training(tmp_path, jobs: list) -> None:
+    rendezvous = tmp_path / f"rendezvous-{len(list(tmp_path.glob('rendezvous-*')))}"
+    mp.spawn(_train_rank, args=(str(rendezvous), jobs), nprocs=WORLD, join=True)
+    rendezvous.touch()  # a fresh name for the next spawn
+
+
+def _checkpoint(folder, step):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "checkpoints" / f"step_{step}.safetensors"))
+
+
+DDP_RUN = {"limit": 200, "preset": "mlp", "batch_size": 16, "checkpoint_every": 2,
+           "log_every": 1}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_ddp_training_matches_one_process_and_resumes_exactly(tmp_path):
+    """Two gloo processes, each training on half of every batch (DDP), follow the
+    single-process run of the same config (cfm: same batches, gradients averaged); with EFM
+    (each process its own candidate draws) a run stopped at step 2 and resumed equals an
+    uninterrupted one bit for bit; resuming with another number of processes, and a batch
+    that does not split evenly, are refused."""
+    from knnflow.errors import InputError
+    from knnflow.train import TrainConfig, train
+
+    efm = {**DDP_RUN, "target": "efm", "m": 8}
+    _spawn_training(tmp_path, [
+        ({**DDP_RUN, "steps": 4}, tmp_path / "ddp", False),
+        ({**efm, "steps": 4}, tmp_path / "whole", False),
+        ({**efm, "steps": 2}, tmp_path / "parts", False),
+        ({**efm, "steps": 4}, tmp_path / "parts", True),
+        ({**DDP_RUN, "steps": 2, "batch_size": 15}, tmp_path / "odd", False)])
+    train(TrainConfig(**DDP_RUN, steps=4), tmp_path / "single")
+    single, ddp = _checkpoint(tmp_path / "single", 4), _checkpoint(tmp_path / "ddp", 4)
+    for key in (k for k in single if k.startswith("model.")):
+        assert torch.allclose(single[key], ddp[key], rtol=0, atol=1e-6), key
+    whole, parts = _checkpoint(tmp_path / "whole", 4), _checkpoint(tmp_path / "parts", 4)
+    assert set(whole) == set(parts) and "rank1.rng.target" in whole
+    for key in whole:
+        assert torch.equal(whole[key], parts[key]), key
+    for rank in range(WORLD):
+        assert "multiple of the 2 processes" in (tmp_path / f"odd.error.{rank}").read_text()
+    with pytest.raises(InputError, match="trained by 2 processes and this is 1"):
+        train(TrainConfig(**efm, steps=6), tmp_path / "parts", resume=True)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_train_command_under_torchrun(tmp_path):
+    """The user's command: torchrun with two CPU processes; one report, one run folder."""
+    env = {k: v for k, v in os.environ.items() if k != "KNNFLOW_DEBUG"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+         "knnflow.cli.main", "train", "digits", "--limit", "200", "--preset", "mlp",
+         "--steps", "3", "--batch-size", "8", "--name", "run"],
+        capture_output=True, text=True, cwd=tmp_path, env={**env, "COLUMNS": "200"},
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Training finished") == 1 and "processes (DDP)" in result.stdout
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["processes"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "step_3.json").is_file()

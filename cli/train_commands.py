@@ -97,7 +97,7 @@ def train_command(
     metrics.jsonl, checkpoints/, progress/). Under torchrun (torchrun --nproc_per_node N -m
     knnflow.cli.main train ...) the N processes share each batch (DDP; NCCL with --device
     cuda, one GPU each, gloo on CPUs)."""
-    from knnflow.distributed import init_from_env, rank_and_world
+    from knnflow.distributed import init_from_env, leave_group, rank_and_world
 
     options = {k: v for k, v in locals().items() if k != "ctx"}
     # Options given on the command line (not defaults): on --resume the rest come from the run.
@@ -127,6 +127,7 @@ def train_command(
 
         logged = train(config, folder, resume=resume, overwrite=overwrite, progress=update,
                        device=device, explicit=explicit)
+    leave_group()
     if not first:
         return
     record = json.loads((folder / "config.json").read_text())

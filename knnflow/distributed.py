@@ -37,20 +37,32 @@ def rank_and_world(group=None) -> tuple[int, int]:
 
 
 def init_from_env(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1 in the environment) join the default process group,
-    NCCL for device "cuda" (this rank's GPU is cuda:LOCAL_RANK) and gloo for "cpu", and
-    return this rank's device; otherwise return `device` unchanged."""
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join the default process group and
+    return this rank's device; otherwise return `device` unchanged. For "cuda" each process
+    takes the GPU cuda:LOCAL_RANK, and the group runs NCCL for GPU tensors and gloo for CPU
+    ones (the trainer's small reductions and gathered states live on the CPU); for "cpu",
+    gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     if not dist.is_available():
         raise InputError("WORLD_SIZE > 1 but this torch has no torch.distributed")
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise InputError(f"process {local} on this machine has no GPU of its own "
+                             f"({torch.cuda.device_count()} visible); start at most that many "
+                             "processes per machine (torchrun --nproc_per_node)")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
     return device
+
+
+def leave_group() -> None:
+    """Destroy the default process group, if one was joined (NCCL warns at exit otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_range(n: int, rank: int, world: int) -> slice:

@@ -307,6 +307,8 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         raise
     except (TypeError, ValueError) as err:  # only a saved config.json can carry wrong types
         raise InputError(f"{run.config_path} holds a value of the wrong type ({err})") from None
+    if world > 1 and torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # its RNG state and DDP's device
     if config.batch_size % world:
         raise InputError(f"--batch-size {config.batch_size} must be a multiple of the "
                          f"{world} processes (each trains on an equal share of the batch)")
@@ -410,15 +412,17 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
             lr = _lr_at(step, config)
             loss = optimizer_step(model, ema, optimizer, batch, t, config, step, lr, device)
             done = step + 1
-            # The loss and the target's variance over the whole batch (all processes).
-            loss_value, variance = _batch_means(
-                torch.stack([loss.detach().float().cpu(),
-                             batch.target.square().mean().float().cpu()]), world)
+            # The loss, the target's variance and knn-efm's fallback fraction over the whole
+            # batch (all processes); the times are process 0's.
+            loss_value, variance, fallback = _batch_means(
+                torch.tensor([float(loss.detach()), float(batch.target.square().mean()),
+                              math.nan if batch.fallback is None else batch.fallback],
+                             dtype=torch.float64), world)
             if not math.isfinite(loss_value):
                 raise InputError(f"the loss became {loss_value} at step {done}; lower --lr")
             entry = StepMetrics(done, loss_value, variance,
                                 1e3 * (time.perf_counter() - began), 1e3 * batch.seconds,
-                                batch.fallback, lr)
+                                None if batch.fallback is None else fallback, lr)
             if done % config.log_every == 0 or done == config.steps:
                 if rank == 0:
                     metrics_file.write(json.dumps(asdict(entry)) + "\n")
@@ -479,7 +483,9 @@ class BatchStream:
     With prefetch (on GPUs), the next batch and its target are computed in a background thread
     while the current one trains, so a target computed on the CPU (knn-efm's certified search)
     overlaps the network's step. The draws happen in the same order either way, so a run is the
-    same with and without prefetch; next() returns the generators' states after the batch
+    same with and without prefetch. rows: under DDP, the rows of every batch this process
+    trains on (all processes draw the whole batch, so they stay in step); next() returns the
+    generators' states after the batch
     ({"rng.data": ..., "rng.target": ...}, one entry when they are the same generator), which
     is what a checkpoint taken after that batch must hold.
     """

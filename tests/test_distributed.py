@@ -145,6 +145,9 @@ def test_ddp_training_matches_one_process_and_resumes_exactly(tmp_path):
         assert torch.allclose(single[key], ddp[key], rtol=0, atol=1e-6), key
     whole, parts = _checkpoint(tmp_path / "whole", 4), _checkpoint(tmp_path / "parts", 4)
     assert set(whole) == set(parts) and "rank1.rng.target" in whole
+    # Process 1 draws its own EFM candidates and dropout masks (not process 0's).
+    assert not torch.equal(whole["rank1.rng.target"], whole["rng.target"])
+    assert not torch.equal(whole["rank1.rng.torch"], whole["rng.torch"])
     for key in whole:
         assert torch.equal(whole[key], parts[key]), key
     for rank in range(WORLD):

@@ -351,3 +351,28 @@ def test_a_run_from_before_a_new_option_resumes_as_it_ran(tmp_path):
                    explicit={"steps"})  # as the command line resumes: the saved config
     assert [m.step for m in logged] == [3]
     assert json.loads(path.read_text())["knn_route"] == "certify"
+
+
+def test_a_process_share_of_the_batch_is_its_rows_of_the_whole_batch():
+    """Under DDP every process draws the whole batch and keeps its rows: two streams with
+    rows 0-7 and 8-15 give the halves of one stream's batch of 16 (x_t and target), and the
+    generators stay in step."""
+    from knnflow.targets import make_target
+    from knnflow.train import BatchStream
+
+    images = load_dataset("digits", limit=100)
+    target = make_target("cfm")
+
+    def stream(rows=None):
+        return BatchStream(images, target, 16, True, torch.Generator().manual_seed(3),
+                           rows=rows)
+
+    whole, first, second = stream(), stream(slice(0, 8)), stream(slice(8, 16))
+    for _ in range(3):
+        t, batch, states = whole.next()
+        (t0, b0, s0), (t1, b1, s1) = first.next(), second.next()
+        assert torch.equal(torch.cat([t0, t1]), t)
+        assert torch.equal(torch.cat([b0.x_t, b1.x_t]), batch.x_t)
+        assert torch.equal(torch.cat([b0.target, b1.target]), batch.target)
+        assert torch.equal(s0["rng.data"], states["rng.data"])
+        assert torch.equal(s1["rng.data"], states["rng.data"])

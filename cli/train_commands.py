@@ -63,6 +63,10 @@ def train_command(
              "certifying stops succeeding; faster: rows at t where the exact engine is faster "
              "(timed once per run, kept in checkpoints) go to it; auto: faster on --device "
              "cuda, else certify.")] = "auto",
+    shard_data: Annotated[bool, typer.Option(
+        help="exact, under torchrun: each process holds 1/N of the training set and û* of the "
+             "whole batch is combined across them (for data too large for one device).")]
+    = False,
     flip: Annotated[bool, typer.Option(
         help="Random horizontal flips of x1; candidates and index hold both flips.")] = False,
     preset: Annotated[str, typer.Option(help=f"Model: {PRESET_LIST}.")] = "tiny",

@@ -236,19 +236,24 @@ class EFMTarget(Target):
 
 
 class ExactTarget(Target):
-    """û*(x_t, t) over the whole training set."""
+    """û*(x_t, t) over the whole training set. With `group` (torch.distributed), `data` is
+    this process's shard and the processes' softmax states are all-reduced
+    (ExactVelocity(shard, group=...)): every process must then compute the same rows, which
+    `whole_batch` tells the trainer."""
 
     name = "exact"
 
-    def __init__(self, data: Tensor | TrainingSet, device: str | torch.device = "cpu"):
+    def __init__(self, data: Tensor | TrainingSet, device: str | torch.device = "cpu",
+                 group=None):
         from knnflow.estimators import ExactVelocity
 
         self.device = torch.device(device)
-        self.estimator = ExactVelocity(data, device=self.device)
+        self.estimator = ExactVelocity(data, device=self.device, group=group)
+        self.whole_batch = group is not None
 
     def velocity(self, x0, x1, x_t, t, generator):
         out = self.estimator(x_t.reshape(x_t.shape[0], -1), t)
-        return out.velocity, None, float(self.estimator.train.n)
+        return out.velocity, None, float(self.estimator.n)
 
 
 class KNNEFMTarget(Target):
@@ -321,7 +326,7 @@ def make_target(name: str, *, data: Tensor | TrainingSet | None = None, index=No
                 image_shape: tuple[int, ...] | None = None,
                 device: str | torch.device = "cpu",
                 knn_search_device: str | torch.device | None = None,
-                knn_route: str = "auto") -> Target:
+                knn_route: str = "auto", group=None) -> Target:
     """The target called `name` (cfm, efm, knn-efm, exact), from the training data (or the
     index's data), computed on `device` (knn-efm's certified search on knn_search_device,
     by default the CPU)."""
@@ -339,4 +344,4 @@ def make_target(name: str, *, data: Tensor | TrainingSet | None = None, index=No
     if name == "efm":
         return EFMTarget(source, m=m, pool=pool, flip=flip, image_shape=image_shape,
                          device=device)
-    return ExactTarget(source, device)
+    return ExactTarget(source, device, group=group)

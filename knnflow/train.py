@@ -22,7 +22,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -58,6 +58,7 @@ class TrainConfig:
     knn_budget: float = 0.005
     knn_fallback: str = "exact"
     knn_route: str = "auto"
+    shard_data: bool = False
     index: str | None = None
     flip: bool = False
     preset: str = "tiny"
@@ -335,15 +336,29 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         check_output_folder(folder, overwrite, "run", [config.index, *dataset_sources(
             config.dataset, config.root)], option="--name")
     images, candidates, index = load_training_data(config)
+    target_data, group = candidates.reshape(len(candidates), -1), None
+    if config.shard_data:
+        if config.target != "exact":
+            raise InputError("--shard-data splits the data of --target exact over the "
+                             f"processes; {config.target} holds the whole set")
+        if world < 2:
+            raise InputError("--shard-data needs several processes: run under torchrun "
+                             "--nproc_per_node N")
+        from knnflow.distributed import shard_of
+
+        # The target's all-reduces get their own group: with prefetch they run in a
+        # background thread while DDP's run in this one.
+        group = dist.new_group()
+        target_data = shard_of(target_data, group)
     data_sha256 = points_sha256(images.reshape(len(images), -1).numpy())
     if resume and saved.get("data_sha256", data_sha256) != data_sha256:
         raise InputError(f"the training data of {config.dataset} changed since {folder} "
                          "started (checksum differs); resuming would not continue the same run")
     image_shape = tuple(images.shape[1:])
-    target = make_target(config.target, data=candidates.reshape(len(candidates), -1),
+    target = make_target(config.target, data=target_data,
                          index=index, m=config.m, pool=config.efm_pool, tol=config.tol,
                          knn_budget=config.knn_budget, knn_fallback=config.knn_fallback,
-                         knn_route=config.knn_route,
+                         knn_route=config.knn_route, group=group,
                          flip=False, image_shape=image_shape, device=device)
 
     torch.manual_seed(config.seed)
@@ -518,7 +533,10 @@ class BatchStream:
             x1[flips] = x1[flips].flip(-1)
         x0 = torch.randn(x1.shape, generator=gen)
         t = torch.rand(self.batch_size, generator=gen)
-        if self.rows is not None:  # this process's share of the batch (all draw all of it)
+        # This process's share of the batch (all draw all of it); a target over sharded data
+        # is computed for the whole batch on every process, then shared out.
+        whole = getattr(self.target, "whole_batch", False)
+        if self.rows is not None and not whole:
             x1, x0, t = x1[self.rows], x0[self.rows], t[self.rows]
         draws = self.target_generator
         if self.stream is None:
@@ -526,6 +544,9 @@ class BatchStream:
         else:
             with torch.cuda.stream(self.stream):
                 batch = self.target(x0, x1, t, generator=draws)
+        if self.rows is not None and whole:
+            t = t[self.rows]
+            batch = replace(batch, x_t=batch.x_t[self.rows], target=batch.target[self.rows])
         states = {"rng.data": gen.get_state()}
         if draws is not gen:
             states["rng.target"] = draws.get_state()

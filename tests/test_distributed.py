@@ -171,3 +171,31 @@ def test_train_command_under_torchrun(tmp_path):
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["processes"] == 2
     assert (tmp_path / "run" / "checkpoints" / "step_3.json").is_file()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_exact_target_over_sharded_data_trains_like_the_whole_set(tmp_path):
+    """--shard-data: each of two processes holds half of the training set; û* of the whole
+    batch comes from the all-reduced states, so training follows the run in which each
+    process holds all of it (same batches, targets equal to float64 rounding)."""
+    from knnflow.errors import InputError
+    from knnflow.train import TrainConfig, train
+
+    exact = {**DDP_RUN, "target": "exact", "steps": 3}
+    _spawn_training(tmp_path, [({**exact, "shard_data": True}, tmp_path / "sharded", False),
+                               (exact, tmp_path / "whole", False),
+                               ({**DDP_RUN, "steps": 1, "shard_data": True}, tmp_path / "cfm",
+                                False)])
+    sharded, whole = _checkpoint(tmp_path / "sharded", 3), _checkpoint(tmp_path / "whole", 3)
+    for key in (k for k in whole if k.startswith("model.")):
+        assert torch.allclose(sharded[key], whole[key], rtol=0, atol=1e-6), key
+    metrics = [json.loads(line) for line in
+               (tmp_path / "sharded" / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in
+                 (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(metrics, reference, strict=True):
+        assert a["target_sq"] == pytest.approx(b["target_sq"], rel=1e-6)
+    for rank in range(WORLD):
+        assert "--target exact" in (tmp_path / f"cfm.error.{rank}").read_text()
+    with pytest.raises(InputError, match="several processes"):
+        train(TrainConfig(**{**exact, "shard_data": True}), tmp_path / "alone")

@@ -339,8 +339,8 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     target_data, group = candidates.reshape(len(candidates), -1), None
     if config.shard_data:
         if config.target != "exact":
-            raise InputError("--shard-data splits the data of --target exact over the "
-                             f"processes; {config.target} holds the whole set")
+            raise InputError("--shard-data is for --target exact (it splits that target's "
+                             f"training set over the processes), not {config.target}")
         if world < 2:
             raise InputError("--shard-data needs several processes: run under torchrun "
                              "--nproc_per_node N")

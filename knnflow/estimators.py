@@ -175,10 +175,11 @@ class KNNVelocity:
     probes depend only on the index, so results are reproducible; the floor is in `t_floor`.
     calibrate=False tries every query.
     route: "certify" certifies every query above that floor. "faster" also times, once, the
-    certified path against the exact engine on seeded probes in t bins of width 0.05 above
-    the floor, and sends every t below the lowest bin from which certifying is faster to the
-    exact engine (bound 0, not counted as fallback, whatever `fallback` says): on a GPU the
-    exact engine outruns the certified search at n = 50,000 (docs/benchmarks.md). The choice
+    certified path against the exact engine on seeded probes in t bins (a 0.05 grid) above
+    the floor, and sends every t from the floor up to the lowest bin in which certifying is
+    clearly faster (ROUTE_MARGIN) to the exact engine (bound 0, `routed`, not counted as
+    fallback, whatever `fallback` says): on a GPU the exact engine outruns the certified
+    search at n = 50,000 (docs/benchmarks.md). The choice
     depends on timings, so two estimators may route differently; `floors` holds it and can be
     passed back to pin it (a resumed training run does). "auto" (default): "faster" when the
     exact engine runs on a GPU, else "certify" (on a CPU certifying pays wherever it

@@ -87,16 +87,30 @@ def test_shard_range_covers_every_row_once():
 # --------------------------------------------------------------------------- DDP training
 
 
-def _train_rank(rank: int, rendezvous: str, jobs: list) -> None:
+def _made_up_route_timing(self, floor):
+    """KNNVelocity._time_routes stand-in: an exact floor that differs between processes."""
+    return 0.8 + 0.05 * dist.get_rank()
+
+
+def _no_route_timing(self, floor):
+    raise AssertionError("a resumed process timed its routes again")
+
+
+def _train_rank(rank: int, rendezvous: str, jobs: list, route_timing=None) -> None:
     """Run train() for each (config fields, folder, resume) in `jobs` as process `rank` of
-    WORLD; an InputError is written to FOLDER.error.RANK instead of raised."""
+    WORLD; an InputError is written to FOLDER.error.RANK instead of raised. route_timing
+    replaces KNNVelocity._time_routes, per job when it is a list."""
     from knnflow.errors import InputError
+    from knnflow.estimators import KNNVelocity
     from knnflow.train import TrainConfig, train
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=WORLD)
     try:
-        for fields, folder, resume in jobs:
+        for number, (fields, folder, resume) in enumerate(jobs):
+            timing = route_timing[number] if isinstance(route_timing, list) else route_timing
+            if timing is not None:
+                KNNVelocity._time_routes = timing
             try:
                 train(TrainConfig(**fields), folder, resume=resume)
             except InputError as err:
@@ -106,9 +120,9 @@ def _train_rank(rank: int, rendezvous: str, jobs: list) -> None:
         dist.destroy_process_group()
 
 
-def _spawn_training(tmp_path, jobs: list) -> None:
+def _spawn_training(tmp_path, jobs: list, route_timing=None) -> None:
     rendezvous = tmp_path / f"rendezvous-{len(list(tmp_path.glob('rendezvous-*')))}"
-    mp.spawn(_train_rank, args=(str(rendezvous), jobs), nprocs=WORLD, join=True)
+    mp.spawn(_train_rank, args=(str(rendezvous), jobs, route_timing), nprocs=WORLD, join=True)
     rendezvous.touch()  # a fresh name for the next spawn
 
 
@@ -199,3 +213,28 @@ def test_exact_target_over_sharded_data_trains_like_the_whole_set(tmp_path):
         assert "--target exact" in (tmp_path / f"cfm.error.{rank}").read_text()
     with pytest.raises(InputError, match="several processes"):
         train(TrainConfig(**{**exact, "shard_data": True}), tmp_path / "alone")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_ddp_knn_efm_keeps_each_process_route_floors(tmp_path):
+    """knn-efm with --knn-route faster under DDP: each process times its own routes (made up
+    here, different per process); the checkpoint keeps both processes' floors, and a resumed
+    run takes them back instead of timing again, bit for bit as an uninterrupted run."""
+    from knnflow.data import load_dataset
+    from knnflow.index import Index
+
+    Index.build(load_dataset("digits", limit=200)).save(tmp_path / "idx")
+    knn = {**DDP_RUN, "target": "knn-efm", "index": str(tmp_path / "idx"),
+           "knn_route": "faster"}
+    _spawn_training(tmp_path, [({**knn, "steps": 4}, tmp_path / "whole", False),
+                               ({**knn, "steps": 2}, tmp_path / "parts", False),
+                               ({**knn, "steps": 4}, tmp_path / "parts", True)],
+                    route_timing=[_made_up_route_timing, _made_up_route_timing,
+                                  _no_route_timing])
+    assert not list(tmp_path.glob("*.error.*"))
+    meta = json.loads((tmp_path / "parts" / "checkpoints" / "step_4.json").read_text())
+    assert meta["knn_floors"][1] == pytest.approx(0.8)
+    assert meta["ranks"]["1"]["knn_floors"][1] == pytest.approx(0.85)
+    whole, parts = _checkpoint(tmp_path / "whole", 4), _checkpoint(tmp_path / "parts", 4)
+    for key in whole:
+        assert torch.equal(whole[key], parts[key]), key

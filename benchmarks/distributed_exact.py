@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from knnflow.timing import interleaved_seconds
 
 TIMES = (0.3, 0.5, 0.9)
 
@@ -32,13 +33,7 @@ def queries(points: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def median_seconds(call, repeats: int = 3) -> float:
-    call()
-    seconds = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - began)
-    return sorted(seconds)[repeats // 2]
+    return interleaved_seconds({"call": call}, repeats, torch.device("cpu"))["call"]
 
 
 def rank_main(rank: int, world: int, n: int, threads: int, folder: str) -> None:

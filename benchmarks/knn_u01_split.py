@@ -4,30 +4,19 @@ the rows above. Shows the bound on b/a that the rows below the floor set: they g
 engine in either case.
 
 Usage: python benchmarks/knn_u01_split.py INDEX_DIR [BATCH]  (the synthetic index:
-knnflow build-index synthetic --out INDEX_DIR). Median of 5 calls each, one process.
+knnflow build-index synthetic --out INDEX_DIR). Median of 5 interleaved rounds, one process.
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
 
 from knnflow.data import load_dataset
 from knnflow.estimators import ExactVelocity, KNNVelocity
 from knnflow.index import Index
-
-
-def median_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+from knnflow.timing import interleaved_seconds
 
 
 def main() -> None:
@@ -43,11 +32,11 @@ def main() -> None:
     low = t < certified.t_floor
     high = ~low
     print(f"floor t = {certified.t_floor}: {int(low.sum())} of {batch} rows below it")
-    a = median_ms(lambda: exact(x, t))
-    b = median_ms(lambda: certified(x, t))
-    a_low = median_ms(lambda: exact(x[low], t[low]))
-    a_high = median_ms(lambda: exact(x[high], t[high]))
-    b_high = median_ms(lambda: certified(x[high], t[high]))
+    ms = {name: 1e3 * s for name, s in interleaved_seconds({
+        "a": lambda: exact(x, t), "b": lambda: certified(x, t),
+        "a_low": lambda: exact(x[low], t[low]), "a_high": lambda: exact(x[high], t[high]),
+        "b_high": lambda: certified(x[high], t[high])}, 5, torch.device("cpu")).items()}
+    a, b, a_low, a_high, b_high = (ms[k] for k in ("a", "b", "a_low", "a_high", "b_high"))
     print(f"(a) exact, all rows {a:.0f} ms; rows below the floor {a_low:.0f} ms, above "
           f"{a_high:.0f} ms")
     print(f"(b) certified, all rows {b:.0f} ms (b/a {a / b:.2f}×); rows above the floor "

@@ -38,8 +38,10 @@ from knnflow.closed_form import (
     closed_form_state,
 )
 from knnflow.errors import IndexMismatchError, InputError
+from knnflow.estimators import ROUTES
 
 TARGETS = ("cfm", "efm", "knn-efm", "exact")
+KNN_ROUTES = ROUTES  # knn-efm's --knn-route: KNNVelocity's routes
 # EFM's independent pools become one dense GEMM per batch when the draws of a row are at least
 # n / DENSE_DRAW_RATIO (a GEMM element costs far less than a gathered draw) and neither the
 # float64 data set nor the batch × n weights exceed DENSE_DRAW_ELEMENTS numbers.
@@ -47,7 +49,6 @@ DENSE_DRAW_RATIO = 8
 DENSE_DRAW_ELEMENTS = 1 << 24
 EFM_POOLS = ("independent", "shared")
 KNN_FALLBACKS = ("exact", "efm")
-KNN_ROUTES = ("auto", "certify", "faster")  # estimators.ROUTES
 
 
 @dataclass
@@ -275,9 +276,6 @@ class KNNEFMTarget(Target):
         if fallback not in KNN_FALLBACKS:
             raise InputError(f"unknown --knn-fallback {fallback!r}; choose one of: "
                              f"{', '.join(KNN_FALLBACKS)}")
-        if route not in KNN_ROUTES:
-            raise InputError(f"unknown --knn-route {route!r}; choose one of: "
-                             f"{', '.join(KNN_ROUTES)}")
         if not (math.isfinite(budget) and 0 < budget <= 1):
             raise InputError(f"--knn-budget must lie in (0, 1], got {budget}")
         if data is not None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from knnflow.closed_form import (
@@ -28,7 +29,7 @@ from knnflow.closed_form import (
     flatten_queries,
     velocity_from_denoiser,
 )
-from knnflow.distributed import all_reduce_state_, total_points
+from knnflow.distributed import all_reduce_state_, shard_range, total_points
 from knnflow.errors import InputError
 from knnflow.index import Index
 from knnflow.prune import SketchScanner
@@ -186,6 +187,13 @@ class KNNVelocity:
     succeeds on the data sets measured).
     floors: (certification floor, exact floor) from an earlier estimator's `floors`: no
     calibration and no timing.
+    group: a torch.distributed process group over which the training points are split
+    (distributed.shard_range of the index's rows, each process its own): every process passes
+    the whole Index and calls with the same queries; each scans, keeps and weighs its shard's
+    points, and the thresholds (the smallest), the over-budget flags, the softmax states and
+    the kept counts are all-reduced, so every process gets the same velocities and bounds,
+    the bound covering what all shards left out. The fallback is the sharded exact engine;
+    route="faster" takes process 0's timing. Constructing it and every call are collective.
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
@@ -194,7 +202,7 @@ class KNNVelocity:
                  scan_chunk: int = 8192, fallback: str = "exact",
                  device: torch.device | str | None = None, calibrate: bool = True,
                  search_device: torch.device | str | None = None, route: str = "auto",
-                 floors: tuple[float, float] | None = None):
+                 floors: tuple[float, float] | None = None, group=None):
         if not isinstance(index, Index):
             raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
@@ -214,15 +222,27 @@ class KNNVelocity:
         if certified and index.sketches is None:
             raise InputError("this index has no sketch for certified search; rebuild it with "
                              "knnflow build-index")
+        if group is not None and not certified:
+            raise InputError("the top-k truncation (certified=False) does not run over shards")
         self.index, self.tol, self.certified = index, float(tol), certified
         self.fallback = fallback
         self.k = k if k is not None else (None if certified else 16)
-        self.seeds = max(1, min(seeds, index.n))
+        self.group = group
+        self.sketches = index.sketches
+        if group is None:
+            self.train = index.training_set()
+        else:  # this process's rows of the points and of their sketches
+            rows = shard_range(index.n, dist.get_rank(group), dist.get_world_size(group))
+            self.train = training_set_of(index.points[rows])
+            self.sketches = replace(index.sketches,
+                                    coarse_points=index.sketches.coarse_points[rows],
+                                    fine_points=None if index.sketches.fine_points is None
+                                    else index.sketches.fine_points[rows])
+        self.seeds = max(1, min(seeds, self.train.n))
         # Small data sets get absolute floors: gathering a few hundred points costs little.
-        self.coarse_budget = max(512, int(coarse_budget * index.n))
-        self.exact_budget = max(128, int(exact_budget * index.n))
-        self.train = index.training_set()
-        self.exact = ExactVelocity(self.train, device=device)
+        self.coarse_budget = max(512, int(coarse_budget * self.train.n))
+        self.exact_budget = max(128, int(exact_budget * self.train.n))
+        self.exact = ExactVelocity(self.train, device=device, group=group)
         self.search_device = torch.device(search_device or "cpu")
         # The kept set and the seeds are read from the training points on the search device.
         on_engine = self.exact.train.points.device
@@ -234,8 +254,8 @@ class KNNVelocity:
         else:
             self.search_train = training_set_of(self.train, self.search_device)
         self.last_stats: dict[str, float] = {}
-        self.scanner = (SketchScanner(index.sketches, scan_chunk, self.search_device)
-                        if certified else None)
+        self.scanner = (SketchScanner(self.sketches, scan_chunk, self.search_device,
+                                      plan_n=index.n) if certified else None)
         if route == "auto":
             route = "faster" if self.exact.train.points.device.type == "cuda" else "certify"
         self.route = route if certified else "certify"  # the top-k truncation routes nothing
@@ -259,7 +279,13 @@ class KNNVelocity:
         if not self.certified:
             return 0.0, 0.0
         if self._exact_floor is None:
-            self._exact_floor = self._time_routes(self.t_floor)
+            floor = self._time_routes(self.t_floor)
+            if self.group is not None:  # timings differ between processes: process 0's
+                shared = torch.tensor([floor], dtype=torch.float64,
+                                      device=self.exact.train.points.device)
+                dist.broadcast(shared, dist.get_global_rank(self.group, 0), group=self.group)
+                floor = float(shared)
+            self._exact_floor = floor
         return self.t_floor, max(self.t_floor, self._exact_floor)
 
     @floors.setter
@@ -282,7 +308,8 @@ class KNNVelocity:
 
     def _probes(self, t: Tensor, gen: torch.Generator) -> Tensor:
         """Seeded float32 queries (1-t)·x0 + t·x1 with x1 drawn from the training points."""
-        x1 = self.train.points[torch.randint(self.train.n, (len(t),), generator=gen)]
+        # From the whole index: every process of a group builds the same probes.
+        x1 = self.index.points[torch.randint(self.index.n, (len(t),), generator=gen)]
         noise = torch.randn(x1.shape, generator=gen, dtype=torch.float64)
         return ((1 - t)[:, None] * noise + t[:, None] * x1.to(torch.float64)).to(torch.float32)
 
@@ -349,7 +376,7 @@ class KNNVelocity:
         t64 = t64.cpu()
         velocity = torch.empty_like(x64)
         bound = torch.zeros(batch, dtype=torch.float64)
-        evaluated = torch.full((batch,), self.train.n, dtype=torch.int64)
+        evaluated = torch.full((batch,), self.index.n, dtype=torch.int64)
         # Below MIN_INDEX_T the softmax is flat (nothing to prune) and x/t leaves float32 range;
         # below the calibrated floor nothing certifies on this data set; below the exact floor
         # (route="faster") the exact engine is faster than certifying.
@@ -369,7 +396,7 @@ class KNNVelocity:
             rows = exact_rows.nonzero().squeeze(1)
             velocity[rows] = self.exact(flat[rows], t64[rows]).velocity.to(
                 device="cpu", dtype=torch.float64)
-            bound[rows], evaluated[rows] = 0.0, self.train.n
+            bound[rows], evaluated[rows] = 0.0, self.index.n
         if self.fallback == "none" and bool(fallback.any()):
             rows = fallback.nonzero().squeeze(1)
             velocity[rows], bound[rows], evaluated[rows] = math.nan, math.inf, 0
@@ -389,8 +416,15 @@ class KNNVelocity:
         out = self._certified_on_device(x64.to(self.search_device), t.to(self.search_device))
         return tuple(part.cpu() for part in out)
 
+    def _all_reduce(self, values: Tensor, op) -> Tensor:
+        """values reduced over the group (in place; unchanged without one)."""
+        if self.group is not None:
+            dist.all_reduce(values, op=op, group=self.group)
+        return values
+
     def _certified_on_device(self, x64: Tensor, t: Tensor):
-        sk, n, train = self.index.sketches, self.train.n, self.search_train
+        # n: all the training points (every shard's, with a group); train: this process's.
+        sk, n, train = self.sketches, self.index.n, self.search_train
         s = 0.5 / (1 - t) ** 2
         st2 = s * t * t
         queries = self.scanner.sketch(x64 / t[:, None])
@@ -415,7 +449,9 @@ class KNNVelocity:
             spread = 2 * sk.max_radius
             log_terms = math.log(n) + torch.log(
                 spread / ((1 - tt) * self.tol * 0.5 * speed)) + 1.0
-            return best_sq + log_terms.clamp(min=0) / st2[rows]
+            # With shards, the smallest threshold: it clears the best seed of all of them.
+            return self._all_reduce(best_sq + log_terms.clamp(min=0) / st2[rows],
+                                    dist.ReduceOp.MIN)
 
         # 3. One pass of coarse GEMMs (seeds and survivors), then the fine sketch.
         scan = self.scanner.seeded_scan(queries, self.seeds, threshold_of, self.coarse_budget)
@@ -423,6 +459,8 @@ class KNNVelocity:
         rows, cols = self.scanner.fine_filter(queries, scan.rows, scan.cols, threshold)
         counts = torch.bincount(rows, minlength=len(t))
         over |= counts > self.exact_budget
+        # A query over budget on any shard falls back on all of them.
+        over = self._all_reduce(over.to(torch.uint8), dist.ReduceOp.MAX).bool()
         keep = ~over[rows]
         rows, cols = rows[keep], cols[keep]
 
@@ -436,7 +474,9 @@ class KNNVelocity:
                                                                             LIVE_NATS)
         pairs.add_grouped_(state, rows, train.points, cols, train.sq_norms,
                            live_nats=live_nats)
-        kept = torch.bincount(rows, minlength=len(t))
+        kept = self._all_reduce(torch.bincount(rows, minlength=len(t)), dist.ReduceOp.SUM)
+        if self.group is not None:
+            all_reduce_state_(state, self.group)
         denoiser = state.denoiser()
         velocity = (denoiser - x64) / (1 - t)[:, None]
         left_out = (n - kept).to(torch.float64)
@@ -449,7 +489,9 @@ class KNNVelocity:
         failed = over | ~(bound <= self.tol * velocity.norm(dim=1)) | (kept == 0)
         velocity = torch.where(failed[:, None], torch.zeros_like(velocity), velocity)
         bound = torch.where(failed, torch.zeros_like(bound), bound)
-        return velocity, bound, kept + scan.seeds.shape[1], failed
+        seeds = scan.seeds.shape[1] * (1 if self.group is None else
+                                       dist.get_world_size(self.group))
+        return velocity, bound, kept + seeds, failed
 
     # ------------------------------------------------------------------ top-k path
 

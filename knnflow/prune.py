@@ -82,12 +82,15 @@ class SketchScanner:
     CPU; queries passed to the scans must live there too)."""
 
     def __init__(self, sketches: Sketches, scan_chunk: int = SCAN_CHUNK,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, plan_n: int | None = None):
         self.sketches = sketches
         self.scan_chunk = scan_chunk
         self.device = torch.device(device or "cpu")
         coarse = sketches.coarse_points.to(torch.float64)
         self.n = coarse.shape[0]
+        # The point count the batch's slicing is planned for: processes that scan shards of
+        # one data set pass the same, so that they slice (and call threshold_of) alike.
+        self.plan_n = plan_n or self.n
         self.coarse32 = augment_points(coarse).to(self.device)
         # Made on the CPU and copied: a kernel on the default stream here would race with a
         # first scan run on another stream (the trainer's prefetch).
@@ -139,7 +142,7 @@ class SketchScanner:
             # others and keep the best by coarse distance.
             while candidates(per_chunk) < min(2 * wanted, self.n):
                 per_chunk += 1
-        step = SCAN_VALUES // self.n
+        step = SCAN_VALUES // self.plan_n
         keep = step >= min(batch, MIN_SLICE_ROWS)
         step = step if keep else batch
         found_rows, found_cols, overs, thresholds, all_seeds = [], [], [], [], []

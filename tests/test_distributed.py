@@ -238,3 +238,61 @@ def test_ddp_knn_efm_keeps_each_process_route_floors(tmp_path):
     whole, parts = _checkpoint(tmp_path / "whole", 4), _checkpoint(tmp_path / "parts", 4)
     for key in whole:
         assert torch.equal(whole[key], parts[key]), key
+
+
+# --------------------------------------------------------------------------- certified, sharded
+
+
+def _certified_rank(rank: int, rendezvous: str, folder: str) -> None:
+    """KNNVelocity over two shards of the digits index: batched t from 0 to 0.999, uniform
+    t = 0.9, and route="faster" with pinned floors."""
+    from knnflow.estimators import KNNVelocity
+    from knnflow.index import Index
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=WORLD)
+    try:
+        index = Index.load(f"{folder}/idx")
+        x, t = torch.load(f"{folder}/queries")
+        saved = {}
+        for name, kwargs in (("certify", {}), ("none", {"fallback": "none"}),
+                             ("faster", {"route": "faster", "floors": (0.3, 0.6)})):
+            estimator = KNNVelocity(index, tol=1e-4, group=dist.group.WORLD, **kwargs)
+            out = estimator(x, t)
+            saved[name] = (out.velocity, out.error_bound, out.evaluated, out.fallback,
+                           out.routed, estimator.t_floor)
+        torch.save(saved, f"{folder}/out.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_certified_velocity_over_shards_holds_its_bound(tmp_path, digits):
+    """Two processes, each scanning half of the digits: both get the same velocities and
+    bounds, every row within its bound of float64 brute force over all the points, rows at
+    high t pruned (fewer points read than n), routed rows exact."""
+    from knnflow.index import Index
+    from tests.conftest import flow_queries
+
+    Index.build(digits).save(tmp_path / "idx")
+    t = torch.cat([torch.linspace(0, 0.999, 48), torch.full((16,), 0.9)])
+    x = torch.cat([flow_queries(digits, float(ti), 1, seed=i) for i, ti in enumerate(t)])
+    torch.save((x, t), tmp_path / "queries")
+    mp.spawn(_certified_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)),
+             nprocs=WORLD, join=True)
+    outs = [torch.load(tmp_path / f"out.{rank}") for rank in range(WORLD)]
+    reference = brute_force_velocity(x, t, digits)
+    n = digits.shape[0]
+    for name in ("certify", "none", "faster"):
+        for a, b in zip(outs[0][name][:5], outs[1][name][:5], strict=True):
+            assert bool(((a == b) | (a != a) & (b != b)).all()), name  # NaN rows alike
+        velocity, bound, evaluated, fallback, routed, _ = outs[0][name]
+        kept = ~fallback if name == "none" else torch.ones(len(t), dtype=torch.bool)
+        err = (velocity.to(torch.float64) - reference).norm(dim=1)
+        allowed = bound + 1e-4 * reference.norm(dim=1)
+        assert bool((err[kept] <= allowed[kept]).all()), name
+        assert bool((evaluated[t >= 0.9] < n / 4).all()), name
+    assert outs[0]["certify"][5] == outs[1]["certify"][5]  # one calibrated floor
+    routed = outs[0]["faster"][4]
+    assert torch.equal(routed, (t >= 0.3) & (t < 0.6))
+    assert relative_error(outs[0]["faster"][0][routed], reference[routed]).max() < 1e-5

@@ -193,7 +193,9 @@ class KNNVelocity:
     points, and the thresholds (the smallest), the over-budget flags, the softmax states and
     the kept counts are all-reduced, so every process gets the same velocities and bounds,
     the bound covering what all shards left out. The fallback is the sharded exact engine;
-    route="faster" takes process 0's timing. Constructing it and every call are collective.
+    route="faster" takes process 0's timings. Constructing it and every call are collective;
+    the group needs a CPU backend (gloo) beside NCCL: the search's reductions run where the
+    search does, by default the CPU (distributed.init_from_env makes such a group).
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
@@ -239,6 +241,12 @@ class KNNVelocity:
                                     fine_points=None if index.sketches.fine_points is None
                                     else index.sketches.fine_points[rows])
         self.seeds = max(1, min(seeds, self.train.n))
+        # Seeds read in full per query, over all processes (for `evaluated`).
+        self.all_seeds = self.seeds
+        if group is not None:
+            world = dist.get_world_size(group)
+            shards = [shard_range(index.n, r, world) for r in range(world)]
+            self.all_seeds = sum(max(1, min(seeds, s.stop - s.start)) for s in shards)
         # Small data sets get absolute floors: gathering a few hundred points costs little.
         self.coarse_budget = max(512, int(coarse_budget * self.train.n))
         self.exact_budget = max(128, int(exact_budget * self.train.n))
@@ -279,13 +287,7 @@ class KNNVelocity:
         if not self.certified:
             return 0.0, 0.0
         if self._exact_floor is None:
-            floor = self._time_routes(self.t_floor)
-            if self.group is not None:  # timings differ between processes: process 0's
-                shared = torch.tensor([floor], dtype=torch.float64,
-                                      device=self.exact.train.points.device)
-                dist.broadcast(shared, dist.get_global_rank(self.group, 0), group=self.group)
-                floor = float(shared)
-            self._exact_floor = floor
+            self._exact_floor = self._time_routes(self.t_floor)
         return self.t_floor, max(self.t_floor, self._exact_floor)
 
     @floors.setter
@@ -341,6 +343,11 @@ class KNNVelocity:
             seconds = interleaved_seconds(
                 {"exact": lambda x=x, t=t: self.exact(x, t), "certified": certify},
                 ROUTE_REPEATS, device)
+            if self.group is not None:  # one verdict for all processes: process 0's timings
+                shared = torch.tensor([seconds["exact"], seconds["certified"]],
+                                      dtype=torch.float64)
+                dist.broadcast(shared, dist.get_global_rank(self.group, 0), group=self.group)
+                seconds = {"exact": float(shared[0]), "certified": float(shared[1])}
             self.route_timings.append({"t_low": low, "t_high": high, **seconds})
             if seconds["certified"] <= ROUTE_MARGIN * seconds["exact"]:
                 return low
@@ -489,9 +496,7 @@ class KNNVelocity:
         failed = over | ~(bound <= self.tol * velocity.norm(dim=1)) | (kept == 0)
         velocity = torch.where(failed[:, None], torch.zeros_like(velocity), velocity)
         bound = torch.where(failed, torch.zeros_like(bound), bound)
-        seeds = scan.seeds.shape[1] * (1 if self.group is None else
-                                       dist.get_world_size(self.group))
-        return velocity, bound, kept + seeds, failed
+        return velocity, bound, kept + self.all_seeds, failed
 
     # ------------------------------------------------------------------ top-k path
 

@@ -243,9 +243,22 @@ def test_ddp_knn_efm_keeps_each_process_route_floors(tmp_path):
 # --------------------------------------------------------------------------- certified, sharded
 
 
+def _rank_timings(calls, repeats, device):
+    """interleaved_seconds stand-in: runs every call once (they hold collectives), then
+    reports timings that disagree between processes: process 0 finds certifying faster from
+    t = 0.8 on, process 1 never."""
+    for call in calls.values():
+        call()
+    estimator_bin = _rank_timings.bins.pop(0)
+    faster = dist.get_rank() == 0 and estimator_bin >= 0.8 - 1e-9
+    return {"exact": 1.0, "certified": 0.5 if faster else 2.0}
+
+
 def _certified_rank(rank: int, rendezvous: str, folder: str) -> None:
     """KNNVelocity over two shards of the digits index: batched t from 0 to 0.999, uniform
-    t = 0.9, and route="faster" with pinned floors."""
+    t = 0.9; route="faster" with pinned floors, and timed with timings that differ between
+    the processes."""
+    import knnflow.timing
     from knnflow.estimators import KNNVelocity
     from knnflow.index import Index
 
@@ -261,6 +274,11 @@ def _certified_rank(rank: int, rendezvous: str, folder: str) -> None:
             out = estimator(x, t)
             saved[name] = (out.velocity, out.error_bound, out.evaluated, out.fallback,
                            out.routed, estimator.t_floor)
+        timed = KNNVelocity(index, tol=1e-4, group=dist.group.WORLD, route="faster")
+        timed._t_floor = 0.7
+        _rank_timings.bins = [0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+        knnflow.timing.interleaved_seconds = _rank_timings
+        saved["timed"] = timed.floors
         torch.save(saved, f"{folder}/out.{rank}")
     finally:
         dist.destroy_process_group()
@@ -271,6 +289,7 @@ def test_certified_velocity_over_shards_holds_its_bound(tmp_path, digits):
     """Two processes, each scanning half of the digits: both get the same velocities and
     bounds, every row within its bound of float64 brute force over all the points, rows at
     high t pruned (fewer points read than n), routed rows exact."""
+    from knnflow.estimators import KNNVelocity
     from knnflow.index import Index
     from tests.conftest import flow_queries
 
@@ -293,6 +312,15 @@ def test_certified_velocity_over_shards_holds_its_bound(tmp_path, digits):
         assert bool((err[kept] <= allowed[kept]).all()), name
         assert bool((evaluated[t >= 0.9] < n / 4).all()), name
     assert outs[0]["certify"][5] == outs[1]["certify"][5]  # one calibrated floor
+    # The left-out mass is counted over all shards: the bounds are the single process's
+    # (same threshold from the best seed of all, same kept points), up to summation order.
+    single = KNNVelocity(Index.load(tmp_path / "idx"), tol=1e-4)(x, t)
+    velocity, bound, _, fallback, _, _ = outs[0]["certify"]
+    both = ~fallback & ~single.fallback
+    assert int(both.sum()) >= 16
+    assert torch.allclose(bound[both], single.error_bound[both], rtol=1e-6, atol=0)
+    # Route timings that disagree between processes: process 0's verdict for both, no hang.
+    assert outs[0]["timed"] == outs[1]["timed"] == (0.7, 0.8)
     routed = outs[0]["faster"][4]
     assert torch.equal(routed, (t >= 0.3) & (t < 0.6))
     assert relative_error(outs[0]["faster"][0][routed], reference[routed]).max() < 1e-5

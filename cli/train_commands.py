@@ -99,9 +99,9 @@ def train_command(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Train a velocity network on a flow-matching target; writes runs/NAME/ (config.json,
-    metrics.jsonl, checkpoints/, progress/). Under torchrun (torchrun --nproc_per_node N -m
-    knnflow.cli.main train ...) the N processes share each batch (DDP; NCCL with --device
-    cuda, one GPU each, gloo on CPUs)."""
+    metrics.jsonl, checkpoints/, progress/). Under torchrun (torchrun --standalone
+    --nproc_per_node N -m knnflow.cli.main train ...) the N processes share each batch (DDP;
+    NCCL with --device cuda, one GPU each, gloo on CPUs)."""
     from knnflow.distributed import init_from_env, leave_group, rank_and_world
 
     options = {k: v for k, v in locals().items() if k != "ctx"}

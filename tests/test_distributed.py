@@ -175,8 +175,8 @@ def test_train_command_under_torchrun(tmp_path):
     """The user's command: torchrun with two CPU processes; one report, one run folder."""
     env = {k: v for k, v in os.environ.items() if k != "KNNFLOW_DEBUG"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-         "knnflow.cli.main", "train", "digits", "--limit", "200", "--preset", "mlp",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "knnflow.cli.main", "train", "digits", "--limit", "200", "--preset", "mlp",
          "--steps", "3", "--batch-size", "8", "--name", "run"],
         capture_output=True, text=True, cwd=tmp_path, env={**env, "COLUMNS": "200"},
         timeout=300)

@@ -64,9 +64,9 @@ def train_command(
              "(timed once per run, kept in checkpoints) go to it; auto: faster on --device "
              "cuda, else certify.")] = "auto",
     shard_data: Annotated[bool, typer.Option(
-        help="exact, under torchrun: each process's target holds 1/N of the training set on "
-             "--device and û* of the whole batch is combined across them (for data too large "
-             "for one device).")]
+        help="exact or knn-efm, under torchrun: each process's target holds (exact) or scans "
+             "and weighs (knn-efm) 1/N of the training set on its device, and û* of the whole "
+             "batch is combined across them (for data too large for one device).")]
     = False,
     flip: Annotated[bool, typer.Option(
         help="Random horizontal flips of x1; candidates and index hold both flips.")] = False,

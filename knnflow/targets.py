@@ -259,14 +259,17 @@ class ExactTarget(Target):
 
 class KNNEFMTarget(Target):
     """The certified kNN û* (error ≤ tol·‖û*‖ per row); rows whose certification would read
-    more than `budget`·n points in full dimension go to `fallback` (exact or efm)."""
+    more than `budget`·n points in full dimension go to `fallback` (exact or efm). With
+    `group`, KNNVelocity over shards of the index (each process its rows), for the whole
+    batch on every process."""
 
     name = "knn-efm"
 
     def __init__(self, index, data: Tensor | TrainingSet | None = None, tol: float = 1e-4,
                  budget: float = 0.005, fallback: str = "exact", m: int = 128,
                  pool: str = "independent", device: str | torch.device = "cpu",
-                 search_device: str | torch.device | None = None, route: str = "auto"):
+                 search_device: str | torch.device | None = None, route: str = "auto",
+                 group=None):
         from knnflow.estimators import KNNVelocity
         from knnflow.index import Index
 
@@ -293,7 +296,9 @@ class KNNEFMTarget(Target):
         self.estimator = KNNVelocity(index, tol=tol, exact_budget=budget,
                                      fallback="exact" if fallback == "exact" else "none",
                                      device=self.device, search_device=search_device,
-                                     route=route)
+                                     route=route, group=group)
+        # Over shards (group) every process computes the whole batch's targets.
+        self.whole_batch = group is not None
         self.efm = EFMTarget(index.training_set(), m=m, pool=pool, device=self.device) \
             if fallback == "efm" else None
 
@@ -335,7 +340,7 @@ def make_target(name: str, *, data: Tensor | TrainingSet | None = None, index=No
     if name == "knn-efm":
         return KNNEFMTarget(index, data, tol=tol, budget=knn_budget, fallback=knn_fallback,
                             m=m, pool=pool, device=device, search_device=knn_search_device,
-                            route=knn_route)
+                            route=knn_route, group=group)
     source = data if data is not None else (index.training_set() if index is not None else None)
     if source is None:
         raise InputError(f"the {name} target needs the training data")

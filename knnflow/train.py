@@ -338,9 +338,12 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     images, candidates, index = load_training_data(config)
     target_data, group = candidates.reshape(len(candidates), -1), None
     if config.shard_data:
-        if config.target != "exact":
-            raise InputError("--shard-data is for --target exact (it splits that target's "
+        if config.target not in ("exact", "knn-efm"):
+            raise InputError("--shard-data is for --target exact or knn-efm (it splits their "
                              f"training set over the processes), not {config.target}")
+        if config.target == "knn-efm" and config.knn_fallback != "exact":
+            raise InputError("--shard-data with knn-efm needs --knn-fallback exact (EFM "
+                             "draws from the whole set)")
         if world < 2:
             raise InputError("--shard-data needs several processes: run under torchrun "
                              "--nproc_per_node N")
@@ -349,7 +352,8 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         # The target's all-reduces get their own group: with prefetch they run in a
         # background thread while DDP's run in this one.
         group = dist.new_group()
-        target_data = shard_of(target_data, group)
+        if config.target == "exact":  # knn-efm takes its shard of the index itself
+            target_data = shard_of(target_data, group)
     data_sha256 = points_sha256(images.reshape(len(images), -1).numpy())
     if resume and saved.get("data_sha256", data_sha256) != data_sha256:
         raise InputError(f"the training data of {config.dataset} changed since {folder} "

@@ -210,7 +210,7 @@ def test_exact_target_over_sharded_data_trains_like_the_whole_set(tmp_path):
     for a, b in zip(metrics, reference, strict=True):
         assert a["target_sq"] == pytest.approx(b["target_sq"], rel=1e-6)
     for rank in range(WORLD):
-        assert "--target exact" in (tmp_path / f"cfm.error.{rank}").read_text()
+        assert "--target exact or knn-efm" in (tmp_path / f"cfm.error.{rank}").read_text()
     with pytest.raises(InputError, match="several processes"):
         train(TrainConfig(**{**exact, "shard_data": True}), tmp_path / "alone")
 
@@ -324,3 +324,24 @@ def test_certified_velocity_over_shards_holds_its_bound(tmp_path, digits):
     routed = outs[0]["faster"][4]
     assert torch.equal(routed, (t >= 0.3) & (t < 0.6))
     assert relative_error(outs[0]["faster"][0][routed], reference[routed]).max() < 1e-5
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_knn_efm_over_sharded_data_trains_like_the_whole_index(tmp_path):
+    """knn-efm with --shard-data: the certified estimator over the two processes' shards of
+    the index gives the targets of the unsharded run (within its bound), so training follows
+    it; the EFM fallback, which draws from the whole set, is refused with shards."""
+    from knnflow.data import load_dataset
+    from knnflow.index import Index
+
+    Index.build(load_dataset("digits", limit=200)).save(tmp_path / "idx")
+    knn = {**DDP_RUN, "target": "knn-efm", "index": str(tmp_path / "idx"), "steps": 3}
+    _spawn_training(tmp_path, [({**knn, "shard_data": True}, tmp_path / "sharded", False),
+                               (knn, tmp_path / "whole", False),
+                               ({**knn, "shard_data": True, "knn_fallback": "efm"},
+                                tmp_path / "efm", False)])
+    sharded, whole = _checkpoint(tmp_path / "sharded", 3), _checkpoint(tmp_path / "whole", 3)
+    for key in (k for k in whole if k.startswith("model.")):
+        assert torch.allclose(sharded[key], whole[key], rtol=0, atol=1e-5), key
+    for rank in range(WORLD):
+        assert "--knn-fallback exact" in (tmp_path / f"efm.error.{rank}").read_text()

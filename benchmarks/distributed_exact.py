@@ -36,7 +36,17 @@ def median_seconds(call, repeats: int = 3) -> float:
     return interleaved_seconds({"call": call}, repeats, torch.device("cpu"))["call"]
 
 
-def rank_main(rank: int, world: int, n: int, threads: int, folder: str) -> None:
+def run_ranks(rank_main, world: int, *args) -> dict:
+    """rank_main(rank, world, threads, *args, folder) in `world` gloo processes with this
+    machine's cores split between them; returns what rank 0 saved to FOLDER/ranks.pt."""
+    threads = max(1, torch.get_num_threads() // world)
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        mp.spawn(rank_main, args=(world, threads, *args, folder), nprocs=world)
+        return torch.load(f"{folder}/ranks.pt")
+
+
+def rank_main(rank: int, world: int, threads: int, n: int, folder: str) -> None:
     from knnflow.closed_form import closed_form_state
     from knnflow.data import synthetic_images
     from knnflow.distributed import all_reduce_state_, shard_of
@@ -66,6 +76,7 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
     world = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     cores = torch.get_num_threads()
+    from knnflow.bench import relative_errors
     from knnflow.data import synthetic_images
     from knnflow.estimators import ExactVelocity
 
@@ -75,17 +86,13 @@ def main() -> None:
     for t in TIMES:
         x, tt = queries(points, t)
         single[t] = (median_seconds(lambda x=x, tt=tt: exact(x, tt)), exact(x, tt).velocity)
-    with tempfile.TemporaryDirectory() as folder:
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // world)))
-        mp.spawn(rank_main, args=(world, n, max(1, cores // world), folder), nprocs=world)
-        ranks = torch.load(f"{folder}/ranks.pt")
+    ranks = run_ranks(rank_main, world, n)
     print(f"n = {n}, d = 3072, 256 queries; one process with {cores} threads against {world} "
           f"gloo ranks with {max(1, cores // world)} each")
     for t in TIMES:
         one, v_one = single[t]
         many, reduce_seconds, v_many = ranks[t]
-        gap = float(((v_one.double() - v_many.double()).norm(dim=1)
-                     / v_one.double().norm(dim=1)).max())
+        gap = float(relative_errors(v_many, v_one).max())
         print(f"t = {t}: one process {1e3 * one:.0f} ms, {world} ranks {1e3 * many:.0f} ms "
               f"(all-reduce {1e3 * reduce_seconds:.1f} ms), ratio {many / one:.2f}; "
               f"largest difference {gap:.0e} of ‖û*‖")

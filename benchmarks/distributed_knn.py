@@ -10,13 +10,11 @@ t, the fallbacks, and the largest difference between the two velocities relative
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_exact import run_ranks  # benchmarks/ is this script's folder
 
 from knnflow.timing import interleaved_seconds
 
@@ -60,6 +58,7 @@ def rank_main(rank: int, world: int, threads: int, index_dir: str, folder: str) 
 
 
 def main() -> None:
+    from knnflow.bench import relative_errors
     from knnflow.estimators import KNNVelocity
     from knnflow.index import Index
 
@@ -67,17 +66,12 @@ def main() -> None:
     world = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     cores = torch.get_num_threads()
     single = measure(KNNVelocity(Index.load(index_dir), tol=1e-4))
-    with tempfile.TemporaryDirectory() as folder:
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // world)))
-        mp.spawn(rank_main, args=(world, max(1, cores // world), index_dir, folder),
-                 nprocs=world)
-        ranks = torch.load(f"{folder}/ranks.pt")
+    ranks = run_ranks(rank_main, world, index_dir)
     print(f"certified kNN, 256 queries; one process with {cores} threads against {world} "
           f"gloo processes with {max(1, cores // world)} each, each on its shard")
     for t in TIMES:
         (one, v_one, f_one), (many, v_many, f_many) = single[t], ranks[t]
-        gap = float(((v_one.double() - v_many.double()).norm(dim=1)
-                     / v_one.double().norm(dim=1)).max())
+        gap = float(relative_errors(v_many, v_one).max())
         print(f"t = {t}: one process {1e3 * one:.0f} ms ({f_one} fallbacks), {world} "
               f"processes {1e3 * many:.0f} ms ({f_many} fallbacks), ratio {many / one:.2f}; "
               f"largest difference {gap:.0e} of ‖û*‖")

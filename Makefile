@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --progress-bar off torch==2.14.1 torchvision==0.29.1 -e ".[dev]"
+	$(BIN)/pip install --progress-bar off --no-cache-dir torch==2.14.1 torchvision==0.29.1 -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,6 +17,7 @@ and the gloo backend against a float64 brute force.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -60,9 +61,16 @@ def init_from_env(device: str) -> str:
 
 
 def leave_group() -> None:
-    """Destroy the default process group, if one was joined (NCCL warns at exit otherwise)."""
+    """Leave torch.distributed cleanly, if a group was joined: wait until every process is
+    done with its collectives, release what still holds the groups (DDP's reducer) while the
+    interpreter is whole, then destroy every group. NCCL warns at exit without the destroy,
+    and gloo's worker threads torn down during interpreter shutdown can abort the process
+    (SIGABRT, "terminate called without an active exception") after its work is saved."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def shard_range(n: int, rank: int, world: int) -> slice:

@@ -50,6 +50,12 @@ HEAD_CAP = 64
 DENSE_LOGIT_TOLERANCE = 1e-4
 # Rows with t above this never take the float32 path: (D - x)/(1-t) would amplify its rounding.
 DENSE_T_MAX = 0.95
+# Nor do rows whose typical screening error exceeds this many nats (data far from the origin
+# next to its spread: the error grows with s·t·‖x‖·max‖x_j‖). Their screened weights are
+# then off by factors e^±error, which the head corrections, sized for small errors, do not
+# cover; their live weights are all computed exactly instead. Images in [-1, 1] stay far
+# below it (~0.03 nats at t = 0.95, d = 3072).
+DENSE_TYPICAL_MAX = 0.5
 # When every row of a chunk was dense, the next chunks skip the live-weight count (a dense row
 # is exact either way, just slower) and look again every this many chunks.
 RECHECK_DENSE_EVERY = 4
@@ -385,7 +391,7 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
     head_margin = torch.log(typical / HEAD_WEIGHT_TOLERANCE).clamp(min=0.0) + 2 * typical
     head_margin = torch.minimum(head_margin, live_margin)
     always_correct = typical > DENSE_LOGIT_TOLERANCE
-    dense_allowed = t <= DENSE_T_MAX
+    dense_allowed = (t <= DENSE_T_MAX) & (typical <= DENSE_TYPICAL_MAX)
     query = ((2 * s * t)[:, None] * x64).to(cdt)
     b = (s * t * t).to(cdt)
     # Screened logits omit -s‖x‖², the same for every j; the state keeps full logits.
@@ -466,24 +472,27 @@ class _DenseSums:
         # Clamping at -80 nats keeps exp out of denormals (slow on CPUs); a weight of e^-80 per
         # point is far below the dropped-mass margin.
         weights.sub_(ref[:, None]).clamp_(min=-80.0).exp_()
+        # Head weights (those whose screening error would show) leave the float32 sums and
+        # enter the state exactly. Correcting them inside the sums instead (adding exact -
+        # screened) cancels catastrophically where the screened head outweighs the exact one
+        # by many nats (data far from the origin: 100 + 0.05·U(-1,1)^256 at t = 0.9 gave
+        # NaN).
+        head = weights >= torch.exp(-pick(head_margin)).to(weights.dtype)[:, None]
+        correct = pick(always_correct) | (torch.count_nonzero(head, dim=1) <= self.head_cap)
+        local = cols = None
+        if bool(correct.any()):
+            if not bool(correct.all()):
+                head &= correct[:, None]
+            local, cols = head.nonzero().unbind(1)
+            weights.masked_fill_(head, 0.0)
         if rows is None:
             self.z += weights.sum(dim=1).to(torch.float64)
             self.s.addmm_(weights, chunk)
         else:
             self.z[rows] += weights.sum(dim=1).to(torch.float64)
             self.s[rows] += weights @ chunk
-        head = weights >= torch.exp(-pick(head_margin)).to(weights.dtype)[:, None]
-        correct = pick(always_correct) | (torch.count_nonzero(head, dim=1) <= self.head_cap)
-        if not bool(correct.any()):
-            return
-        if not bool(correct.all()):
-            head &= correct[:, None]
-        local, cols = head.nonzero().unbind(1)
-        if local.numel():
-            global_rows = local if rows is None else rows[local]
-            full_ref = self.ref[global_rows] - self.offset[global_rows]
-            pairs.correct_(state, global_rows, chunk, cols, full_ref,
-                           weights[local, cols].to(torch.float64))
+        if local is not None and local.numel():
+            pairs.add_(state, local if rows is None else rows[local], chunk, cols)
 
     def flush_into_(self, state: SoftmaxState) -> None:
         state.merge_(SoftmaxState(self.ref - self.offset, self.z, self.s.to(torch.float64)))
@@ -687,15 +696,6 @@ class ExactPairs:
         if live:
             self.add_grouped_(state, torch.cat([r for r, _ in live]), chunk,
                               torch.cat([c for _, c in live]), sq_norms, screen=False)
-
-    def correct_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor,
-                 ref: Tensor, screened: Tensor) -> None:
-        """Add exp(ℓ - ref) - screened for each pair: the exact weight replaces the screened
-        one (relative to the per-pair reference `ref`) held in the dense sums."""
-        for i, r, points, logits in self._blocks(rows, chunk, cols):
-            block = slice(i, i + self.block)
-            state.add_signed_(r, ref[block],
-                              torch.exp(logits - ref[block]) - screened[block], points)
 
 
 def closed_form_denoiser(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet,

@@ -35,11 +35,18 @@ from knnflow.index import Index
 from knnflow.prune import SketchScanner
 
 
+def output_dtype(x: Tensor) -> torch.dtype:
+    """The velocity's dtype for queries x: x's own, but float32 for half-precision queries."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 @dataclass
 class VelocityOutput:
     """What every estimator returns for a batch of B queries.
 
-    velocity: shaped and typed like x. error_bound: (B,) float64 upper bound on
+    velocity: shaped like x, typed like x for float32 and float64 queries and float32 for
+    float16 and bfloat16 ones (rounding to those would exceed the bounds: 2^-11 and 2^-8 of
+    ‖û*‖ against tol = 1e-4). error_bound: (B,) float64 upper bound on
     ‖velocity - û*‖₂, or None for estimators that give no bound (random or approximate ones).
     evaluated: (B,) how many training points each query touched in full dimension.
     certified: whether error_bound is a proof (False: no bound at all).
@@ -109,7 +116,7 @@ class ExactVelocity:
         velocity = velocity_from_denoiser(denoiser, flat.to(torch.float64), t64)
         batch = x.shape[0]
         return VelocityOutput(
-            velocity=velocity.to(dtype=x.dtype, device=x.device).reshape(x.shape),
+            velocity=velocity.to(dtype=output_dtype(x), device=x.device).reshape(x.shape),
             error_bound=torch.zeros(batch, dtype=torch.float64),
             evaluated=torch.full((batch,), self.n, dtype=torch.int64),
         )
@@ -411,7 +418,7 @@ class KNNVelocity:
                            "routed": int(routed.sum()),
                            "evaluated_median": float(evaluated.double().median())}
         return VelocityOutput(
-            velocity=velocity.to(dtype=x.dtype, device=x.device).reshape(x.shape),
+            velocity=velocity.to(dtype=output_dtype(x), device=x.device).reshape(x.shape),
             error_bound=bound if self.certified else None, evaluated=evaluated,
             certified=self.certified, fallback=fallback, routed=routed)
 

@@ -81,6 +81,20 @@ def test_knn_bound_holds_on_digits(digits, digits_index, t):
                                                                    dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_queries_get_float32_velocities_within_the_bound(digits, digits_index,
+                                                                         dtype):
+    """Rounding the velocity to float16 (2^-11) or bfloat16 (2^-8) would break a 1e-4 bound;
+    the velocity of half-precision queries comes back in float32."""
+    x = flow_queries(digits, 0.9, 64, seed=5).to(dtype)
+    reference = brute_force_velocity(x, 0.9, digits)  # û* at the rounded queries themselves
+    for estimator in (knnflow.KNNVelocity(digits_index, tol=1e-4, calibrate=False),
+                      knnflow.ExactVelocity(digits_index)):
+        out = estimator(x, 0.9)
+        assert out.velocity.dtype == torch.float32 and out.velocity.shape == x.shape
+        assert_bound_holds(out, reference)
+
+
 def test_knn_prunes_where_the_softmax_has_collapsed(digits, digits_index):
     out = knnflow.KNNVelocity(digits_index)(flow_queries(digits, 0.95, 64), 0.95)
     assert out.fallback.double().mean() < 0.1

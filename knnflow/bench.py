@@ -26,7 +26,7 @@ from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
 from knnflow.data import load_dataset, synthetic_images
 from knnflow.errors import InputError
 from knnflow.index import resolve_device
-from knnflow.timing import interleaved_seconds
+from knnflow.timing import BENCH_SAMPLE_SECONDS, interleaved_seconds
 from knnflow.timing import sync as _sync
 
 QUICK_TS = (0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999)
@@ -277,7 +277,8 @@ def _exact_row(x: Tensor, t: float, points: Tensor, points_dev: Tensor, train: T
     def engine() -> Tensor:
         return (closed_form_state(x, t, train).denoiser() - x.to(torch.float64)) / (1 - t)
 
-    seconds = interleaved_seconds({"naive": naive, "engine": engine, **gemms}, repeats, dev)
+    seconds = interleaved_seconds({"naive": naive, "engine": engine, **gemms}, repeats, dev,
+                                  BENCH_SAMPLE_SECONDS)
     gemm_s = min(seconds[name] for name in gemms)
     limit_qps = batch / gemm_s
     naive_err = relative_errors(naive(), reference)
@@ -424,7 +425,8 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
         calls = {"exact": lambda x=x, t=t: exact(x, t),
                  "certified": lambda x=x, t=t: certified(x, t),
                  **{name_: (lambda est=est, x=x, t=t: est(x, t)) for name_, est in topk.items()}}
-        seconds = interleaved_seconds(calls, repeats, torch.device(device))
+        seconds = interleaved_seconds(calls, repeats, torch.device(device),
+                                      BENCH_SAMPLE_SECONDS)
         reference = exact(x, t).velocity.to(torch.float64)
         ref_norm = reference.norm(dim=1)
         out = certified(x, t)
@@ -527,7 +529,7 @@ def bench_memorization(dataset: str | None = None, root: str | None = None,
     }
     if progress:
         progress("bench memorization", 0, 3)
-    seconds = interleaved_seconds(calls, repeats, torch.device("cpu"))
+    seconds = interleaved_seconds(calls, repeats, torch.device("cpu"), BENCH_SAMPLE_SECONDS)
     if progress:
         progress("bench memorization", 1, 3)
     truth = float64_nearest(queries, points)

@@ -213,13 +213,6 @@ class SoftmaxState:
         self.z.index_add_(0, rows, w)
         self.s.index_add_(0, rows, w[:, None] * points)
 
-    def add_signed_(self, rows: Tensor, ref: Tensor, weights: Tensor, points: Tensor) -> None:
-        """Add weights[i]·exp(ref[i]) · points[i] to query rows[i]; weights may be negative."""
-        self.raise_ref_(rows, ref)
-        w = weights * torch.exp(ref - self.ref[rows])
-        self.z.index_add_(0, rows, w)
-        self.s.index_add_(0, rows, w[:, None] * points)
-
     def raise_ref_(self, rows: Tensor, ref: Tensor) -> None:
         """Raise the reference of the given rows to at least `ref`, rescaling their sums."""
         new_ref = self.ref.scatter_reduce(0, rows, ref, reduce="amax")

@@ -164,7 +164,9 @@ class KNNVelocity:
        `coarse_budget`·n points (at least 512) survive the coarse sketch (the fine filter
        costs about a fifth of an exact pair per point, so this budget is loose) or
        `exact_budget`·n (at least 128) the fine one, or when the bound exceeds
-       tol·‖velocity‖.
+       tol·‖velocity‖. The exact engine's bound 0 assumes full float32 matmuls (torch's
+       default): with TF32 or bf16 matmuls switched on it warns, and its dense sums are only
+       ~1e-3 accurate; the certified rows' bounds account for such settings.
 
     certified=False: softmax over the k nearest neighbours of x/t found by the index (k=16 by
     default), the truncation published kNN estimators use. error_bound is None.

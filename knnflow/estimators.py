@@ -79,10 +79,13 @@ def training_set_of(data_or_index: Tensor | TrainingSet | Index,
 
 
 class ExactVelocity:
-    """û* over every training point, right to float64 precision (error_bound = 0).
+    """û* over every training point, exact up to float32 rounding (error_bound = 0).
 
     compute_dtype=float32 screens logits with float32 GEMMs and recomputes every weight that
-    matters in float64; float64 does all arithmetic in float64 (slower, for references).
+    matters in float64: relative errors ~1e-7 on image data, up to ~2e-6 where many weights
+    compete (digits at t = 0.5-0.6) and ~2e-5 measured on tight small-norm clusters at
+    t = 0.95 (docs/architecture.md, the exact engine); float64 does all arithmetic in float64
+    (slower, for references: ~1e-14).
     device: where the data lives while computing (for example "cuda"); default: where it is.
     group: a torch.distributed process group whose ranks each hold one shard of the training
     set (knnflow.distributed.shard_of); the data passed is then this rank's shard, every rank

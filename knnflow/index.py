@@ -329,7 +329,10 @@ class Index:
         sketches, "faiss" reranks FAISS's candidates, "auto" picks sketch on large data with
         d ≥ 256. Rows whose sketch survivors exceed sketch_budget·n (at least 512) go to FAISS.
         approximate=True takes an IVF index's candidates from `nprobe` lists as they are,
-        which may miss true neighbours. Queries are processed batch_size at a time.
+        which may miss true neighbours. Queries are processed batch_size at a time. Queries
+        are rounded to float32 first (images, samples and the stored points are float32 or
+        float16): ids and distances are exact for the rounded queries, and a float64 query
+        that differs from its rounding below float32 resolution may get another neighbour.
         """
         q = torch.as_tensor(queries)
         q = q.reshape(q.shape[0], -1) if q.ndim > 1 else q

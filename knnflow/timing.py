@@ -31,6 +31,13 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int,
     calls of a few milliseconds; with min_sample > 0, such calls run back to back, as many
     times as fill min_sample seconds by a timed call after the warm-up, and the sample is the mean.
     """
+    def seconds(fn: Callable[[], object], count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            fn()
+        sync(device)
+        return (time.perf_counter() - start) / count
+
     names = list(calls)
     for fn in calls.values():
         fn()
@@ -38,18 +45,11 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int,
     inner = dict.fromkeys(names, 1)
     if min_sample > 0:  # a second call (the first may calibrate or warm caches) sets the count
         for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            took = time.perf_counter() - start
+            took = seconds(fn, 1)
             inner[name] = max(1, min(1000, math.ceil(min_sample / max(took, 1e-6))))
     times: dict[str, list[float]] = {name: [] for name in calls}
     order = random.Random(0)
     for _ in range(repeats):
         for name in order.sample(names, len(names)):
-            start = time.perf_counter()
-            for _ in range(inner[name]):
-                calls[name]()
-            sync(device)
-            times[name].append((time.perf_counter() - start) / inner[name])
+            times[name].append(seconds(calls[name], inner[name]))
     return {name: statistics.median(values) for name, values in times.items()}

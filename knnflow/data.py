@@ -330,6 +330,100 @@ def _load_synthetic(root: Path | None, split: str, limit: int | None):
     return images.numpy(), None
 
 
+# --------------------------------------------------------------------------- photos
+
+
+# The photographs scikit-image ships in skimage/data (file stems); greyscale ones are repeated
+# to three channels.
+PHOTO_FILES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
+               "motorcycle_left", "motorcycle_right", "ihc", "color", "camera", "brick",
+               "grass", "gravel", "moon", "coins", "page", "text", "clock_motion",
+               "microaneurysms", "cell")
+PHOTO_SCALES = (1.0, 0.5, 0.25)
+# Patch side → (window stride, training images); the rest of the patches are the test split.
+PHOTO_SIZES = {32: (12, 45_000), 64: (24, 10_500)}
+# Patches whose pixel standard deviation is at most this (of 255) are flat and dropped.
+PHOTO_MIN_STD = 4.0
+PHOTO_COUNTS = {32: 50_442, 64: 11_781}
+
+
+def photo_patches(size: int = 32) -> np.ndarray:
+    """Every photos patch of side `size`, uint8 (N, 3, size, size), in the seeded order.
+
+    Each photograph is taken at scales 1, 1/2 and 1/4 (skimage.transform.rescale with
+    anti-aliasing, rounded back to 0..255) and cut into size×size windows every stride pixels
+    (12 for 32, 24 for 64); windows with a pixel standard deviation ≤ 4 are dropped and the
+    rest permuted by numpy's default_rng(0): 50,442 patches of 32×32, 11,781 of 64×64.
+    """
+    if size not in PHOTO_SIZES:
+        raise InputError(f"photos comes in --size {' or '.join(map(str, PHOTO_SIZES))}, "
+                         f"got {size}")
+    try:
+        import skimage
+        from skimage.transform import rescale
+    except ImportError:
+        raise MissingFileError("photos needs scikit-image (pip install scikit-image): its "
+                               "photographs are the data") from None
+    from PIL import Image
+
+    folder = Path(skimage.__file__).parent / "data"
+    found = {path.stem: path for path in folder.iterdir()} if folder.is_dir() else {}
+    stride = PHOTO_SIZES[size][0]
+    patches = []
+    for stem in PHOTO_FILES:
+        if stem not in found:
+            raise MissingFileError(f"photos: expected the photograph {stem} in {folder}")
+        with Image.open(found[stem]) as im:
+            photo = np.asarray(im)
+        if photo.ndim == 2:
+            photo = np.repeat(photo[..., None], 3, axis=2)
+        photo = photo[..., :3]
+        for scale in PHOTO_SCALES:
+            scaled = photo if scale == 1 else np.clip(np.round(rescale(
+                photo, scale, anti_aliasing=True, channel_axis=2) * 255), 0, 255).astype(np.uint8)
+            height, width = scaled.shape[:2]
+            for y in range(0, height - size + 1, stride):
+                for x in range(0, width - size + 1, stride):
+                    patch = scaled[y:y + size, x:x + size]
+                    if patch.std() > PHOTO_MIN_STD:
+                        patches.append(patch.transpose(2, 0, 1))
+    stacked = np.stack(patches)
+    if len(stacked) != PHOTO_COUNTS[size]:
+        raise InputError(f"photos: cut {len(stacked)} patches of {size}×{size}, expected "
+                         f"{PHOTO_COUNTS[size]} (another scikit-image's photographs?)")
+    return stacked[np.random.default_rng(0).permutation(len(stacked))]
+
+
+def _load_photos(root: Path | None, split: str, limit: int | None, size: int | None = None):
+    size = 32 if size is None else size
+    if size not in PHOTO_SIZES:
+        raise InputError(f"photos comes in --size {' or '.join(map(str, PHOTO_SIZES))}, "
+                         f"got {size}")
+    # Cut once, then read from the data folder (the recipe takes seconds, the file none).
+    cache = (root or default_root("photos")) / f"photos-{size}.npy"
+    patches = None
+    if cache.is_file():
+        try:
+            patches = np.load(cache, mmap_mode="r")
+        except (ValueError, OSError):
+            patches = None
+        if patches is not None and patches.shape != (PHOTO_COUNTS[size], 3, size, size):
+            patches = None
+    if patches is None:
+        patches = photo_patches(size)
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as f:
+                np.save(f, patches)
+            os.replace(partial, cache)
+        except OSError:  # a read-only data folder: cut again next time
+            partial.unlink(missing_ok=True)
+    train = PHOTO_SIZES[size][1]
+    chosen = patches[:train] if split == "train" else patches[train:]
+    return np.asarray(chosen[:limit]), None
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -345,12 +439,18 @@ _LOADERS: dict[str, _Loader] = {
                                     "data/celeba/celeba/img_align_celeba/*.jpg and "
                                     "data/celeba/celeba/list_eval_partition.txt"),
                         _load_celeba64),
+    "photos": _Loader(DatasetInfo("photos", "3×32×32 (--size 64: 3×64×64)",
+                                  "45000 / 5442 (64: 10500 / 1281)",
+                                  "cut from the photographs scikit-image ships, cached as "
+                                  "data/photos/photos-SIZE.npy"), _load_photos),
     "synthetic": _Loader(DatasetInfo("synthetic", "3×32×32", "50000 / 10000",
                                      "generated: seeded CIFAR-like mixture of smooth random "
                                      "images; --limit N makes N training images, also "
                                      "beyond 50000"),
                          _load_synthetic),
 }
+# Loaders that take --size.
+SIZED_LOADERS = ("photos",)
 _PATH_KINDS = {
     "folder": DatasetInfo("folder:PATH", "C×S×S (--size S)", "all / PATH/test",
                           "PATH/**/*.{png,jpg,...}; PATH/train and PATH/test if present"),
@@ -383,9 +483,10 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
                  with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
     """Images of a data set as a float32 (N, C, H, W) tensor in [-1, 1].
 
-    name: digits, mnist, cifar10, celeba64, synthetic, folder:PATH, npz:PATH or npy:PATH.
+    name: digits, mnist, cifar10, celeba64, photos, synthetic, folder:PATH, npz:PATH or npy:PATH.
     root: the folder holding the data set's files (default data/NAME, or $KNNFLOW_DATA/NAME).
-    size: resize folder images to size×size. with_labels: also return the labels (or None).
+    size: resize folder images to size×size; photos: the patch side (32 or 64).
+    with_labels: also return the labels (or None).
     """
     split = _split_name(split)
     if limit is not None and limit < 1:
@@ -401,7 +502,13 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         else:
             raw, labels = _load_array(path_obj, split, limit)
     elif name in _LOADERS:
-        raw, labels = _LOADERS[name].load(root_path, split, limit)
+        if name in SIZED_LOADERS:
+            raw, labels = _LOADERS[name].load(root_path, split, limit, size)
+        else:
+            if size is not None:
+                raise InputError(f"--size applies to folder:PATH and "
+                                 f"{', '.join(SIZED_LOADERS)} only")
+            raw, labels = _LOADERS[name].load(root_path, split, limit)
     else:
         raise InputError(f"unknown data set {name!r}; valid: {', '.join(dataset_names())}")
     raw = raw[:limit]

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from knnflow.data import dataset_infos, dataset_sources, load_dataset
+from knnflow.data import SIZED_LOADERS, check_size, dataset_infos, dataset_sources, load_dataset
 from knnflow.errors import InputError
 from knnflow.files import check_output_folder
 from knnflow.index import DTYPES, KINDS, Index, read_manifest
@@ -24,7 +24,10 @@ SplitOption = Annotated[str, typer.Option(help="Which split to load: train or te
 LimitOption = Annotated[Optional[int], typer.Option(
     help="Keep only the first N images of the split (default: all).")]
 SizeOption = Annotated[Optional[int], typer.Option(
-    help="folder:PATH only: center-crop and resize every image to SIZE×SIZE.")]
+    help="folder:PATH: center-crop and resize every image to SIZE×SIZE; "
+         + "; ".join(f"{name}: the patch side, {' or '.join(map(str, sizes))} "
+                     f"(default {sizes[0]})" for name, sizes in SIZED_LOADERS.items())
+         + ". Other data sets take no --size.")]
 
 
 def datasets() -> None:
@@ -41,17 +44,22 @@ def datasets() -> None:
     console.print(table)
 
 
-def dataset_slug(dataset: str) -> str:
+def dataset_slug(dataset: str, size: int | None = None) -> str:
     """A folder-name form of a data set: its name, or for folder:/npz:/npy: paths the kind and
-    the file's stem."""
+    the file's stem; a --size other than the data set's default is appended (photos64,
+    folder-imgs48; a dash goes between two numbers: folder-cifar10-48)."""
     kind, _, path = dataset.partition(":")
     name = f"{kind}-{Path(path).stem}" if path else dataset
+    size = check_size(dataset, size)
+    if size is not None:
+        name += f"-{size}" if name[-1:].isdigit() else str(size)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def default_index_folder(dataset: str, split: str) -> Path:
-    """indices/<dataset>-<split>."""
-    return Path("indices") / f"{dataset_slug(dataset)}-{split}"
+def default_index_folder(dataset: str, split: str, size: int | None = None) -> Path:
+    """indices/<dataset>-<split>, such as indices/photos-train, or indices/photos64-train
+    for photos --size 64."""
+    return Path("indices") / f"{dataset_slug(dataset, size)}-{split}"
 
 
 def build_dataset_index(dataset: str, folder: Path, progress, *, root: Path | None = None,
@@ -60,6 +68,7 @@ def build_dataset_index(dataset: str, folder: Path, progress, *, root: Path | No
                         device: str = "auto", dtype: str = "float32", nlist: int | None = None,
                         nprobe: int | None = None, overwrite: bool = False) -> Index:
     """Load a data set, index it (with both flips if asked) and save the index folder."""
+    size = check_size(dataset, size)
     progress(f"loading {dataset}", 0, 1)
     images = load_dataset(dataset, root=root, split=split, limit=limit, size=size)
     if flip:
@@ -79,8 +88,8 @@ def folder_bytes(folder: Path) -> int:
 
 def build_index(
     dataset: Annotated[str, typer.Argument(
-        help="Data set: digits, mnist, cifar10, celeba64, synthetic, folder:PATH, npz:PATH, "
-             "npy:PATH.")] = "digits",
+        help="Data set: digits, mnist, cifar10, celeba64, photos, synthetic, folder:PATH, "
+             "npz:PATH, npy:PATH.")] = "digits",
     root: RootOption = None,
     split: SplitOption = "train",
     limit: LimitOption = None,
@@ -95,7 +104,8 @@ def build_index(
     dtype: Annotated[str, typer.Option(
         help=f"Storage of the raw data: {' or '.join(DTYPES)}.")] = "float32",
     out: Annotated[Optional[Path], typer.Option(
-        help="Index folder to write (default: indices/<dataset>-<split>).")] = None,
+        help="Index folder to write (default: indices/<dataset>-<split>; a --size other "
+             "than the default is part of <dataset>, as in photos64).")] = None,
     device: Annotated[str, typer.Option(
         help="Build on auto, cpu or cuda (cuda needs faiss-gpu).")] = "auto",
     overwrite: Annotated[bool, typer.Option(
@@ -106,11 +116,10 @@ def build_index(
     """Build and save an index folder: FAISS index, raw data and a manifest with checksums."""
     if kind == "flat" and (nlist is not None or nprobe is not None):
         raise InputError("--nlist and --nprobe apply to --kind ivf only")
-    if size is not None and not dataset.startswith("folder:"):
-        raise InputError("--size resizes the images of folder:PATH data sets only")
+    size = check_size(dataset, size)
     folder = check_output_folder(
-        out or default_index_folder(dataset, split + ("-flip" if flip else "")), overwrite,
-        "index", dataset_sources(dataset, root))
+        out or default_index_folder(dataset, split + ("-flip" if flip else ""), size),
+        overwrite, "index", dataset_sources(dataset, root))
     with progress_bar() as progress:
         index = build_dataset_index(dataset, folder, progress, root=root, split=split,
                                     limit=limit, size=size, flip=flip, kind=kind, device=device,

@@ -7,9 +7,11 @@ split, so results are reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,10 +343,22 @@ PHOTO_FILES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", 
                "microaneurysms", "cell")
 PHOTO_SCALES = (1.0, 0.5, 0.25)
 # Patch side → (window stride, training images); the rest of the patches are the test split.
+# The first side is the default.
 PHOTO_SIZES = {32: (12, 45_000), 64: (24, 10_500)}
 # Patches whose pixel standard deviation is at most this (of 255) are flat and dropped.
 PHOTO_MIN_STD = 4.0
 PHOTO_COUNTS = {32: 50_442, 64: 11_781}
+_PHOTO_SPLITS = {side: f"{train} / {PHOTO_COUNTS[side] - train}"
+                 for side, (_, train) in PHOTO_SIZES.items()}
+
+
+def _photos_folder() -> Path:
+    try:
+        import skimage
+    except ImportError:
+        raise MissingFileError("photos needs scikit-image (pip install scikit-image): its "
+                               "photographs are the data") from None
+    return Path(skimage.__file__).parent / "data"
 
 
 def photo_patches(size: int = 32) -> np.ndarray:
@@ -355,26 +369,30 @@ def photo_patches(size: int = 32) -> np.ndarray:
     (12 for 32, 24 for 64); windows with a pixel standard deviation ≤ 4 are dropped and the
     rest permuted by numpy's default_rng(0): 50,442 patches of 32×32, 11,781 of 64×64.
     """
-    if size not in PHOTO_SIZES:
-        raise InputError(f"photos comes in --size {' or '.join(map(str, PHOTO_SIZES))}, "
-                         f"got {size}")
+    check_size("photos", size)
+    folder = _photos_folder()
     try:
-        import skimage
         from skimage.transform import rescale
-    except ImportError:
-        raise MissingFileError("photos needs scikit-image (pip install scikit-image): its "
-                               "photographs are the data") from None
-    from PIL import Image
+    except ImportError as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise MissingFileError(f"photos needs scikit-image's skimage.transform, which does not "
+                               f"import ({first}); reinstall scikit-image") from None
+    from PIL import Image, UnidentifiedImageError
 
-    folder = Path(skimage.__file__).parent / "data"
-    found = {path.stem: path for path in folder.iterdir()} if folder.is_dir() else {}
+    found = {path.stem: path for path in folder.iterdir()
+             if path.suffix.lower() in IMAGE_SUFFIXES} if folder.is_dir() else {}
     stride = PHOTO_SIZES[size][0]
     patches = []
     for stem in PHOTO_FILES:
         if stem not in found:
-            raise MissingFileError(f"photos: expected the photograph {stem} in {folder}")
-        with Image.open(found[stem]) as im:
-            photo = np.asarray(im)
+            raise MissingFileError(f"photos: expected the photograph {stem} (.png or .jpg) "
+                                   f"in {folder}, scikit-image's data folder")
+        try:
+            with Image.open(found[stem]) as im:
+                photo = np.asarray(im)
+        except (UnidentifiedImageError, OSError) as err:
+            raise InputError(f"photos: cannot read the photograph {found[stem]}: "
+                             f"{err.__class__.__name__}") from None
         if photo.ndim == 2:
             photo = np.repeat(photo[..., None], 3, axis=2)
         photo = photo[..., :3]
@@ -389,36 +407,61 @@ def photo_patches(size: int = 32) -> np.ndarray:
                         patches.append(patch.transpose(2, 0, 1))
     stacked = np.stack(patches)
     if len(stacked) != PHOTO_COUNTS[size]:
-        raise InputError(f"photos: cut {len(stacked)} patches of {size}×{size}, expected "
-                         f"{PHOTO_COUNTS[size]} (another scikit-image's photographs?)")
+        raise InputError(f"photos: cut {len(stacked)} patches of {size}×{size} from the "
+                         f"photographs in {folder}, expected {PHOTO_COUNTS[size]} (another "
+                         "scikit-image's photographs?)")
     return stacked[np.random.default_rng(0).permutation(len(stacked))]
 
 
+def photos_cache(root: Path | None, size: int) -> Path:
+    """Where the patches of side `size` are kept: ROOT/photos-SIZE.npy (default root
+    data/photos, or $KNNFLOW_DATA/photos)."""
+    return (root or default_root("photos")) / f"photos-{size}.npy"
+
+
+def _read_photos_cache(cache: Path, size: int) -> np.ndarray | None:
+    """The cached patches, memory-mapped, or None where the file is missing, unreadable,
+    truncated or of another shape or dtype (then they are cut again)."""
+    try:
+        patches = np.load(cache, mmap_mode="r", allow_pickle=False)
+        if not isinstance(patches, np.memmap):  # an .npz archive under this name
+            patches.close()
+            return None
+        complete = patches.offset + patches.nbytes == cache.stat().st_size
+    except (ValueError, OSError, EOFError):
+        return None
+    if (not complete or patches.dtype != np.uint8 or not patches.flags.c_contiguous
+            or patches.shape != (PHOTO_COUNTS[size], 3, size, size)):
+        return None
+    return patches
+
+
+def _write_photos_cache(cache: Path, patches: np.ndarray) -> None:
+    """Write through a temporary sibling, flushed, then renamed: readers see the old file or
+    the complete new one. Where the folder is not writable nothing is left behind."""
+    partial = cache.with_name(f".{cache.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as f:
+            np.save(f, patches)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, cache)
+    except OSError:  # a read-only data folder: cut again next time
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+
+
 def _load_photos(root: Path | None, split: str, limit: int | None, size: int | None = None):
-    size = 32 if size is None else size
-    if size not in PHOTO_SIZES:
-        raise InputError(f"photos comes in --size {' or '.join(map(str, PHOTO_SIZES))}, "
-                         f"got {size}")
+    size = check_size("photos", size) or SIZED_LOADERS["photos"][0]
     # Cut once, then read from the data folder (the recipe takes seconds, the file none).
-    cache = (root or default_root("photos")) / f"photos-{size}.npy"
-    patches = None
-    if cache.is_file():
-        try:
-            patches = np.load(cache, mmap_mode="r")
-        except (ValueError, OSError):
-            patches = None
-        if patches is not None and patches.shape != (PHOTO_COUNTS[size], 3, size, size):
-            patches = None
+    cache = photos_cache(root, size)
+    patches = _read_photos_cache(cache, size) if cache.is_file() else None
     if patches is None:
         patches = photo_patches(size)
-        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "wb") as f:
-                np.save(f, patches)
-            os.replace(partial, cache)
-        except OSError:  # a read-only data folder: cut again next time
-            partial.unlink(missing_ok=True)
+        _write_photos_cache(cache, patches)
     train = PHOTO_SIZES[size][1]
     chosen = patches[:train] if split == "train" else patches[train:]
     return np.asarray(chosen[:limit]), None
@@ -439,18 +482,19 @@ _LOADERS: dict[str, _Loader] = {
                                     "data/celeba/celeba/img_align_celeba/*.jpg and "
                                     "data/celeba/celeba/list_eval_partition.txt"),
                         _load_celeba64),
-    "photos": _Loader(DatasetInfo("photos", "3×32×32 (--size 64: 3×64×64)",
-                                  "45000 / 5442 (64: 10500 / 1281)",
-                                  "cut from the photographs scikit-image ships, cached as "
-                                  "data/photos/photos-SIZE.npy"), _load_photos),
+    "photos": _Loader(DatasetInfo(
+        "photos", "3×32×32 (--size 64: 3×64×64)",
+        f"{_PHOTO_SPLITS[32]} (64: {_PHOTO_SPLITS[64]})",
+        "cut on first use from the photographs scikit-image ships (installed with knnflow); "
+        "cached as data/photos/photos-{32,64}.npy"), _load_photos),
     "synthetic": _Loader(DatasetInfo("synthetic", "3×32×32", "50000 / 10000",
                                      "generated: seeded CIFAR-like mixture of smooth random "
                                      "images; --limit N makes N training images, also "
                                      "beyond 50000"),
                          _load_synthetic),
 }
-# Loaders that take --size.
-SIZED_LOADERS = ("photos",)
+# Loaders that take --size, and the sizes they come in (the first is the default).
+SIZED_LOADERS: dict[str, tuple[int, ...]] = {"photos": tuple(PHOTO_SIZES)}
 _PATH_KINDS = {
     "folder": DatasetInfo("folder:PATH", "C×S×S (--size S)", "all / PATH/test",
                           "PATH/**/*.{png,jpg,...}; PATH/train and PATH/test if present"),
@@ -478,6 +522,33 @@ def dataset_sources(name: str | None, root: str | Path | None = None) -> list[Pa
     return sources + ([Path(root).expanduser()] if root is not None else [])
 
 
+def _unknown_dataset(name: str) -> InputError:
+    return InputError(f"unknown data set {name!r}; valid: {', '.join(dataset_names())}")
+
+
+def check_size(name: str, size: int | None) -> int | None:
+    """The --size to load data set `name` with, checked before any work: any side ≥ 1 for
+    folder:PATH, one of SIZED_LOADERS[name] for photos (its default becomes None, so one
+    data set has one description), and None for the rest. Otherwise a one-line InputError."""
+    if size is None:
+        return None
+    if size < 1:
+        raise InputError(f"--size must be at least 1, got {size}")
+    kind, _, path = name.partition(":")
+    if kind == "folder" and path:
+        return size
+    if name in SIZED_LOADERS:
+        sizes = SIZED_LOADERS[name]
+        if size not in sizes:
+            raise InputError(f"{name} comes in --size {' or '.join(map(str, sizes))}, "
+                             f"got {size}")
+        return None if size == sizes[0] else size
+    if not (kind in _PATH_KINDS and path) and name not in _LOADERS:
+        raise _unknown_dataset(name)
+    raise InputError(f"--size applies to folder:PATH and {', '.join(SIZED_LOADERS)} only, "
+                     f"not to {name}")
+
+
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
                  limit: int | None = None, size: int | None = None,
                  with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
@@ -491,8 +562,7 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     split = _split_name(split)
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
-    if size is not None and size < 1:
-        raise InputError(f"--size must be at least 1, got {size}")
+    size = check_size(name, size)
     root_path = Path(root).expanduser() if root is not None else None
     kind, _, path = name.partition(":")
     if kind in _PATH_KINDS and path:
@@ -505,12 +575,9 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         if name in SIZED_LOADERS:
             raw, labels = _LOADERS[name].load(root_path, split, limit, size)
         else:
-            if size is not None:
-                raise InputError(f"--size applies to folder:PATH and "
-                                 f"{', '.join(SIZED_LOADERS)} only")
             raw, labels = _LOADERS[name].load(root_path, split, limit)
     else:
-        raise InputError(f"unknown data set {name!r}; valid: {', '.join(dataset_names())}")
+        raise _unknown_dataset(name)
     raw = raw[:limit]
     if len(raw) == 0:
         raise InputError(f"data set {name!r} ({split}) has no images")

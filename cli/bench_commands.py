@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,12 +9,16 @@ import typer
 from rich.table import Table
 
 from knnflow.bench import (
+    DEFAULT_DATASET,
+    DEFAULT_T_GRID,
     QUICK_TS,
+    UNIFORM_LABEL,
     bench_exact,
     bench_knn,
     bench_memorization,
     bench_targets,
     bench_train,
+    parse_t_grid,
     save_json,
 )
 from knnflow.errors import InputError
@@ -29,6 +32,16 @@ LimitOption = Annotated[Optional[int], typer.Option(
     help="Index only the first N training images.")]
 IndexOption = Annotated[Optional[Path], typer.Option(
     help="Use this index folder instead of building one in memory.")]
+SIZE_HELP = "Image side: photos 32 (its default) or 64, folder:PATH resized to SIZE×SIZE"
+SizeOption = Annotated[Optional[int], typer.Option(
+    help=SIZE_HELP + "; with --index, the size the index was built with.")]
+DatasetOption = Annotated[Optional[str], typer.Option(
+    help=f"Data set: train split as data, test split for held-out queries (default "
+         f"{DEFAULT_DATASET}; with --index, the index's).")]
+T_GRID_HELP = ("Times t: a comma list (0.1,0.5,0.9) or START:STOP:STEP, STOP included when it "
+               "lands on the grid; every t in [0, 1).")
+OldTOption = Annotated[Optional[str], typer.Option(
+    "--t", hidden=True, help="The old name of --t-grid (a comma list).")]
 
 
 def _json_out(path: Path | None) -> Path | None:
@@ -55,49 +68,60 @@ def machine_text(config: dict) -> str:
     return f"cpu ({config['threads']} threads)"
 
 
-def parse_floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise InputError(f"{option} takes comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise InputError(f"{option} is empty")
-    return values
+def data_text(config: dict) -> str:
+    """'photos (size 64)' or the data set's name, for table titles."""
+    return config["data"] + (f" (size {config['size']})" if config.get("size") else "")
+
+
+def t_grid_of(t_grid: str, old_t: str | None, default: str | None) -> tuple[float, ...]:
+    """--t-grid, or the hidden --t (its old name) when that is given instead."""
+    if old_t is not None:
+        if t_grid != default:
+            raise InputError("give --t-grid only (--t is its old name)")
+        t_grid = old_t
+    return parse_t_grid(t_grid)
 
 
 @app.command("exact")
 def exact(
-    n: Annotated[int, typer.Option(help="Training points (synthetic data).")] = 50_000,
-    d: Annotated[int, typer.Option("--d", help="Dimension (synthetic data; 3072 = 3×32×32).")]
-    = 3072,
+    dataset: Annotated[str, typer.Option(
+        help="Data set: train split as data, test split for queries; synthetic: --n generated "
+             "images of dimension --d, for scale beyond real data.")] = DEFAULT_DATASET,
+    n: Annotated[Optional[int], typer.Option(
+        help="Training points: the first N of the train split (default all); synthetic: N "
+             "generated (default 50000).")] = None,
+    d: Annotated[Optional[int], typer.Option(
+        "--d", help="Dimension of --dataset synthetic (default 3072 = 3×32×32).")] = None,
+    size: Annotated[Optional[int], typer.Option(help=SIZE_HELP + ".")] = None,
     batch: Annotated[int, typer.Option(help="Queries per call.")] = 256,
-    t: Annotated[str, typer.Option("--t", help="Comma-separated times in [0, 1).")]
-    = "0.1,0.5,0.9",
+    t_grid: Annotated[str, typer.Option(help=T_GRID_HELP)] = DEFAULT_T_GRID,
+    old_t: OldTOption = None,
+    uniform: Annotated[bool, typer.Option(
+        help=f"Add the {UNIFORM_LABEL} row: one seeded t per query, as training draws them.")]
+    = True,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     repeats: Annotated[int, typer.Option(help="Timed calls per measurement (median taken).")]
     = 3,
-    dataset: Annotated[Optional[str], typer.Option(
-        help="Use a real data set (train split as data, test split for queries) instead of "
-             "synthetic data; --n then limits it.")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Folder of --dataset's files.")] = None,
     quick: Annotated[bool, typer.Option(
         help="The check table on the embedded digits: 256 queries at t = "
-             f"{', '.join(map(str, QUICK_TS))}, at least 10 repeats (calls take ~1 ms).")]
+             f"{', '.join(map(str, QUICK_TS))} and {UNIFORM_LABEL}, at least 10 repeats "
+             "(calls take ~1 ms).")]
     = False,
     json_out: Annotated[Optional[Path], typer.Option(
         help="Also write the results as JSON to this file.", callback=_json_out)] = None,
 ) -> None:
     """Exact û*: naive cdist+softmax+matmul (a) against knnflow's engine (b) and plain GEMMs (c)."""
-    ts = parse_floats(t, "--t")
+    ts = t_grid_of(t_grid, old_t, DEFAULT_T_GRID)
     if quick:
-        dataset, ts, n, repeats = "digits", QUICK_TS, 10**9, max(repeats, 10)
+        dataset, ts, n, repeats = "digits", QUICK_TS, None, max(repeats, 10)
     with progress_bar() as progress:
-        result = bench_exact(n=n, dim=d, batch=batch, ts=ts, device=device, repeats=repeats,
-                             dataset=dataset, root=str(root) if root else None,
-                             progress=progress)
+        result = bench_exact(dataset=dataset, n=n, dim=d, size=size, batch=batch, ts=ts,
+                             uniform=uniform, device=device, repeats=repeats,
+                             root=str(root) if root else None, progress=progress)
     c = result.config
     table = Table(title=(
-        f"Exact û*: {c['data']}, n={c['n']}, d={c['d']}, batch {c['batch']}, {c['device']} "
+        f"Exact û*: {data_text(c)}, n={c['n']}, d={c['d']}, batch {c['batch']}, {c['device']} "
         f"({c['threads']} threads); GEMM (c) {result.gemm_gflops:.0f} GFLOP/s (median), two-GEMM "
         f"limit {result.limit_qps:.0f} queries/s"), title_justify="left")
     for column in ("t", "(a) q/s", "(b) q/s", "b/a", "b/limit", "error (a) med/max",
@@ -105,7 +129,7 @@ def exact(
         table.add_column(column, justify="right", no_wrap=True)
     for row in result.rows:
         table.add_row(
-            f"{row.t:g}", f"{row.naive_qps:.0f}", f"{row.engine_qps:.0f}", f"{row.speedup:.2f}×",
+            row.label, f"{row.naive_qps:.0f}", f"{row.engine_qps:.0f}", f"{row.speedup:.2f}×",
             f"{row.limit_fraction:.0%}",
             f"{row.naive_error_median:.0e}/{row.naive_error_max:.0e}",
             f"{row.engine_error_median:.0e}/{row.engine_error_max:.0e}",
@@ -113,25 +137,24 @@ def exact(
     console.print(table)
     console.print("(a) naive cdist + softmax + matmul; (b) knnflow's streaming exact engine; "
                   "error: ‖v - û*‖/‖û*‖ against float64 brute force on the same queries; mem: peak "
-                  "extra memory.")
+                  f"extra memory; {UNIFORM_LABEL}: one seeded t per query.")
     if c["n"] * c["d"] < 10**7:
         console.print(f"At n·d = {c['n'] * c['d']:,} a call takes about a millisecond and fixed "
-                      "per-call costs decide the speed; the engine's speed targets are for "
-                      "CIFAR-sized data (knnflow bench exact, n=50000, d=3072).")
+                      "per-call costs decide the speed; the engine's speed targets are judged "
+                      f"on {DEFAULT_DATASET} (knnflow bench exact).")
     if json_out:
         save_json(result.to_dict(), json_out)
 
 
 @app.command("knn")
 def knn(
-    dataset: Annotated[Optional[str], typer.Option(
-        help="Data set: train split indexed, test split for queries (default synthetic; with "
-             "--index, the index's).")] = None,
+    dataset: DatasetOption = None,
     root: RootOption = None,
     limit: LimitOption = None,
-    t: Annotated[str, typer.Option("--t", help="Comma-separated times in [0, 1); a row for "
-                                                "t ~ U[0,1) is always added.")]
-    = "0.05,0.1,0.2,0.3,0.5,0.7,0.9",
+    size: SizeOption = None,
+    t_grid: Annotated[str, typer.Option(
+        help=T_GRID_HELP + f" A row for t ~ {UNIFORM_LABEL} is always added.")] = DEFAULT_T_GRID,
+    old_t: OldTOption = None,
     batch: Annotated[int, typer.Option(help="Queries per call.")] = 256,
     tol: Annotated[float, typer.Option(help="KNNVelocity's tolerance (bound ≤ tol·‖v‖).")]
     = 1e-4,
@@ -147,23 +170,25 @@ def knn(
              "is cuda).")] = "auto",
     json_out: JsonOutOption = None,
 ) -> None:
-    """Certified kNN velocity (b) against the exact engine (a) and top-k truncation (c)."""
+    """Certified kNN velocity (b) against the exact engine (a) and top-k truncation (c), with
+    the oracle: how many training points an ideal estimator would weigh."""
+    ts = t_grid_of(t_grid, old_t, DEFAULT_T_GRID)
     check_output_file(json_out, "--json-out", [index, root])
     with progress_bar() as progress:
         result = bench_knn(dataset=dataset, root=str(root) if root else None, limit=limit,
-                           ts=parse_floats(t, "--t"), batch=batch, tol=tol, repeats=repeats,
-                           index_folder=index, device=device, search_device=search_device,
-                           route=route, progress=progress)
+                           ts=ts, batch=batch, tol=tol, repeats=repeats, index_folder=index,
+                           device=device, search_device=search_device, route=route, size=size,
+                           progress=progress)
     c = result.config
     routed = c["route"] == "faster"
-    table = Table(title=(f"Certified kNN û*: {c['data']}, n={c['n']}, d={c['d']}, batch "
+    table = Table(title=(f"Certified kNN û*: {data_text(c)}, n={c['n']}, d={c['d']}, batch "
                          f"{c['batch']}, tol {c['tol']:g}, {machine_text(c)}"),
                   title_justify="left")
     topk_names = list(result.rows[0].topk_qps) if result.rows else []
-    columns = ["t", "(a) exact q/s", "(b) cert. q/s", "b/a",
-               *[f"(c) {name} q/s" for name in topk_names], "err (b) med/max",
+    columns = ["t", "(a) q/s", "(b) q/s", "b/a", *[f"{name} q/s" for name in topk_names],
+               "err (b) med/max",
                "bound med/max", "fallback", *(["routed"] if routed else []), "viol.",
-               "evaluated"]
+               "evaluated", "oracle med/p90"]
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     for row in result.rows:
@@ -173,7 +198,8 @@ def knn(
             f"{row.error_median:.0e}/{row.error_max:.0e}",
             f"{row.bound_median:.0e}/{row.bound_max:.0e}", f"{row.fallback:.0%}",
             *([f"{row.routed:.0%}"] if routed else []),
-            str(row.violations), f"{row.evaluated_median:.0f}")
+            str(row.violations), f"{row.evaluated_median:.0f}",
+            f"{row.oracle_median:.0f}/{row.oracle_p90:.0f}")
     console.print(table)
     errors = Table(title="Uncertified top-k truncation (c): error against û*, median/max",
                    title_justify="left")
@@ -183,9 +209,12 @@ def knn(
         errors.add_row(row.label, *[f"{row.topk_error[name][0]:.0e}/{row.topk_error[name][1]:.0e}"
                                     for name in topk_names])
     console.print(errors)
-    console.print("Errors and bounds are relative to ‖û*‖ from the exact engine; a violation is "
+    console.print("(a) the exact engine; (b) KNNVelocity, certified; top-k: (c), uncertified. "
+                  "Errors and bounds are relative to ‖û*‖ from the exact engine; a violation is "
                   "an error above bound + 1e-4·‖û*‖; evaluated: median training points touched "
-                  "in full dimension per query"
+                  "in full dimension per query; oracle: median/90th percentile of the training "
+                  f"points whose logit lies within 20 + ln n = {c['oracle_window']:.1f} nats of "
+                  "the query's best (float64), the fewest an ideal estimator would weigh"
                   + ("; routed: sent to the exact engine, faster at their t (--route)."
                      if routed else "."))
     if json_out:
@@ -194,41 +223,58 @@ def knn(
 
 @app.command("memorization")
 def memorization(
-    dataset: Annotated[Optional[str], typer.Option(
-        help="Data set: train split indexed, test split for held-out samples (default "
-             "synthetic; with --index, the index's).")] = None,
+    dataset: DatasetOption = None,
     root: RootOption = None,
     limit: LimitOption = None,
+    size: SizeOption = None,
     samples: Annotated[int, typer.Option(
-        help="Samples searched per call: half held-out images, half noisy training images.")]
-    = 2048,
+        help="Samples searched per call: half held-out test images, half training images "
+             "plus Gaussian noise of std --noise.")] = 1024,
     noise: Annotated[float, typer.Option(
-        help="Std of the Gaussian noise on the near-copy samples (pixels in [-1, 1]).")] = 0.1,
+        help="Std σ of the Gaussian noise on the near-copy samples (pixels in [-1, 1]).")]
+    = 0.05,
+    t_grid: Annotated[Optional[str], typer.Option(
+        help="Also time the search the certified velocity does: the nearest neighbours of "
+             "x_t/t, x_t = (1-t)·x0 + t·x1 (x1 held-out), one row per t; a comma list or "
+             "START:STOP:STEP, every t in (0, 1). Default: no t rows.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed calls per method (median).")] = 3,
     index: IndexOption = None,
     json_out: JsonOutOption = None,
 ) -> None:
-    """Nearest training images: torch.cdist + topk (a) against knnflow's exact search (b)
-    and FAISS flat search with float64 re-ranking (c)."""
-    if not noise >= 0 or not math.isfinite(noise):
-        raise InputError(f"--noise must be a number ≥ 0, got {noise}")
+    """Nearest training images (k = 2): torch.cdist + topk (a) against knnflow's exact search
+    (b) and FAISS flat search with float64 re-ranking (c), ids checked against float64."""
+    ts = parse_t_grid(t_grid) if t_grid is not None else ()
     check_output_file(json_out, "--json-out", [index, root])
     with progress_bar() as progress:
         result = bench_memorization(dataset=dataset, root=str(root) if root else None,
                                     limit=limit, samples=samples, noise=noise, repeats=repeats,
-                                    index_folder=index, progress=progress)
+                                    index_folder=index, ts=ts, size=size, progress=progress)
     c = result.config
-    table = Table(title=(f"Nearest training images (k=2): {c['data']}, n={c['n']}, d={c['d']}, "
-                         f"{c['samples']} samples, cpu ({c['threads']} threads)"),
-                  title_justify="left")
-    for column in ("method", "samples/s", "vs (a)", "nearest ids ≠ (b)", "d1 rel. diff to (b)",
-                   "d1 rel. error vs float64", "peak extra mem"):
+    table = Table(title=(f"Nearest training images (k=2): {data_text(c)}, n={c['n']}, "
+                         f"d={c['d']}, {c['samples']} samples (noise σ {c['noise']:g}), cpu "
+                         f"({c['threads']} threads)"), title_justify="left")
+    for column in ("method", "samples/s", "vs (a)", "ids ≠ float64", "d1 rel. error vs float64",
+                   "to FAISS", "peak extra mem"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in result.rows:
         table.add_row(row.method, f"{row.samples_per_s:.0f}", f"{row.speedup:.2f}×",
-                      str(row.ids_differ), f"{row.d1_rel_diff_max:.1e}",
-                      f"{row.d1_rel_error_max:.1e}", human_bytes(row.peak_bytes))
+                      str(row.id_mismatches), f"{row.d1_rel_error_max:.1e}",
+                      "" if row.fallback is None else str(row.fallback),
+                      human_bytes(row.peak_bytes))
     console.print(table)
+    if result.t_rows:
+        t_table = Table(title="Nearest neighbours of x_t/t (the certified velocity's search): "
+                              "(a) cdist + topk, (b) knnflow exact search", title_justify="left")
+        for column in ("t", "(a) samples/s", "(b) samples/s", "b/a", "ids ≠ float64 (a)",
+                       "ids ≠ float64 (b)", "(b) to FAISS", "(b) evaluated"):
+            t_table.add_column(column, justify="right", no_wrap=True)
+        for row in result.t_rows:
+            t_table.add_row(f"{row.t:g}", f"{row.cdist_per_s:.0f}", f"{row.search_per_s:.0f}",
+                            f"{row.speedup:.2f}×", str(row.cdist_mismatches),
+                            str(row.search_mismatches), str(row.fallback),
+                            "" if row.evaluated_median is None
+                            else f"{row.evaluated_median:.0f}")
+        console.print(t_table)
     if c["search"] == "sketch":
         console.print(f"(b) read a median of {c['evaluated_median']:.0f} training points per "
                       "sample in full dimension; the index's sketches ruled out the rest "
@@ -236,7 +282,9 @@ def memorization(
     else:
         console.print("(b) searched with FAISS: on data this small (n < 4096 or d < 256) the "
                       "sketches do not pay.")
-    console.print("d1 errors: max over samples of |d1 - d1_ref| / d1_ref.")
+    console.print("ids ≠ float64: samples whose 2 nearest ids differ from a float64 brute force "
+                  "(exact ties in either order agree); d1 errors: max over samples of "
+                  "|d1 - d1_ref| / d1_ref.")
     if json_out:
         save_json(result.to_dict(), json_out)
 
@@ -244,11 +292,12 @@ def memorization(
 @app.command("targets")
 def targets(
     dataset: Annotated[Optional[str], typer.Option(
-        help="Data set: train split as data (default digits; with --index, the index's).")]
-    = None,
+        help=f"Data set: train split as data (default {DEFAULT_DATASET}; with --index, the "
+             "index's).")] = None,
     root: RootOption = None,
     limit: Annotated[Optional[int], typer.Option(
         help="Use only the first N training images.")] = None,
+    size: SizeOption = None,
     batch: Annotated[int, typer.Option(help="Rows per batch (one batch per t bin).")] = 128,
     bins: Annotated[int, typer.Option(help="Equal-width t bins over [0, 1).")] = 10,
     tol: Annotated[float, typer.Option(help="knn-efm's tolerance.")] = 1e-4,
@@ -261,9 +310,9 @@ def targets(
     with progress_bar() as progress:
         result = bench_targets(dataset=dataset, root=str(root) if root else None, limit=limit,
                                batch=batch, bins=bins, tol=tol, index_folder=index,
-                               progress=progress)
+                               size=size, progress=progress)
     c = result.config
-    table = Table(title=(f"Targets: mean ‖target - û*‖² per t bin, {c['data']}, n={c['n']}, "
+    table = Table(title=(f"Targets: mean ‖target - û*‖² per t bin, {data_text(c)}, n={c['n']}, "
                          f"d={c['d']}, batch {c['batch']}, cpu ({c['threads']} threads)"),
                   title_justify="left")
     table.add_column("t bin", no_wrap=True)
@@ -285,11 +334,12 @@ def targets(
 @app.command("train")
 def train(
     dataset: Annotated[Optional[str], typer.Option(
-        help="Data set: train split as data (default digits; with --index, the index's).")]
-    = None,
+        help=f"Data set: train split as data (default {DEFAULT_DATASET}; with --index, the "
+             "index's).")] = None,
     root: RootOption = None,
     limit: Annotated[Optional[int], typer.Option(
         help="Use only the first N training images.")] = None,
+    size: SizeOption = None,
     preset: Annotated[str, typer.Option(help="Model preset (see knnflow train --help).")]
     = "tiny",
     targets: Annotated[str, typer.Option(
@@ -322,9 +372,9 @@ def train(
                              preset=preset, targets=labels, batch=batch, steps=steps,
                              warmup=warmup, device=device, tol=tol, index_folder=index,
                              prefetch=prefetch, knn_search_device=knn_search_device,
-                             progress=progress)
+                             size=size, progress=progress)
     c = result.config
-    table = Table(title=(f"Training step time: {c['data']}, n={c['n']}, preset {c['preset']} "
+    table = Table(title=(f"Training step time: {data_text(c)}, n={c['n']}, preset {c['preset']} "
                          f"({c['parameters']:,} parameters), batch {c['batch']}, "
                          f"{machine_text(c)}"), title_justify="left")
     for column in ("target", "ms / step", "ms on target", "× cfm", "knn fallback"):

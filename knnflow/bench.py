@@ -5,6 +5,10 @@ softmax, then matmul), (b) knnflow's streaming exact engine and (c) plain matmul
 shapes, which give this machine's GEMM rate and so the two-GEMM limit of 4·n·d FLOPs per query.
 (c) is measured on the full shapes and on the engine's chunk shapes; the faster one counts.
 Errors are against a float64 brute force on the same queries.
+
+The speed targets are judged on real images (photos, the default data set of every bench,
+and the embedded digits) over the whole t range training draws: a grid of t plus one row with
+a seeded t ~ U[0,1) per query. `synthetic` stays for scale beyond real data.
 """
 
 from __future__ import annotations
@@ -18,19 +22,60 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
-from knnflow.data import load_dataset, synthetic_images
+from knnflow.data import SIZED_LOADERS, load_dataset, synthetic_images
 from knnflow.errors import InputError
-from knnflow.index import resolve_device
+from knnflow.index import Index, resolve_device
 from knnflow.timing import BENCH_SAMPLE_SECONDS, interleaved_seconds
 from knnflow.timing import sync as _sync
 
 QUICK_TS = (0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999)
+# The default t grid of bench exact and bench knn: training draws t ~ U[0,1), so the grid
+# covers it evenly; t > 0.95 is the U[0,1) row's (and --t-grid's) business.
+DEFAULT_T_GRID = "0:0.95:0.05"
+DEFAULT_DATASET = "photos"
+UNIFORM_LABEL = "U[0,1)"
 Progress = Callable[[str, int, int], None]
+
+
+def parse_t_grid(text: str) -> tuple[float, ...]:
+    """--t-grid: a comma list (0.1,0.5,0.9) or START:STOP:STEP (STOP included when it lands on
+    the grid up to rounding), sorted, each t in [0, 1); anything else is an InputError."""
+    from knnflow.analysis.collapse import parse_t_grid as parse_grid
+
+    return tuple(float(t) for t in parse_grid(text))
+
+
+def _check_ts(ts: tuple[float, ...], option: str = "--t-grid") -> tuple[float, ...]:
+    ts = tuple(float(t) for t in ts)
+    if not ts:
+        raise InputError(f"{option} holds no t values")
+    bad = [t for t in ts if not 0 <= t < 1]
+    if bad:
+        raise InputError(f"{option}: every t must lie in [0, 1) (t = 1 is invalid: û* divides "
+                         f"by 1 - t); got {bad[0]:g}")
+    return ts
+
+
+def _per_query_t(t: float | Tensor, batch: int) -> Tensor:
+    """t as a float64 (batch,) tensor on the CPU."""
+    t64 = torch.as_tensor(t, dtype=torch.float64).cpu()
+    return t64.expand(batch).contiguous() if t64.ndim == 0 else t64
+
+
+def _t_cases(ts: tuple[float, ...], batch: int, gen: torch.Generator,
+             uniform: bool) -> list[tuple[str, float | Tensor]]:
+    """(label, t) for every grid t, then the U[0,1) row: a (batch,) tensor, one seeded t per
+    query."""
+    cases: list[tuple[str, float | Tensor]] = [(f"{t:g}", float(t)) for t in ts]
+    if uniform:
+        cases.append((UNIFORM_LABEL, torch.rand(batch, generator=gen)))
+    return cases
 
 
 # --------------------------------------------------------------------------- measuring
@@ -122,29 +167,83 @@ def relative_errors(estimate: Tensor, reference: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- reference forms
 
 
-def naive_velocity(x: Tensor, t: float, points: Tensor) -> Tensor:
-    """The form in published reference code: a full B×n distance matrix, softmax, matmul."""
+def naive_velocity(x: Tensor, t: float | Tensor, points: Tensor) -> Tensor:
+    """The form in published reference code: a full B×n distance matrix, softmax, matmul.
+    One t: torch.cdist(x, t·points). One t per query (a (B,) tensor): the same squared
+    distances in cdist's own matmul form, ‖x‖² - 2t⟨x, x_j⟩ + t²‖x_j‖², row by row."""
+    if torch.is_tensor(t) and t.ndim == 1:
+        tt = t.to(x)[:, None]
+        sq = (x.square().sum(1, keepdim=True) - 2 * tt * (x @ points.T)
+              + tt.square() * points.square().sum(1)).clamp(min=0)
+        weights = torch.softmax(-sq / (2 * (1 - tt) ** 2), dim=1)
+        return (weights @ points - x) / (1 - tt)
+    t = float(t)
     sq = torch.cdist(x, t * points).square()
     weights = torch.softmax(-sq / (2 * (1 - t) ** 2), dim=1)
     return (weights @ points - x) / (1 - t)
 
 
-def float64_velocity(x: Tensor, t: float, points: Tensor, query_block: int = 64) -> Tensor:
-    """Brute force in float64. For t ≤ 0.999 the GEMM form is exact to < 1e-6 nats in float64;
-    beyond, distances are taken from explicit differences, one query at a time."""
+def float64_velocity(x: Tensor, t: float | Tensor, points: Tensor,
+                     query_block: int = 64) -> Tensor:
+    """Brute force in float64, t one value or one per query. For t ≤ 0.999 the GEMM form is
+    exact to < 1e-6 nats in float64; beyond, distances are taken from explicit differences,
+    one query at a time."""
     x64, p64 = x.to(torch.float64), points.to(torch.float64)
+    t64 = _per_query_t(t, x64.shape[0]).to(x64.device)
     out = torch.empty_like(x64)
-    s = 0.5 / (1 - t) ** 2
     p_norms = p64.square().sum(1)
     for i in range(0, x64.shape[0], query_block):
-        q = x64[i:i + query_block]
-        if t <= 0.999:
-            sq = q.square().sum(1, keepdim=True) - 2 * t * q @ p64.T + t * t * p_norms
-        else:
-            sq = torch.stack([(row - t * p64).square().sum(1) for row in q])
-        weights = torch.softmax(-s * sq, dim=1)
-        out[i:i + query_block] = (weights @ p64 - q) / (1 - t)
+        q, tq = x64[i:i + query_block], t64[i:i + query_block]
+        sq = (q.square().sum(1, keepdim=True) - 2 * tq[:, None] * (q @ p64.T)
+              + tq[:, None].square() * p_norms)
+        for row in (tq > 0.999).nonzero().squeeze(1).tolist():
+            sq[row] = (q[row] - tq[row] * p64).square().sum(1)
+        weights = torch.softmax(-sq * (0.5 / (1 - tq) ** 2)[:, None], dim=1)
+        out[i:i + query_block] = (weights @ p64 - q) / (1 - tq)[:, None]
     return out
+
+
+def oracle_window(n: int) -> float:
+    """20 + ln n nats: the points further below the best logit than this carry together at
+    most n·e^-(20 + ln n) = e^-20 ≈ 2e-9 of the best point's weight, so an ideal estimator
+    weighs exactly the points inside the window."""
+    return 20.0 + math.log(n)
+
+
+def oracle_counts(x: Tensor, t: float | Tensor, points: Tensor, window: float | None = None,
+                  chunk: int | None = None) -> Tensor:
+    """Per query, how many training points have a logit ℓ_j = -‖x - t·x_j‖²/(2(1-t)²) within
+    `window` nats (default oracle_window(n)) of its best, in float64.
+
+    Two streaming passes over the data in chunks (the best logit, then the count), so memory
+    is O(B·chunk + chunk·d), never B×n. ℓ_j + s‖x‖² = s·(2t⟨x, x_j⟩ - t²‖x_j‖²), s = 1/(2(1-t)²),
+    is used: the left-out term is the same for every j and differences are what count. Its
+    float64 rounding is ~d·2^-53·s·t·‖x‖·‖x_j‖, far below a nat for every t < 1 - 1e-4 on
+    images. At t = 0 every logit is equal and the count is n."""
+    n, dim = points.shape[0], points[0].numel()
+    x64 = x.reshape(x.shape[0], -1).to(torch.float64)
+    device = x64.device
+    t64 = _per_query_t(t, x64.shape[0]).to(device)
+    window = oracle_window(n) if window is None else window
+    if bool((t64 == 0).all()):
+        return torch.full((x64.shape[0],), n, dtype=torch.int64)
+    # ~32 MB of float64 points per chunk (the GEMM stays efficient, the memory small)
+    chunk = chunk or max(64, min(16_384, (1 << 22) // dim))
+    s = 0.5 / (1 - t64) ** 2
+    dot_scale, norm_scale = (2 * s * t64)[:, None], (s * t64.square())[:, None]
+
+    def shifted_logits() -> Iterator[Tensor]:
+        for start in range(0, n, chunk):
+            block = points[start:start + chunk].reshape(-1, dim).to(device, torch.float64)
+            yield dot_scale * (x64 @ block.T) - norm_scale * block.square().sum(1)
+
+    best = torch.full((x64.shape[0],), -math.inf, dtype=torch.float64, device=device)
+    for logits in shifted_logits():
+        best = torch.maximum(best, logits.max(dim=1).values)
+    count = torch.zeros(x64.shape[0], dtype=torch.int64, device=device)
+    for logits in shifted_logits():
+        count += (logits >= (best - window)[:, None]).sum(dim=1)
+    return count.cpu()
 
 
 # --------------------------------------------------------------------------- bench exact
@@ -161,7 +260,8 @@ def image_shape_for(dim: int) -> tuple[int, ...]:
 
 @dataclass
 class ExactRow:
-    t: float
+    label: str
+    t: float | None  # None for the U[0,1) row (one t per query)
     naive_qps: float
     engine_qps: float
     speedup: float
@@ -187,18 +287,25 @@ class ExactBench:
         return asdict(self)
 
 
-def _bench_data(dataset: str | None, root: str | None, n: int, dim: int, batch: int,
-                seed: int) -> tuple[Tensor, Tensor, str]:
-    """Training points (n, d) and held-out images (batch, d) for the queries."""
-    if dataset is not None:
-        points = load_dataset(dataset, root=root, split="train", limit=n)
-        held_out = load_dataset(dataset, root=root, split="test", limit=batch)
-        name = dataset
-    else:
-        shape = image_shape_for(dim)
-        points = synthetic_images(n, shape, seed=seed)
+def _bench_data(dataset: str, root: str | None, n: int | None, dim: int | None,
+                size: int | None, batch: int, seed: int) -> tuple[Tensor, Tensor, str]:
+    """Training points (n, d) and held-out images (batch, d) for the queries: a data set's
+    train and test splits (n: a limit), or synthetic images of dimension dim (default 3072)."""
+    if dataset == "synthetic":
+        if size is not None:
+            raise InputError(f"--size applies to {', '.join(SIZED_LOADERS)} and folder:PATH; "
+                             "synthetic takes --d")
+        shape = image_shape_for(3072 if dim is None else dim)
+        points = synthetic_images(50_000 if n is None else n, shape, seed=seed)
         held_out = synthetic_images(batch, shape, seed=seed + 1)
         name = f"synthetic {'×'.join(map(str, shape))}"
+    else:
+        if dim is not None:
+            raise InputError(f"--d applies to --dataset synthetic only; {dataset} has its own "
+                             "dimension")
+        points = load_dataset(dataset, root=root, split="train", limit=n, size=size)
+        held_out = load_dataset(dataset, root=root, split="test", limit=batch, size=size)
+        name = dataset
     points = points.reshape(points.shape[0], -1)
     held_out = held_out.reshape(held_out.shape[0], -1)
     if held_out.shape[0] < batch:  # small test splits: draw with replacement
@@ -207,38 +314,52 @@ def _bench_data(dataset: str | None, root: str | None, n: int, dim: int, batch: 
     return points.contiguous(), held_out, name
 
 
-def bench_exact(n: int = 50_000, dim: int = 3072, batch: int = 256,
-                ts: tuple[float, ...] = (0.1, 0.5, 0.9), device: str = "cpu", repeats: int = 3,
-                dataset: str | None = None, root: str | None = None, seed: int = 0,
+def default_ts() -> tuple[float, ...]:
+    return parse_t_grid(DEFAULT_T_GRID)
+
+
+def bench_exact(dataset: str = DEFAULT_DATASET, n: int | None = None, dim: int | None = None,
+                size: int | None = None, batch: int = 256, ts: tuple[float, ...] | None = None,
+                uniform: bool = True, device: str = "cpu", repeats: int = 3,
+                root: str | None = None, seed: int = 0,
                 progress: Progress | None = None) -> ExactBench:
     """Queries/s, error against float64 and peak extra memory of (a) and (b); GEMM rate (c).
 
-    For each t, (a), (b) and the two forms of (c) are timed in interleaved rounds, so a change
-    in the machine's speed during the run moves all of them alike and the ratios hold.
+    Data: `dataset`'s train split (n: use only the first n), queries from its test split; or
+    dataset "synthetic": n (default 50,000) synthetic images of dimension dim (default 3072).
+    Rows: each t of `ts` (default 0:0.95:0.05), then (uniform) one row with a seeded
+    t ~ U[0,1) per query, which the naive form, the engine and the float64 reference all take
+    per query; the two-GEMM limit does not depend on t. For each row, (a), (b) and the two
+    forms of (c) are timed in interleaved rounds, so a change in the machine's speed during
+    the run moves all of them alike and the ratios hold.
     """
-    if any(not 0 <= t < 1 for t in ts):
-        raise InputError(f"every t must lie in [0, 1), got {list(ts)}")
-    if min(n, dim, batch, repeats) < 1:
+    ts = _check_ts(default_ts() if ts is None else ts)
+    if min(batch, repeats) < 1 or (n is not None and n < 1) or (dim is not None and dim < 1):
         raise InputError("--n, --d, --batch and --repeats must be at least 1")
     dev = torch.device(resolve_device(device))
-    points, held_out, name = _bench_data(dataset, root, n, dim, batch, seed)
+    points, held_out, name = _bench_data(dataset, root, n, dim, size, batch, seed)
     n, dim = points.shape
     points_dev = points.to(dev)
     train = TrainingSet.from_points(points_dev)
     gen = torch.Generator().manual_seed(seed)
     gemms = gemm_calls(held_out.to(dev), points_dev, seed)
-    result = ExactBench(config={"data": name, "n": n, "d": dim, "batch": batch,
-                                "device": str(dev), "repeats": repeats,
-                                "torch": torch.__version__, "threads": torch.get_num_threads()},
+    result = ExactBench(config={"data": name, "dataset": dataset, "size": size, "n": n,
+                                "d": dim, "batch": batch, "t_grid": list(ts),
+                                "uniform_row": uniform, "device": str(dev), "repeats": repeats,
+                                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                "gpu": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                                        else None)},
                         gemm_gflops=0.0, limit_qps=0.0)
-    for i, t in enumerate(ts):
+    cases = _t_cases(ts, batch, gen, uniform)
+    for i, (label, t) in enumerate(cases):
         if progress:
-            progress("bench exact", i, len(ts))
+            progress("bench exact", i, len(cases))
         noise = torch.randn(batch, dim, generator=gen)
-        x = ((1 - t) * noise + t * held_out).to(dev)
-        result.rows.append(_exact_row(x, t, points, points_dev, train, gemms, repeats))
+        tq = t[:, None] if torch.is_tensor(t) else t
+        x = ((1 - tq) * noise + tq * held_out).to(dev)
+        result.rows.append(_exact_row(label, t, x, points, points_dev, train, gemms, repeats))
     if progress:
-        progress("bench exact", len(ts), len(ts))
+        progress("bench exact", len(cases), len(cases))
     result.gemm_gflops = statistics.median(row.gemm_gflops for row in result.rows)
     result.limit_qps = result.gemm_gflops * 1e9 / (4 * n * dim)
     return result
@@ -265,17 +386,21 @@ def gemm_calls(queries: Tensor, points: Tensor, seed: int,
     return {"gemm full": full, "gemm chunked": chunked}
 
 
-def _exact_row(x: Tensor, t: float, points: Tensor, points_dev: Tensor, train: TrainingSet,
-               gemms: dict[str, Callable[[], object]], repeats: int) -> ExactRow:
+def _exact_row(label: str, t: float | Tensor, x: Tensor, points: Tensor, points_dev: Tensor,
+               train: TrainingSet, gemms: dict[str, Callable[[], object]],
+               repeats: int) -> ExactRow:
+    """One row: t a float (one t for every query) or a (B,) tensor (one t per query)."""
     batch, dev = x.shape[0], x.device
     n, dim = points.shape
     reference = float64_velocity(x.cpu(), t, points)
+    t_dev = t if not torch.is_tensor(t) else t.to(dev)
+    one_minus_t = (1 - _per_query_t(t, batch)).to(dev)[:, None]
 
     def naive() -> Tensor:
-        return naive_velocity(x, t, points_dev)
+        return naive_velocity(x, t_dev, points_dev)
 
     def engine() -> Tensor:
-        return (closed_form_state(x, t, train).denoiser() - x.to(torch.float64)) / (1 - t)
+        return (closed_form_state(x, t_dev, train).denoiser() - x.to(torch.float64)) / one_minus_t
 
     seconds = interleaved_seconds({"naive": naive, "engine": engine, **gemms}, repeats, dev,
                                   BENCH_SAMPLE_SECONDS)
@@ -284,7 +409,8 @@ def _exact_row(x: Tensor, t: float, points: Tensor, points_dev: Tensor, train: T
     naive_err = relative_errors(naive(), reference)
     engine_err = relative_errors(engine().to(torch.float32), reference)
     return ExactRow(
-        t=t, naive_qps=batch / seconds["naive"], engine_qps=batch / seconds["engine"],
+        label=label, t=None if torch.is_tensor(t) else t,
+        naive_qps=batch / seconds["naive"], engine_qps=batch / seconds["engine"],
         speedup=seconds["naive"] / seconds["engine"],
         limit_fraction=gemm_s / seconds["engine"], gemm_gflops=4 * batch * n * dim / gemm_s / 1e9,
         naive_error_median=float(naive_err.median()), naive_error_max=float(naive_err.max()),
@@ -310,18 +436,26 @@ def faiss_device(device: str) -> str:
 # --------------------------------------------------------------------------- bench knn
 
 
+class BenchSource(NamedTuple):
+    """What a benchmark runs on: the index, the data set's name, root and --size."""
+
+    index: Index
+    name: str
+    root: str | None
+    size: int | None
+
+
 def bench_index(dataset: str | None, root: str | None, limit: int | None,
                 index_folder: str | Path | None, progress: Progress | None,
-                device: str = "cpu", default: str = "synthetic"):
-    """(index, data set name, root) a benchmark runs on: the index loaded from index_folder,
-    or built in memory on the train split of `dataset` (None: `default`). With an index, the
-    data set, root and limit are the ones it was built on: a --dataset or --limit that
-    contradicts them is refused (held-out queries come from that data set's test split).
-    The FAISS index goes on the GPU for device cuda when FAISS has GPU support; with
-    faiss-cpu it stays on the CPU (the torch work still runs on the GPU), which the results'
-    config records as faiss_device."""
-    from knnflow.index import Index
-
+                device: str = "cpu", default: str = DEFAULT_DATASET,
+                size: int | None = None) -> BenchSource:
+    """The index a benchmark runs on: loaded from index_folder, or built in memory on the
+    train split of `dataset` (None: `default`) at `size`. With an index, the data set, root,
+    limit and size are the ones it was built on (its manifest's "dataset" record): a
+    --dataset, --limit or --size that contradicts them is refused (held-out queries come from
+    that data set's test split, at that size). The FAISS index goes on the GPU for device
+    cuda when FAISS has GPU support; with faiss-cpu it stays on the CPU (the torch work still
+    runs on the GPU), which the results' config records as faiss_device."""
     device = faiss_device(device)
     if index_folder is not None:
         index = Index.load(index_folder, device=device)
@@ -331,7 +465,7 @@ def bench_index(dataset: str | None, root: str | None, limit: int | None,
             if dataset is None:
                 raise InputError(f"{index_folder} does not record its data set; pass "
                                  "--dataset (the one it was built on)")
-            return index, dataset, root
+            return BenchSource(index, dataset, root, size)
         if dataset is not None and dataset != name:
             raise InputError(f"--dataset {dataset} contradicts the index, built on {name}; "
                              "leave --dataset out with --index")
@@ -340,11 +474,31 @@ def bench_index(dataset: str | None, root: str | None, limit: int | None,
                              + (f"the first {described['limit']} images"
                                 if described.get("limit") else "the whole train split")
                              + "; leave --limit out with --index")
-        return index, name, root if root is not None else described.get("root")
+        recorded = described.get("size")
+        if recorded is None and name in SIZED_LOADERS:  # an index from before size was kept
+            recorded = index.image_shape[-1]
+        if size is not None and size != recorded:
+            raise InputError(f"--size {size} contradicts the index, built on "
+                             + (f"--size {recorded}" if recorded is not None
+                                else "images at their own size")
+                             + "; leave --size out with --index")
+        return BenchSource(index, name, root if root is not None else described.get("root"),
+                           recorded)
     dataset = dataset or default
-    images = load_dataset(dataset, root=root, split="train", limit=limit)
-    return Index.build(images, dataset={"name": dataset, "limit": limit}, device=device,
-                       progress=progress), dataset, root
+    images = load_dataset(dataset, root=root, split="train", limit=limit, size=size)
+    index = Index.build(images, dataset={"name": dataset, "limit": limit, "size": size},
+                        device=device, progress=progress)
+    return BenchSource(index, dataset, root, size)
+
+
+def held_out_images(source: BenchSource) -> Tensor:
+    """The test split of the benchmark's data set, flattened to (N, d)."""
+    held_out = load_dataset(source.name, root=source.root, split="test", size=source.size)
+    held_out = held_out.reshape(held_out.shape[0], -1)
+    if held_out.shape[1] != source.index.dim:
+        raise InputError(f"{source.name}'s test split has d={held_out.shape[1]} but the index "
+                         f"d={source.index.dim}; pass the --size it was built with")
+    return held_out
 
 
 @dataclass
@@ -363,6 +517,8 @@ class KnnRow:
     evaluated_median: float
     topk_error: dict[str, tuple[float, float]]
     routed: float = 0.0
+    oracle_median: float = 0.0
+    oracle_p90: float = 0.0
 
 
 @dataclass
@@ -375,23 +531,26 @@ class KnnBench:
 
 
 def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | None = None,
-              ts: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9), batch: int = 256,
-              tol: float = 1e-4, ks: tuple[int, ...] = (16, 256), repeats: int = 3,
+              ts: tuple[float, ...] | None = None, batch: int = 256, tol: float = 1e-4,
+              ks: tuple[int, ...] = (16, 256), repeats: int = 3,
               index_folder: str | Path | None = None, seed: int = 0, device: str = "cpu",
-              search_device: str = "cpu", route: str = "auto",
+              search_device: str = "cpu", route: str = "auto", size: int | None = None,
               progress: Progress | None = None) -> KnnBench:
     """Exact engine (a) against KNNVelocity certified (b) and the top-k truncation (c), on the
-    same queries x_t = (1-t)·x0 + t·x1 (x1 held-out images), for each t and for t ~ U[0,1).
+    same queries x_t = (1-t)·x0 + t·x1 (x1 held-out images), for each t of `ts` (default
+    0:0.95:0.05) and for t ~ U[0,1). The oracle: per row, the median and 90th percentile over
+    the queries of how many training points lie within oracle_window(n) nats of the best
+    logit (float64, oracle_counts), the fewest an ideal estimator would weigh, next to (b)'s
+    evaluated count.
 
-    device cuda: the exact engine, the certified estimator's exact fallback and the FAISS
-    index (top-k search) run on the GPU; the certified search itself runs on
-    `search_device` (default the CPU). route: (b)'s route (KNNVelocity; "auto" times the
-    exact engine against certifying when the exact engine runs on a GPU); its calibration
-    happens in the warm-up call, outside the timings."""
+    device cuda: the exact engine, the certified estimator's exact fallback, the oracle's
+    float64 passes and the FAISS index (top-k search) run on the GPU; the certified search
+    itself runs on `search_device` (default the CPU). route: (b)'s route (KNNVelocity;
+    "auto" times the exact engine against certifying when the exact engine runs on a GPU);
+    its calibration happens in the warm-up call, outside the timings."""
     from knnflow.estimators import ROUTES, ExactVelocity, KNNVelocity
 
-    if any(not 0 <= t < 1 for t in ts):
-        raise InputError(f"every t must lie in [0, 1), got {list(ts)}")
+    ts = _check_ts(default_ts() if ts is None else ts)
     if not (math.isfinite(tol) and tol > 0):
         raise InputError(f"tol must be a positive number, got {tol!r}")
     if min(batch, repeats) < 1:
@@ -400,22 +559,24 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
         raise InputError(f"unknown --route {route!r}; choose one of: {', '.join(ROUTES)}")
     device = resolve_device(device)
     search_device = resolve_device(search_device, "--search-device")
-    index, name, root = bench_index(dataset, root, limit, index_folder, progress, device)
-    held_out = load_dataset(name, root=root, split="test")
-    held_out = held_out.reshape(held_out.shape[0], -1)
+    source = bench_index(dataset, root, limit, index_folder, progress, device, size=size)
+    index = source.index
+    held_out = held_out_images(source)
     gen = torch.Generator().manual_seed(seed)
     exact = ExactVelocity(index, device=device)
     certified = KNNVelocity(index, tol=tol, device=device, search_device=search_device,
                             route=route)
     topk = {f"top-{k}": KNNVelocity(index, k=min(k, index.n), certified=False) for k in ks}
-    result = KnnBench(config={"data": name, "n": index.n, "d": index.dim, "batch": batch,
+    result = KnnBench(config={"data": source.name, "dataset": source.name, "size": source.size,
+                              "n": index.n, "d": index.dim, "batch": batch, "t_grid": list(ts),
                               "tol": tol, "repeats": repeats, "threads": torch.get_num_threads(),
                               "torch": torch.__version__, "device": device,
                               "search_device": search_device, "route": certified.route,
                               "faiss_device": faiss_device(device),
+                              "oracle_window": oracle_window(index.n),
                               "gpu": torch.cuda.get_device_name() if device == "cuda" else None})
-    cases = [(f"{t:g}", torch.full((batch,), float(t))) for t in ts]
-    cases.append(("U[0,1)", torch.rand(batch, generator=gen)))
+    cases = [(label, t if torch.is_tensor(t) else torch.full((batch,), t))
+             for label, t in _t_cases(ts, batch, gen, uniform=True)]
     for i, (label, t) in enumerate(cases):
         if progress:
             progress("bench knn", i, len(cases))
@@ -437,6 +598,7 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
         for name_, est in topk.items():
             rel = relative_errors(est(x, t).velocity, reference)
             topk_error[name_] = (float(rel.median()), float(rel.max()))
+        oracle = oracle_counts(x.to(device), t.to(device), index.points).double()
         result.rows.append(KnnRow(
             label=label, exact_qps=batch / seconds["exact"],
             certified_qps=batch / seconds["certified"],
@@ -447,7 +609,9 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
             bound_max=float((bound / ref_norm).max()),
             fallback=float(out.fallback.double().mean()), violations=violations,
             evaluated_median=float(out.evaluated.double().median()), topk_error=topk_error,
-            routed=float(out.routed.double().mean())))
+            routed=float(out.routed.double().mean()),
+            oracle_median=float(oracle.median()),
+            oracle_p90=float(oracle.quantile(0.9, interpolation="higher"))))
     if progress:
         progress("bench knn", len(cases), len(cases))
     result.config["floors"] = list(certified.floors)
@@ -463,16 +627,33 @@ class MemorizationRow:
     method: str
     samples_per_s: float
     speedup: float
-    ids_differ: int
-    d1_rel_diff_max: float
+    id_mismatches: int  # samples whose k nearest ids differ from float64 brute force (ties aside)
     d1_rel_error_max: float
     peak_bytes: int | None
+    fallback: int | None = None  # (b): samples Index.search sent to FAISS
+    evaluated_median: float | None = None  # (b): training points read in full dimension
+
+
+@dataclass
+class MemorizationTRow:
+    """Nearest neighbours of x_t/t, x_t = (1-t)·x0 + t·x1: the search of the certified
+    velocity at t, by (a) cdist + topk and (b) Index.search."""
+
+    t: float
+    cdist_per_s: float
+    search_per_s: float
+    speedup: float
+    cdist_mismatches: int
+    search_mismatches: int
+    fallback: int
+    evaluated_median: float | None
 
 
 @dataclass
 class MemorizationBench:
     config: dict
     rows: list[MemorizationRow] = field(default_factory=list)
+    t_rows: list[MemorizationTRow] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -491,78 +672,177 @@ def cdist_topk(samples: Tensor, points: Tensor, k: int = 2,
     return torch.cat(dist), torch.cat(ids)
 
 
-def float64_nearest(samples: Tensor, points: Tensor, block: int = 128) -> Tensor:
-    """Nearest-neighbour distance in float64 (explicit differences for the winner)."""
-    q64, p64 = samples.to(torch.float64), points.to(torch.float64)
-    out = torch.empty(samples.shape[0], dtype=torch.float64)
-    for start in range(0, q64.shape[0], block):
-        q = q64[start:start + block]
-        ids = torch.cdist(q, p64).argmin(dim=1)
-        out[start:start + block] = (p64[ids] - q).norm(dim=1)
+def exact_sq_distances(queries: Tensor, points: Tensor, ids: Tensor) -> Tensor:
+    """‖q_i - x_ids[i, r]‖² in float64 from explicit differences, (B, k), gathered in blocks of
+    ~4 MB (a B×k×d float64 copy would be hundreds of MB on photos)."""
+    dim = points[0].numel()
+    q64 = queries.reshape(queries.shape[0], -1).to(torch.float64)
+    out = torch.empty(ids.shape, dtype=torch.float64)
+    rows = max(1, (1 << 19) // max(1, ids.shape[1] * dim))
+    for start in range(0, ids.shape[0], rows):
+        block = ids[start:start + rows]
+        chosen = points[block.reshape(-1)].reshape(*block.shape, dim).to(torch.float64)
+        out[start:start + rows] = (chosen - q64[start:start + rows, None]).square().sum(-1)
     return out
 
 
-def bench_memorization(dataset: str | None = None, root: str | None = None,
-                       limit: int | None = None, samples: int = 2048, noise: float = 0.1,
-                       repeats: int = 3, index_folder: str | Path | None = None,
-                       seed: int = 0, progress: Progress | None = None) -> MemorizationBench:
-    """Nearest training images of `samples` images, in one run: (a) torch.cdist + topk over the
-    whole training set, (b) knnflow's exact search (Index.search, sketch-pruned), (c) FAISS's
-    flat search with float64 re-ranking. Samples: half held-out images, half training images
-    with Gaussian noise of std `noise` (near copies). d1 is checked against float64."""
+def float64_knn(queries: Tensor, points: Tensor, k: int = 2, block: int = 256,
+                chunk: int | None = None, extra: int = 16) -> tuple[Tensor, Tensor]:
+    """The k nearest training points of each query in float64, ties to the lower id; squared
+    distances and ids, (B, k). Independent of Index.search: the float64 GEMM form
+    ‖q‖² - 2⟨q, x⟩ + ‖x‖², streamed over the data in chunks, keeps the k + extra closest; those
+    are recomputed from explicit differences. Its rounding is below
+    E = 2(d + 2)·2^-53·(‖q‖ + max‖x‖)², so when the last kept screened distance minus E clears
+    the k-th exact one nothing was missed; other rows (ties there) are recomputed in full."""
+    n, dim = points.shape[0], points[0].numel()
+    k = min(k, n)
+    keep = min(n, k + extra)
+    chunk = chunk or max(64, min(16_384, (1 << 22) // dim))
+    q64 = queries.reshape(queries.shape[0], -1).to(torch.float64)
+    max_norm = max(float(points[s:s + chunk].reshape(-1, dim).to(torch.float64).norm(dim=1).max())
+                   for s in range(0, n, chunk))
+    out_d = torch.empty(q64.shape[0], k, dtype=torch.float64)
+    out_i = torch.empty(q64.shape[0], k, dtype=torch.int64)
+    for start in range(0, q64.shape[0], block):
+        q = q64[start:start + block]
+        q_sq = q.square().sum(1, keepdim=True)
+        best_d = torch.full((q.shape[0], 0), math.inf, dtype=torch.float64)
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.int64)
+        for s in range(0, n, chunk):
+            p = points[s:s + chunk].reshape(-1, dim).to(torch.float64)
+            screened = q_sq - 2 * q @ p.T + p.square().sum(1)
+            ids = torch.arange(s, s + p.shape[0]).expand(q.shape[0], -1)
+            best_d, order = torch.cat([best_d, screened], 1).topk(
+                min(keep, best_d.shape[1] + p.shape[0]), dim=1, largest=False)
+            best_i = torch.cat([best_i, ids], 1).gather(1, order)
+        exact = exact_sq_distances(q, points, best_i)
+        by_id = best_i.argsort(dim=1)  # lower id first among equal distances
+        order = by_id.gather(1, exact.gather(1, by_id).argsort(dim=1, stable=True))
+        exact, ids = exact.gather(1, order)[:, :k], best_i.gather(1, order)[:, :k]
+        margin = 2 * (dim + 2) * 2.0 ** -53 * (q.norm(dim=1) + max_norm) ** 2
+        unsure = ~(best_d[:, -1] - margin > exact[:, -1]) if keep < n else torch.zeros(
+            q.shape[0], dtype=torch.bool)
+        for row in unsure.nonzero().squeeze(1).tolist():
+            full = torch.cat([(points[s:s + chunk].reshape(-1, dim).to(torch.float64)
+                               - q[row]).square().sum(1) for s in range(0, n, chunk)])
+            top = full.argsort(stable=True)[:k]
+            exact[row], ids[row] = full[top], top
+        out_d[start:start + block], out_i[start:start + block] = exact, ids
+    return out_d, out_i
 
+
+def id_mismatches(ids: Tensor, queries: Tensor, points: Tensor, truth: tuple[Tensor, Tensor]
+                  ) -> int:
+    """Samples where some rank's id differs from the float64 brute force's and is not an exact
+    tie (the same float64 distance, which may come in either order)."""
+    true_d, true_i = truth
+    ids = ids[:, :true_i.shape[1]].cpu()
+    differ = ids != true_i
+    if not bool(differ.any()):
+        return 0
+    wrong = differ & (exact_sq_distances(queries, points, ids) != true_d)
+    return int(wrong.any(dim=1).sum())
+
+
+def bench_memorization(dataset: str | None = None, root: str | None = None,
+                       limit: int | None = None, samples: int = 1024, noise: float = 0.05,
+                       repeats: int = 3, index_folder: str | Path | None = None,
+                       ts: tuple[float, ...] = (), size: int | None = None, seed: int = 0,
+                       progress: Progress | None = None) -> MemorizationBench:
+    """Nearest training images (k = 2) of `samples` images, in one run: (a) torch.cdist + topk
+    over the whole training set, (b) knnflow's exact search (Index.search: sketch-pruned, with
+    its FAISS fallback), (c) FAISS's flat search with float64 re-ranking. Samples: half
+    held-out test images, half training images plus Gaussian noise of std `noise` (near
+    copies, clamped to [-1, 1]). Every method's ids are checked against a float64 brute force
+    (float64_knn; (b) and (c) must have 0 mismatches) and d1 against its distance; (b)'s
+    fallback counts the samples Index.search sent to FAISS (index.last_stats).
+
+    ts: optional rows for the search the certified velocity does at t: the nearest
+    neighbours of x_t/t, x_t = (1-t)·x0 + t·x1 with x0 ~ N(0, I) and x1 held-out, by (a)
+    and (b), each t in (0, 1)."""
     if min(samples, repeats) < 1:
         raise InputError("--samples and --repeats must be at least 1")
-    index, name, root = bench_index(dataset, root, limit, index_folder, progress)
-    points = index.points.to(torch.float32)
-    held_out = load_dataset(name, root=root, split="test")
-    held_out = held_out.reshape(held_out.shape[0], -1)
+    if not (math.isfinite(noise) and noise >= 0):
+        raise InputError(f"--noise must be a number ≥ 0, got {noise}")
+    ts = tuple(float(t) for t in ts)
+    bad = [t for t in ts if not 0 < t < 1]
+    if bad:
+        raise InputError(f"--t-grid: bench memorization searches x_t/t, so every t must lie in "
+                         f"(0, 1); got {bad[0]:g}")
+    source = bench_index(dataset, root, limit, index_folder, progress, size=size)
+    index, points = source.index, source.index.points
+    held_out = held_out_images(source)
     gen = torch.Generator().manual_seed(seed)
     fresh = held_out[torch.randint(held_out.shape[0], (samples - samples // 2,), generator=gen)]
-    copies = points[torch.randint(index.n, (samples // 2,), generator=gen)]
+    copies = points[torch.randint(index.n, (samples // 2,), generator=gen)].to(torch.float32)
     copies = (copies + noise * torch.randn(copies.shape, generator=gen)).clamp(-1, 1)
     queries = torch.cat([fresh, copies]).contiguous()
+    points32 = points.to(torch.float32)
     calls = {
-        "(a) cdist + topk": lambda: cdist_topk(queries, points),
+        "(a) cdist + topk": lambda: cdist_topk(queries, points32),
         "(b) knnflow exact search": lambda: index.search(queries, 2),
         "(c) FAISS flat + float64 rerank": lambda: index.search(queries, 2, method="faiss"),
     }
+    stages = 3 + len(ts)
     if progress:
-        progress("bench memorization", 0, 3)
+        progress("bench memorization", 0, stages)
     seconds = interleaved_seconds(calls, repeats, torch.device("cpu"), BENCH_SAMPLE_SECONDS)
     if progress:
-        progress("bench memorization", 1, 3)
-    truth = float64_nearest(queries, points)
+        progress("bench memorization", 1, stages)
+    truth = float64_knn(queries, points, 2)
+    true_d1 = truth[0][:, 0].sqrt()
     if progress:
-        progress("bench memorization", 2, 3)
+        progress("bench memorization", 2, stages)
+    cdist_d, cdist_i = cdist_topk(queries, points32)
     ours = index.search(queries, 2)
     ours_stats = dict(index.last_stats)
-    ours_d1 = ours.sq_distances[:, 0].sqrt()
+    theirs = index.search(queries, 2, method="faiss")
     results = {
-        "(a) cdist + topk": cdist_topk(queries, points),
-        "(b) knnflow exact search": (ours_d1[:, None], ours.ids),
+        "(a) cdist + topk": (cdist_d[:, 0].to(torch.float64), cdist_i),
+        "(b) knnflow exact search": (ours.sq_distances[:, 0].sqrt(), ours.ids),
+        "(c) FAISS flat + float64 rerank": (theirs.sq_distances[:, 0].sqrt(), theirs.ids),
     }
-    faiss_result = index.search(queries, 2, method="faiss")
-    results["(c) FAISS flat + float64 rerank"] = (faiss_result.sq_distances[:, :1].sqrt(),
-                                                  faiss_result.ids)
     bench = MemorizationBench(config={
-        "data": name, "n": index.n, "d": index.dim, "samples": samples, "noise": noise,
+        "data": source.name, "dataset": source.name, "size": source.size, "n": index.n,
+        "d": index.dim, "samples": samples, "noise": noise, "k": 2, "t_grid": list(ts),
         "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "search": ours_stats.get("method"), "fallback": ours_stats.get("fallback"),
         "evaluated_median": ours_stats.get("evaluated_median")})
     base = seconds["(a) cdist + topk"]
-    for method, (dist, ids) in results.items():
-        d1 = dist[:, 0].to(torch.float64)
-        scale = ours_d1.clamp(min=1e-30)
+    for method, (d1, ids) in results.items():
+        ours_row = method.startswith("(b)")
         bench.rows.append(MemorizationRow(
             method=method, samples_per_s=samples / seconds[method],
             speedup=base / seconds[method],
-            ids_differ=int((ids[:, 0] != ours.ids[:, 0]).sum()),
-            d1_rel_diff_max=float(((d1 - ours_d1).abs() / scale).max()),
-            d1_rel_error_max=float(((d1 - truth).abs() / truth.clamp(min=1e-30)).max()),
-            peak_bytes=peak_extra_bytes(calls[method], torch.device("cpu"))))
+            id_mismatches=id_mismatches(ids, queries, points, truth),
+            d1_rel_error_max=float(((d1 - true_d1).abs() / true_d1.clamp(min=1e-30)).max()),
+            peak_bytes=peak_extra_bytes(calls[method], torch.device("cpu")),
+            fallback=ours_stats.get("fallback") if ours_row else None,
+            evaluated_median=ours_stats.get("evaluated_median") if ours_row else None))
+    for number, t in enumerate(ts):
+        if progress:
+            progress("bench memorization", 3 + number, stages)
+        x1 = held_out[torch.randint(held_out.shape[0], (samples,), generator=gen)]
+        x_t = (1 - t) * torch.randn(x1.shape, generator=gen) + t * x1
+        scaled = (x_t / t).to(torch.float32).contiguous()
+        t_calls = {"cdist": lambda q=scaled: cdist_topk(q, points32),
+                   "search": lambda q=scaled: index.search(q, 2)}
+        t_seconds = interleaved_seconds(t_calls, repeats, torch.device("cpu"),
+                                        BENCH_SAMPLE_SECONDS)
+        t_truth = float64_knn(scaled, points, 2)
+        found = index.search(scaled, 2)
+        stats = dict(index.last_stats)
+        bench.t_rows.append(MemorizationTRow(
+            t=t, cdist_per_s=samples / t_seconds["cdist"],
+            search_per_s=samples / t_seconds["search"],
+            speedup=t_seconds["cdist"] / t_seconds["search"],
+            cdist_mismatches=id_mismatches(cdist_topk(scaled, points32)[1], scaled, points,
+                                           t_truth),
+            search_mismatches=id_mismatches(found.ids, scaled, points, t_truth),
+            fallback=int(stats.get("fallback", 0)),
+            evaluated_median=stats.get("evaluated_median")))
     if progress:
-        progress("bench memorization", 3, 3)
+        progress("bench memorization", stages, stages)
     return bench
 
 
@@ -593,7 +873,7 @@ class TargetsBench:
 def bench_targets(dataset: str | None = None, root: str | None = None, limit: int | None = None,
                   batch: int = 128, bins: int = 10, tol: float = 1e-4,
                   index_folder: str | Path | None = None, seed: int = 0,
-                  progress: Progress | None = None) -> TargetsBench:
+                  size: int | None = None, progress: Progress | None = None) -> TargetsBench:
     """For cfm, efm-128, efm-1000 (independent pools), efm-128 with a shared pool and knn-efm,
     on the same (x0, x1, t): mean ‖target - û*‖² per t bin against the exact engine, and the
     median time per batch. x1 are training images, as in training."""
@@ -602,8 +882,8 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
 
     if min(batch, bins) < 1:
         raise InputError("--batch and --bins must be at least 1")
-    index, name, _ = bench_index(dataset, root, limit, index_folder, progress,
-                                 default="digits")
+    source = bench_index(dataset, root, limit, index_folder, progress, size=size)
+    index, name = source.index, source.name
     train = index.training_set()
     exact = ExactVelocity(train)
     targets = {label: make_target(tol=tol, index=index if spec["name"] == "knn-efm" else None,
@@ -632,7 +912,8 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
     if progress:
         progress("bench targets", bins, bins)
     return TargetsBench(
-        config={"data": name, "n": index.n, "d": index.dim, "batch": batch, "tol": tol,
+        config={"data": name, "dataset": name, "size": source.size, "n": index.n,
+                "d": index.dim, "batch": batch, "tol": tol,
                 "threads": torch.get_num_threads(), "torch": torch.__version__},
         bins=labels, error=error,
         ms_per_batch={label: 1e3 * statistics.median(v) for label, v in seconds.items()},
@@ -685,7 +966,7 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
                 batch: int = 128, steps: int = 20, warmup: int = 3, device: str = "cpu",
                 tol: float = 1e-4, index_folder: str | Path | None = None, seed: int = 0,
                 prefetch: bool | None = None, knn_search_device: str = "cpu",
-                progress: Progress | None = None) -> TrainBench:
+                size: int | None = None, progress: Progress | None = None) -> TrainBench:
     """Training step time with each target, relative to cfm, in one run: every target trains
     its own copy of the model (same initial weights) on the same seeded stream of (x0, x1, t),
     through the trainer's own BatchStream and optimizer_step. Without prefetch (the default on
@@ -703,8 +984,8 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
     device = resolve_device(device)
     knn_search_device = resolve_device(knn_search_device, "--knn-search-device")
     prefetch = device == "cuda" if prefetch is None else prefetch
-    index, name, _ = bench_index(dataset, root, limit, index_folder, progress, device,
-                                 default="digits")
+    source = bench_index(dataset, root, limit, index_folder, progress, device, size=size)
+    index, name = source.index, source.name
     train_set = index.training_set()
     specs = {label: parse_target_label(label, index.n) for label in targets}
     image_shape = index.image_shape
@@ -773,7 +1054,8 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
     if progress:
         progress("bench train", total, total)
     result = TrainBench(config={
-        "data": name, "n": index.n, "d": index.dim, "preset": preset, "parameters": parameters,
+        "data": name, "dataset": name, "size": source.size, "n": index.n, "d": index.dim,
+        "preset": preset, "parameters": parameters,
         "batch": batch, "steps": steps, "warmup": warmup, "device": device,
         "faiss_device": faiss_device(device), "prefetch": prefetch, "tol": tol,
         "knn_search_device": knn_search_device,

@@ -94,8 +94,9 @@ def test_build_index_then_index_info(tmp_path):
     (("build-index", "digits", "--split", "val"), ("split",)),
     (("build-index", "digits", "--device", "tpu"), ("device",)),
     (("index-info", "/nonexistent/index"), ("/nonexistent/index",)),
-    (("bench", "exact", "--t", "0.5,1.2"), ("[0, 1)",)),
-    (("bench", "exact", "--t", "abc"), ("comma-separated",)),
+    (("bench", "exact", "--t-grid", "0.5,1.2"), ("[0, 1)", "1.2")),
+    (("bench", "exact", "--t", "0.5,1.2"), ("[0, 1)",)),  # --t: the old name, hidden
+    (("bench", "knn", "--t-grid", "abc"), ("--t-grid", "not a number")),
 ])
 def test_bad_input_is_one_line_with_nonzero_exit(tmp_path, args, fragments):
     assert_one_line_error(run(*args, cwd=tmp_path), *fragments)
@@ -114,10 +115,15 @@ def test_bench_exact_quick_prints_the_check_table(tmp_path):
     result = run("bench", "exact", "--quick", "--repeats", "1", "--json-out", "q.json",
                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "digits" in result.stdout and "0.999" in result.stdout
-    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
-    assert [row["t"] for row in rows] == [0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999]
+    assert "digits" in result.stdout and "0.999" in result.stdout and "U[0,1)" in result.stdout
+    saved = json.loads((tmp_path / "q.json").read_text())
+    rows = saved["rows"]
+    assert [row["t"] for row in rows] == [0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999, None]
+    assert rows[-1]["label"] == "U[0,1)"
     assert max(row["engine_error_max"] for row in rows) < 1e-4
+    config = saved["config"]
+    assert (config["data"], config["n"], config["d"]) == ("digits", 1498, 64)
+    assert config["threads"] >= 1 and "size" in config
 
 
 def test_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path):
@@ -180,6 +186,10 @@ def test_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path):
     (("train", "digits", "--index", "somewhere"), ("knn-efm only",)),
     (("fid", "x", "--ref", "nosuch"), ("unknown reference data set",)),
     (("train-classifier", "digits", "--lr", "nan"), ("--lr",)),
+    (("bench", "knn", "--t-grid", "0:1:0.25"), ("t = 1 is invalid",)),
+    (("bench", "exact", "--t-grid", "0.5", "--t", "0.5"), ("--t-grid only",)),
+    (("bench", "exact", "--d", "192"), ("--d applies to --dataset synthetic only",)),
+    (("bench", "memorization", "--t-grid", "0,0.5"), ("every t must lie in (0, 1)",)),
 ])
 def test_command_line_mistakes_are_one_line(tmp_path, args, fragments):
     result = run(*args, cwd=tmp_path)

@@ -98,15 +98,15 @@ step bench-train-gpu-search 150 $KF bench train --dataset synthetic --index /tmp
     --steps 10 --warmup 2 \
     --knn-search-device cuda --json-out "$OUT/train-gpu-search.json"
 step bench-knn-50k-gpu-search 120 $KF bench knn --index /tmp/idx50k --device cuda \
-    --search-device cuda --route certify --t 0.1,0.5,0.9 \
+    --search-device cuda --route certify --t-grid 0.1,0.5,0.9 \
     --json-out "$OUT/knn50k-gpu-search.json"
 step bench-knn-50k 120 $KF bench knn --index /tmp/idx50k --device cuda --route certify \
-    --t 0.1,0.5,0.9 --json-out "$OUT/knn50k.json"
+    --t-grid 0.1,0.5,0.9 --json-out "$OUT/knn50k.json"
 step bench-knn-50k-faster 120 $KF bench knn --index /tmp/idx50k --device cuda --route faster \
-    --t 0.1,0.5,0.9 --json-out "$OUT/knn50k-faster.json"
+    --t-grid 0.1,0.5,0.9 --json-out "$OUT/knn50k-faster.json"
 step index-200k 120 $KF build-index synthetic --limit 200000 --device $FAISS_DEV \
     --out /tmp/idx200k --overwrite
 step bench-knn-200k-gpu-search 120 $KF bench knn --index /tmp/idx200k --device cuda \
-    --search-device cuda --route certify --t 0.1,0.5,0.9 \
+    --search-device cuda --route certify --t-grid 0.1,0.5,0.9 \
     --json-out "$OUT/knn200k-gpu-search.json"
 echo "=== done at $((SECONDS))s"

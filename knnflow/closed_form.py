@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -37,17 +38,29 @@ FLOAT64_ROUNDOFF = 2.0**-53
 # Weights below exp(-margin) of the largest are dropped: with margin = log(n) + 36 the dropped
 # mass is below e^-36 ≈ 2e-16 of the total, under float64 rounding of the sums.
 DROPPED_MASS_NATS = 36.0
-# Screened weights whose estimated float32 error exceeds this (relative to the largest weight)
-# are recomputed exactly; 1e-9 keeps the velocity's float32 error near float32 rounding.
-HEAD_WEIGHT_TOLERANCE = 1e-9
 # A chunk row with at most this many live weights skips the second GEMM: its live weights are
-# gathered and computed exactly. Above it, one GEMM row is cheaper than the gathers.
+# computed exactly (at the end, the final maximum prunes most of them). Above it, one GEMM row
+# is cheaper than the gathers.
 SPARSE_ROW_LIMIT = 16
-# A dense row corrects at most this many head weights exactly per chunk, unless its screened
-# logits are too coarse (error above DENSE_LOGIT_TOLERANCE nats) to leave uncorrected. Rows with
-# many weights near the top average the independent rounding errors of their logits.
-HEAD_CAP = 64
-DENSE_LOGIT_TOLERANCE = 1e-4
+# The float32 rows' estimated relative error (_float32_error): above ACCURACY_TARGET their
+# largest screened weights (recorded within HEAD_NATS of the running top, at most HEAD_MAX per
+# row) are recomputed exactly; rows still above FLOAT64_TARGET are computed again in float64.
+# The estimate has stayed above 0.4× the measured error, so the targets keep the error near
+# 1e-6 and below 1e-4 (the contract: median ≤ 1e-5, max ≤ 1e-4 against float64).
+ACCURACY_TARGET = 2e-6
+FLOAT64_TARGET = 2e-5
+HEAD_NATS = 10.0
+HEAD_GROWTH_NATS = 1e-3
+HEAD_MAX = 256
+# The head weights within this many nats of a row's largest screened one are always exact.
+NORMALISER_NATS = 3.0
+# A row records no head from a chunk where more than this many weights lie within its margin.
+HEAD_CHUNK_MAX = 64
+# Rows whose typical screening error is below this many nats record no head: their screened
+# weights are exact to ~1e-7 relative.
+HEAD_SKIP_NATS = 1e-7
+# _float32_error's screening estimate is its root-mean-square model times this.
+SCREEN_SAFETY = 3.0
 # Rows with t above this never take the float32 path: (D - x)/(1-t) would amplify its rounding.
 DENSE_T_MAX = 0.95
 # Nor do rows whose typical screening error exceeds this many nats (data far from the origin
@@ -55,17 +68,17 @@ DENSE_T_MAX = 0.95
 # then off by factors e^±error, which the head corrections, sized for small errors, do not
 # cover; their live weights are all computed exactly instead. Images in [-1, 1] stay far
 # below it (~0.03 nats at t = 0.95, d = 3072).
-DENSE_TYPICAL_MAX = 0.5
+DENSE_TYPICAL_MAX = 0.05
+# Rows whose screen magnitudes (2s·(‖x‖ + t·max‖x_j‖)²) reach this would overflow float32
+# (3.4e38): they are computed in float64.
+FLOAT32_SCREEN_MAX = 1e30
 # When every row of a chunk was dense, the next chunks skip the live-weight count (a dense row
 # is exact either way, just slower) and look again every this many chunks.
 RECHECK_DENSE_EVERY = 4
-# Dense float32 sums move into the float64 state every this many chunks.
-FLUSH_EVERY = 16
 DEFAULT_CHUNK = 2048
 # On GPUs, chunks 8× larger: each chunk costs ~100 kernel launches and a few host syncs, which
 # at 2048 columns dominated the time (25 chunks for n = 50,000: 50 ms of launches, 8 ms of
-# kernels on an H200). HEAD_CAP and FLUSH_EVERY scale with the chunk, so the corrections per
-# column and the float32 terms per flush stay as on the CPU.
+# kernels on an H200).
 GPU_CHUNK = 16384
 # The dot form of exact distances is used while its rounding stays below this many nats.
 DOT_FORM_NATS = 1e-9
@@ -236,15 +249,17 @@ class TrainingSet:
     """Training points (n, d) with what the engine needs about them, computed once.
 
     The points keep their storage dtype (float16, float32 or float64); chunks are converted to
-    the compute dtype on the fly. sq_norms are exact float64 ‖x_j‖².
+    the compute dtype on the fly. sq_norms are exact float64 ‖x_j‖², sums the float64 Σ_j x_j
+    (û* at t = 0 is mean - x).
     """
 
     points: Tensor
     sq_norms: Tensor
     max_norm: float
+    sums: Tensor
 
     @classmethod
-    def from_points(cls, points: Tensor, chunk_size: int = 16384) -> TrainingSet:
+    def from_points(cls, points: Tensor, chunk_size: int = 1024) -> TrainingSet:
         if not torch.is_tensor(points):
             points = torch.as_tensor(points)
         if points.ndim != 2:
@@ -253,13 +268,17 @@ class TrainingSet:
             raise InputError("the training set is empty")
         if not points.is_floating_point():
             raise InputError(f"training points must be floating point, got {points.dtype}")
-        norms = torch.cat([
-            points[i:i + chunk_size].to(torch.float64).square().sum(1)
-            for i in range(0, points.shape[0], chunk_size)
-        ])
+        # Small chunks: their float64 copies stay in cache (16,384 rows of 3,072 took 3× longer).
+        norms, sums = [], torch.zeros(points.shape[1], dtype=torch.float64,
+                                      device=points.device)
+        for i in range(0, points.shape[0], chunk_size):
+            chunk = points[i:i + chunk_size].to(torch.float64)
+            norms.append(chunk.square().sum(1))
+            sums += chunk.sum(0)
+        norms = torch.cat(norms)
         if not bool(torch.isfinite(norms).all()):
             raise InputError("the training set contains NaN or infinite values")
-        return cls(points, norms, float(norms.max().sqrt()))
+        return cls(points, norms, float(norms.max().sqrt()), sums)
 
     @property
     def n(self) -> int:
@@ -269,9 +288,43 @@ class TrainingSet:
     def dim(self) -> int:
         return self.points.shape[1]
 
+    def to(self, device: torch.device | str) -> TrainingSet:
+        """The same training set with its tensors on `device`."""
+        return TrainingSet(self.points.to(device), self.sq_norms.to(device), self.max_norm,
+                           self.sums.to(device))
+
+
+# Raw tensors passed to closed_form_velocity and friends, prepared once: preparing (float64
+# norms over the whole set) cost as much as an exact call at n = 20,000, d = 3072. Keyed by
+# the tensor's identity and checked against its storage, shape and version counter, so an
+# in-place change of the data prepares it again; a few entries, weakly referenced.
+_PREPARED: dict[int, tuple] = {}
+_PREPARED_MAX = 4
+
 
 def as_training_set(data: Tensor | TrainingSet) -> TrainingSet:
-    return data if isinstance(data, TrainingSet) else TrainingSet.from_points(data)
+    """`data` as a TrainingSet; a tensor's is computed once and reused while it is unchanged."""
+    if isinstance(data, TrainingSet):
+        return data
+    if not torch.is_tensor(data):
+        return TrainingSet.from_points(data)
+    try:
+        version = data._version
+    except RuntimeError:  # inference tensors keep no version counter: prepare every time
+        return TrainingSet.from_points(data)
+    key = id(data)
+    stamp = (data.data_ptr(), tuple(data.shape), data.stride(), data.dtype, data.device,
+             version)
+    found = _PREPARED.get(key)
+    if found is not None and found[0]() is data and found[1] == stamp:
+        return found[2]
+    train = TrainingSet.from_points(data)
+    for dead in [k for k, (ref, *_) in _PREPARED.items() if ref() is None]:
+        del _PREPARED[dead]
+    while len(_PREPARED) >= _PREPARED_MAX:
+        del _PREPARED[next(iter(_PREPARED))]
+    _PREPARED[key] = (weakref.ref(data), stamp, train)
+    return train
 
 
 # --------------------------------------------------------------------------- error bounds
@@ -351,11 +404,15 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
     """The softmax state of û* for queries x (B, d) at times t over all training points.
 
     Streams the data in chunks of `chunk_size` (default: 2048 on CPUs, 16384 on GPUs). Per
-    chunk: one GEMM screens the logits; rows with few live weights (within the dropped-mass
-    margin of the running maximum) have those weights computed exactly and skip the second
-    GEMM; other rows take a second GEMM with the screened weights, then exact float64
-    corrections for the weights whose screening error would show. Peak extra memory is
-    O(B·chunk + B·d).
+    chunk one GEMM screens the logits. Rows with few live weights in the chunk (within the
+    dropped-mass margin of the running maximum) skip the second GEMM: their live weights are
+    computed exactly in float64 at the end, when the final maximum prunes most of them. Other
+    rows sum their screened weights with a second GEMM in float32. At the end, the float32
+    error of each such row is estimated from its posterior spread (`_float32_error`); rows
+    above ACCURACY_TARGET get their largest screened weights recomputed exactly, and rows
+    still above FLOAT64_TARGET are computed again in float64. Rows at t = 0 take the exact
+    mean; rows whose float32 screen would overflow go to float64. Peak extra memory is
+    O(B·chunk + B·d) plus the recorded candidates (a few per row and chunk).
     """
     train = as_training_set(data)
     xf = flatten_queries(x, train.dim)
@@ -368,89 +425,305 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
                       "screening bounds widen for it, but its dense sums are then accurate "
                       "only to ~1e-3 relative; keep TF32/bf16 off (torch's default) for "
                       "exact û*", stacklevel=2)
+    state = SoftmaxState.empty(batch, train.dim, device)
     if batch == 0:
-        return SoftmaxState.empty(0, train.dim, device)
-    return _stream(xf.to(torch.float64), t64, train, chunk_size or default_chunk(device),
-                   compute_dtype)
+        return state
+    x64 = xf.to(torch.float64)
+    # t = 0: every logit is -‖x‖²/2, so every weight is equal and D is the mean, exactly.
+    flat = t64 == 0
+    if bool(flat.any()):
+        state.ref[flat] = -0.5 * x64[flat].square().sum(dim=1)
+        state.z[flat] = float(train.n)
+        state.s[flat] = train.sums.to(device)
+    rows = (~flat).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return state
+    chunk_size = chunk_size or default_chunk(device)
+    overflow = torch.zeros(batch, dtype=torch.bool, device=device)
+    if compute_dtype == torch.float32:
+        # The screen's magnitudes must stay far inside float32's range (3.4e38).
+        s = 0.5 / (1 - t64) ** 2
+        reach = x64.norm(dim=1) + t64 * train.max_norm
+        overflow = ~(2 * s * reach * reach < FLOAT32_SCREEN_MAX) & ~flat
+        rows = (~flat & ~overflow).nonzero().squeeze(1)
+    if rows.numel():
+        part, inaccurate = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype)
+        _scatter_state(state, rows, part)
+        if bool(inaccurate.any()):  # again, with exact weights for every live point
+            rows = rows[inaccurate]
+            part, _ = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype,
+                              exact_only=True)
+            _scatter_state(state, rows, part)
+    if bool(overflow.any()):
+        rows = overflow.nonzero().squeeze(1)
+        part, _ = _stream(x64[rows], t64[rows], train, chunk_size, torch.float64)
+        _scatter_state(state, rows, part)
+    return state
+
+
+def _scatter_state(state: SoftmaxState, rows: Tensor, part: SoftmaxState) -> None:
+    state.ref[rows], state.z[rows], state.s[rows] = part.ref, part.z, part.s
 
 
 def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
-            cdt: torch.dtype) -> SoftmaxState:
+            cdt: torch.dtype, exact_only: bool = False) -> tuple[SoftmaxState, Tensor]:
+    """(state, inaccurate): the engine over every chunk for rows with t > 0; `inaccurate`
+    marks float32 rows whose estimated error stays above FLOAT64_TARGET. exact_only: no
+    dense rows, every live weight exact."""
     batch, dim = x64.shape
-    device = x64.device
+    device, n = x64.device, train.n
     s = 0.5 / (1 - t) ** 2
-    proven, typical = screening_error_bound(x64.norm(dim=1), t, train.max_norm, dim, cdt, device)
-    live_margin = math.log(train.n) + DROPPED_MASS_NATS + 2 * proven
-    head_margin = torch.log(typical / HEAD_WEIGHT_TOLERANCE).clamp(min=0.0) + 2 * typical
-    head_margin = torch.minimum(head_margin, live_margin)
-    always_correct = typical > DENSE_LOGIT_TOLERANCE
-    dense_allowed = (t <= DENSE_T_MAX) & (typical <= DENSE_TYPICAL_MAX)
+    x_sq = x64.square().sum(dim=1)
+    proven, typical = screening_error_bound(x_sq.sqrt(), t, train.max_norm, dim, cdt, device)
+    live_margin = math.log(n) + DROPPED_MASS_NATS + 2 * proven
+    dense_allowed = (t <= DENSE_T_MAX) & (typical <= DENSE_TYPICAL_MAX) & (not exact_only)
+    # Dense rows record the screened weights near their top: the candidates for exact
+    # recomputation if their estimated error turns out too large.
+    # Coarser screens need more of the head at hand: the weight that may stay screened
+    # shrinks like 1/σ² (_correct_heads).
+    head_margin = HEAD_NATS + 2 * torch.log(typical / HEAD_GROWTH_NATS).clamp(min=0) + 2 * typical
+    record_head = dense_allowed & (typical > HEAD_SKIP_NATS)
     query = ((2 * s * t)[:, None] * x64).to(cdt)
     b = (s * t * t).to(cdt)
-    # Screened logits omit -s‖x‖², the same for every j; the state keeps full logits.
-    offset = s * x64.square().sum(dim=1)
+    # Screened logits omit -s‖x‖², the same for every j; `offset` converts to full logits.
+    offset = s * x_sq
     shared_t = bool((t == t[0]).all())
-    pairs = ExactPairs(x64, t, s, train.max_norm)
-    state = SoftmaxState.empty(batch, dim, device)
-    scale = max(1, chunk_size // DEFAULT_CHUNK)
-    flush_every = max(1, FLUSH_EVERY // scale)
-    dense_sums = _DenseSums(batch, dim, device, cdt, offset, head_cap=HEAD_CAP * scale)
-    top_so_far = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
+    dense_sums = _DenseSums(batch, dim, device, cdt, record_head, head_margin)
+    top = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
+    live_found = _Candidates(batch, device, max(1 << 18, 64 * batch), None)
     all_dense = False
-    for index, start in enumerate(range(0, train.n, chunk_size)):
+    for index, start in enumerate(range(0, n, chunk_size)):
         chunk = train.points[start:start + chunk_size].to(device=device, dtype=cdt)
         norms = train.sq_norms[start:start + chunk_size].to(device=device, dtype=cdt)
         bias = (-b[0] * norms)[None, :] if shared_t else torch.outer(-b, norms)
         logits = torch.addmm(bias, query, chunk.T)
-        top = torch.maximum(top_so_far, logits.amax(dim=1).to(torch.float64))
+        chunk_top = logits.amax(dim=1).to(torch.float64)
+        top = torch.maximum(top, chunk_top)
         if all_dense and index % RECHECK_DENSE_EVERY:
-            sparse_rows = dense_allowed.new_empty(0, dtype=torch.long)
+            sparse_rows = top.new_empty(0, dtype=torch.long)
         else:  # which rows have few enough live weights to skip the second GEMM
             live = logits >= (top - live_margin).to(cdt)[:, None]
             dense = (torch.count_nonzero(live, dim=1) > SPARSE_ROW_LIMIT) & dense_allowed
             sparse_rows = (~dense).nonzero().squeeze(1)
             all_dense = sparse_rows.numel() == 0
-        if sparse_rows.numel() == batch:
-            rows, cols = live.nonzero().unbind(1)
-            pairs.add_(state, rows, chunk, cols)
-        elif sparse_rows.numel():
-            rows, cols = live[sparse_rows].nonzero().unbind(1)
-            pairs.add_(state, sparse_rows[rows], chunk, cols)
+        if sparse_rows.numel():
+            every = sparse_rows.numel() == batch
+            r, c = (live if every else live[sparse_rows]).nonzero().unbind(1)
+            r = r if every else sparse_rows[r]
+            live_found.add_(r, c + start, logits[r, c].to(torch.float64), top - live_margin)
         if sparse_rows.numel() < batch:
             rows = None if sparse_rows.numel() == 0 else dense.nonzero().squeeze(1)
-            dense_sums.add_(state, pairs, logits, rows, top, head_margin, always_correct, chunk)
-            if index % flush_every == flush_every - 1:
-                dense_sums.flush_into_(state)
-        # Exact logits may exceed their screened values by the screening error.
-        top_so_far = torch.maximum(top, state.ref + offset)
-    dense_sums.flush_into_(state)
-    return state
+            dense_sums.add_(logits, rows, top, chunk_top, chunk, norms, start)
+
+    # The exact part: the live weights of sparse chunks that the final top keeps.
+    exact = _Sums.empty(batch, dim, device)
+    rows, cols, _ = live_found.compact_(top - live_margin)
+    _add_exact_pairs(exact, x64, t, s, x_sq, train, rows, cols)
+    dense = dense_sums.sums(offset)
+    inaccurate = torch.zeros(batch, dtype=torch.bool, device=device)
+    if cdt == torch.float32 and dense_sums.used:
+        largest = dense_sums.dense_top - offset
+        screen, sums = _float32_error(exact, dense, x64, typical, dense_sums.accumulated,
+                                      largest)
+        # Exact weights for the largest screened ones shrink the screening error; the float32
+        # sums' rounding is already made, so that part stays (rows over the target are
+        # computed again with exact weights only).
+        # Rows with a head always get its top weights exact: Z (the normaliser, for log Z and
+        # max λ) then errs only by what stays screened.
+        fix = record_head & (dense_sums.dense_top > -math.inf)
+        if bool(fix.any()):
+            largest = _correct_heads(exact, dense, dense_sums, fix, x64, t, s, x_sq, train,
+                                     offset, top, typical)
+            screen, _ = _float32_error(exact, dense, x64, typical, dense_sums.accumulated,
+                                       largest)
+        inaccurate = screen + sums > FLOAT64_TARGET
+    total = exact.merged(dense)
+    return SoftmaxState(total.ref, total.z, total.s), inaccurate
+
+
+@dataclass
+class _Sums:
+    """Per-row sums relative to a reference logit ref (full convention; -inf while empty):
+    z = Σ w_j, s = Σ w_j·x_j, q = Σ w_j·‖x_j‖² with w_j = e^(ℓ_j - ref), in float64."""
+
+    ref: Tensor
+    z: Tensor
+    s: Tensor
+    q: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, dim: int, device: torch.device) -> _Sums:
+        f64 = dict(dtype=torch.float64, device=device)
+        return cls(torch.full((batch,), -math.inf, **f64), torch.zeros(batch, **f64),
+                   torch.zeros(batch, dim, **f64), torch.zeros(batch, **f64))
+
+    def raise_ref_(self, rows: Tensor, ref: Tensor) -> None:
+        """Raise the reference of the given rows to at least `ref`, rescaling their sums."""
+        new_ref = self.ref.scatter_reduce(0, rows, ref, reduce="amax")
+        moved = (new_ref != self.ref).nonzero().squeeze(1)
+        if moved.numel():
+            scale = _rescale(self.ref[moved], new_ref[moved])
+            self.z[moved] *= scale
+            self.q[moved] *= scale
+            self.s[moved] *= scale[:, None]
+        self.ref = new_ref
+
+    def merged(self, other: _Sums) -> _Sums:
+        """The sums of both, relative to the larger reference."""
+        ref = torch.maximum(self.ref, other.ref)
+        a, b = _rescale(self.ref, ref), _rescale(other.ref, ref)
+        return _Sums(ref, self.z * a + other.z * b, self.s * a[:, None] + other.s * b[:, None],
+                     self.q * a + other.q * b)
+
+
+def _float32_error(exact: _Sums, dense: _Sums, x64: Tensor, typical: Tensor,
+                   accumulated: int, largest: Tensor) -> tuple[Tensor, Tensor]:
+    """(screening, summation): estimated relative errors of each row's velocity from its
+    float32 parts, the screened weights and the float32 sums of the dense rows (the exact
+    part is exact).
+
+    A screened weight is off by a factor e^δ_j, δ_j of the order of the typical screening
+    error σ (screening_error_bound) and independent between points. The denoiser then moves
+    by Σ_j λ_j δ'_j (x_j - D) over the screened weights (δ' = δ minus its mean), of root mean
+    square σ·√(Σ λ_j²‖x_j - D‖²) ≤ σ·√(λ_max·V), with λ_max the largest screened weight
+    (`largest`: its full logit) and V = E_λ‖x_j‖² - ‖D‖² the posterior spread; SCREEN_SAFETY
+    covers the distribution's tail. A float32 sum of K terms of one sign errs by about u·√K
+    of its value (measured with MKL: 1.0-1.1×), terms of both signs by about u of their
+    magnitude √(Σ λ_j‖x_j‖²) (0.7× measured); here over the dense share. Both are relative
+    to ‖D - x‖ = (1-t)·‖û*‖.
+    """
+    total = exact.merged(dense)
+    denoiser = total.s / total.z[:, None]
+    gap = (denoiser - x64).norm(dim=1)
+    scale = _rescale(dense.ref, total.ref) / total.z
+    share = (dense.z * scale).clamp(min=0.0)
+    biggest = torch.minimum(share, torch.exp(largest - total.ref) / total.z)
+    spread = (total.q / total.z - denoiser.square().sum(dim=1)).clamp(min=0.0)
+    screen = SCREEN_SAFETY * typical * (biggest * spread).sqrt() / gap
+    value = dense.s.norm(dim=1) * scale
+    magnitude = (dense.q.clamp(min=0) * scale).sqrt()
+    sums = FLOAT32_ROUNDOFF * (math.sqrt(accumulated) * value + magnitude) / gap
+    return screen, sums
+
+
+def _correct_heads(exact: _Sums, dense: _Sums, dense_sums: _DenseSums, fix: Tensor,
+                   x64: Tensor, t: Tensor, s: Tensor, x_sq: Tensor, train: TrainingSet,
+                   offset: Tensor, top: Tensor, typical: Tensor) -> Tensor:
+    """Move the recorded screened weights of the rows in `fix` that are too large for the
+    screening estimate to meet ACCURACY_TARGET (at most HEAD_MAX per row, largest first)
+    from the dense sums to exact float64 ones. Returns
+    each row's largest full logit left screened in the dense sums (an upper bound:
+    unrecorded ones lie below top - head_margin)."""
+    largest = dense_sums.dense_top - offset
+    rows, cols, screened = dense_sums.recorded(top)
+    keep = fix[rows]
+    rows, cols, screened = rows[keep], cols[keep], screened[keep] - offset[rows[keep]]
+    # Unrecorded weights lie below top - head_margin, or were dropped past the cap.
+    floor = torch.minimum(largest, torch.maximum(top - dense_sums.head_margin,
+                                                 dense_sums.heads.dropped) - offset)
+    if rows.numel() == 0:
+        return torch.where(fix, floor, largest)
+    total = exact.merged(dense)
+    denoiser = total.s / total.z[:, None]
+    gap = (denoiser - x64).norm(dim=1)
+    spread = (total.q / total.z - denoiser.square().sum(dim=1)).clamp(min=1e-300)
+    # The largest weight (share of the total) that may stay screened, as a full logit; the
+    # weights within NORMALISER_NATS of the dense top are taken in any case.
+    allowed = (ACCURACY_TARGET * gap / (SCREEN_SAFETY * typical)).square() / spread
+    threshold = torch.minimum(total.ref + torch.log(allowed * total.z),
+                              largest - NORMALISER_NATS)
+    order = torch.argsort(screened, descending=True, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]
+    rows, cols, screened = rows[order], cols[order], screened[order]
+    counts = torch.bincount(rows, minlength=fix.numel())
+    rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0)
+                                                              - counts)[rows]
+    take = (screened > threshold[rows]) & (rank < HEAD_MAX)
+    if bool(take.any()):
+        _add_exact_pairs(exact, x64, t, s, x_sq, train, rows[take], cols[take],
+                         remove=(dense, screened[take]))
+    remaining = torch.full_like(largest, -math.inf).scatter_reduce(
+        0, rows[~take], screened[~take], reduce="amax")
+    return torch.where(fix, torch.maximum(floor, remaining), largest)
+
+
+class _Candidates:
+    """(row, col, screened logit) triples recorded chunk by chunk, in bounded memory.
+
+    When more than `budget` are held, those below their row's current floor are dropped
+    (the floor only rises) and, with a per-row cap, each row keeps its `cap` largest;
+    `dropped` is then each row's largest logit let go that way (-inf if none).
+    """
+
+    def __init__(self, batch: int, device: torch.device, budget: int, cap: int | None):
+        self.budget, self.cap = budget, cap
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.count = 0
+        self.dropped = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
+
+    def add_(self, rows: Tensor, cols: Tensor, values: Tensor, floor: Tensor) -> None:
+        if rows.numel():
+            self.parts.append((rows, cols, values))
+            self.count += rows.numel()
+            if self.count > self.budget:
+                self.compact_(floor)
+
+    def compact_(self, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Drop what lies below the floor (and past the cap); return what is kept."""
+        if not self.parts:
+            empty = floor.new_empty(0, dtype=torch.long)
+            return empty, empty, floor.new_empty(0)
+        rows, cols, values = (torch.cat(part) for part in zip(*self.parts, strict=True))
+        keep = values >= floor[rows]
+        rows, cols, values = rows[keep], cols[keep], values[keep]
+        if self.cap is not None and rows.numel() > self.cap:
+            order = torch.argsort(values, descending=True, stable=True)
+            order = order[torch.argsort(rows[order], stable=True)]
+            rows, cols, values = rows[order], cols[order], values[order]
+            counts = torch.bincount(rows, minlength=floor.numel())
+            rank = torch.arange(rows.numel(), device=rows.device) - (
+                torch.cumsum(counts, 0) - counts)[rows]
+            within = rank < self.cap
+            if not bool(within.all()):
+                self.dropped = self.dropped.scatter_reduce(0, rows[~within], values[~within],
+                                                           reduce="amax")
+                rows, cols, values = rows[within], cols[within], values[within]
+        self.parts = [(rows, cols, values)]
+        self.count = rows.numel()
+        return rows, cols, values
 
 
 class _DenseSums:
-    """Float32 sums of screened weights for dense rows, flushed into the float64 state.
-
-    The second GEMM accumulates into `s` in place (addmm with beta = 1), so a chunk adds no pass
-    over the (B, d) sums; every FLUSH_EVERY chunks (fewer for larger chunks) and at the end
-    they move into the state, which bounds float32 accumulation to FLUSH_EVERY·2048 terms.
-    `ref` holds each row's float32 reference in the screened convention; its full-convention
-    value is ref - offset.
+    """Sums of the screened weights of dense rows: each chunk's second GEMM in float32 (at
+    most a chunk's terms per float32 sum), added into float64 sums relative to each row's
+    running top (screened convention; `ref`). Rows in `record` also keep the positions and
+    screened logits of their weights within head_margin of that top (`heads`).
     """
 
     def __init__(self, batch: int, dim: int, device: torch.device, cdt: torch.dtype,
-                 offset: Tensor, head_cap: int = HEAD_CAP):
-        self.offset, self.head_cap = offset, head_cap
+                 record: Tensor, head_margin: Tensor):
+        self.record, self.head_margin = record, head_margin
+        self.any_record = bool(record.any())
         self.ref = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
-        self.z = torch.zeros(batch, dtype=torch.float64, device=device)
-        self.s = torch.zeros(batch, dim, dtype=cdt, device=device)
+        self.total = _Sums.empty(batch, dim, device)
+        self.heads = _Candidates(batch, device, max(1 << 16, 4 * batch * HEAD_MAX), HEAD_MAX)
+        # The largest screened logit summed here, per row.
+        self.dense_top = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
+        self.used = False
+        self.accumulated = 1
 
-    def add_(self, state: SoftmaxState, pairs: ExactPairs, logits: Tensor,
-             rows: Tensor | None, top: Tensor, head_margin: Tensor, always_correct: Tensor,
-             chunk: Tensor) -> None:
-        """Second GEMM over screened weights for `rows` (None: all), then exact head fixes."""
+    def add_(self, logits: Tensor, rows: Tensor | None, top: Tensor, chunk_top: Tensor,
+             chunk: Tensor, norms: Tensor, start: int) -> None:
+        """Second GEMM over the screened weights of `rows` (None: all) in this chunk;
+        chunk_top: every row's largest screened logit in the chunk."""
         def pick(values: Tensor) -> Tensor:
             return values if rows is None else values[rows]
 
+        self.used = True
+        if rows is None:
+            torch.maximum(self.dense_top, chunk_top, out=self.dense_top)
+        else:
+            self.dense_top[rows] = torch.maximum(self.dense_top[rows], chunk_top[rows])
         ref = pick(top).to(logits.dtype)
         ref64 = ref.to(torch.float64)
         old = pick(self.ref)
@@ -458,39 +731,53 @@ class _DenseSums:
         if moved.numel():  # rescale rows whose reference rose; top never falls
             target = moved if rows is None else rows[moved]
             scale = _rescale(old[moved], ref64[moved])
-            self.z[target] *= scale
-            self.s[target] *= scale.to(self.s.dtype)[:, None]
+            self.total.z[target] *= scale
+            self.total.s[target] *= scale[:, None]
+            self.total.q[target] *= scale
             self.ref[target] = ref64[moved]
         weights = pick(logits)
+        weights.sub_(ref[:, None])
+        if self.any_record:
+            record = pick(self.record)
+            head = weights >= -pick(self.head_margin).to(weights.dtype)[:, None]
+            counts = torch.count_nonzero(head, dim=1)
+            # A row with many comparable weights in one chunk records none of them (its
+            # largest weight is small, so corrections are seldom needed); its largest
+            # unrecorded weight is the chunk's top.
+            crowded = record & (counts > HEAD_CHUNK_MAX)
+            if bool(crowded.any()):
+                full = crowded.nonzero().squeeze(1)
+                full = full if rows is None else rows[full]
+                self.heads.dropped[full] = torch.maximum(self.heads.dropped[full],
+                                                         chunk_top[full])
+                record = record & ~crowded
+            head &= record[:, None]
+            r, c = head.nonzero().unbind(1)
+            if r.numel():
+                full = r if rows is None else rows[r]
+                self.heads.add_(full, c + start, weights[r, c].to(torch.float64) + ref64[r],
+                                top - self.head_margin)
         # Clamping at -80 nats keeps exp out of denormals (slow on CPUs); a weight of e^-80 per
         # point is far below the dropped-mass margin.
-        weights.sub_(ref[:, None]).clamp_(min=-80.0).exp_()
-        # Head weights (those whose screening error would show) leave the float32 sums and
-        # enter the state exactly. Correcting them inside the sums instead (adding exact -
-        # screened) cancels catastrophically where the screened head outweighs the exact one
-        # by many nats (data far from the origin: 100 + 0.05·U(-1,1)^256 at t = 0.9 gave
-        # NaN).
-        head = weights >= torch.exp(-pick(head_margin)).to(weights.dtype)[:, None]
-        correct = pick(always_correct) | (torch.count_nonzero(head, dim=1) <= self.head_cap)
-        local = cols = None
-        if bool(correct.any()):
-            if not bool(correct.all()):
-                head &= correct[:, None]
-            local, cols = head.nonzero().unbind(1)
-            weights.masked_fill_(head, 0.0)
+        weights.clamp_(min=-80.0).exp_()
+        self.accumulated = max(self.accumulated, chunk.shape[0])
         if rows is None:
-            self.z += weights.sum(dim=1).to(torch.float64)
-            self.s.addmm_(weights, chunk)
+            self.total.z += weights.sum(dim=1)
+            self.total.s += weights @ chunk
+            self.total.q += weights @ norms
         else:
-            self.z[rows] += weights.sum(dim=1).to(torch.float64)
-            self.s[rows] += weights @ chunk
-        if local is not None and local.numel():
-            pairs.add_(state, local if rows is None else rows[local], chunk, cols)
+            self.total.z[rows] += weights.sum(dim=1)
+            self.total.s[rows] += weights @ chunk
+            self.total.q[rows] += weights @ norms
 
-    def flush_into_(self, state: SoftmaxState) -> None:
-        state.merge_(SoftmaxState(self.ref - self.offset, self.z, self.s.to(torch.float64)))
-        self.z.zero_()
-        self.s.zero_()
+    def sums(self, offset: Tensor) -> _Sums:
+        """The float64 sums, relative to the full-convention logit of their reference."""
+        return _Sums(self.ref - offset, self.total.z, self.total.s, self.total.q)
+
+    def recorded(self, top: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, cols, screened logits) of the recorded head weights within head_margin of
+        the final top, at most HEAD_MAX per row (the largest)."""
+        return self.heads.compact_(top - self.head_margin)
 
 
 def DOT32_ERROR(dim: int, input_roundoff: float = 0.0) -> float:  # noqa: N802
@@ -691,23 +978,117 @@ class ExactPairs:
                               torch.cat([c for _, c in live]), sq_norms, screen=False)
 
 
+def _add_exact_pairs(sums: _Sums, x64: Tensor, t: Tensor, s: Tensor, x_sq: Tensor,
+                     train: TrainingSet, rows: Tensor, cols: Tensor,
+                     remove: tuple[_Sums, Tensor] | None = None) -> None:
+    """Add the exact float64 weights e^ℓ_j of the pairs (rows, cols) to `sums` (z, s, q,
+    raising its references as needed). With remove = (other, logits), the weights e^logits
+    of the same pairs also leave `other` (screened weights replaced by their exact values;
+    `other`'s references are at least those logits).
+
+    ‖x - t·x_j‖² is taken in the dot form ‖x‖² - 2t⟨x, x_j⟩ + t²‖x_j‖² where its float64
+    rounding, about 4u·(‖x‖ + t‖x_j‖)²·s nats, stays below DOT_FORM_NATS, else from the
+    difference. On the CPU, rows with at least GROUP_MIN_PAIRS pairs go in padded per-row
+    blocks (row_groups): their points are read once into a reused buffer and both products
+    are batched matrix products; the other pairs go in flat blocks.
+    """
+    if rows.numel() == 0:
+        return
+    batch, dim = x64.shape
+    points, sq_norms = train.points, train.sq_norms
+    reach = x_sq.sqrt() + t * train.max_norm
+    dot_form = 4 * FLOAT64_ROUNDOFF * reach.square() * s <= DOT_FORM_NATS
+    removed = None if remove is None else remove[1]
+    on_cpu = rows.device.type == "cpu"
+    grouped = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    if on_cpu:
+        plan = padded_pairs(rows, cols, batch, GROUP_MIN_PAIRS, dim)
+        grouped = plan.grouped
+        buffer = torch.empty(plan.largest, dim, dtype=points.dtype)
+        buffer64 = buffer if points.dtype == torch.float64 else torch.empty(
+            plan.largest, dim, dtype=torch.float64)
+        for group, pos, idx in plan.blocks:  # a row appears at most once per block
+            valid = pos >= 0
+            size = idx.numel()
+            found = torch.index_select(points, 0, idx.reshape(-1), out=buffer[:size])
+            p64 = found if found.dtype == torch.float64 else buffer64[:size].copy_(found)
+            p64 = p64.view(*idx.shape, dim)
+            x, tt = x64[group], t[group, None]
+            if bool(dot_form[group].all()):
+                sq = x_sq[group, None] - 2 * tt * batched_dots(p64, x) + tt * tt * sq_norms[idx]
+            else:
+                sq = (tt[:, :, None] * p64 - x[:, None, :]).square().sum(2)
+            logits = (-s[group, None] * sq).masked_fill(~valid, -math.inf)
+            sums.raise_ref_(group, logits.amax(dim=1))
+            weight = torch.exp(logits - sums.ref[group, None])
+            sq_p = sq_norms[idx]
+            sums.z[group] += weight.sum(dim=1)
+            sums.q[group] += (weight * sq_p).sum(dim=1)
+            sums.s[group] += torch.bmm(weight[:, None, :], p64).squeeze(1)
+            if removed is not None:
+                other = remove[0]
+                gone = torch.exp(removed[pos.clamp(min=0)] - other.ref[group, None])
+                gone = gone.masked_fill(~valid, 0.0)
+                other.z[group] -= gone.sum(dim=1)
+                other.q[group] -= (gone * sq_p).sum(dim=1)
+                other.s[group] -= torch.bmm(gone[:, None, :], p64).squeeze(1)
+    single = (~grouped).nonzero().squeeze(1)
+    elements = PAIR_BLOCK_ELEMENTS if on_cpu else GPU_PAIR_BLOCK_ELEMENTS
+    block = max(1, elements // dim)
+    for i in range(0, single.numel(), block):
+        which = single[i:i + block]
+        r, c = rows[which], cols[which]
+        p64 = points[c].to(torch.float64)
+        tt = t[r]
+        if bool(dot_form[r].all()):
+            sq = x_sq[r] - 2 * tt * (p64 * x64[r]).sum(dim=1) + tt * tt * sq_norms[c]
+        else:
+            sq = (x64[r] - tt[:, None] * p64).square().sum(dim=1)
+        logits = -s[r] * sq
+        sums.raise_ref_(r, logits)
+        weight = torch.exp(logits - sums.ref[r])
+        sq_p = sq_norms[c]
+        sums.z.index_add_(0, r, weight)
+        sums.q.index_add_(0, r, weight * sq_p)
+        sums.s.index_add_(0, r, weight[:, None] * p64)
+        if removed is not None:
+            other = remove[0]
+            gone = torch.exp(removed[which] - other.ref[r])
+            other.z.index_add_(0, r, -gone)
+            other.q.index_add_(0, r, -gone * sq_p)
+            other.s.index_add_(0, r, p64.mul_(-gone[:, None]))
+
+
+def output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype results come back in for queries x: x's own, but float32 for float16 and
+    bfloat16 queries (rounding to those, 2^-11 and 2^-8 relative, would exceed the engine's
+    accuracy, and large velocities would overflow float16)."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u with |fl(v) - v| ≤ u·|v| for rounding to `dtype` (round to nearest)."""
+    return torch.finfo(dtype).eps / 2
+
+
 def closed_form_denoiser(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet,
                          **engine_options) -> Tensor:
-    """E[x1 | x_t = x] over the training set, shaped and typed like x."""
+    """E[x1 | x_t = x] over the training set, shaped like x (typed as `output_dtype`)."""
     state = closed_form_state(x, t, data, **engine_options)
-    return state.denoiser().to(x.dtype).reshape(x.shape)
+    return state.denoiser().to(output_dtype(x)).reshape(x.shape)
 
 
 def closed_form_velocity(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet,
                          **engine_options) -> Tensor:
-    """The exact optimal velocity û*(x, t), shaped and typed like x.
+    """The exact optimal velocity û*(x, t), shaped like x (typed as `output_dtype`).
 
     x: (B, d) or (B, C, H, W); t: a float or a (B,) tensor in [0, 1); data: (n, d) training
-    points (or a prepared `TrainingSet`). Computed in float64 from the softmax state, so the
-    1/(1-t) factor does not amplify float32 rounding of D - x.
+    points (or a prepared `TrainingSet`; a tensor is prepared once and reused while
+    unchanged). Computed in float64 from the softmax state, so the 1/(1-t) factor does not
+    amplify float32 rounding of D - x.
     """
     state = closed_form_state(x, t, data, **engine_options)
-    x64 = x.reshape(x.shape[0], -1).to(torch.float64)
+    x64 = x.reshape(x.shape[0], math.prod(x.shape[1:])).to(torch.float64)
     t64 = check_t(t, x.shape[0], x.device)
     velocity = velocity_from_denoiser(state.denoiser(), x64, t64)
-    return velocity.to(x.dtype).reshape(x.shape)
+    return velocity.to(output_dtype(x)).reshape(x.shape)

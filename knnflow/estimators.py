@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from knnflow.closed_form import (
+    DOT_FORM_NATS,
+    FLOAT64_ROUNDOFF,
     LIVE_NATS,
     ExactPairs,
     SoftmaxState,
@@ -27,17 +29,14 @@ from knnflow.closed_form import (
     check_t,
     closed_form_state,
     flatten_queries,
+    output_dtype,
+    unit_roundoff,
     velocity_from_denoiser,
 )
 from knnflow.distributed import all_reduce_state_, shard_range, total_points
 from knnflow.errors import InputError
 from knnflow.index import Index
 from knnflow.prune import SketchScanner
-
-
-def output_dtype(x: Tensor) -> torch.dtype:
-    """The velocity's dtype for queries x: x's own, but float32 for half-precision queries."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 @dataclass
@@ -74,7 +73,7 @@ def training_set_of(data_or_index: Tensor | TrainingSet | Index,
     else:
         raise InputError("expected a tensor of training points, a TrainingSet or an Index")
     if device is not None and train.points.device != torch.device(device):
-        train = TrainingSet(train.points.to(device), train.sq_norms.to(device), train.max_norm)
+        train = train.to(device)
     return train
 
 
@@ -408,7 +407,9 @@ class KNNVelocity:
             v, b, ev, failed = run(x64[todo], t64[todo])
             velocity[todo], evaluated[todo] = v, ev
             if b is not None:
-                bound[todo] = b
+                # The bound covers the velocity as returned: rounding to its dtype moves it
+                # by at most u·‖v‖.
+                bound[todo] = b + unit_roundoff(output_dtype(x)) * v.norm(dim=1)
             fallback[todo] = failed
         exact_rows = routed | fallback if self.fallback == "exact" else routed
         if bool(exact_rows.any()):  # one call of the exact engine for all of them
@@ -505,6 +506,15 @@ class KNNVelocity:
         ratio = torch.exp(log_ratio.clamp(max=700)) + torch.exp(-live_nats)
         reach = (denoiser - sk.transform.mean.to(x64.device)).norm(dim=1) + sk.max_radius
         bound = ratio / (1 + ratio) * reach / (1 - t)
+        # The kept weights' own rounding: float64 logits off by δ_j move D by at most
+        # 2.01·Σλ_j|δ_j|·reach. δ_j ≤ DOT_FORM_NATS in the dot form; from differences,
+        # δ_j ≤ (d + 4)·u·|ℓ_j|, and Σλ_j|ℓ_j| ≤ |ℓ_max| + K/e. Float64 sums of K terms and
+        # of (D - x) add a few u.
+        u, dim = FLOAT64_ROUNDOFF, x64.shape[1]
+        logit_error = torch.where(pairs.dot_form, torch.full_like(t, DOT_FORM_NATS),
+                                  (dim + 4) * u * (state.ref.abs() + kept / math.e))
+        bound += ((2.01 * logit_error + 4 * (kept + dim) * u) * reach
+                  + 2 * u * (denoiser.norm(dim=1) + x64.norm(dim=1))) / (1 - t)
         failed = over | ~(bound <= self.tol * velocity.norm(dim=1)) | (kept == 0)
         velocity = torch.where(failed[:, None], torch.zeros_like(velocity), velocity)
         bound = torch.where(failed, torch.zeros_like(bound), bound)

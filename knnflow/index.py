@@ -335,19 +335,30 @@ class Index:
         that differs from its rounding below float32 resolution may get another neighbour.
         """
         q = torch.as_tensor(queries)
-        q = q.reshape(q.shape[0], -1) if q.ndim > 1 else q
+        q = q.reshape(q.shape[0], math.prod(q.shape[1:])) if q.ndim > 1 else q
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise InputError(f"queries have shape {tuple(torch.as_tensor(queries).shape)} but the "
                              f"index holds d={self.dim} (image shape {self.image_shape})")
         if not 1 <= k <= self.n:
             raise InputError(f"k must lie in [1, {self.n}], got {k}")
+        if q.is_complex() or q.dtype == torch.bool:
+            raise InputError(f"queries must be real numbers, got {q.dtype}")
+        if q.is_floating_point() and not bool(torch.isfinite(q).all()):
+            bad = int((~torch.isfinite(q)).any(dim=1).sum())
+            raise InputError(f"{bad} of {q.shape[0]} queries contain NaN or infinite values")
         if method not in SEARCH_METHODS:
             raise InputError(f"unknown search method {method!r}; choose one of: "
                              f"{', '.join(SEARCH_METHODS)}")
         if method == "sketch" and self.sketches is None:
             raise InputError("this index has no sketches; rebuild it with knnflow build-index")
         q32 = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
+        if not np.isfinite(q32).all():
+            raise InputError("queries exceed float32's range (the stored points' precision)")
         q64 = torch.from_numpy(q32).to(torch.float64)
+        if q64.shape[0] == 0:
+            self.last_stats = {"method": "none", "queries": 0, "fallback": 0}
+            return SearchResult(torch.empty(0, k, dtype=torch.float64),
+                                torch.empty(0, k, dtype=torch.int64), exact=not approximate)
         if approximate and self.kind == "ivf":
             self.set_nprobe(self.manifest["index"]["nprobe"])
             _, ids = self.faiss_index.search(q32, k)
@@ -419,7 +430,9 @@ class Index:
             dist[start:start + rows_per_block] = (
                 points - q64[start:start + rows_per_block, None]).square().sum(-1)
         dist[~valid] = math.inf
-        order = dist.argsort(dim=1, stable=True)[:, :k]
+        # Ties (duplicate points) in id order, whatever order FAISS listed them in.
+        by_id = torch.where(valid, safe, self.n).argsort(dim=1, stable=True)
+        order = by_id.gather(1, dist.gather(1, by_id).argsort(dim=1, stable=True))[:, :k]
         return SearchResult(dist.gather(1, order), safe.gather(1, order), exact)
 
 

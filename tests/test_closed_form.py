@@ -128,13 +128,14 @@ def test_cancellation_trap_two_close_points():
 def test_data_far_from_the_origin_matches_float64(offset, spread, t):
     """Points offset + spread·U(-1, 1)^256: their norms dwarf their distances, so float32
     screening is off by up to ~80 nats. The dense float32 sums once cancelled there (relative
-    errors up to 0.4, inf and NaN at t = 0.8-0.95); such rows must take exact weights."""
+    errors up to 0.4, inf and NaN at t = 0.8-0.95); such rows must take exact weights, or
+    correct enough of their screened ones to stay an order under the contract's 1e-4."""
     gen = torch.Generator().manual_seed(1)
     points = (torch.rand(3000, 256, generator=gen) * 2 - 1) * spread + offset
     x = flow_queries(points, t, 32, seed=int(t * 100), jitter=0.0)
     v = closed_form_velocity(x, t, points)
     assert torch.isfinite(v).all()
-    assert relative_error(v, brute_force_velocity(x, t, points)).max() <= 1e-6
+    assert relative_error(v, brute_force_velocity(x, t, points)).max() <= 1e-5
 
 
 @pytest.mark.parametrize("t", [0.0, 0.5, 0.999, 1 - 1e-6])

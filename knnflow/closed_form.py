@@ -38,29 +38,42 @@ FLOAT64_ROUNDOFF = 2.0**-53
 # Weights below exp(-margin) of the largest are dropped: with margin = log(n) + 36 the dropped
 # mass is below e^-36 ≈ 2e-16 of the total, under float64 rounding of the sums.
 DROPPED_MASS_NATS = 36.0
-# A chunk row with at most this many live weights skips the second GEMM: its live weights are
-# computed exactly (at the end, the final maximum prunes most of them). Above it, one GEMM row
-# is cheaper than the gathers.
-SPARSE_ROW_LIMIT = 16
+# A chunk row with at most this many live weights per ROW_LIMIT_COLUMNS skips the second GEMM:
+# its live weights are summed by a sparse product instead (~0.25 µs a weight against ~45 µs
+# for a dense row of 2,048 × 3,072 here). Above it, the GEMM row is cheaper. A row with at
+# most EXACT_ROW_LIMIT keeps them for exact evaluation at the end, when the final maximum
+# prunes most of them (a sparse product costs ~3 ms a chunk however few its weights).
+ROW_LIMIT_COLUMNS = 2048
+SPARSE_ROW_LIMIT = 192
+EXACT_ROW_LIMIT = 4
+# When at least this share of a chunk's rows is dense, every row takes the GEMM.
+ALL_DENSE_SHARE = 0.85
 # The float32 rows' estimated relative error (_float32_error): above ACCURACY_TARGET their
 # largest screened weights (recorded within HEAD_NATS of the running top, at most HEAD_MAX per
 # row) are recomputed exactly; rows still above FLOAT64_TARGET are computed again in float64.
 # The estimate has stayed above 0.4× the measured error, so the targets keep the error near
 # 1e-6 and below 1e-4 (the contract: median ≤ 1e-5, max ≤ 1e-4 against float64).
-ACCURACY_TARGET = 2e-6
-FLOAT64_TARGET = 2e-5
+ACCURACY_TARGET = 1e-5
+FLOAT64_TARGET = 3e-5
 HEAD_NATS = 10.0
 HEAD_GROWTH_NATS = 1e-3
 HEAD_MAX = 256
-# The head weights within this many nats of a row's largest screened one are always exact.
+# The head weights within this many nats of a row's largest screened one are always exact
+# where they hold at least NORMALISER_SHARE of the total each (the normaliser Z, for log Z
+# and max λ, then errs only by what stays screened).
 NORMALISER_NATS = 3.0
-# A row records no head from a chunk where more than this many weights lie within its margin.
+NORMALISER_SHARE = 0.05
+# A row with more than this many weights within its margin in one chunk records only those
+# within HEAD_NEAR_NATS of its top there, and none if they too are more.
 HEAD_CHUNK_MAX = 64
+HEAD_NEAR_NATS = 3.0
+# ... and no weight below this share of the total (less for coarser screens).
+HEAD_SHARE_MIN = 0.05
 # Rows whose typical screening error is below this many nats record no head: their screened
 # weights are exact to ~1e-7 relative.
 HEAD_SKIP_NATS = 1e-7
 # _float32_error's screening estimate is its root-mean-square model times this.
-SCREEN_SAFETY = 3.0
+SCREEN_SAFETY = 2.0
 # Rows with t above this never take the float32 path: (D - x)/(1-t) would amplify its rounding.
 DENSE_T_MAX = 0.95
 # Nor do rows whose typical screening error exceeds this many nats (data far from the origin
@@ -72,13 +85,20 @@ DENSE_TYPICAL_MAX = 0.05
 # Rows whose screen magnitudes (2s·(‖x‖ + t·max‖x_j‖)²) reach this would overflow float32
 # (3.4e38): they are computed in float64.
 FLOAT32_SCREEN_MAX = 1e30
+# The dense sums' references trail the running top by up to this many nats (_DenseSums._raise_).
+REF_SLACK = 20.0
+# Dense float32 sums move into float64 once they hold this many terms (a float32 sum of K
+# terms of one sign errs by ~u·√K: _float32_error).
+FLUSH_TERMS = 8192
 # When every row of a chunk was dense, the next chunks skip the live-weight count (a dense row
 # is exact either way, just slower) and look again every this many chunks.
 RECHECK_DENSE_EVERY = 4
-DEFAULT_CHUNK = 2048
-# On GPUs, chunks 8× larger: each chunk costs ~100 kernel launches and a few host syncs, which
-# at 2048 columns dominated the time (25 chunks for n = 50,000: 50 ms of launches, 8 ms of
-# kernels on an H200).
+# Training points per chunk: 8,192 on CPUs (6 chunks for n = 45,000: fewer per-chunk
+# operations; the chunk's B×8,192 logits still fit the L3 cache; against 2,048 it read 103% of
+# the two-GEMM limit on a U[0,1) batch of photos instead of 86%, and as fast or faster at most
+# grid t); 16,384 on GPUs, where each chunk costs ~100 kernel launches and a few host syncs
+# (at 2,048 columns: 50 ms of launches for 8 ms of kernels at n = 50,000 on an H200).
+DEFAULT_CHUNK = 8192
 GPU_CHUNK = 16384
 # The dot form of exact distances is used while its rounding stays below this many nats.
 DOT_FORM_NATS = 1e-9
@@ -403,7 +423,7 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
                       compute_dtype: torch.dtype = torch.float32) -> SoftmaxState:
     """The softmax state of û* for queries x (B, d) at times t over all training points.
 
-    Streams the data in chunks of `chunk_size` (default: 2048 on CPUs, 16384 on GPUs). Per
+    Streams the data in chunks of `chunk_size` (default: 8192 on CPUs, 16384 on GPUs). Per
     chunk one GEMM screens the logits. Rows with few live weights in the chunk (within the
     dropped-mass margin of the running maximum) skip the second GEMM: their live weights are
     computed exactly in float64 at the end, when the final maximum prunes most of them. Other
@@ -488,7 +508,12 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
     # Screened logits omit -s‖x‖², the same for every j; `offset` converts to full logits.
     offset = s * x_sq
     shared_t = bool((t == t[0]).all())
-    dense_sums = _DenseSums(batch, dim, device, cdt, record_head, head_margin)
+    flush_every = max(1, FLUSH_TERMS // chunk_size)
+    # The row limits are per ROW_LIMIT_COLUMNS columns.
+    sparse_limit = SPARSE_ROW_LIMIT * chunk_size // ROW_LIMIT_COLUMNS
+    exact_limit = EXACT_ROW_LIMIT * chunk_size // ROW_LIMIT_COLUMNS
+    dense_sums = _DenseSums(batch, dim, device, cdt, record_head, head_margin, typical,
+                            flush_every * chunk_size)
     top = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
     live_found = _Candidates(batch, device, max(1 << 18, 64 * batch), None)
     all_dense = False
@@ -500,20 +525,33 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
         chunk_top = logits.amax(dim=1).to(torch.float64)
         top = torch.maximum(top, chunk_top)
         if all_dense and index % RECHECK_DENSE_EVERY:
-            sparse_rows = top.new_empty(0, dtype=torch.long)
+            dense = sparse = exact = None
         else:  # which rows have few enough live weights to skip the second GEMM
             live = logits >= (top - live_margin).to(cdt)[:, None]
-            dense = (torch.count_nonzero(live, dim=1) > SPARSE_ROW_LIMIT) & dense_allowed
-            sparse_rows = (~dense).nonzero().squeeze(1)
-            all_dense = sparse_rows.numel() == 0
-        if sparse_rows.numel():
-            every = sparse_rows.numel() == batch
-            r, c = (live if every else live[sparse_rows]).nonzero().unbind(1)
-            r = r if every else sparse_rows[r]
+            counts = torch.count_nonzero(live, dim=1)
+            dense = (counts > sparse_limit) & dense_allowed
+            # Mostly dense: all rows take the GEMM (one pass over the chunk's rows; picking
+            # the few others out costs more than their share of the GEMM).
+            all_dense = bool(dense_allowed.all()) and (
+                int(dense.sum()) >= ALL_DENSE_SHARE * batch)
+            if all_dense:
+                dense = sparse = exact = None
+            else:
+                few = (counts <= exact_limit) | ~dense_allowed
+                sparse = (~dense & ~few).nonzero().squeeze(1)
+                exact = few.nonzero().squeeze(1)
+                dense = dense.nonzero().squeeze(1)
+        if exact is not None and exact.numel():
+            every = exact.numel() == batch
+            r, c = (live if every else live[exact]).nonzero().unbind(1)
+            r = r if every else exact[r]
             live_found.add_(r, c + start, logits[r, c].to(torch.float64), top - live_margin)
-        if sparse_rows.numel() < batch:
-            rows = None if sparse_rows.numel() == 0 else dense.nonzero().squeeze(1)
-            dense_sums.add_(logits, rows, top, chunk_top, chunk, norms, start)
+        if sparse is not None and sparse.numel():
+            dense_sums.add_sparse_(logits, live, sparse, top, chunk_top, chunk, norms, start)
+        if dense is None or dense.numel():
+            dense_sums.add_(logits, dense, top, chunk_top, chunk, norms, start, index)
+        if index % flush_every == flush_every - 1:
+            dense_sums.flush_()
 
     # The exact part: the live weights of sparse chunks that the final top keeps.
     exact = _Sums.empty(batch, dim, device)
@@ -628,10 +666,13 @@ def _correct_heads(exact: _Sums, dense: _Sums, dense_sums: _DenseSums, fix: Tens
     gap = (denoiser - x64).norm(dim=1)
     spread = (total.q / total.z - denoiser.square().sum(dim=1)).clamp(min=1e-300)
     # The largest weight (share of the total) that may stay screened, as a full logit; the
-    # weights within NORMALISER_NATS of the dense top are taken in any case.
+    # weights within NORMALISER_NATS of the dense top and above NORMALISER_SHARE are taken in
+    # any case.
     allowed = (ACCURACY_TARGET * gap / (SCREEN_SAFETY * typical)).square() / spread
     threshold = torch.minimum(total.ref + torch.log(allowed * total.z),
-                              largest - NORMALISER_NATS)
+                              torch.maximum(largest - NORMALISER_NATS,
+                                            total.ref + math.log(NORMALISER_SHARE) +
+                                            torch.log(total.z)))
     order = torch.argsort(screened, descending=True, stable=True)
     order = order[torch.argsort(rows[order], stable=True)]
     rows, cols, screened = rows[order], cols[order], screened[order]
@@ -694,26 +735,36 @@ class _Candidates:
 
 
 class _DenseSums:
-    """Sums of the screened weights of dense rows: each chunk's second GEMM in float32 (at
-    most a chunk's terms per float32 sum), added into float64 sums relative to each row's
-    running top (screened convention; `ref`). Rows in `record` also keep the positions and
-    screened logits of their weights within head_margin of that top (`heads`).
+    """Sums of the screened weights of dense rows, relative to each row's running top
+    (screened convention; `ref`). The second GEMM accumulates into float32 sums in place
+    (addmm with beta = 1, no extra pass over them), which move into float64 every
+    `flush_every` chunks, so a float32 sum holds at most that many chunks' terms. Rows in
+    `record` also keep the positions and screened logits of their weights within head_margin
+    of that top (`heads`).
     """
 
     def __init__(self, batch: int, dim: int, device: torch.device, cdt: torch.dtype,
-                 record: Tensor, head_margin: Tensor):
+                 record: Tensor, head_margin: Tensor, typical: Tensor, accumulated: int):
         self.record, self.head_margin = record, head_margin
+        # The smallest share of Z a recorded weight may hold: below it no correction is
+        # needed while ‖D - x‖² ≥ V (_correct_heads' allowance).
+        self.log_share_min = torch.log(torch.clamp(
+            (ACCURACY_TARGET / (SCREEN_SAFETY * typical)).square(), max=HEAD_SHARE_MIN))
         self.any_record = bool(record.any())
         self.ref = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
         self.total = _Sums.empty(batch, dim, device)
+        self.s32 = torch.zeros(batch, dim, dtype=cdt, device=device)
+        self.pending = False
+        self.paused_until = torch.zeros(batch, dtype=torch.long, device=device)
         self.heads = _Candidates(batch, device, max(1 << 16, 4 * batch * HEAD_MAX), HEAD_MAX)
         # The largest screened logit summed here, per row.
         self.dense_top = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
         self.used = False
-        self.accumulated = 1
+        # At most this many terms go into one float32 sum (flush_ every FLUSH_TERMS).
+        self.accumulated = accumulated
 
     def add_(self, logits: Tensor, rows: Tensor | None, top: Tensor, chunk_top: Tensor,
-             chunk: Tensor, norms: Tensor, start: int) -> None:
+             chunk: Tensor, norms: Tensor, start: int, index: int) -> None:
         """Second GEMM over the screened weights of `rows` (None: all) in this chunk;
         chunk_top: every row's largest screened logit in the chunk."""
         def pick(values: Tensor) -> Tensor:
@@ -724,54 +775,128 @@ class _DenseSums:
             torch.maximum(self.dense_top, chunk_top, out=self.dense_top)
         else:
             self.dense_top[rows] = torch.maximum(self.dense_top[rows], chunk_top[rows])
-        ref = pick(top).to(logits.dtype)
-        ref64 = ref.to(torch.float64)
-        old = pick(self.ref)
-        moved = (ref64 > old).nonzero().squeeze(1)
-        if moved.numel():  # rescale rows whose reference rose; top never falls
-            target = moved if rows is None else rows[moved]
-            scale = _rescale(old[moved], ref64[moved])
-            self.total.z[target] *= scale
-            self.total.s[target] *= scale[:, None]
-            self.total.q[target] *= scale
-            self.ref[target] = ref64[moved]
+        lead, ref64 = self._raise_(rows, pick(top))
         weights = pick(logits)
-        weights.sub_(ref[:, None])
+        weights.sub_(ref64.to(logits.dtype)[:, None])
         if self.any_record:
-            record = pick(self.record)
-            head = weights >= -pick(self.head_margin).to(weights.dtype)[:, None]
-            counts = torch.count_nonzero(head, dim=1)
-            # A row with many comparable weights in one chunk records none of them (its
-            # largest weight is small, so corrections are seldom needed); its largest
-            # unrecorded weight is the chunk's top.
-            crowded = record & (counts > HEAD_CHUNK_MAX)
-            if bool(crowded.any()):
-                full = crowded.nonzero().squeeze(1)
-                full = full if rows is None else rows[full]
-                self.heads.dropped[full] = torch.maximum(self.heads.dropped[full],
-                                                         chunk_top[full])
-                record = record & ~crowded
-            head &= record[:, None]
-            r, c = head.nonzero().unbind(1)
-            if r.numel():
-                full = r if rows is None else rows[r]
-                self.heads.add_(full, c + start, weights[r, c].to(torch.float64) + ref64[r],
-                                top - self.head_margin)
+            self._record_head_(weights, rows, ref64, lead, top, chunk_top, start, index)
         # Clamping at -80 nats keeps exp out of denormals (slow on CPUs); a weight of e^-80 per
         # point is far below the dropped-mass margin.
         weights.clamp_(min=-80.0).exp_()
-        self.accumulated = max(self.accumulated, chunk.shape[0])
+        self.pending = True
         if rows is None:
             self.total.z += weights.sum(dim=1)
-            self.total.s += weights @ chunk
+            self.s32.addmm_(weights, chunk)
             self.total.q += weights @ norms
         else:
             self.total.z[rows] += weights.sum(dim=1)
-            self.total.s[rows] += weights @ chunk
+            self.s32[rows] += weights @ chunk
             self.total.q[rows] += weights @ norms
+
+    def _raise_(self, rows: Tensor | None, top: Tensor) -> tuple[Tensor, Tensor]:
+        """(lead, ref): the references of `rows` (None: all), raised to their running top
+        where it exceeds them by more than REF_SLACK nats (rescaling their sums), and how
+        far the top lies above them (0 ≤ lead ≤ REF_SLACK). Weights up to e^REF_SLACK then
+        enter the sums; rescaling every time the top rose a little cost 3% of the call."""
+        old = self.ref if rows is None else self.ref[rows]
+        moved = (top - old > REF_SLACK).nonzero().squeeze(1)
+        if moved.numel():
+            target = moved if rows is None else rows[moved]
+            scale = _rescale(old[moved], top[moved])
+            self.total.z[target] *= scale
+            self.total.s[target] *= scale[:, None]
+            self.total.q[target] *= scale
+            self.s32[target] *= scale.to(self.s32.dtype)[:, None]
+            self.ref[target] = top[moved]
+        ref = self.ref if rows is None else self.ref[rows]
+        return top - ref, ref
+
+    def add_sparse_(self, logits: Tensor, live: Tensor, rows: Tensor, top: Tensor,
+                    chunk_top: Tensor, chunk: Tensor, norms: Tensor, start: int) -> None:
+        """The live screened weights of `rows` (few per row) in this chunk, summed by a
+        sparse (CSR) product with the chunk while it is in cache: about a fifth of a dense
+        row's cost per 100 weights here. Every head weight among them is recorded."""
+        self.used = True
+        self.dense_top[rows] = torch.maximum(self.dense_top[rows], chunk_top[rows])
+        lead, ref64 = self._raise_(rows, top[rows])
+        r, c = live[rows].nonzero().unbind(1)  # row-major, as CSR wants
+        full = rows[r]
+        values = logits[full, c] - ref64.to(logits.dtype)[r]
+        cut = (lead - self.head_margin[rows]).to(values.dtype)
+        head = (values >= cut[r]) & self.record[full]
+        if bool(head.any()):
+            self.heads.add_(full[head], c[head] + start,
+                            values[head].to(torch.float64) + ref64[r[head]],
+                            top - self.head_margin)
+        weights = values.clamp_(min=-80.0).exp_()
+        self.total.z.index_add_(0, full, weights.to(torch.float64))
+        self.total.q.index_add_(0, full, (weights * norms[c]).to(torch.float64))
+        # One CSR row per query of the batch (the others empty), so the product adds into
+        # the float32 sums in place.
+        batch = self.s32.shape[0]
+        crow = torch.zeros(batch + 1, dtype=torch.long, device=rows.device)
+        torch.cumsum(torch.bincount(full, minlength=batch), 0, out=crow[1:])
+        with warnings.catch_warnings():  # torch calls its CSR support "beta"
+            warnings.simplefilter("ignore", UserWarning)
+            matrix = torch.sparse_csr_tensor(crow, c, weights, (batch, chunk.shape[0]))
+            self.s32.addmm_(matrix, chunk)
+        self.pending = True
+
+    def _record_head_(self, weights: Tensor, rows: Tensor | None, ref64: Tensor, lead: Tensor,
+                      top: Tensor, chunk_top: Tensor, start: int, index: int) -> None:
+        """Record the chunk's head weights (weights: screened logits minus ref, per row of
+        `rows`): those within head_margin of the running top that also hold at least
+        `share_min` of the weight summed so far (smaller ones never need correcting, and
+        flat rows then record nothing). A row with more than HEAD_CHUNK_MAX of them records
+        those within HEAD_NEAR_NATS of its top instead, where few enough; a row with more
+        even there records nothing and pauses for RECHECK_DENSE_EVERY chunks.
+        `heads.dropped` bounds the logits left out."""
+        def full(local: Tensor) -> Tensor:
+            return local if rows is None else rows[local]
+
+        every_row = slice(None) if rows is None else rows
+        eligible = self.record[every_row] & (self.paused_until[every_row] <= index)
+        dropped = self.heads.dropped
+        paused = full((self.record[every_row] & ~eligible).nonzero().squeeze(1))
+        dropped[paused] = torch.maximum(dropped[paused], chunk_top[paused])
+        floor = self.log_share_min[every_row] + torch.log(self.total.z[every_row])
+        near_top = lead - self.head_margin[every_row]  # head_margin below the running top
+        cut = torch.maximum(near_top, floor)
+        # Rows whose share floor binds leave out weights below ref + cut.
+        bound = eligible & (floor > near_top)
+        which = full(bound.nonzero().squeeze(1))
+        dropped[which] = torch.maximum(dropped[which], (ref64 + cut)[bound])
+        act = (eligible & (chunk_top[every_row] - ref64 >= cut)).nonzero().squeeze(1)
+        if act.numel() == 0:
+            return
+        part = weights if act.numel() == weights.shape[0] else weights[act]
+        head = part >= cut[act].to(part.dtype)[:, None]
+        crowded = (torch.count_nonzero(head, dim=1) > HEAD_CHUNK_MAX).nonzero().squeeze(1)
+        if crowded.numel():
+            near = part[crowded] >= (lead[act[crowded]] - HEAD_NEAR_NATS).to(part.dtype)[:, None]
+            few = torch.count_nonzero(near, dim=1) <= HEAD_CHUNK_MAX
+            head[crowded] = near & few[:, None]
+            which = full(act[crowded])
+            bound = torch.where(few, top[which] - HEAD_NEAR_NATS, chunk_top[which])
+            dropped[which] = torch.maximum(dropped[which], bound)
+            self.paused_until[which[~few]] = index + RECHECK_DENSE_EVERY
+        r, c = head.nonzero().unbind(1)
+        if r.numel():
+            local = act[r]
+            self.heads.add_(full(local), c + start,
+                            part[r, c].to(torch.float64) + ref64[local],
+                            top - self.head_margin)
+
+    def flush_(self) -> None:
+        """Move the float32 sums into the float64 ones."""
+        if self.pending:
+            self.total.s += self.s32
+            self.s32.zero_()
+            self.pending = False
 
     def sums(self, offset: Tensor) -> _Sums:
         """The float64 sums, relative to the full-convention logit of their reference."""
+        self.flush_()
         return _Sums(self.ref - offset, self.total.z, self.total.s, self.total.q)
 
     def recorded(self, top: Tensor) -> tuple[Tensor, Tensor, Tensor]:

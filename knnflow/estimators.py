@@ -139,6 +139,10 @@ ROUTE_BINS = 20
 ROUTE_PROBES = 64
 ROUTE_REPEATS = 5
 ROUTE_MARGIN = 0.9
+# route="auto" times the routes (as "faster") on a GPU and on data of at least n·d values: on
+# real images the exact engine outruns certifying below t ≈ 0.85-0.9 (photos, n = 45,000,
+# d = 3,072); smaller data certifies every t above the floor (calls of a few ms time badly).
+AUTO_TIMED_SIZE = 10**7
 # The kept set's screen drops at least e^-LIVE_NATS_MIN of Z_K (closed_form.LIVE_NATS at most).
 LIVE_NATS_MIN = 20.0
 
@@ -194,8 +198,8 @@ class KNNVelocity:
     search at n = 50,000 (docs/benchmarks.md). The choice
     depends on timings, so two estimators may route differently; `floors` holds it and can be
     passed back to pin it (a resumed training run does). "auto" (default): "faster" when the
-    exact engine runs on a GPU, else "certify" (on a CPU certifying pays wherever it
-    succeeds on the data sets measured).
+    exact engine runs on a GPU or the index holds at least AUTO_TIMED_SIZE numbers (n·d),
+    else "certify".
     floors: (certification floor, exact floor) from an earlier estimator's `floors`: no
     calibration and no timing.
     group: a torch.distributed process group over which the training points are split
@@ -211,7 +215,7 @@ class KNNVelocity:
 
     def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
                  certified: bool = True, *, data: Tensor | None = None, seeds: int = 4,
-                 coarse_budget: float = 0.1, exact_budget: float = 0.005,
+                 coarse_budget: float = 0.1, exact_budget: float = 0.05,
                  scan_chunk: int = 8192, fallback: str = "exact",
                  device: torch.device | str | None = None, calibrate: bool = True,
                  search_device: torch.device | str | None = None, route: str = "auto",
@@ -276,7 +280,9 @@ class KNNVelocity:
         self.scanner = (SketchScanner(self.sketches, scan_chunk, self.search_device,
                                       plan_n=index.n) if certified else None)
         if route == "auto":
-            route = "faster" if self.exact.train.points.device.type == "cuda" else "certify"
+            large = index.n * index.dim >= AUTO_TIMED_SIZE
+            on_gpu = self.exact.train.points.device.type == "cuda"
+            route = "faster" if on_gpu or large else "certify"
         self.route = route if certified else "certify"  # the top-k truncation routes nothing
         self.route_timings: list[dict[str, float]] = []
         self._t_floor: float | None = None if (certified and calibrate) else 0.0

@@ -6,10 +6,12 @@ temporary name and renamed when complete, so a killed build never leaves a folde
 
 `Index.search` is exact by default, by one of two routes. On large, high-dimensional data the
 band sketches (prune.py) rule out, with proof, every point that cannot be among the k nearest,
-and only the rest is read in full dimension. Otherwise, and for queries the sketches cannot
-settle within budget, FAISS proposes candidates from float32 distances, their distances are
-recomputed in float64 from the raw data, and the candidate list grows until a rounding-error
-bound on FAISS's distances proves that no point outside it is nearer.
+and only the rest is read in full dimension; queries the sketches cannot settle within budget
+take a brute force of float32 GEMMs with a proven rounding bound and float64 distances for
+the points within it (prune.screened_knn). Otherwise (small data, or method="faiss") FAISS
+proposes candidates from float32 distances, their distances are recomputed in float64 from
+the raw data, and the candidate list grows until a rounding-error bound on FAISS's distances
+proves that no point outside it is nearer.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import Tensor
 from knnflow.closed_form import FLOAT32_ROUNDOFF, TrainingSet
 from knnflow.errors import IndexMismatchError, InputError, MissingFileError
 from knnflow.files import atomic_folder
-from knnflow.prune import SketchScanner, sketch_knn
+from knnflow.prune import SketchScanner, screened_knn, sketch_knn
 from knnflow.sketch import Sketches
 
 FORMAT_VERSION = 1
@@ -40,6 +42,8 @@ ADD_CHUNK = 8192
 SEARCH_METHODS = ("auto", "sketch", "faiss")
 # method="auto" prunes with the sketches from this size on; below it FAISS's scan is cheap.
 SKETCH_MIN_N, SKETCH_MIN_DIM = 4096, 256
+# Rows per GEMM pass of the brute force that settles what the sketches could not.
+BRUTE_FORCE_ROWS = 1024
 
 Progress = Callable[[str, int, int], None]
 
@@ -322,12 +326,13 @@ class Index:
 
     def search(self, queries: Tensor | np.ndarray, k: int, approximate: bool = False,
                method: str = "auto", sketch_budget: float = 0.02,
-               batch_size: int = 256) -> SearchResult:
+               batch_size: int = 1024) -> SearchResult:
         """The k nearest points of each query, with float64 squared distances from the raw data.
 
         Exact by default (see the module docstring). method: "sketch" prunes with the band
         sketches, "faiss" reranks FAISS's candidates, "auto" picks sketch on large data with
-        d ≥ 256. Rows whose sketch survivors exceed sketch_budget·n (at least 512) go to FAISS.
+        d ≥ 256. Rows whose sketch survivors exceed sketch_budget·n (at least 512) take the
+        GEMM brute force (prune.screened_knn; counted in last_stats["fallback"]).
         approximate=True takes an IVF index's candidates from `nprobe` lists as they are,
         which may miss true neighbours. Queries are processed batch_size at a time. Queries
         are rounded to float32 first (images, samples and the stored points are float32 or
@@ -376,15 +381,20 @@ class Index:
         out_d = torch.empty(len(q64), k, dtype=torch.float64)
         out_i = torch.empty(len(q64), k, dtype=torch.int64)
         evaluated = torch.full((len(q64),), self.n, dtype=torch.int64)
+        rest = []
         for start in range(0, len(q64), batch_size):
             part = slice(start, start + batch_size)
-            found = sketch_knn(self._scanner, self.points, q64[part], k, budget)
+            found = sketch_knn(self._scanner, self.points, q64[part], k, budget,
+                               sq_norms=self.training_set().sq_norms)
             out_d[part], out_i[part] = found.sq_distances, found.ids
             evaluated[part] = torch.where(found.done, found.evaluated, self.n)
-            rest = (~found.done).nonzero().squeeze(1) + start
-            if rest.numel():
-                result = self._exact_search(q32[rest.numpy()], q64[rest], k)
-                out_d[rest], out_i[rest] = result.sq_distances, result.ids
+            rest.append((~found.done).nonzero().squeeze(1) + start)
+        # One brute force for every row the sketches could not settle: it reads the data once.
+        rest = torch.cat(rest)
+        train = self.training_set()
+        for first in range(0, rest.numel(), BRUTE_FORCE_ROWS):
+            rows = rest[first:first + BRUTE_FORCE_ROWS]
+            out_d[rows], out_i[rows] = screened_knn(train.points, train.sq_norms, q64[rows], k)
         self.last_stats = {"method": "sketch", "queries": len(q32),
                            "fallback": int((evaluated == self.n).sum()),
                            "evaluated_median": float(evaluated.double().median())}

@@ -158,7 +158,7 @@ def test_bench_memorization_baseline_and_ours_agree_with_float64():
 
 def test_bench_memorization_on_photos_with_t_rows():
     """Sketch-pruned search (photos, n = 4096, d = 3072): 0 id mismatches against float64 on
-    the samples and on x_t/t; at t = 0.05, x_t/t is mostly noise and goes to FAISS."""
+    the samples and on x_t/t; at t = 0.05, x_t/t is mostly noise and takes the brute force."""
     from knnflow.bench import bench_memorization
 
     result = bench_memorization(limit=4096, samples=32, repeats=1, ts=(0.05, 0.9))

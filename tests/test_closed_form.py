@@ -319,3 +319,21 @@ def test_matmul_input_roundoff_reads_old_and_new_torch_settings():
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
     assert matmul_input_roundoff(torch.float32, cuda) == 0.0
+
+
+def test_a_raw_tensor_is_prepared_once_and_again_after_an_in_place_change(digits):
+    """closed_form_velocity reuses a tensor's prepared TrainingSet while the tensor is
+    unchanged, and prepares it again after an in-place change (its version counter moves)."""
+    from knnflow import closed_form
+
+    data = digits.clone()
+    x = flow_queries(digits, 0.5, 16)
+    first = closed_form.as_training_set(data)
+    assert closed_form.as_training_set(data) is first
+    before = closed_form_velocity(x, 0.5, data)
+    data[:100] = -data[:100]
+    assert closed_form.as_training_set(data) is not first
+    after = closed_form_velocity(x, 0.5, data)
+    assert relative_error(after, brute_force_velocity(x, 0.5, data)).max() < 1e-5
+    assert relative_error(before, brute_force_velocity(x, 0.5, digits)).max() < 1e-5
+    assert not torch.allclose(before, after)

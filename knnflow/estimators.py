@@ -45,8 +45,16 @@ class VelocityOutput:
 
     velocity: shaped like x, typed like x for float32 and float64 queries and float32 for
     float16 and bfloat16 ones (rounding to those would exceed the bounds: 2^-11 and 2^-8 of
-    ‖û*‖ against tol = 1e-4). error_bound: (B,) float64 upper bound on
-    ‖velocity - û*‖₂, or None for estimators that give no bound (random or approximate ones).
+    ‖û*‖ against tol = 1e-4).
+    error_bound: (B,) float64, or None for estimators that give no bound (random or
+    approximate ones). For a row certified from an index (KNNVelocity) it is a proven upper
+    bound on ‖velocity - û*‖₂ for the velocity as returned: the left-out mass, the float64
+    rounding of the kept weights and the rounding to the returned dtype. For a row the exact
+    engine computed (ExactVelocity; KNNVelocity's fallback and routed rows) it is 0, with
+    the engine's rounding as the one allowance: float32 screening whose error is estimated
+    per row and kept below closed_form.FLOAT64_TARGET = 3e-5 of ‖û*‖ (rows above it are
+    computed again with exact weights), measured at ≤ 4e-6 and typically ~1e-7 on photos and
+    digits (docs/benchmarks.md); compute_dtype=float64 leaves ~1e-14.
     evaluated: (B,) how many training points each query touched in full dimension.
     certified: whether error_bound is a proof (False: no bound at all).
     fallback: (B,) bool, queries that an index-based estimator could not certify (sent to
@@ -78,13 +86,15 @@ def training_set_of(data_or_index: Tensor | TrainingSet | Index,
 
 
 class ExactVelocity:
-    """û* over every training point, exact up to float32 rounding (error_bound = 0).
+    """û* over every training point, exact up to the engine's rounding (error_bound = 0; see
+    VelocityOutput for the allowance).
 
-    compute_dtype=float32 screens logits with float32 GEMMs and recomputes every weight that
-    matters in float64: relative errors ~1e-7 on image data, up to ~2e-6 where many weights
-    compete (digits at t = 0.5-0.6) and ~2e-5 measured on tight small-norm clusters at
-    t = 0.95 (docs/architecture.md, the exact engine); float64 does all arithmetic in float64
-    (slower, for references: ~1e-14).
+    compute_dtype=float32 screens logits with float32 GEMMs, sums most weights in float32 and
+    makes the weights that matter exact in float64, so that each row's estimated error stays
+    below closed_form.FLOAT64_TARGET (docs/architecture.md, the exact engine): measured
+    relative errors ~1e-7 median and ≤ 4e-6 on photos and digits over t in [0, 1), queries
+    near the data mean, near fixed points of the denoiser and training images included;
+    float64 does all arithmetic in float64 (slower, for references: ~1e-14).
     device: where the data lives while computing (for example "cuda"); default: where it is.
     group: a torch.distributed process group whose ranks each hold one shard of the training
     set (knnflow.distributed.shard_of); the data passed is then this rank's shard, every rank

@@ -256,10 +256,12 @@ class SoftmaxState:
         new_ref = self.ref.scatter_reduce(0, rows, ref, reduce="amax")
         moved = (new_ref != self.ref).nonzero().squeeze(1)
         if moved.numel():
-            scale = _rescale(self.ref[moved], new_ref[moved])
-            self.z[moved] *= scale
-            self.s[moved] *= scale[:, None]
+            self._scale_rows_(moved, _rescale(self.ref[moved], new_ref[moved]))
         self.ref = new_ref
+
+    def _scale_rows_(self, rows: Tensor, scale: Tensor) -> None:
+        self.z[rows] *= scale
+        self.s[rows] *= scale[:, None]
 
     def denoiser(self) -> Tensor:
         """D = Σ λ_j x_j, float64 (B, d)."""
@@ -592,13 +594,10 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
 
 
 @dataclass
-class _Sums:
-    """Per-row sums relative to a reference logit ref (full convention; -inf while empty):
-    z = Σ w_j, s = Σ w_j·x_j, q = Σ w_j·‖x_j‖² with w_j = e^(ℓ_j - ref), in float64."""
+class _Sums(SoftmaxState):
+    """A softmax state (ref in the full convention) that also sums q = Σ w_j·‖x_j‖², for the
+    posterior spread in _float32_error."""
 
-    ref: Tensor
-    z: Tensor
-    s: Tensor
     q: Tensor
 
     @classmethod
@@ -607,16 +606,9 @@ class _Sums:
         return cls(torch.full((batch,), -math.inf, **f64), torch.zeros(batch, **f64),
                    torch.zeros(batch, dim, **f64), torch.zeros(batch, **f64))
 
-    def raise_ref_(self, rows: Tensor, ref: Tensor) -> None:
-        """Raise the reference of the given rows to at least `ref`, rescaling their sums."""
-        new_ref = self.ref.scatter_reduce(0, rows, ref, reduce="amax")
-        moved = (new_ref != self.ref).nonzero().squeeze(1)
-        if moved.numel():
-            scale = _rescale(self.ref[moved], new_ref[moved])
-            self.z[moved] *= scale
-            self.q[moved] *= scale
-            self.s[moved] *= scale[:, None]
-        self.ref = new_ref
+    def _scale_rows_(self, rows: Tensor, scale: Tensor) -> None:
+        super()._scale_rows_(rows, scale)
+        self.q[rows] *= scale
 
     def merged(self, other: _Sums) -> _Sums:
         """The sums of both, relative to the larger reference."""

@@ -105,6 +105,16 @@ RECHECK_DENSE_EVERY = 4
 # (at 2,048 columns: 50 ms of launches for 8 ms of kernels at n = 50,000 on an H200).
 DEFAULT_CHUNK = 8192
 GPU_CHUNK = 16384
+# Training sets of at most SMALL_SET_NUMBERS numbers (n·d) that fit one chunk take one pass
+# (_one_pass): at n·d ≈ 10^5 a call lasts about a millisecond and the streaming machinery's
+# ~200 small operations cost more than both GEMMs (digits: 0.1-0.6× the naive form). Weights
+# below e^-ONE_PASS_FLOOR_NATS of a row's top are held at that value (8.7e-27: their products
+# with pixel values stay far from float32's subnormals). A row whose estimated error exceeds
+# FLOAT64_TARGET, or whose float32 screen is too coarse for that floor, is made exact: with at
+# most ONE_PASS_PAIR_ROWS live weights from float64 differences, else by a float64 GEMM.
+SMALL_SET_NUMBERS = 1 << 21
+ONE_PASS_FLOOR_NATS = 60.0
+ONE_PASS_PAIR_ROWS = 96
 # The dot form of exact distances is used while its rounding stays below this many nats.
 DOT_FORM_NATS = 1e-9
 # Float64 elements per block of exact pair recomputation (4 MB): bounded memory, and small
@@ -470,10 +480,22 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
     overflow = torch.zeros(batch, dtype=torch.bool, device=device)
     if compute_dtype == torch.float32:
         # The screen's magnitudes must stay far inside float32's range (3.4e38).
-        s = 0.5 / (1 - t64) ** 2
-        reach = x64.norm(dim=1) + t64 * train.max_norm
-        overflow = ~(2 * s * reach * reach < FLOAT32_SCREEN_MAX) & ~flat
-        rows = (~flat & ~overflow).nonzero().squeeze(1)
+        # (checked per row only when the batch's largest query and t could overflow)
+        x_max, t_max = float(x64.abs().max()), float(t64.max())
+        reach_max = x_max * math.sqrt(train.dim) + t_max * train.max_norm
+        if not reach_max * reach_max / (1 - t_max) ** 2 < FLOAT32_SCREEN_MAX:
+            s = 0.5 / (1 - t64) ** 2
+            reach = x64.norm(dim=1) + t64 * train.max_norm
+            overflow = ~(2 * s * reach * reach < FLOAT32_SCREEN_MAX) & ~flat
+            rows = (~flat & ~overflow).nonzero().squeeze(1)
+    if rows.numel() and compute_dtype == torch.float32 and train.n <= chunk_size and (
+            train.n * train.dim <= SMALL_SET_NUMBERS):
+        if rows.numel() == batch:  # the usual case: no row to pick out or scatter back
+            state, rest = _one_pass(x64, t64, train)
+        else:
+            part, rest = _one_pass(x64[rows], t64[rows], train)
+            _scatter_state(state, rows, part)
+        rows = rows[rest]
     if rows.numel():
         part, inaccurate = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype)
         _scatter_state(state, rows, part)
@@ -487,6 +509,120 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
         part, _ = _stream(x64[rows], t64[rows], train, chunk_size, torch.float64)
         _scatter_state(state, rows, part)
     return state
+
+
+def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState, Tensor]:
+    """(state, rest) for a small training set in one chunk. One float32 GEMM screens the
+    logits, the second sums their weights, and each row's error is estimated as in
+    `_float32_error` (with no exact part: the largest screened weight is the top, 1/Z of the
+    total). Rows whose estimate exceeds FLOAT64_TARGET, or whose float32 screen is too coarse
+    for the weight floor, take one float64 GEMM instead: its weights directly where its
+    rounding stays below DOT_FORM_NATS, else as a screen whose few live weights (within the
+    dropped-mass margin) are computed from float64 differences. `rest` marks the rows with
+    too many of those, left to the streaming engine."""
+    batch, dim = x64.shape
+    n, device = train.n, x64.device
+    s = 0.5 / (1 - t) ** 2
+    x_sq = x64.square().sum(dim=1)
+    x_norm = x_sq.sqrt()
+    proven, typical = screening_error_bound(x_norm, t, train.max_norm, dim, torch.float32,
+                                            device)
+    # Weights below e^-floor of the top stay at e^-floor instead of 0: for rows whose bound
+    # allows it, at most n·e^-(log n + 36) of the total, under the dropped mass; never
+    # subnormal, nor their products with the points (those slow the second GEMM ~3×).
+    floor = ONE_PASS_FLOOR_NATS
+    redo = proven > (floor - math.log(n) - DROPPED_MASS_NATS) / 2
+    state = SoftmaxState.empty(batch, dim, device)
+    every = not bool(redo.any())
+    rows = None if every else (~redo).nonzero().squeeze(1)
+    if every or rows.numel():
+        xr, tr, sr = (x64, t, s) if every else (x64[rows], t[rows], s[rows])
+        points = train.points.to(torch.float32)
+        sq = train.sq_norms.to(torch.float32)
+        if bool((tr == tr[0]).all()):  # one t: scalars fold into the GEMM
+            t0, s0 = float(tr[0]), float(sr[0])
+            logits = torch.addmm(sq[None, :], xr.to(torch.float32), points.T,
+                                 beta=-s0 * t0 * t0, alpha=2 * s0 * t0)
+        else:
+            query = ((2 * sr * tr)[:, None] * xr).to(torch.float32)
+            logits = torch.addmm(torch.outer((-sr * tr * tr).to(torch.float32), sq), query,
+                                 points.T)
+        top, first = logits.max(dim=1)
+        weights = logits.sub_(top[:, None]).clamp_(min=-floor).exp_()
+        z = weights.sum(dim=1).to(torch.float64)
+        sums = (weights @ points).to(torch.float64)
+        q = (weights @ sq).to(torch.float64)
+        inv_z = 1 / z
+        denoiser = sums * inv_z[:, None]
+        gap = (denoiser - xr).norm(dim=1)
+        d_sq = denoiser.square().sum(dim=1)
+        q_z = q * inv_z
+        spread = (q_z - d_sq).clamp_(min=0.0)
+        estimate = (SCREEN_SAFETY * (typical if every else typical[rows]) * (spread * inv_z).sqrt_()
+                    + FLOAT32_ROUNDOFF * (math.sqrt(n) * d_sq.sqrt_() + q_z.sqrt_())) / gap
+        ref = top.to(torch.float64) - sr * (x_sq if every else x_sq[rows])
+        ref = _exact_top_(ref, z, sums, first, xr, tr, sr, train)
+        if every:
+            state = SoftmaxState(ref, z, sums)
+            redo = ~(estimate <= FLOAT64_TARGET)
+        else:
+            state.ref[rows], state.z[rows], state.s[rows] = ref, z, sums
+            redo[rows] = ~(estimate <= FLOAT64_TARGET)
+    rows = redo.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return state, redo
+    # In place where it can (fresh temporaries of this size are page-faulted in on each call).
+    p64 = train.points.to(torch.float64)
+    sr, tr = s[rows], t[rows]
+    full = torch.mm(x64[rows], p64.T).mul_((2 * sr * tr)[:, None])
+    full.addr_(-sr * tr * tr, train.sq_norms)  # the logits less s‖x‖², the same for every j
+    best, first = full.max(dim=1)
+    reach = x_norm[rows] + tr * train.max_norm
+    direct = 4 * FLOAT64_ROUNDOFF * reach.square() * sr <= DOT_FORM_NATS
+    rest = torch.zeros(batch, dtype=torch.bool, device=device)
+    if bool(direct.any()):
+        every = bool(direct.all())
+        w64 = full if every else full[direct]
+        w64 = w64.sub_(best[direct, None]).clamp_(min=-floor).exp_()
+        done = rows[direct]
+        z, sums = w64.sum(dim=1), w64 @ p64
+        state.ref[done] = _exact_top_(best[direct] - sr[direct] * x_sq[done], z, sums,
+                                      first[direct], x64[done], t[done], s[done], train)
+        state.z[done], state.s[done] = z, sums
+        if every:
+            return state, rest
+    screened = rows[~direct]
+    bound, _ = screening_error_bound(x_norm[screened], t[screened], train.max_norm, dim,
+                                     torch.float64, device)
+    margin = math.log(n) + DROPPED_MASS_NATS + 2 * bound
+    live = full[~direct] >= (best[~direct] - margin)[:, None]
+    few = _row_counts(live) <= ONE_PASS_PAIR_ROWS
+    rest[screened[~few]] = True
+    r, c = live[few].nonzero().unbind(1)
+    if r.numel():
+        r = screened[few][r]
+        pair = torch.index_select(train.points, 0, c).to(torch.float64)
+        diff = torch.index_select(x64, 0, r).addcmul_(t[r, None], pair, value=-1.0)
+        exact = SoftmaxState.empty(batch, dim, device)
+        exact.add_points_(r, -s[r] * diff.square_().sum(dim=1), pair)
+        done = screened[few]
+        state.ref[done], state.z[done], state.s[done] = (exact.ref[done], exact.z[done],
+                                                         exact.s[done])
+    return state, rest
+
+
+def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor, t: Tensor,
+                s: Tensor, train: TrainingSet) -> Tensor:
+    """Make each row's top weight exact in place: the sums hold it as weight 1 at the
+    reference `ref` (its dot-form logit); the other weights keep their ratio to it. Returns
+    the new reference, its logit from float64 differences, so log Z and max λ carry no
+    rounding of the top (analysis.collapse reads them)."""
+    top = train.points[first].to(torch.float64)
+    exact = -s * (x64 - t[:, None] * top).square().sum(dim=1)
+    scale = torch.exp(ref - exact)
+    z.sub_(1.0).clamp_(min=0.0).mul_(scale).add_(1.0)
+    sums.sub_(top).mul_(scale[:, None]).add_(top)
+    return exact
 
 
 def _row_counts(mask: Tensor) -> Tensor:

@@ -110,8 +110,15 @@ def through_exact_velocity(x: Tensor, t, data: Tensor) -> Tensor:
     return knnflow.ExactVelocity(data)(x, t).velocity
 
 
+def through_streaming(x: Tensor, t, data: Tensor) -> Tensor:
+    """The streaming engine: chunks smaller than the data set (small sets otherwise take the
+    one-pass path, closed_form._one_pass)."""
+    return knnflow.closed_form_velocity(x, t, data, chunk_size=min(512, (data.shape[0] + 1) // 2))
+
+
 VELOCITY_APIS = {"closed_form_velocity": through_closed_form,
-                 "ExactVelocity": through_exact_velocity}
+                 "ExactVelocity": through_exact_velocity,
+                 "streaming": through_streaming}
 api_param = pytest.mark.parametrize("api", list(VELOCITY_APIS))
 
 
@@ -516,3 +523,51 @@ def test_held_out_flow_queries_meet_the_contract(api, t):
     ExactVelocity. A regression test: the audit found no failure here."""
     x, t_arg, exact = held_out_case(t)
     assert_contract(VELOCITY_APIS[api](x, t_arg, digits()), exact)
+
+
+# --------------------------------------------------------------------------- 11. one pass
+
+
+def count_streaming_calls(monkeypatch) -> list[int]:
+    """Rows handed to the streaming engine, call by call."""
+    calls: list[int] = []
+    stream = knnflow.closed_form._stream
+
+    def spy(x64, *args, **kwargs):
+        calls.append(x64.shape[0])
+        return stream(x64, *args, **kwargs)
+
+    monkeypatch.setattr(knnflow.closed_form, "_stream", spy)
+    return calls
+
+
+@pytest.mark.parametrize("t", [0.75, 0.8, 0.9999])
+def test_one_pass_makes_coarse_rows_exact(monkeypatch, t):
+    """Small sets take one pass (closed_form._one_pass). At t = 0.75-0.8 some held-out rows'
+    float32 error estimates are too high and they take a float64 GEMM; at t = 0.9999 the
+    float32 screen is too coarse for every row (bound ~10^3 nats) and the float64 GEMM only
+    screens for the few live weights, computed from differences. None reaches the streaming
+    engine, and all meet the contract."""
+    calls = count_streaming_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(int(t * 1e4))
+    x1 = digits("test")[torch.randint(299, (128,), generator=gen)]
+    x = (1 - t) * torch.randn(128, 64, generator=gen) + t * x1
+    _, exact = reference(x, t, digits())
+    assert_contract(knnflow.closed_form_velocity(x, t, digits()), exact)
+    assert calls == []
+
+
+def test_one_pass_leaves_many_live_near_copies_to_the_streaming_engine(monkeypatch):
+    """200 copies of one image: a query next to it at t = 0.9999 keeps all 200 live, more
+    than one pass computes from differences (ONE_PASS_PAIR_ROWS), so those rows, and only
+    those, go to the streaming engine; the batch still meets the contract."""
+    calls = count_streaming_calls(monkeypatch)
+    data = torch.cat([digits()[:300], digits()[:1].repeat(200, 1)])
+    gen = torch.Generator().manual_seed(12)
+    near = data[:1] + 1e-3 * torch.randn(8, 64, generator=gen)
+    t = 0.9999
+    x1 = digits("test")[:56]
+    x = torch.cat([near, (1 - t) * torch.randn(56, 64, generator=gen) + t * x1])
+    _, exact = reference(x, t, data)
+    assert_contract(knnflow.closed_form_velocity(x, t, data), exact)
+    assert calls == [8]

@@ -295,8 +295,8 @@ def memorization(
                       f"({c['fallback']} samples they could not settle took the GEMM brute "
                       "force).")
     else:
-        console.print("(b) searched with FAISS: on data this small (n < 4096 or d < 256) the "
-                      "sketches do not pay.")
+        console.print(f"(b) searched by {c['search']}: on data this small (n < 4096 or "
+                      "d < 256) the sketches do not pay.")
     console.print("ids ≠ float64: samples whose 2 nearest ids differ from a float64 brute force "
                   "(exact ties in either order agree); d1 errors: max over samples of "
                   "|d1 - d1_ref| / d1_ref.")

@@ -598,16 +598,20 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
     live = full[~direct] >= (best[~direct] - margin)[:, None]
     few = _row_counts(live) <= ONE_PASS_PAIR_ROWS
     rest[screened[~few]] = True
-    r, c = live[few].nonzero().unbind(1)
-    if r.numel():
-        r = screened[few][r]
+    local, c = live[few].nonzero().unbind(1)  # local: the row among `done`, ascending
+    if local.numel():
+        done = screened[few]
+        r = done[local]
         pair = torch.index_select(train.points, 0, c).to(torch.float64)
         diff = torch.index_select(x64, 0, r).addcmul_(t[r, None], pair, value=-1.0)
-        exact = SoftmaxState.empty(batch, dim, device)
-        exact.add_points_(r, -s[r] * diff.square_().sum(dim=1), pair)
-        done = screened[few]
-        state.ref[done], state.z[done], state.s[done] = (exact.ref[done], exact.z[done],
-                                                         exact.s[done])
+        logits = -s[r] * diff.square_().sum(dim=1)
+        top = torch.full((done.numel(),), -math.inf, dtype=torch.float64,
+                         device=device).scatter_reduce_(0, local, logits, reduce="amax")
+        w = torch.exp(logits - top[local])
+        state.ref[done] = top
+        state.z[done] = torch.zeros_like(top).index_add_(0, local, w)
+        state.s[done] = torch.zeros(done.numel(), dim, dtype=torch.float64,
+                                    device=device).index_add_(0, local, pair.mul_(w[:, None]))
     return state, rest
 
 

@@ -8,10 +8,11 @@ temporary name and renamed when complete, so a killed build never leaves a folde
 band sketches (prune.py) rule out, with proof, every point that cannot be among the k nearest,
 and only the rest is read in full dimension; queries the sketches cannot settle within budget
 take a brute force of float32 GEMMs with a proven rounding bound and float64 distances for
-the points within it (prune.screened_knn). Otherwise (small data, or method="faiss") FAISS
-proposes candidates from float32 distances, their distances are recomputed in float64 from
-the raw data, and the candidate list grows until a rounding-error bound on FAISS's distances
-proves that no point outside it is nearer.
+the points within it (prune.screened_knn). Small data on the CPU takes that brute force
+directly. With method="faiss" (and for an index on the GPU when the sketches do not apply)
+FAISS proposes candidates from float32 distances, their distances are recomputed in float64
+from the raw data, and the candidate list grows until a rounding-error bound on FAISS's
+distances proves that no point outside it is nearer.
 """
 
 from __future__ import annotations
@@ -331,8 +332,9 @@ class Index:
 
         Exact by default (see the module docstring). method: "sketch" prunes with the band
         sketches, "faiss" reranks FAISS's candidates, "auto" picks sketch on large data with
-        d ≥ 256. Rows whose sketch survivors exceed sketch_budget·n (at least 512) take the
-        GEMM brute force (prune.screened_knn; counted in last_stats["fallback"]).
+        d ≥ 256 and otherwise the GEMM brute force (FAISS for an index on the GPU). Rows
+        whose sketch survivors exceed sketch_budget·n (at least 512) take the GEMM brute force
+        (prune.screened_knn; counted in last_stats["fallback"]).
         approximate=True takes an IVF index's candidates from `nprobe` lists as they are,
         which may miss true neighbours. Queries are processed batch_size at a time. Queries
         are rounded to float32 first (images, samples and the stored points are float32 or
@@ -372,9 +374,20 @@ class Index:
         use_sketch = method == "sketch" or (
             method == "auto" and self.sketches is not None and self.n >= SKETCH_MIN_N
             and self.dim >= SKETCH_MIN_DIM)
-        if not use_sketch:
+        if not use_sketch and (method == "faiss" or "Gpu" in type(self.faiss_index).__name__):
             self.last_stats = {"method": "faiss", "queries": len(q32), "fallback": len(q32)}
             return self._exact_search(q32, q64, k)
+        train = self.training_set()
+        if not use_sketch:  # small data on the CPU: the GEMM brute force, 5× FAISS's on digits
+            out_d = torch.empty(len(q64), k, dtype=torch.float64)
+            out_i = torch.empty(len(q64), k, dtype=torch.int64)
+            for first in range(0, len(q64), BRUTE_FORCE_ROWS):
+                rows = slice(first, first + BRUTE_FORCE_ROWS)
+                out_d[rows], out_i[rows] = screened_knn(train.points, train.sq_norms, q64[rows],
+                                                        k)
+            self.last_stats = {"method": "brute-force", "queries": len(q32),
+                               "fallback": len(q32)}
+            return SearchResult(out_d, out_i, exact=True)
         if self._scanner is None:
             self._scanner = SketchScanner(self.sketches)
         budget = max(512, int(sketch_budget * self.n))
@@ -391,7 +404,6 @@ class Index:
             rest.append((~found.done).nonzero().squeeze(1) + start)
         # One brute force for every row the sketches could not settle: it reads the data once.
         rest = torch.cat(rest)
-        train = self.training_set()
         for first in range(0, rest.numel(), BRUTE_FORCE_ROWS):
             rows = rest[first:first + BRUTE_FORCE_ROWS]
             out_d[rows], out_i[rows] = screened_knn(train.points, train.sq_norms, q64[rows], k)

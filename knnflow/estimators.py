@@ -406,9 +406,7 @@ class KNNVelocity:
         flat = flatten_queries(x, self.train.dim)
         batch = flat.shape[0]
         t64 = check_t(t, batch, flat.device)
-        x64 = flat.detach().cpu().to(torch.float64)
         t64 = t64.cpu()
-        velocity = torch.empty_like(x64)
         bound = torch.zeros(batch, dtype=torch.float64)
         evaluated = torch.full((batch,), self.index.n, dtype=torch.int64)
         # Below MIN_INDEX_T the softmax is flat (nothing to prune) and x/t leaves float32 range;
@@ -417,6 +415,16 @@ class KNNVelocity:
         t_floor, exact_floor = self.floors
         fallback = t64 < max(MIN_INDEX_T, t_floor)
         routed = ~fallback & (t64 < exact_floor)
+        if self.fallback == "exact" and bool((fallback | routed).all()):
+            # Every row goes to the exact engine: no rows to pick out or scatter back.
+            self.last_stats = {"queries": batch, "fallback": int(fallback.sum()),
+                               "routed": int(routed.sum()), "evaluated_median": float(self.index.n)}
+            return VelocityOutput(
+                velocity=self.exact(x, t64.to(flat.device)).velocity,
+                error_bound=bound if self.certified else None, evaluated=evaluated,
+                certified=self.certified, fallback=fallback, routed=routed)
+        x64 = flat.detach().cpu().to(torch.float64)
+        velocity = torch.empty_like(x64)
         todo = (~fallback & ~routed).nonzero().squeeze(1)
         if todo.numel():
             run = self._certified if self.certified else self._top_k

@@ -56,7 +56,7 @@ ALL_DENSE_SHARE = 0.85
 # row) are recomputed exactly; rows still above FLOAT64_TARGET are computed again with every
 # live weight exact. The estimate has stayed above 0.75× the measured error on photos (above
 # 0.3× on digits, where the errors are ~1e-8), so the targets keep the measured errors at
-# ≤ 4e-6 (the contract: median ≤ 1e-5, max ≤ 1e-4 against float64). Tighter targets cost
+# ≤ 6e-6 on photos (the contract: median ≤ 1e-5, max ≤ 1e-4 against float64). Tighter targets cost
 # more exact weights at t = 0.2-0.6.
 ACCURACY_TARGET = 1e-5
 FLOAT64_TARGET = 3e-5

@@ -53,8 +53,8 @@ class VelocityOutput:
     engine computed (ExactVelocity; KNNVelocity's fallback and routed rows) it is 0, with
     the engine's rounding as the one allowance: float32 screening whose error is estimated
     per row and kept below closed_form.FLOAT64_TARGET = 3e-5 of ‖û*‖ (rows above it are
-    computed again with exact weights), measured at ≤ 4e-6 and typically ~1e-7 on photos and
-    digits (docs/benchmarks.md); compute_dtype=float64 leaves ~1e-14.
+    computed again with exact weights), measured at ≤ 6e-6 on photos and ≤ 1e-5 on digits,
+    typically ~1e-7 (docs/benchmarks.md); compute_dtype=float64 leaves ~1e-14.
     evaluated: (B,) how many training points each query touched in full dimension.
     certified: whether error_bound is a proof (False: no bound at all).
     fallback: (B,) bool, queries that an index-based estimator could not certify (sent to
@@ -92,7 +92,7 @@ class ExactVelocity:
     compute_dtype=float32 screens logits with float32 GEMMs, sums most weights in float32 and
     makes the weights that matter exact in float64, so that each row's estimated error stays
     below closed_form.FLOAT64_TARGET (docs/architecture.md, the exact engine): measured
-    relative errors ~1e-7 median and ≤ 4e-6 on photos and digits over t in [0, 1), queries
+    relative errors ~1e-7 median, ≤ 6e-6 on photos and ≤ 1e-5 on digits over t in [0, 1), queries
     near the data mean, near fixed points of the denoiser and training images included;
     float64 does all arithmetic in float64 (slower, for references: ~1e-14).
     device: where the data lives while computing (for example "cuda"); default: where it is.

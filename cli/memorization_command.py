@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from knnflow.data import dataset_sources
-from knnflow.errors import InputError
+from knnflow.data import dataset_sources, load_dataset
+from knnflow.errors import IndexMismatchError, InputError
 from knnflow.files import check_output_folder
 from knnflow.index import Index
 from knnflow.memorization import REFERENCE_SIZE, default_out, parse_threshold, run_memorization
@@ -36,16 +36,25 @@ def open_index(index: Path | None, dataset: str | None, root: Path | None, appro
     if folder.exists():
         cached = Index.load(folder)
         made = cached.manifest.get("dataset") or {}
-        other_root = (root is not None and made.get("root") is not None
-                      and Path(made["root"]).expanduser().resolve()
-                      != Path(root).expanduser().resolve())
-        if made.get("limit") is not None or made.get("flip") or other_root:
+        rebuild = (f"pass --index, or rebuild it with knnflow build-index {dataset} "
+                   + (f"--root {root} " if root is not None else "") + f"--out {folder} "
+                   "--overwrite")
+        if made.get("limit") is not None or made.get("flip"):
             which = f"the first {made['limit']}" if made.get("limit") else "other"
             raise InputError(f"the cached index {folder} holds {which} images of {dataset}, "
-                             f"not its whole training set from {root or 'the default place'}: "
-                             f"pass --index, or rebuild it with knnflow build-index {dataset} "
-                             + (f"--root {root} " if root is not None else "")
-                             + f"--out {folder} --overwrite")
+                             f"not its whole training set: {rebuild}")
+        # The points' checksum decides, not the recorded root: the same files may sit
+        # elsewhere, and other files under the same name must not pass.
+        progress(f"checking {folder} against {dataset}", 0, 1)
+        try:
+            cached.verify_points(load_dataset(dataset, root=root, split="train"))
+        except IndexMismatchError:
+            built = made.get("root") or "the default place"
+            raise InputError(
+                f"the cached index {folder} was built from other images than {dataset} at "
+                f"{root or 'the default place'} (points checksum differs; it was built from "
+                f"{built}): {rebuild}") from None
+        progress(f"checking {folder} against {dataset}", 1, 1)
         return cached
     build_dataset_index(dataset, folder, progress, root=root,
                         kind="ivf" if approximate else "flat")

@@ -258,3 +258,27 @@ def test_a_cached_index_of_part_of_the_data_is_not_reused(tmp_path):
     np.save(tmp_path / "s.npy", np.zeros((4, 1, 8, 8), np.float32))
     assert_one_line_error(run("memorization", "s.npy", "--dataset", "digits", cwd=tmp_path),
                           "the first 100", "--index")
+
+
+def test_a_cached_index_of_other_files_is_refused(tmp_path):
+    """The issue's case: indices/mnist-train built from one MNIST folder, then memorization
+    --dataset mnist --root OTHER. The cached index is checked against the data it stands
+    for by the points' checksum: refused, in one line naming both; the right root passes."""
+    from tests.test_cli import assert_one_line_error, run
+    from tests.test_data import _write_idx
+
+    rng = np.random.default_rng(7)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        images = rng.integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
+        _write_idx(tmp_path / name / "train-images-idx3-ubyte", images, False)
+    assert run("build-index", "mnist", "--root", "a", cwd=tmp_path).returncode == 0
+    np.save(tmp_path / "s.npy", rng.uniform(-1, 1, (4, 1, 28, 28)).astype(np.float32))
+    refused = run("memorization", "s.npy", "--dataset", "mnist", "--root", "b",
+                  "--out", "o1", cwd=tmp_path)
+    assert_one_line_error(refused, "indices/mnist-train", "checksum", "--overwrite")
+    assert not (tmp_path / "o1").exists()
+    kept = run("memorization", "s.npy", "--dataset", "mnist", "--root", "a", "--out", "o2",
+               "--json", cwd=tmp_path)
+    assert kept.returncode == 0, kept.stderr
+    assert json.loads(kept.stdout)["n_samples"] == 4

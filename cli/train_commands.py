@@ -39,7 +39,9 @@ def train_command(
     limit: Annotated[Optional[int], typer.Option(
         help="Train on the first N training images only.")] = None,
     target: Annotated[str, typer.Option(
-        help=f"Regression target: {', '.join(TARGETS)}. cfm: x1 - x0; efm: self-normalised "
+        help=f"Regression target: {', '.join(TARGETS)}. cfm: x1 - x0; ot-cfm: x1 - x0 after "
+             "pairing each batch's noise and images by exact optimal transport; efm: "
+             "self-normalised "
              "û* over M candidates; knn-efm: certified kNN û* (needs --index); exact: û* over "
              "all data.")] = "cfm",
     m: Annotated[int, typer.Option("--m", help="efm: candidates per row (M).")] = 128,

@@ -856,6 +856,7 @@ def bench_memorization(dataset: str | None = None, root: str | None = None,
 
 TARGET_SPECS = {
     "cfm": {"name": "cfm"},
+    "ot-cfm": {"name": "ot-cfm"},
     "efm-128": {"name": "efm", "m": 128},
     "efm-1000": {"name": "efm", "m": 1000},
     "efm-128-shared": {"name": "efm", "m": 128, "pool": "shared"},
@@ -879,8 +880,9 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
                   batch: int = 128, bins: int = 10, tol: float = 1e-4,
                   index_folder: str | Path | None = None, seed: int = 0,
                   size: int | None = None, progress: Progress | None = None) -> TargetsBench:
-    """For cfm, efm-128, efm-1000 (independent pools), efm-128 with a shared pool and knn-efm,
-    on the same (x0, x1, t): mean ‖target - û*‖² per t bin against the exact engine, and the
+    """For cfm, ot-cfm, efm-128, efm-1000 (independent pools), efm-128 with a shared pool and
+    knn-efm, on the same (x0, x1, t) (ot-cfm re-pairs x0 within the batch, and its error is
+    against û* at its own x_t): mean ‖target - û*‖² per t bin against the exact engine, and the
     median time per batch. x1 are training images, as in training."""
     from knnflow.estimators import ExactVelocity
     from knnflow.targets import make_target
@@ -908,9 +910,11 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
         x0 = torch.randn(x1.shape, generator=gen)
         for label, target in targets.items():
             out = target(x0, x1, t, generator=torch.Generator().manual_seed(seed + b))
-            if label == "cfm":
+            if label == "cfm":  # every target but ot-cfm has cfm's x_t
                 reference = exact(out.x_t, t).velocity.to(torch.float64)
-            error[label].append(float((out.target.double() - reference).square().sum(1).mean()))
+            own = (exact(out.x_t, t).velocity.to(torch.float64) if label == "ot-cfm"
+                   else reference)  # ot-cfm re-pairs x0, so its x_t differ
+            error[label].append(float((out.target.double() - own).square().sum(1).mean()))
             seconds[label].append(out.seconds)
             if label == "knn-efm":
                 fallback.append(out.fallback)
@@ -934,7 +938,7 @@ TRAIN_TARGETS = ("cfm", "efm-128", "knn-efm", "exact")
 def parse_target_label(label: str, n: int) -> dict:
     """'cfm', 'exact', 'knn-efm', 'knn-efm-certify', 'knn-efm-faster', 'efm-M' or
     'efm-M-shared' (M a number or 'n') → make_target options."""
-    if label in ("cfm", "exact", "knn-efm"):
+    if label in ("cfm", "ot-cfm", "exact", "knn-efm"):
         return {"name": label}
     if label in ("knn-efm-certify", "knn-efm-faster"):
         return {"name": "knn-efm", "knn_route": label.rsplit("-", 1)[1]}
@@ -943,7 +947,7 @@ def parse_target_label(label: str, n: int) -> dict:
         m = n if parts[1] == "n" else (int(parts[1]) if parts[1].isdigit() else 0)
         if m >= 1:
             return {"name": "efm", "m": m, "pool": "shared" if len(parts) == 3 else "independent"}
-    raise InputError(f"unknown target {label!r}; use cfm, exact, knn-efm (or "
+    raise InputError(f"unknown target {label!r}; use cfm, ot-cfm, exact, knn-efm (or "
                      "knn-efm-certify, knn-efm-faster: its --knn-route), efm-M or efm-M-shared "
                      "(M a number or n)")
 

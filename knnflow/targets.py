@@ -40,7 +40,7 @@ from knnflow.closed_form import (
 from knnflow.errors import IndexMismatchError, InputError
 from knnflow.estimators import ROUTES
 
-TARGETS = ("cfm", "efm", "knn-efm", "exact")
+TARGETS = ("cfm", "ot-cfm", "efm", "knn-efm", "exact")
 KNN_ROUTES = ROUTES  # knn-efm's --knn-route: KNNVelocity's routes
 # EFM's independent pools become one dense GEMM per batch when the draws of a row are at least
 # n / DENSE_DRAW_RATIO (a GEMM element costs far less than a gathered draw) and neither the
@@ -123,6 +123,47 @@ class CFMTarget(Target):
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+
+    def velocity(self, x0, x1, x_t, t, generator):
+        return x1 - x0, None, 1.0
+
+
+def ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
+    """perm (B,) such that pairing x0[perm[j]] with x1[j] minimises the batch's total squared
+    distance Σ_j ‖x0[perm[j]] - x1[j]‖²: the exact assignment (scipy's linear_sum_assignment
+    on float64 squared distances), minibatch optimal transport with uniform weights."""
+    from scipy.optimize import linear_sum_assignment
+
+    a = x1.reshape(x1.shape[0], -1).to(device="cpu", dtype=torch.float64)
+    b = x0.reshape(x0.shape[0], -1).to(device="cpu", dtype=torch.float64)
+    cost = torch.cdist(a, b).square()
+    rows, cols = linear_sum_assignment(cost.numpy())
+    perm = torch.empty(len(rows), dtype=torch.int64)
+    perm[torch.from_numpy(rows)] = torch.from_numpy(cols)
+    return perm.to(x0.device)
+
+
+# OT-CFM: Tong et al., "Improving and generalizing flow-based generative models with minibatch
+# optimal transport" (torchcfm's ExactOptimalTransportConditionalFlowMatcher, σ = 0).
+class OTCFMTarget(Target):
+    """x1 - x0 after re-pairing the batch's noise with its images by exact minibatch optimal
+    transport (`ot_pairing`): x_t = (1-t)·x0' + t·x1 with x0' = x0[perm]. The plan is a
+    permutation, used as it is (torchcfm draws pairs from it with replacement; for a
+    permutation plan that only repeats some pairs and drops others)."""
+
+    name = "ot-cfm"
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+
+    def __call__(self, x0: Tensor, x1: Tensor, t: Tensor,
+                 generator: torch.Generator | None = None) -> TargetBatch:
+        if x0.shape != x1.shape:
+            raise InputError(f"x0 has shape {tuple(x0.shape)} but x1 has {tuple(x1.shape)}")
+        if x1.shape[0] < 2:
+            raise InputError("the ot-cfm target pairs noise with images within a batch: it "
+                             f"needs at least 2 per batch, got {x1.shape[0]}")
+        return super().__call__(x0[ot_pairing(x0, x1).to(x0.device)], x1, t, generator)
 
     def velocity(self, x0, x1, x_t, t, generator):
         return x1 - x0, None, 1.0
@@ -330,13 +371,15 @@ def make_target(name: str, *, data: Tensor | TrainingSet | None = None, index=No
                 device: str | torch.device = "cpu",
                 knn_search_device: str | torch.device | None = None,
                 knn_route: str = "auto", group=None) -> Target:
-    """The target called `name` (cfm, efm, knn-efm, exact), from the training data (or the
+    """The target called `name` (cfm, ot-cfm, efm, knn-efm, exact), from the training data (or the
     index's data), computed on `device` (knn-efm's certified search on knn_search_device,
     by default the CPU)."""
     if name not in TARGETS:
         raise InputError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")
     if name == "cfm":
         return CFMTarget(device)
+    if name == "ot-cfm":
+        return OTCFMTarget(device)
     if name == "knn-efm":
         return KNNEFMTarget(index, data, tol=tol, budget=knn_budget, fallback=knn_fallback,
                             m=m, pool=pool, device=device, search_device=knn_search_device,

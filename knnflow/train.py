@@ -90,6 +90,9 @@ class TrainConfig:
                                  f"{getattr(config, name)}")
         if config.sample_every < 0 or config.warmup < 0:
             raise InputError("--sample-every and --warmup must be at least 0")
+        if config.target == "ot-cfm" and config.batch_size < 2:
+            raise InputError("--target ot-cfm pairs noise with images within a batch: "
+                             f"--batch-size must be at least 2, got {config.batch_size}")
         if not (config.lr > 0 and math.isfinite(config.lr)):
             raise InputError(f"--lr must be positive, got {config.lr}")
         if not 0 <= config.ema_decay < 1:

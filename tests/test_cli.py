@@ -184,6 +184,7 @@ def test_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path):
     (("build-index", "digits", "--kind", "ivf", "--nprobe", "-1"), ("--nprobe must lie",)),
     (("collapse", "digits", "--t-grid", "0:0.9:10"), ("larger than the range", "0:0.9:0.1")),
     (("train", "digits", "--index", "somewhere"), ("knn-efm only",)),
+    (("train", "--target", "ot-cfm", "--batch-size", "1"), ("--batch-size must be at least 2",)),
     (("fid", "x", "--ref", "nosuch"), ("unknown reference data set",)),
     (("train-classifier", "digits", "--lr", "nan"), ("--lr",)),
     (("bench", "knn", "--t-grid", "0:1:0.25"), ("t = 1 is invalid",)),

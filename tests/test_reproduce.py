@@ -49,7 +49,7 @@ from knnflow.train import load_run_model, train
 
 LIMIT = 150
 SHAPE = (1, 8, 8)
-LABELS = ["cfm", "efm-128", f"efm-{LIMIT}", "knn-efm"]
+LABELS = ["cfm", "ot-cfm", "efm-128", f"efm-{LIMIT}", "knn-efm"]
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_second_call_reuses_finished_stages_and_resumes_interrupted_training(rep
     assert first.records["train-efm-128-seed0"]["result"]["resumed_from"] is None
     computed = [stage.name for stage in second.stages if not stage.reused]
     assert computed == ["hybrid-knn-efm-seed0"]
-    assert len(second.stages) == len(first.stages) == 4 + 6 * 4
+    assert len(second.stages) == len(first.stages) == 4 + 6 * len(LABELS)
     for path, mtime in reproduction["before"].items():
         assert path.stat().st_mtime_ns == mtime, path
     assert [r.fid for r in second.rows] == [r.fid for r in first.rows]

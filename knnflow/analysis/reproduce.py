@@ -1,7 +1,7 @@
 """`knnflow reproduce`: the paper's comparison of training targets, end to end, at equal budgets.
 
-For one data set: train cfm, efm-128, efm-n (EFM with M = n, as many candidates as û* sums
-over) and knn-efm with the same preset, batch, step count and seeds (EFM's candidate draws
+For one data set: train cfm, ot-cfm, efm-128, efm-n (EFM with M = n, as many candidates as û*
+sums over) and knn-efm with the same preset, batch, step count and seeds (EFM's candidate draws
 share the data generator, so after the first batch the targets see different batches: data-
 order noise, not bias); sample each run; measure FID with the features of an in-domain classifier,
 memorization, the velocity error against û* and hybrid sampling (û* on [0, τ], the network on
@@ -220,13 +220,14 @@ class TargetSpec:
 
 
 def target_specs(n: int, budget: Budget) -> list[TargetSpec]:
-    """cfm, efm-128, efm-n (M capped at budget.efm_large_max) and knn-efm; n: the points û*
+    """cfm, ot-cfm, efm-128, efm-n (M capped at budget.efm_large_max) and knn-efm; n: the points û*
     sums over (with flips, 2× images)."""
     large = n if budget.efm_large_max is None else min(n, budget.efm_large_max)
     if large == budget.efm_m:
         raise InputError(f"the training set has {n} points, the M of efm-{budget.efm_m}: efm-n "
                          "would repeat it; choose another --limit")
-    return [TargetSpec("cfm", "cfm"), TargetSpec(f"efm-{budget.efm_m}", "efm", budget.efm_m),
+    return [TargetSpec("cfm", "cfm"), TargetSpec("ot-cfm", "ot-cfm"),
+            TargetSpec(f"efm-{budget.efm_m}", "efm", budget.efm_m),
             TargetSpec(f"efm-{large}", "efm", large), TargetSpec("knn-efm", "knn-efm")]
 
 

@@ -33,7 +33,7 @@ def default_collapse_folder(dataset: str) -> Path:
 
 def collapse(
     dataset: Annotated[str, typer.Argument(
-        help="Training data set: digits, mnist, cifar10, celeba64, synthetic, folder:PATH, "
+        help="Training data set: digits, mnist, cifar10, celeba, photos, synthetic, folder:PATH, "
              "npz:PATH, npy:PATH.")] = "digits",
     root: Annotated[Optional[Path], typer.Option(
         help="Folder holding the data set's files (default: data/NAME).")] = None,

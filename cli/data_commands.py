@@ -25,7 +25,7 @@ LimitOption = Annotated[Optional[int], typer.Option(
     help="Keep only the first N images of the split (default: all).")]
 SizeOption = Annotated[Optional[int], typer.Option(
     help="folder:PATH: center-crop and resize every image to SIZE×SIZE; "
-         + "; ".join(f"{name}: the patch side, {' or '.join(map(str, sizes))} "
+         + "; ".join(f"{name}: the side, {' or '.join(map(str, sizes))} "
                      f"(default {sizes[0]})" for name, sizes in SIZED_LOADERS.items())
          + ". Other data sets take no --size.")]
 
@@ -88,7 +88,7 @@ def folder_bytes(folder: Path) -> int:
 
 def build_index(
     dataset: Annotated[str, typer.Argument(
-        help="Data set: digits, mnist, cifar10, celeba64, photos, synthetic, folder:PATH, "
+        help="Data set: digits, mnist, cifar10, celeba, photos, synthetic, folder:PATH, "
              "npz:PATH, npy:PATH.")] = "digits",
     root: RootOption = None,
     split: SplitOption = "train",

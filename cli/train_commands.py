@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from knnflow.targets import EFM_POOLS, KNN_FALLBACKS, KNN_ROUTES, TARGETS
 from knnflow.train import TrainConfig, config_from_options, train
 
 from .console import console, err_console, key_value_table, log_throttle, progress_bar
-from .data_commands import dataset_slug
+from .data_commands import build_dataset_index, dataset_slug, default_index_folder
 
 PRESET_LIST = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
 
@@ -29,10 +30,29 @@ def default_run_folder(dataset: str, target: str) -> Path:
     return Path("runs") / f"{dataset_slug(dataset)}-{target}"
 
 
+def default_knn_index(dataset: str, root: Path | None, limit: int | None, flip: bool) -> Path:
+    """knn-efm's index when --index is not given: indices/<dataset>-train (-limitN for
+    --limit, -flip for --flip), built on first use with its progress bar and one line."""
+    split = "train" + (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
+    folder = default_index_folder(dataset, split)
+    if folder.exists():
+        return folder  # the target checks its points against the training data
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(f"--target knn-efm: no index at {folder}; build it before torchrun "
+                         f"with knnflow build-index {dataset} --out {folder}"
+                         + (f" --limit {limit}" if limit else "") + (" --flip" if flip else ""))
+    with progress_bar() as progress:
+        build_dataset_index(dataset, folder, progress, root=root, limit=limit, flip=flip)
+    err_console.print(f"built the index of {dataset} for knn-efm at {folder}")
+    return folder
+
+
 def train_command(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Argument(
-        help="Training data set: digits, mnist, cifar10, celeba64, synthetic, folder:PATH, "
+        help="Training data set: digits, mnist, cifar10, celeba, photos, synthetic, folder:PATH, "
              "npz:PATH, npy:PATH.")] = "digits",
     root: Annotated[Optional[Path], typer.Option(
         help="Folder holding the data set's files (default: data/NAME).")] = None,
@@ -42,7 +62,8 @@ def train_command(
         help=f"Regression target: {', '.join(TARGETS)}. cfm: x1 - x0; ot-cfm: x1 - x0 after "
              "pairing each batch's noise and images by exact optimal transport; efm: "
              "self-normalised "
-             "û* over M candidates; knn-efm: certified kNN û* (needs --index); exact: û* over "
+             "û* over M candidates; knn-efm: certified kNN û* (from --index, or the data set's "
+             "default index, built when missing); exact: û* over "
              "all data.")] = "cfm",
     m: Annotated[int, typer.Option("--m", help="efm: candidates per row (M).")] = 128,
     efm_pool: Annotated[str, typer.Option(
@@ -50,7 +71,8 @@ def train_command(
              "paper's algorithm); shared: the batch's x1s + M draws for all rows (its code).")]
     = "independent",
     index: Annotated[Optional[Path], typer.Option(
-        help="knn-efm: index folder of the training data (knnflow build-index DATASET).")]
+        help="knn-efm: index folder of the training data (knnflow build-index DATASET); "
+             "default indices/DATASET-train, built on first use.")]
     = None,
     tol: Annotated[float, typer.Option(help="knn-efm: error tolerance relative to ‖û*‖.")]
     = 1e-4,
@@ -113,6 +135,11 @@ def train_command(
     options["root"] = str(root) if root else None
     options["index"] = str(index) if index else None
     config: TrainConfig = config_from_options(**options)
+    if target == "knn-efm" and index is None and not resume:
+        config.resolved()  # bad options are refused before an index is built
+        config = dataclasses.replace(
+            config, index=str(default_knn_index(dataset, root, limit, flip)))
+        explicit.add("index")
     folder = name or default_run_folder(dataset, target)
     device = init_from_env(resolve_device(device, allow_auto=False))
     first = rank_and_world()[0] == 0  # only the first process reports

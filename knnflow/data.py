@@ -133,6 +133,9 @@ def _load_cifar10(root: Path | None, split: str, limit: int | None):
 
 # --------------------------------------------------------------------------- CelebA
 
+# CelebA's sides: 64 (the paper's setting, the default), 32 and 128; from 178×178 crops.
+CELEBA_SIZES = (64, 32, 128)
+
 
 def _celeba_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image
@@ -146,19 +149,27 @@ def _celeba_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _load_celeba64(root: Path | None, split: str, limit: int | None):
+def _load_celeba(root: Path | None, split: str, limit: int | None, size: int | None = None,
+                 name: str = "celeba"):
+    size = size or CELEBA_SIZES[0]
     root = root or default_root("celeba")
     base = root / "celeba" if (root / "celeba").is_dir() else root
     folder, partition = base / "img_align_celeba", base / "list_eval_partition.txt"
+    layout = ("torchvision's layout: ROOT/celeba/img_align_celeba/*.jpg and "
+              "ROOT/celeba/list_eval_partition.txt")
     if not folder.is_dir():
-        raise MissingFileError(f"celeba64: expected the aligned images in {folder}")
+        raise MissingFileError(f"{name}: expected the aligned images in {folder} ({layout})")
     if not partition.is_file():
-        raise MissingFileError(f"celeba64: expected {partition} (the official split)")
+        raise MissingFileError(f"{name}: expected {partition}, the official split ({layout})")
     wanted = "0" if split == "train" else "2"
     names = [line.split()[0] for line in partition.read_text().splitlines()
              if len(line.split()) == 2 and line.split()[1] == wanted][:limit]
-    images = np.stack([_celeba_image(_image_path(folder / name), 64) for name in names])
+    images = np.stack([_celeba_image(_image_path(folder / name), size) for name in names])
     return images, None
+
+
+def _load_celeba64(root: Path | None, split: str, limit: int | None):
+    return _load_celeba(root, split, limit, 64, name="celeba64")
 
 
 def _image_path(path: Path) -> Path:
@@ -478,9 +489,13 @@ _LOADERS: dict[str, _Loader] = {
     "cifar10": _Loader(DatasetInfo("cifar10", "3×32×32", "50000 / 10000",
                                    "data/cifar10/cifar-10-batches-py/{data_batch_1..5,test_batch}"),
                        _load_cifar10),
-    "celeba64": _Loader(DatasetInfo("celeba64", "3×64×64", "162770 / 19962",
-                                    "data/celeba/celeba/img_align_celeba/*.jpg and "
-                                    "data/celeba/celeba/list_eval_partition.txt"),
+    "celeba": _Loader(DatasetInfo("celeba", "3×64×64 (--size 32 or 128: 3×S×S)",
+                                  "162770 / 19962",
+                                  "data/celeba/celeba/img_align_celeba/*.jpg and "
+                                  "data/celeba/celeba/list_eval_partition.txt"),
+                      _load_celeba),
+    "celeba64": _Loader(DatasetInfo("celeba64", "3×64×64 (celeba at 64)", "162770 / 19962",
+                                    "as celeba"),
                         _load_celeba64),
     "photos": _Loader(DatasetInfo(
         "photos", "3×32×32 (--size 64: 3×64×64)",
@@ -494,7 +509,8 @@ _LOADERS: dict[str, _Loader] = {
                          _load_synthetic),
 }
 # Loaders that take --size, and the sizes they come in (the first is the default).
-SIZED_LOADERS: dict[str, tuple[int, ...]] = {"photos": tuple(PHOTO_SIZES)}
+SIZED_LOADERS: dict[str, tuple[int, ...]] = {"photos": tuple(PHOTO_SIZES),
+                                             "celeba": CELEBA_SIZES}
 _PATH_KINDS = {
     "folder": DatasetInfo("folder:PATH", "C×S×S (--size S)", "all / PATH/test",
                           "PATH/**/*.{png,jpg,...}; PATH/train and PATH/test if present"),
@@ -554,9 +570,11 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
                  with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
     """Images of a data set as a float32 (N, C, H, W) tensor in [-1, 1].
 
-    name: digits, mnist, cifar10, celeba64, photos, synthetic, folder:PATH, npz:PATH or npy:PATH.
+    name: digits, mnist, cifar10, celeba (celeba64), photos, synthetic, folder:PATH, npz:PATH or
+    npy:PATH.
     root: the folder holding the data set's files (default data/NAME, or $KNNFLOW_DATA/NAME).
-    size: resize folder images to size×size; photos: the patch side (32 or 64).
+    size: resize folder images to size×size; photos: the patch side (32 or 64); celeba: the
+    side (64, 32 or 128).
     with_labels: also return the labels (or None).
     """
     split = _split_name(split)

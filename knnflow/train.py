@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from knnflow.errors import InputError
+from knnflow.errors import IndexMismatchError, InputError
 from knnflow.models import PRESETS, build_model, count_parameters
 
 CHECKPOINTS = "checkpoints"
@@ -269,6 +269,16 @@ def load_training_data(config: TrainConfig):
                              + (" (on the data with both flips for --flip)" if config.flip
                                 else ""))
         index = Index.load(config.index)
+        try:
+            index.verify_points(candidates)
+        except IndexMismatchError as err:
+            data = (f"{config.dataset}" + (f" (first {config.limit})" if config.limit else "")
+                    + (" with both flips" if config.flip else ""))
+            raise IndexMismatchError(
+                f"{config.index} is not the index of the training data {data}: {err}; rebuild "
+                f"it with knnflow build-index {config.dataset} --out {config.index} --overwrite"
+                + (f" --limit {config.limit}" if config.limit else "")
+                + (" --flip" if config.flip else "")) from None
     return images, candidates, index
 
 

@@ -85,19 +85,29 @@ def test_cifar10_pickle_batches(tmp_path):
     assert load_dataset("cifar10", root=tmp_path, limit=6).shape == (6, 3, 32, 32)
 
 
-def test_celeba64_crops_and_resizes(tmp_path):
-    base = tmp_path / "celeba"
+def fake_celeba(root, count: int = 3) -> None:
+    """A small CelebA tree in torchvision's layout under root: aligned 178×218 JPEGs and
+    the official partition file (the last image in the test split)."""
+    base = root / "celeba"
     (base / "img_align_celeba").mkdir(parents=True)
     lines = []
-    for i in range(3):
+    for i in range(count):
         pixels = np.random.default_rng(i).integers(0, 256, (218, 178, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(base / "img_align_celeba" / f"{i:06d}.jpg")
-        lines.append(f"{i:06d}.jpg {0 if i < 2 else 2}")
+        lines.append(f"{i:06d}.jpg {0 if i < count - 1 else 2}")
     (base / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
-    train = load_dataset("celeba64", root=tmp_path)
-    test = load_dataset("celeba64", root=tmp_path, split="test")
+
+
+def test_celeba_crops_and_resizes(tmp_path):
+    fake_celeba(tmp_path)
+    train = load_dataset("celeba", root=tmp_path)
+    test = load_dataset("celeba", root=tmp_path, split="test")
     assert train.shape == (2, 3, 64, 64) and test.shape == (1, 3, 64, 64)
     assert train.min() >= -1 and train.max() <= 1
+    assert torch.equal(load_dataset("celeba64", root=tmp_path), train)  # the alias
+    assert load_dataset("celeba", root=tmp_path, size=32).shape == (2, 3, 32, 32)
+    with pytest.raises(InputError, match="celeba comes in --size 64 or 32 or 128"):
+        load_dataset("celeba", root=tmp_path, size=100)
 
 
 def test_folder_npz_and_npy_give_the_same_images(tmp_path):
@@ -152,7 +162,8 @@ def test_synthetic_is_seeded_and_in_range():
 
 def test_every_listed_dataset_has_a_shape_and_a_location():
     names = {info.name for info in dataset_infos()}
-    expected = {"digits", "mnist", "cifar10", "celeba64", "folder:PATH", "npz:PATH", "npy:PATH"}
+    expected = {"digits", "mnist", "cifar10", "celeba", "celeba64", "folder:PATH", "npz:PATH",
+                "npy:PATH"}
     assert expected <= names
     assert all(info.shape and info.location for info in dataset_infos())
 
@@ -161,6 +172,7 @@ def test_every_listed_dataset_has_a_shape_and_a_location():
     ("mnist", "train-images-idx3-ubyte"),
     ("cifar10", "data_batch_1"),
     ("celeba64", "img_align_celeba"),
+    ("celeba", "list_eval_partition.txt"),
 ])
 def test_missing_files_name_the_expected_path(tmp_path, name, expected):
     with pytest.raises(MissingFileError, match=expected) as info:
@@ -255,7 +267,7 @@ def test_photos_default_size_is_32_and_other_sizes_are_refused(photos_data, monk
                        load_dataset("photos", root=root, limit=4))
     with pytest.raises(InputError, match="32 or 64, got 48"):
         load_dataset("photos", root=root, size=48)
-    with pytest.raises(InputError, match="folder:PATH and photos only"):
+    with pytest.raises(InputError, match="folder:PATH and photos, celeba only"):
         load_dataset("digits", size=8)
 
 
@@ -356,7 +368,8 @@ def test_build_index_photos_64_records_the_size(photos_data, tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (("photos", "--size", "48"), ("photos comes in --size 32 or 64, got 48",)),
-    (("digits", "--size", "8"), ("--size applies to folder:PATH and photos only", "digits")),
+    (("digits", "--size", "8"), ("--size applies to folder:PATH and photos, celeba only",
+                                 "digits")),
 ])
 def test_build_index_size_mistakes_are_one_line_before_any_work(tmp_path, args, fragments):
     result = _knnflow("build-index", *args, cwd=tmp_path, KNNFLOW_DATA=str(tmp_path / "data"))

@@ -388,3 +388,22 @@ def test_ot_cfm_trains_and_its_loss_falls(tmp_path):
     logged = train(config, tmp_path / "ot")
     assert all(math.isfinite(m.loss) for m in logged)
     assert logged[-1].loss < logged[0].loss
+
+
+def test_train_knn_efm_without_index_builds_and_reuses_the_default_index(tmp_path):
+    """`knnflow train --target knn-efm` as typed (with a short, small run): no --index builds
+    indices/digits-train with one line saying so, a second run reuses it without building,
+    and an index of other data at that place is refused in one line (points checksum)."""
+    short = ("--steps", "2", "--preset", "mlp", "--batch-size", "16")
+    first = run("train", "--target", "knn-efm", *short, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "built the index of digits for knn-efm at indices/digits-train" in first.stderr
+    assert (tmp_path / "indices" / "digits-train" / "manifest.json").is_file()
+    again = run("train", "--target", "knn-efm", *short, "--name", "runs/again", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "built the index" not in again.stderr
+    assert run("build-index", "digits", "--limit", "300", "--out", "indices/digits-train",
+               "--overwrite", cwd=tmp_path).returncode == 0
+    refused = run("train", "--target", "knn-efm", *short, "--name", "runs/third", cwd=tmp_path)
+    assert_one_line_error(refused, "indices/digits-train is not the index", "300 points",
+                          "--overwrite")

@@ -18,6 +18,8 @@ from knnflow.memorization import REFERENCE_SIZE, default_out, parse_threshold, r
 from .console import console, err_console, progress_bar
 from .data_commands import build_dataset_index, default_index_folder
 
+DEFAULT_DATASET = "digits"  # the default data set of build-index and train
+
 
 def cached_index_folder(dataset: str, approximate: bool) -> Path:
     """Where --dataset NAME keeps its index: indices/NAME-train (-ivf for --approximate)."""
@@ -25,11 +27,70 @@ def cached_index_folder(dataset: str, approximate: bool) -> Path:
     return folder.with_name(folder.name + "-ivf") if approximate else folder
 
 
+def recorded_training_set(samples: Path) -> dict:
+    """What the samples' own records say they came from: {"index": DIR} for closed-form
+    samples or a run trained with an index, else the run's {"dataset", "root", "limit",
+    "flip"}; {} for samples with no record (a plain folder or array)."""
+    folder = samples if samples.is_dir() else samples.parent
+    sampling = folder / "sampling.json"
+    try:
+        meta = json.loads(sampling.read_text()) if sampling.is_file() else {}
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("closed_form"):
+        return {"index": meta["closed_form"], "from": "the closed-form samples' index"}
+    run = Path(meta["run"]) if meta.get("run") else folder.parent
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or "dataset" not in config:
+        return {}
+    if config.get("index"):
+        return {"index": config["index"], "from": f"the index run {run} trained with"}
+    return {"dataset": config["dataset"], "root": config.get("root"),
+            "limit": config.get("limit"), "flip": bool(config.get("flip")),
+            "from": f"the training set of run {run}"}
+
+
+def open_recorded_index(record: dict, approximate: bool, progress) -> tuple[Index, str]:
+    """The index for samples given with neither --index nor --dataset, and what it is."""
+    from knnflow.targets import with_flips
+
+    from .train_commands import default_knn_index
+
+    if not record:
+        return (open_index(None, DEFAULT_DATASET, None, approximate, progress),
+                f"{DEFAULT_DATASET}, the default data set (the samples carry no record of "
+                "their training set)")
+    if "index" in record:
+        folder = Path(record["index"])
+        if not (folder / "manifest.json").is_file():
+            raise InputError(f"the samples were made with the index {folder} ({record['from']}), "
+                             "which is gone: pass --index DIR or --dataset NAME")
+        return Index.load(folder), f"{folder}, {record['from']}"
+    dataset, root = record["dataset"], record["root"]
+    if not record["limit"] and not record["flip"]:
+        return (open_index(None, dataset, Path(root) if root else None, approximate, progress),
+                f"{dataset}, {record['from']}")
+    folder = default_knn_index(dataset, Path(root) if root else None, record["limit"],
+                               record["flip"])
+    index = Index.load(folder)
+    images = load_dataset(dataset, root=root, split="train", limit=record["limit"])
+    try:
+        index.verify_points(with_flips(images) if record["flip"] else images)
+    except IndexMismatchError:
+        raise InputError(f"the cached index {folder} was built from other images than "
+                         f"{record['from']}: rebuild it with knnflow build-index {dataset} "
+                         f"--out {folder} --overwrite") from None
+    return index, f"{folder}, {record['from']}"
+
+
 def open_index(index: Path | None, dataset: str | None, root: Path | None, approximate: bool,
                progress) -> Index:
     """--index DIR, or --dataset NAME: the cached index under indices/, built on first use."""
-    if (index is None) == (dataset is None):
-        raise InputError("pass exactly one of --index DIR or --dataset NAME")
+    if index is not None and dataset is not None:
+        raise InputError("pass one of --index DIR or --dataset NAME, not both")
     if index is not None:
         return Index.load(index)
     folder = cached_index_folder(dataset, approximate)
@@ -72,7 +133,9 @@ def memorization(
              ".npz or .npy array N×C×H×W in [-1, 1] or uint8 0..255, or a run's samples "
              "folder (holding samples.npz).", show_default=False)],
     index: Annotated[Optional[Path], typer.Option(
-        help="Index folder of the training set (from knnflow build-index).")] = None,
+        help="Index folder of the training set (from knnflow build-index). Without it and "
+             "--dataset: the training set the samples record (a run's samples folder, "
+             "closed-form samples), else the default data set, digits.")] = None,
     dataset: Annotated[Optional[str], typer.Option(
         help="Training data set instead of --index: its index is built on first use and "
              "cached under indices/.")] = None,
@@ -112,7 +175,12 @@ def memorization(
                                  "memorization", [samples, index, cached,
                                                   *dataset_sources(dataset, root)])
     with progress_bar() as progress:
-        opened = open_index(index, dataset, root, approximate, progress)
+        if index is None and dataset is None:
+            opened, compared = open_recorded_index(recorded_training_set(samples),
+                                                   approximate, progress)
+        else:
+            opened = open_index(index, dataset, root, approximate, progress)
+            compared = f"{index}" if index is not None else f"{dataset}, as asked"
         if approximate and opened.kind == "flat" and not as_json:
             err_console.print("note: a flat index searches exactly; --approximate changes "
                               "nothing")
@@ -123,6 +191,10 @@ def memorization(
     if summary["skipped_files"]:
         err_console.print(f"warning: skipped {summary['skipped_files']} files that are not "
                           "images")
+    summary["compared_against"] = compared
+    if index is None and dataset is None and not as_json:
+        err_console.print(f"note: compared against {compared}; pass --index DIR or "
+                          "--dataset NAME to pick another training set")
     if as_json:
         print(json.dumps(summary, indent=2))
         return

@@ -378,3 +378,22 @@ def test_build_index_size_mistakes_are_one_line_before_any_work(tmp_path, args, 
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert all(fragment in lines[0] for fragment in fragments)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_build_index_celeba_as_typed(tmp_path):
+    """`knnflow build-index celeba`, as typed, on a small fake CelebA tree where the default
+    root expects it (data/celeba/celeba/...): 64×64 images in indices/celeba-train. Without
+    the tree, one line naming the folder and torchvision's layout."""
+    from tests.test_cli import assert_one_line_error, run
+
+    missing = run("build-index", "celeba", cwd=tmp_path)
+    assert_one_line_error(missing, "data/celeba/img_align_celeba", "torchvision's layout")
+    fake_celeba(tmp_path / "data" / "celeba", count=5)
+    built = run("build-index", "celeba", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    manifest = json.loads((tmp_path / "indices" / "celeba-train" / "manifest.json").read_text())
+    assert manifest["n"] == 4 and manifest["image_shape"] == [3, 64, 64]
+    assert_one_line_error(run("build-index", "celeba", "--size", "0", cwd=tmp_path),
+                          "--size must be at least 1")
+    assert_one_line_error(run("build-index", "celeba", "--size", "100", cwd=tmp_path),
+                          "64 or 32 or 128")

@@ -243,8 +243,9 @@ def test_cli_report_json_and_errors(tmp_path, index_folder, train):
     exists = run("memorization", str(images), "--index", str(index_folder),
                  "--out", str(tmp_path / "out"))
     assert_one_line_error(exists, "already exists", "--overwrite")
-    neither = run("memorization", str(images), "--out", str(tmp_path / "o5"))
-    assert_one_line_error(neither, "--index", "--dataset")
+    both = run("memorization", str(images), "--index", str(index_folder), "--dataset",
+               "digits", "--out", str(tmp_path / "o5"))
+    assert_one_line_error(both, "--index", "--dataset", "not both")
     for folder in ("o3", "o4", "o5"):
         assert not (tmp_path / folder).exists()
 
@@ -282,3 +283,43 @@ def test_a_cached_index_of_other_files_is_refused(tmp_path):
                "--json", cwd=tmp_path)
     assert kept.returncode == 0, kept.stderr
     assert json.loads(kept.stdout)["n_samples"] == 4
+
+
+def test_memorization_as_typed_finds_the_training_set_of_its_samples(tmp_path):
+    """`knnflow memorization samples/` with neither --index nor --dataset: a run's samples
+    folder knows its run and the run its data set; closed-form samples know their index; a
+    plain folder falls back to the default data set (digits) with a note; samples of a shape
+    no training set has give one line naming both shapes. The JSON names the training set."""
+    from tests.test_cli import assert_one_line_error, run
+
+    assert run("train", "--preset", "mlp", "--steps", "2", "--batch-size", "16",
+               "--limit", "300", cwd=tmp_path).returncode == 0
+    assert run("sample", "runs/digits-cfm", "--n", "8", "--steps", "2",
+               cwd=tmp_path).returncode == 0
+    from_run = run("memorization", "runs/digits-cfm/samples", "--json", cwd=tmp_path)
+    assert from_run.returncode == 0, from_run.stderr
+    summary = json.loads(from_run.stdout)
+    assert summary["n_train"] == 300 and summary["n_samples"] == 8
+    assert "run runs/digits-cfm" in summary["compared_against"]
+
+    assert run("build-index", "digits", "--limit", "200", "--out", "ix",
+               cwd=tmp_path).returncode == 0
+    assert run("sample", "--closed-form", "ix", "--n", "4", "--steps", "2", "--out", "cf",
+               cwd=tmp_path).returncode == 0
+    closed = run("memorization", "cf", "--json", cwd=tmp_path)
+    assert closed.returncode == 0, closed.stderr
+    assert json.loads(closed.stdout)["n_train"] == 200
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(plain / f"{i}.png")
+    table = run("memorization", "plain", cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "note: compared against digits, the default data set" in table.stderr
+    assert "--index DIR or --dataset NAME" in table.stderr
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(odd / "a.png")
+    assert_one_line_error(run("memorization", "odd", cwd=tmp_path), "5×7", "8×8")

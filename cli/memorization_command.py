@@ -188,6 +188,9 @@ def memorization(
             samples, opened, threshold=threshold, k=k, out=target, approximate=approximate,
             resize=resize, reference_size=reference_size, batch_size=batch_size,
             overwrite=overwrite, progress=progress)
+    for grid in summary["skipped_grids"]:
+        err_console.print(f"note: skipped {grid}, the grid picture knnflow sample writes "
+                          "beside its samples")
     if summary["skipped_files"]:
         err_console.print(f"warning: skipped {summary['skipped_files']} files that are not "
                           "images")

@@ -53,10 +53,12 @@ class Samples:
     shape: tuple[int, ...]
     detected: str
     skipped: list[Path] = field(default_factory=list)
+    grids: list[Path] = field(default_factory=list)
     _array: np.ndarray | None = field(default=None, repr=False)
     _files: list[Path] = field(default_factory=list, repr=False)
     _target: tuple[int, ...] | None = field(default=None, repr=False)
     _resize: bool = field(default=False, repr=False)
+    _grey_rgb: bool = field(default=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -69,7 +71,8 @@ class Samples:
         else:
             images = []
             for file in self._files[start:stop]:
-                image = _read_image(file, self._target if self._resize else None)
+                image = _read_image(file, self._target if self._resize else None,
+                                    self._grey_rgb)
                 if image.shape != self.shape and not self._resize:
                     raise InputError(f"{file} has shape {_shape_text(image.shape)} but the "
                                      f"index holds {_shape_text(self.shape)} images; pass "
@@ -88,8 +91,11 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return "×".join(map(str, shape))
 
 
-def _read_image(path: Path, target: tuple[int, ...] | None) -> np.ndarray:
-    """uint8 (C, H, W). With a target shape: converted to its channel count and resized."""
+def _read_image(path: Path, target: tuple[int, ...] | None,
+                grey_rgb: bool = False) -> np.ndarray:
+    """uint8 (C, H, W). With a target shape: converted to its channel count and resized.
+    grey_rgb: an RGB picture of greyscale data (R = G = B, as torchvision's save_image
+    writes one-channel images) is read as its one channel; other pictures are refused."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -98,13 +104,29 @@ def _read_image(path: Path, target: tuple[int, ...] | None) -> np.ndarray:
             grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
             if target is not None:
                 grey = target[0] == 1
-            im = im.convert("L" if grey else "RGB")
+            im = im.convert("L" if grey and not grey_rgb else "RGB")
             if target is not None and im.size != (target[2], target[1]):
                 im = im.resize((target[2], target[1]), Image.BICUBIC)
             array = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise InputError(f"cannot read image {path}: {err.__class__.__name__}") from None
+    if grey_rgb and array.ndim == 3:
+        if not (np.array_equal(array[..., 0], array[..., 1])
+                and np.array_equal(array[..., 0], array[..., 2])):
+            raise InputError(f"{path} is a colour image among greyscale samples; pass --resize "
+                             "to convert colour to grey")
+        array = array[..., 0]
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _is_grey_rgb(image: np.ndarray) -> bool:
+    """A (3, H, W) picture whose three channels are equal."""
+    return image.shape[0] == 3 and bool((image == image[:1]).all())
+
+
+def _own_grids(images: list[Path]) -> list[Path]:
+    """grid.png files that knnflow's `sample` wrote beside its sample_NNNNN.png files."""
+    return [p for p in images if p.name == "grid.png" and (p.parent / "sample_00000.png").is_file()]
 
 
 def resize_images(values: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
@@ -166,13 +188,19 @@ def load_samples(path: str | Path, image_shape: tuple[int, ...],
             raise InputError(f"the samples folder {path} is empty")
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         skipped = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        grids = _own_grids(images)  # a picture of the samples, not a sample
+        images = [p for p in images if p not in grids]
         if not images:
             raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}: "
                              f"{len(skipped)} other files skipped (e.g. {skipped[0].name})")
         first = _read_image(images[0], None)
+        grey_rgb = image_shape[0] == 1 and _is_grey_rgb(first)
+        if grey_rgb:
+            first = first[:1]
         detected = f"{len(images)} image files, uint8 0..255"
         samples = Samples(path, "images", [str(p.relative_to(path)) for p in images],
-                          tuple(first.shape), detected, skipped, _files=images)
+                          tuple(first.shape), detected, skipped, grids, _files=images,
+                          _grey_rgb=grey_rgb)
     elif path.suffix in (".npz", ".npy"):
         array, detected, shape = _array_samples(path)
         samples = Samples(path, "array", [f"{path.name}[{i}]" for i in range(len(array))],
@@ -284,6 +312,7 @@ def summarize(samples: Samples, index: Index, scores: Scores, reference: Tensor,
         "samples": str(samples.source),
         "input": samples.detected,
         "skipped_files": len(samples.skipped),
+        "skipped_grids": [str(p) for p in samples.grids],
         "index": str(index.folder) if index.folder else None,
         "dataset": index.manifest.get("dataset"),
         "n_train": index.n,

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import brute_force_velocity, flow_queries, relative_error
 
 from knnflow.bench import bench_exact, float64_velocity, image_shape_for, naive_velocity
 from knnflow.errors import InputError
-from tests.conftest import brute_force_velocity, flow_queries, relative_error
 
 
 def test_reference_forms_match_brute_force(digits):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import brute_force_denoiser, brute_force_velocity, flow_queries, relative_error
 
 import knnflow
 from knnflow.closed_form import (
@@ -21,7 +22,6 @@ from knnflow.closed_form import (
     velocity_from_denoiser,
     velocity_from_score,
 )
-from tests.conftest import brute_force_denoiser, brute_force_velocity, flow_queries, relative_error
 
 TS = (0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999)
 

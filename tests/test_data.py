@@ -384,7 +384,7 @@ def test_build_index_celeba_as_typed(tmp_path):
     """`knnflow build-index celeba`, as typed, on a small fake CelebA tree where the default
     root expects it (data/celeba/celeba/...): 64×64 images in indices/celeba-train. Without
     the tree, one line naming the folder and torchvision's layout."""
-    from tests.test_cli import assert_one_line_error, run
+    from test_cli import assert_one_line_error, run
 
     missing = run("build-index", "celeba", cwd=tmp_path)
     assert_one_line_error(missing, "data/celeba/img_align_celeba", "torchvision's layout")

@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from tests.conftest import brute_force_velocity, relative_error
+from conftest import brute_force_velocity, relative_error
 
 N, DIM, WORLD = 37, 12, 2
 
@@ -289,9 +288,10 @@ def test_certified_velocity_over_shards_holds_its_bound(tmp_path, digits):
     """Two processes, each scanning half of the digits: both get the same velocities and
     bounds, every row within its bound of float64 brute force over all the points, rows at
     high t pruned (fewer points read than n), routed rows exact."""
+    from conftest import flow_queries
+
     from knnflow.estimators import KNNVelocity
     from knnflow.index import Index
-    from tests.conftest import flow_queries
 
     Index.build(digits).save(tmp_path / "idx")
     t = torch.cat([torch.linspace(0, 0.999, 48), torch.full((16,), 0.9)])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import brute_force_velocity, flow_queries, relative_error
 
 import knnflow
-from tests.conftest import brute_force_velocity, flow_queries, relative_error
 
 
 @pytest.mark.parametrize("source", ["tensor", "index"])

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import brute_force_velocity, flow_queries, relative_error
 
 from knnflow.data import load_dataset, synthetic_images
 from knnflow.estimators import ExactVelocity, KNNVelocity
 from knnflow.index import Index, faiss_gpu_count
 from knnflow.targets import make_target
-from tests.conftest import brute_force_velocity, flow_queries, relative_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

@@ -252,7 +252,7 @@ def test_cli_report_json_and_errors(tmp_path, index_folder, train):
 
 def test_a_cached_index_of_part_of_the_data_is_not_reused(tmp_path):
     """memorization --dataset reuses indices/NAME-train only when it holds the whole set."""
-    from tests.test_cli import assert_one_line_error, run
+    from test_cli import assert_one_line_error, run
 
     assert run("build-index", "digits", "--limit", "100", "--out", "indices/digits-train",
                cwd=tmp_path).returncode == 0
@@ -265,8 +265,8 @@ def test_a_cached_index_of_other_files_is_refused(tmp_path):
     """The issue's case: indices/mnist-train built from one MNIST folder, then memorization
     --dataset mnist --root OTHER. The cached index is checked against the data it stands
     for by the points' checksum: refused, in one line naming both; the right root passes."""
-    from tests.test_cli import assert_one_line_error, run
-    from tests.test_data import _write_idx
+    from test_cli import assert_one_line_error, run
+    from test_data import _write_idx
 
     rng = np.random.default_rng(7)
     for name in ("a", "b"):
@@ -290,7 +290,7 @@ def test_memorization_as_typed_finds_the_training_set_of_its_samples(tmp_path):
     folder knows its run and the run its data set; closed-form samples know their index; a
     plain folder falls back to the default data set (digits) with a note; samples of a shape
     no training set has give one line naming both shapes. The JSON names the training set."""
-    from tests.test_cli import assert_one_line_error, run
+    from test_cli import assert_one_line_error, run
 
     assert run("train", "--preset", "mlp", "--steps", "2", "--batch-size", "16",
                "--limit", "300", cwd=tmp_path).returncode == 0
@@ -323,3 +323,36 @@ def test_memorization_as_typed_finds_the_training_set_of_its_samples(tmp_path):
     odd.mkdir()
     Image.fromarray(np.zeros((5, 7), np.uint8)).save(odd / "a.png")
     assert_one_line_error(run("memorization", "odd", cwd=tmp_path), "5×7", "8×8")
+
+
+def test_a_folder_of_knnflows_own_pngs_skips_its_grid_and_reads_grey_rgb(tmp_path):
+    """knnflow sample's PNG folder holds grid.png beside sample_NNNNN.png: the grid is not a
+    sample, and is skipped with a note. RGB PNGs of greyscale data (R = G = B, as
+    torchvision's save_image writes one-channel images) load without --resize, with the
+    same distances as their one-channel PNGs; a colour PNG among them is refused."""
+    from test_cli import run
+
+    index = Index.build(load_dataset("digits")[:300])
+    index.save(tmp_path / "ix")
+    rng = np.random.default_rng(4)
+    grey = rng.integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    for name, mode in (("own", "L"), ("rgb", "RGB")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, image in enumerate(grey):
+            picture = Image.fromarray(image)
+            (picture.convert("RGB") if mode == "RGB" else picture).save(
+                folder / f"sample_{i:05d}.png")
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / "grid.png")
+    own = run("memorization", "own", "--index", "ix", "--json", cwd=tmp_path)
+    assert own.returncode == 0, own.stderr
+    summary = json.loads(own.stdout)
+    assert summary["n_samples"] == 5 and summary["skipped_grids"] == ["own/grid.png"]
+    samples = load_samples(tmp_path / "own", (1, 8, 8))
+    as_rgb = load_samples(tmp_path / "rgb", (1, 8, 8))
+    assert as_rgb.shape == (1, 8, 8) and len(as_rgb) == 5
+    assert np.array_equal(as_rgb.batch(0, 5), samples.batch(0, 5))
+    colour = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / "rgb" / "sample_00009.png")
+    with pytest.raises(InputError, match="colour image among greyscale samples"):
+        load_samples(tmp_path / "rgb", (1, 8, 8)).batch(0, 6)

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import brute_force_velocity, relative_error
 
 from knnflow.errors import IndexMismatchError, InputError
 from knnflow.index import Index
 from knnflow.targets import TARGETS, EFMTarget, interpolate, make_target, with_flips
-from tests.conftest import brute_force_velocity, relative_error
 
 
 def flow_batch(points: torch.Tensor, batch: int, seed: int, t: torch.Tensor | None = None):

@@ -41,6 +41,11 @@ app.command("reproduce")(reproduce_command.reproduce)
 app.add_typer(bench_commands.app, name="bench")
 
 
+# Ctrl-C: every folder knnflow writes (index, samples, reports) appears whole or not at all,
+# and train says which checkpoint it kept (cli/train_commands.py).
+INTERRUPTED = ("interrupted: nothing partial was left (knnflow writes each output folder "
+               "whole or not at all); run the command again to redo it")
+
 def run() -> None:
     """Run the app; user errors become one line on stderr and exit status 2: knnflow's own,
     the command line's (an unknown option, a missing argument, a value of the wrong type), and
@@ -64,14 +69,14 @@ def run() -> None:
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as err:
         # The command line's own errors (click's, vendored by newer typer versions: matched
         # by name and shape rather than by an import path that moves between versions).
         kind = type(err).__name__
         if kind == "Abort":
-            print("interrupted", file=sys.stderr)
+            print(INTERRUPTED, file=sys.stderr)
             sys.exit(130)
         if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
             raise

@@ -190,14 +190,14 @@ def memorization(
             overwrite=overwrite, progress=progress)
     for grid in summary["skipped_grids"]:
         err_console.print(f"note: skipped {grid}, the grid picture knnflow sample writes "
-                          "beside its samples")
+                          "beside its samples", soft_wrap=True)
     if summary["skipped_files"]:
         err_console.print(f"warning: skipped {summary['skipped_files']} files that are not "
                           "images")
     summary["compared_against"] = compared
     if index is None and dataset is None and not as_json:
         err_console.print(f"note: compared against {compared}; pass --index DIR or "
-                          "--dataset NAME to pick another training set")
+                          "--dataset NAME to pick another training set", soft_wrap=True)
     if as_json:
         print(json.dumps(summary, indent=2))
         return

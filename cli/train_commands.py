@@ -30,6 +30,19 @@ def default_run_folder(dataset: str, target: str) -> Path:
     return Path("runs") / f"{dataset_slug(dataset)}-{target}"
 
 
+def newest_checkpoint_step(folder: Path) -> int | None:
+    """The step of a run's newest complete checkpoint, or None."""
+    from knnflow.train import CHECKPOINTS, complete_checkpoints
+
+    marks = complete_checkpoints(folder / CHECKPOINTS) if (folder / CHECKPOINTS).is_dir() else []
+    for mark in reversed(marks):
+        try:
+            return int(json.loads(mark.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def default_knn_index(dataset: str, root: Path | None, limit: int | None, flip: bool) -> Path:
     """knn-efm's index when --index is not given: indices/<dataset>-train (-limitN for
     --limit, -flip for --flip), built on first use with its progress bar and one line."""
@@ -45,7 +58,7 @@ def default_knn_index(dataset: str, root: Path | None, limit: int | None, flip: 
                          + (f" --limit {limit}" if limit else "") + (" --flip" if flip else ""))
     with progress_bar() as progress:
         build_dataset_index(dataset, folder, progress, root=root, limit=limit, flip=flip)
-    err_console.print(f"built the index of {dataset} for knn-efm at {folder}")
+    err_console.print(f"built the index of {dataset} for knn-efm at {folder}", soft_wrap=True)
     return folder
 
 
@@ -152,15 +165,33 @@ def train_command(
                   disable=not (err_console.is_terminal and first)) as bar:
         task = bar.add_task("train", total=config.steps, rate=0.0, loss=float("nan"))
 
+        resumed_from = newest_checkpoint_step(Path(folder)) if resume and first else None
+        announce = [resume and first]  # once the run has started (its checks passed)
+
         def update(info: dict) -> None:
+            if announce[0]:
+                announce[0] = False
+                bar.console.print(f"resumed {folder} from step {resumed_from}"
+                                  if resumed_from is not None else
+                                  f"note: {folder} had no complete checkpoint: it started "
+                                  "again from step 0", soft_wrap=True)
             speed = bar.tasks[0].speed or 0.0
             bar.update(task, completed=info["step"], loss=info["loss"], rate=speed)
             if not err_console.is_terminal and due("train", info["step"] == info["steps"]):
                 print(f"step {info['step']}/{info['steps']}, loss {info['loss']:.4f}",
                       file=sys.stderr, flush=True)
 
-        logged = train(config, folder, resume=resume, overwrite=overwrite, progress=update,
-                       device=device, explicit=explicit)
+        try:
+            logged = train(config, folder, resume=resume, overwrite=overwrite, progress=update,
+                           device=device, explicit=explicit)
+        except KeyboardInterrupt:
+            bar.stop()
+            step = newest_checkpoint_step(Path(folder))
+            kept = (f"its newest checkpoint, step {step}, is kept: continue with knnflow "
+                    f"train --name {folder} --resume" if step is not None
+                    else "no checkpoint was written yet: nothing to resume")
+            print(f"interrupted: {kept}", file=sys.stderr)
+            sys.exit(130)
     leave_group()
     if not first:
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     resumed = subprocess.run([*TRAIN, "--name", str(tmp_path / "b"), "--resume"],
                              capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"resumed .*b from step (20|30)", resumed.stderr), resumed.stderr
     step_a, a = _final_tensors(tmp_path / "a")
     step_b, b = _final_tensors(tmp_path / "b")
     assert step_a == step_b == 40 and a.keys() == b.keys()
@@ -407,3 +409,22 @@ def test_train_knn_efm_without_index_builds_and_reuses_the_default_index(tmp_pat
     refused = run("train", "--target", "knn-efm", *short, "--name", "runs/third", cwd=tmp_path)
     assert_one_line_error(refused, "indices/digits-train is not the index", "300 points",
                           "--overwrite")
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path):
+    """SIGINT (Ctrl-C) during train: exit 130 with one line naming the newest checkpoint
+    kept and the command that continues the run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    running = subprocess.Popen([*TRAIN, "--name", str(tmp_path / "c")], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "c" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 15:
+            break
+        time.sleep(0.05)
+    running.send_signal(signal.SIGINT)
+    _, stderr = running.communicate(timeout=120)
+    assert running.returncode == 130, stderr
+    assert re.search(r"interrupted: its newest checkpoint, step (10|20|30), is kept: continue "
+                     r"with knnflow train --name .*c --resume", stderr), stderr

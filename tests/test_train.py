@@ -415,8 +415,11 @@ def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path):
     """SIGINT (Ctrl-C) during train: exit 130 with one line naming the newest checkpoint
     kept and the command that continues the run."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # A shell's background jobs inherit SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as a terminal would.
     running = subprocess.Popen([*TRAIN, "--name", str(tmp_path / "c")], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "c" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:

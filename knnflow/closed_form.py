@@ -515,11 +515,13 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
     """(state, rest) for a small training set in one chunk. One float32 GEMM screens the
     logits, the second sums their weights, and each row's error is estimated as in
     `_float32_error` (with no exact part: the largest screened weight is the top, 1/Z of the
-    total). Rows whose estimate exceeds FLOAT64_TARGET, or whose float32 screen is too coarse
-    for the weight floor, take one float64 GEMM instead: its weights directly where its
-    rounding stays below DOT_FORM_NATS, else as a screen whose few live weights (within the
-    dropped-mass margin) are computed from float64 differences. `rest` marks the rows with
-    too many of those, left to the streaming engine."""
+    total). Rows whose float32 screen is too coarse for the weight floor (t → 1) keep the
+    points it cannot rule out (the dropped-mass margin widened by twice its proven error) and,
+    when those are few, weigh them exactly from float64 differences. Rows whose estimate
+    exceeds FLOAT64_TARGET, and coarse rows with many such points, take one float64 GEMM: its
+    weights directly where its rounding stays below DOT_FORM_NATS, else as a screen whose few
+    live weights are computed from differences. `rest` marks the rows with too many of
+    those, left to the streaming engine."""
     batch, dim = x64.shape
     n, device = train.n, x64.device
     s = 0.5 / (1 - t) ** 2
@@ -531,7 +533,8 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
     # allows it, at most n·e^-(log n + 36) of the total, under the dropped mass; never
     # subnormal, nor their products with the points (those slow the second GEMM ~3×).
     floor = ONE_PASS_FLOOR_NATS
-    redo = proven > (floor - math.log(n) - DROPPED_MASS_NATS) / 2
+    coarse = proven > (floor - math.log(n) - DROPPED_MASS_NATS) / 2
+    redo = coarse.clone()
     state = SoftmaxState.empty(batch, dim, device)
     every = not bool(redo.any())
     rows = None if every else (~redo).nonzero().squeeze(1)
@@ -568,6 +571,25 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
         else:
             state.ref[rows], state.z[rows], state.s[rows] = ref, z, sums
             redo[rows] = ~(estimate <= FLOAT64_TARGET)
+    if bool(coarse.any()):
+        # Too coarse for the floor, not for a screen: the float32 logits within the dropped-
+        # mass margin widened by twice the proven bound hold every weight that matters, few
+        # per row near t = 1, computed exactly from differences (the rest take the float64
+        # GEMM below).
+        rows = coarse.nonzero().squeeze(1)
+        xr, tr, sr = x64[rows], t[rows], s[rows]
+        query = ((2 * sr * tr)[:, None] * xr).to(torch.float32)
+        sq = train.sq_norms.to(torch.float32)
+        logits = torch.addmm(torch.outer((-sr * tr * tr).to(torch.float32), sq), query,
+                             train.points.to(torch.float32).T)
+        top = logits.amax(dim=1).to(torch.float64)
+        # (the threshold's own float32 rounding, a few units in the last place of the top)
+        margin = (math.log(n) + DROPPED_MASS_NATS + 2 * proven[rows]
+                  + 4 * FLOAT32_ROUNDOFF * top.abs())
+        live = logits >= (top - margin).to(torch.float32)[:, None]
+        few = _row_counts(live) <= ONE_PASS_PAIR_ROWS
+        _live_pairs_into(state, x64, t, s, train, rows[few], live[few])
+        redo[rows[few]] = False
     rows = redo.nonzero().squeeze(1)
     if rows.numel() == 0:
         return state, redo
@@ -598,21 +620,28 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
     live = full[~direct] >= (best[~direct] - margin)[:, None]
     few = _row_counts(live) <= ONE_PASS_PAIR_ROWS
     rest[screened[~few]] = True
-    local, c = live[few].nonzero().unbind(1)  # local: the row among `done`, ascending
-    if local.numel():
-        done = screened[few]
-        r = done[local]
-        pair = torch.index_select(train.points, 0, c).to(torch.float64)
-        diff = torch.index_select(x64, 0, r).addcmul_(t[r, None], pair, value=-1.0)
-        logits = -s[r] * diff.square_().sum(dim=1)
-        top = torch.full((done.numel(),), -math.inf, dtype=torch.float64,
-                         device=device).scatter_reduce_(0, local, logits, reduce="amax")
-        w = torch.exp(logits - top[local])
-        state.ref[done] = top
-        state.z[done] = torch.zeros_like(top).index_add_(0, local, w)
-        state.s[done] = torch.zeros(done.numel(), dim, dtype=torch.float64,
-                                    device=device).index_add_(0, local, pair.mul_(w[:, None]))
+    _live_pairs_into(state, x64, t, s, train, screened[few], live[few])
     return state, rest
+
+
+def _live_pairs_into(state: SoftmaxState, x64: Tensor, t: Tensor, s: Tensor,
+                     train: TrainingSet, done: Tensor, live: Tensor) -> None:
+    """Set the states of rows `done` from the exact weights of their live points (one row
+    of the mask `live` per entry of done), logits from float64 differences."""
+    local, c = live.nonzero().unbind(1)  # local: the row among `done`, ascending
+    if local.numel() == 0:
+        return
+    r = done[local]
+    pair = torch.index_select(train.points, 0, c).to(torch.float64)
+    diff = torch.index_select(x64, 0, r).addcmul_(t[r, None], pair, value=-1.0)
+    logits = -s[r] * diff.square_().sum(dim=1)
+    top = torch.full((done.numel(),), -math.inf, dtype=torch.float64,
+                     device=x64.device).scatter_reduce_(0, local, logits, reduce="amax")
+    w = torch.exp(logits - top[local])
+    state.ref[done] = top
+    state.z[done] = torch.zeros_like(top).index_add_(0, local, w)
+    state.s[done] = torch.zeros(done.numel(), x64.shape[1], dtype=torch.float64,
+                                device=x64.device).index_add_(0, local, pair.mul_(w[:, None]))
 
 
 def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor, t: Tensor,

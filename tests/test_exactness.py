@@ -545,9 +545,9 @@ def count_streaming_calls(monkeypatch) -> list[int]:
 def test_one_pass_makes_coarse_rows_exact(monkeypatch, t):
     """Small sets take one pass (closed_form._one_pass). At t = 0.75-0.8 some held-out rows'
     float32 error estimates are too high and they take a float64 GEMM; at t = 0.9999 the
-    float32 screen is too coarse for every row (bound ~10^3 nats) and the float64 GEMM only
-    screens for the few live weights, computed from differences. None reaches the streaming
-    engine, and all meet the contract."""
+    float32 screen is too coarse for the weight floor in every row (bound ~10^3 nats) and
+    only screens for the few weights that may matter, computed from differences. None
+    reaches the streaming engine, and all meet the contract."""
     calls = count_streaming_calls(monkeypatch)
     gen = torch.Generator().manual_seed(int(t * 1e4))
     x1 = digits("test")[torch.randint(299, (128,), generator=gen)]

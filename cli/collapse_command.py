@@ -24,6 +24,7 @@ from knnflow.files import check_output_folder
 
 from .console import console, progress_bar
 from .data_commands import dataset_slug
+from .threads import ThreadsOption, cpu_threads
 
 
 def default_collapse_folder(dataset: str) -> Path:
@@ -62,6 +63,7 @@ def collapse(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print only the summary as JSON on stdout, for scripts.")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Cosine between û*(x_t, t) and x1 - x0 over t, and when the softmax collapses onto one
     training point: the first t from which 90% of pairs keep their largest weight above 0.9.
@@ -76,7 +78,7 @@ def collapse(
         raise InputError(f"--tol must be positive, got {tol}")
     target = check_output_folder(out if out is not None else default_collapse_folder(dataset),
                                  overwrite, "collapse", dataset_sources(dataset, root))
-    with progress_bar() as progress:
+    with progress_bar() as progress, cpu_threads(threads):
         progress(f"loading {dataset}", 0, 1)
         images = load_dataset(dataset, root=root, split=split, limit=limit)
         progress(f"loading {dataset}", 1, 1)

@@ -18,6 +18,7 @@ from knnflow.index import resolve_device
 from knnflow.sample import SOLVERS
 
 from .console import console, progress_bar
+from .threads import ThreadsOption, cpu_threads
 
 WEIGHT_CHOICES = {"both": WEIGHT_SETS, "ema": ("ema",), "raw": ("raw",)}
 
@@ -74,6 +75,7 @@ def velocity_error(
         help="Output folder (default: RUN/velocity-error).")] = None,
     overwrite: OverwriteOption = False,
     as_json: JsonOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """E‖u_θ(x_t, t) - û*(x_t, t)‖² per t bin for a trained run, EMA and raw weights (paper
     Figure 2, left); writes velocity_error.png, velocity_error.csv and summary.json."""
@@ -90,7 +92,7 @@ def velocity_error(
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     device = resolve_device(device, allow_auto=False)
     target = _output_folder(out, run, "velocity-error", overwrite, index)
-    with progress_bar() as progress:
+    with progress_bar() as progress, cpu_threads(threads):
         result, summary = velocity_error_of_run(
             run, weights=WEIGHT_CHOICES[weights], t_bins=t_bins, n=n, seed=seed, index=index,
             tol=tol, batch_size=batch_size, device=device, progress=progress)
@@ -151,6 +153,7 @@ def hybrid(
         help="Output folder (default: RUN/hybrid).")] = None,
     overwrite: OverwriteOption = False,
     as_json: JsonOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Follow û* on [0, τ], then the network on [τ, 1], from fixed noises (paper Figure 3);
     writes hybrid.png, grid.png, hybrid.csv, summary.json and samples.npz."""
@@ -162,7 +165,7 @@ def hybrid(
         raise InputError(f"--rows must be at least 1, got {rows}")
     device = resolve_device(device, allow_auto=False)
     target = _output_folder(out, run, "hybrid", overwrite, index)
-    with progress_bar() as progress:
+    with progress_bar() as progress, cpu_threads(threads):
         result, summary = hybrid_of_run(
             run, taus=values, n=n, seed=seed, ema=ema, solver=solver, steps=steps, atol=atol,
             rtol=rtol, index=index, tol=tol, threshold=threshold, copy_fraction=copy_fraction,

@@ -21,6 +21,7 @@ from knnflow.train import TrainConfig, config_from_options, train
 
 from .console import console, err_console, key_value_table, log_throttle, progress_bar
 from .data_commands import build_dataset_index, dataset_slug, default_index_folder
+from .threads import ThreadsOption, cpu_threads
 
 PRESET_LIST = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
 
@@ -133,7 +134,9 @@ def train_command(
              "grow).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run and start again.")]
     = False,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (cuda when torch sees a GPU).")]
+    = "cpu",
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a velocity network on a flow-matching target; writes runs/NAME/ (config.json,
     metrics.jsonl, checkpoints/, progress/). Under torchrun (torchrun --standalone
@@ -141,7 +144,7 @@ def train_command(
     NCCL with --device cuda, one GPU each, gloo on CPUs)."""
     from knnflow.distributed import init_from_env, leave_group, rank_and_world
 
-    options = {k: v for k, v in locals().items() if k != "ctx"}
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "threads")}
     # Options given on the command line (not defaults): on --resume the rest come from the run.
     explicit = {k for k in options
                 if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
@@ -154,7 +157,7 @@ def train_command(
             config, index=str(default_knn_index(dataset, root, limit, flip)))
         explicit.add("index")
     folder = name or default_run_folder(dataset, target)
-    device = init_from_env(resolve_device(device, allow_auto=False))
+    device = init_from_env(resolve_device(device))
     first = rank_and_world()[0] == 0  # only the first process reports
     columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[rate]:.1f} steps/s"),
@@ -182,8 +185,9 @@ def train_command(
                       file=sys.stderr, flush=True)
 
         try:
-            logged = train(config, folder, resume=resume, overwrite=overwrite, progress=update,
-                           device=device, explicit=explicit)
+            with cpu_threads(threads):
+                logged = train(config, folder, resume=resume, overwrite=overwrite,
+                               progress=update, device=device, explicit=explicit)
         except KeyboardInterrupt:
             bar.stop()
             step = newest_checkpoint_step(Path(folder))
@@ -226,7 +230,9 @@ def sample_command(
     = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")]
     = False,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (cuda when torch sees a GPU).")]
+    = "cpu",
+    threads: ThreadsOption = None,
 ) -> None:
     """Sample by integrating dx/dt = v(x, t) from noise (torchdiffeq); writes one PNG per
     sample, grid.png and samples.npz."""
@@ -234,7 +240,7 @@ def sample_command(
     from knnflow.sample import sample_closed_form, sample_model, save_samples
     from knnflow.train import load_run_model
 
-    device = resolve_device(device, allow_auto=False)
+    device = resolve_device(device)
 
     if (run is None) == (closed_form is None):
         raise InputError("pass a RUN folder or --closed-form INDEX (one of them)")
@@ -244,14 +250,14 @@ def sample_command(
             out or Path("runs") / f"closed-form-{closed_form.name}" / "samples", overwrite,
             "samples", [closed_form])
         index = Index.load(closed_form)
-        with progress_bar() as progress:
+        with progress_bar() as progress, cpu_threads(threads):
             samples = sample_closed_form(index, n, seed, solver, steps, atol, rtol,
                                          progress=progress, device=device)
         meta["closed_form"] = str(closed_form)
     else:
         target = check_output_folder(out or run / "samples", overwrite, "samples", [run])
         model, record = load_run_model(run, ema, device)
-        with progress_bar() as progress:
+        with progress_bar() as progress, cpu_threads(threads):
             samples = sample_model(model, n, tuple(record["image_shape"]), seed, solver, steps,
                                    atol, rtol, device=device, progress=progress)
         meta.update({"run": str(run), "ema": ema, "checkpoint_step": record["checkpoint_step"]})

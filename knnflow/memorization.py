@@ -336,7 +336,7 @@ def summarize(samples: Samples, index: Index, scores: Scores, reference: Tensor,
         "d1_mean_over_reference_mean": float(d1.mean()) / max(float(reference.mean()), 1e-300),
         "memorized": {"count": int(memorized.sum()),
                       "fraction": float(memorized.double().mean()),
-                      "rule": f"d1/d2 < {threshold:.6g}"},
+                      "rule": f"d1/d2 < {threshold_text(threshold)}"},
         "exact": scores.exact,
         "search": scores.search,
         "seconds": round(seconds, 3),
@@ -350,6 +350,16 @@ def _unit(image: np.ndarray) -> np.ndarray:
     """C×H×W in [-1, 1] → H×W(×3) in [0, 1] for imshow."""
     image = (np.clip(image, -1, 1) + 1) / 2
     return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+
+
+def threshold_text(threshold: float) -> str:
+    """1/3 rather than 0.333333: a simple fraction where the value is one, else 4 digits."""
+    from fractions import Fraction
+
+    simple = Fraction(threshold).limit_denominator(12)
+    if simple.denominator > 1 and abs(float(simple) - threshold) <= 1e-12:
+        return f"{simple.numerator}/{simple.denominator}"
+    return f"{threshold:.4g}"
 
 
 def plot_histogram(path: Path, d1: Tensor, reference: Tensor, threshold: float) -> None:
@@ -370,7 +380,7 @@ def plot_histogram(path: Path, d1: Tensor, reference: Tensor, threshold: float) 
     ax.set_xlabel("L2 distance to the nearest training image (pixels in [-1, 1])")
     ax.set_ylabel("density (each histogram has area 1)")
     ax.set_title(f"Memorization: d1 against the train-to-train reference "
-                 f"(d1/d2 < {threshold:.3g} flagged)", fontsize=10)
+                 f"(d1/d2 < {threshold_text(threshold)} flagged)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -356,3 +356,10 @@ def test_a_folder_of_knnflows_own_pngs_skips_its_grid_and_reads_grey_rgb(tmp_pat
     Image.fromarray(colour).save(tmp_path / "rgb" / "sample_00009.png")
     with pytest.raises(InputError, match="colour image among greyscale samples"):
         load_samples(tmp_path / "rgb", (1, 8, 8)).batch(0, 6)
+
+
+def test_the_threshold_reads_as_the_fraction_it_is():
+    from knnflow.memorization import threshold_text
+
+    assert threshold_text(1 / 3) == "1/3" and threshold_text(0.25) == "1/4"
+    assert threshold_text(0.123456) == "0.1235" and threshold_text(0.5) == "1/2"

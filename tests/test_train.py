@@ -431,3 +431,16 @@ def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path):
     assert running.returncode == 130, stderr
     assert re.search(r"interrupted: its newest checkpoint, step (10|20|30), is kept: continue "
                      r"with knnflow train --name .*c --resume", stderr), stderr
+
+
+def test_train_and_sample_take_threads_and_device_auto(tmp_path):
+    """--threads N (torch and BLAS threads) and --device auto on train and sample; a
+    --threads below 1 is one line."""
+    ran = run("train", "--preset", "mlp", "--steps", "2", "--batch-size", "8", "--device",
+              "auto", "--threads", "1", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    sampled = run("sample", "runs/digits-cfm", "--n", "4", "--steps", "2", "--threads", "1",
+                  "--device", "auto", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
+    assert_one_line_error(run("train", "--preset", "mlp", "--steps", "2", "--threads", "0",
+                              "--name", "runs/z", cwd=tmp_path), "--threads must be at least 1")

@@ -542,14 +542,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
         xr, tr, sr = (x64, t, s) if every else (x64[rows], t[rows], s[rows])
         points = train.points.to(torch.float32)
         sq = train.sq_norms.to(torch.float32)
-        if bool((tr == tr[0]).all()):  # one t: scalars fold into the GEMM
-            t0, s0 = float(tr[0]), float(sr[0])
-            logits = torch.addmm(sq[None, :], xr.to(torch.float32), points.T,
-                                 beta=-s0 * t0 * t0, alpha=2 * s0 * t0)
-        else:
-            query = ((2 * sr * tr)[:, None] * xr).to(torch.float32)
-            logits = torch.addmm(torch.outer((-sr * tr * tr).to(torch.float32), sq), query,
-                                 points.T)
+        logits = _screen32(xr, tr, sr, points, sq)
         top, first = logits.max(dim=1)
         weights = logits.sub_(top[:, None]).clamp_(min=-floor).exp_()
         z = weights.sum(dim=1).to(torch.float64)
@@ -577,11 +570,8 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
         # per row near t = 1, computed exactly from differences (the rest take the float64
         # GEMM below).
         rows = coarse.nonzero().squeeze(1)
-        xr, tr, sr = x64[rows], t[rows], s[rows]
-        query = ((2 * sr * tr)[:, None] * xr).to(torch.float32)
-        sq = train.sq_norms.to(torch.float32)
-        logits = torch.addmm(torch.outer((-sr * tr * tr).to(torch.float32), sq), query,
-                             train.points.to(torch.float32).T)
+        logits = _screen32(x64[rows], t[rows], s[rows], train.points.to(torch.float32),
+                           train.sq_norms.to(torch.float32))
         top = logits.amax(dim=1).to(torch.float64)
         # (the threshold's own float32 rounding, a few units in the last place of the top)
         margin = (math.log(n) + DROPPED_MASS_NATS + 2 * proven[rows]
@@ -622,6 +612,17 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
     rest[screened[~few]] = True
     _live_pairs_into(state, x64, t, s, train, screened[few], live[few])
     return state, rest
+
+
+def _screen32(x64: Tensor, t: Tensor, s: Tensor, points: Tensor, sq: Tensor) -> Tensor:
+    """float32 screened logits 2st⟨x, x_j⟩ - st²‖x_j‖² (B, n) over float32 points and norms;
+    with one t for the batch its scalars fold into the GEMM."""
+    if bool((t == t[0]).all()):
+        t0, s0 = float(t[0]), float(s[0])
+        return torch.addmm(sq[None, :], x64.to(torch.float32), points.T,
+                           beta=-s0 * t0 * t0, alpha=2 * s0 * t0)
+    query = ((2 * s * t)[:, None] * x64).to(torch.float32)
+    return torch.addmm(torch.outer((-s * t * t).to(torch.float32), sq), query, points.T)
 
 
 def _live_pairs_into(state: SoftmaxState, x64: Tensor, t: Tensor, s: Tensor,

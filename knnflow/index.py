@@ -378,38 +378,33 @@ class Index:
             self.last_stats = {"method": "faiss", "queries": len(q32), "fallback": len(q32)}
             return self._exact_search(q32, q64, k)
         train = self.training_set()
-        if not use_sketch:  # small data on the CPU: the GEMM brute force, 5× FAISS's on digits
-            out_d = torch.empty(len(q64), k, dtype=torch.float64)
-            out_i = torch.empty(len(q64), k, dtype=torch.int64)
-            for first in range(0, len(q64), BRUTE_FORCE_ROWS):
-                rows = slice(first, first + BRUTE_FORCE_ROWS)
-                out_d[rows], out_i[rows] = screened_knn(train.points, train.sq_norms, q64[rows],
-                                                        k)
-            self.last_stats = {"method": "brute-force", "queries": len(q32),
-                               "fallback": len(q32)}
-            return SearchResult(out_d, out_i, exact=True)
-        if self._scanner is None:
-            self._scanner = SketchScanner(self.sketches)
-        budget = max(512, int(sketch_budget * self.n))
         out_d = torch.empty(len(q64), k, dtype=torch.float64)
         out_i = torch.empty(len(q64), k, dtype=torch.int64)
-        evaluated = torch.full((len(q64),), self.n, dtype=torch.int64)
-        rest = []
-        for start in range(0, len(q64), batch_size):
-            part = slice(start, start + batch_size)
-            found = sketch_knn(self._scanner, self.points, q64[part], k, budget,
-                               sq_norms=self.training_set().sq_norms)
-            out_d[part], out_i[part] = found.sq_distances, found.ids
-            evaluated[part] = torch.where(found.done, found.evaluated, self.n)
-            rest.append((~found.done).nonzero().squeeze(1) + start)
+        if use_sketch:
+            if self._scanner is None:
+                self._scanner = SketchScanner(self.sketches)
+            budget = max(512, int(sketch_budget * self.n))
+            evaluated = torch.full((len(q64),), self.n, dtype=torch.int64)
+            rest = []
+            for start in range(0, len(q64), batch_size):
+                part = slice(start, start + batch_size)
+                found = sketch_knn(self._scanner, self.points, q64[part], k, budget,
+                                   sq_norms=train.sq_norms)
+                out_d[part], out_i[part] = found.sq_distances, found.ids
+                evaluated[part] = torch.where(found.done, found.evaluated, self.n)
+                rest.append((~found.done).nonzero().squeeze(1) + start)
+            rest = torch.cat(rest)
+            self.last_stats = {"method": "sketch", "queries": len(q32),
+                               "fallback": int((evaluated == self.n).sum()),
+                               "evaluated_median": float(evaluated.double().median())}
+        else:  # small data on the CPU: the GEMM brute force, 5× FAISS's on digits
+            rest = torch.arange(len(q64))
+            self.last_stats = {"method": "brute-force", "queries": len(q32),
+                               "fallback": len(q32)}
         # One brute force for every row the sketches could not settle: it reads the data once.
-        rest = torch.cat(rest)
         for first in range(0, rest.numel(), BRUTE_FORCE_ROWS):
             rows = rest[first:first + BRUTE_FORCE_ROWS]
             out_d[rows], out_i[rows] = screened_knn(train.points, train.sq_norms, q64[rows], k)
-        self.last_stats = {"method": "sketch", "queries": len(q32),
-                           "fallback": int((evaluated == self.n).sum()),
-                           "evaluated_median": float(evaluated.double().median())}
         return SearchResult(out_d, out_i, exact=True)
 
     def set_nprobe(self, nprobe: int) -> None:

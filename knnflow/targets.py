@@ -96,6 +96,7 @@ class Target:
         if x0.shape != x1.shape:
             raise InputError(f"x0 has shape {tuple(x0.shape)} but x1 has {tuple(x1.shape)}")
         x0, x1 = x0.to(self.device), x1.to(self.device)
+        x0 = self.couple(x0, x1)
         t = check_t(t, x1.shape[0], x1.device)
         x_t = interpolate(x0, x1, t)
         began = time.perf_counter()
@@ -104,6 +105,10 @@ class Target:
             torch.cuda.current_stream(self.device).synchronize()
         return TargetBatch(x_t, target.to(x1.dtype).reshape(x1.shape), fallback, evaluated,
                            time.perf_counter() - began)
+
+    def couple(self, x0: Tensor, x1: Tensor) -> Tensor:
+        """The noise paired with each x1 (the batch's own x0 but for coupled targets)."""
+        return x0
 
     def velocity(self, x0, x1, x_t, t, generator):
         raise NotImplementedError
@@ -145,7 +150,7 @@ def ot_pairing(x0: Tensor, x1: Tensor) -> Tensor:
 
 # OT-CFM: Tong et al., "Improving and generalizing flow-based generative models with minibatch
 # optimal transport" (torchcfm's ExactOptimalTransportConditionalFlowMatcher, σ = 0).
-class OTCFMTarget(Target):
+class OTCFMTarget(CFMTarget):
     """x1 - x0 after re-pairing the batch's noise with its images by exact minibatch optimal
     transport (`ot_pairing`): x_t = (1-t)·x0' + t·x1 with x0' = x0[perm]. The plan is a
     permutation, used as it is (torchcfm draws pairs from it with replacement; for a
@@ -153,20 +158,11 @@ class OTCFMTarget(Target):
 
     name = "ot-cfm"
 
-    def __init__(self, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-
-    def __call__(self, x0: Tensor, x1: Tensor, t: Tensor,
-                 generator: torch.Generator | None = None) -> TargetBatch:
-        if x0.shape != x1.shape:
-            raise InputError(f"x0 has shape {tuple(x0.shape)} but x1 has {tuple(x1.shape)}")
+    def couple(self, x0: Tensor, x1: Tensor) -> Tensor:
         if x1.shape[0] < 2:
             raise InputError("the ot-cfm target pairs noise with images within a batch: it "
                              f"needs at least 2 per batch, got {x1.shape[0]}")
-        return super().__call__(x0[ot_pairing(x0, x1).to(x0.device)], x1, t, generator)
-
-    def velocity(self, x0, x1, x_t, t, generator):
-        return x1 - x0, None, 1.0
+        return x0[ot_pairing(x0, x1)]
 
 
 class EFMTarget(Target):

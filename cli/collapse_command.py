@@ -21,10 +21,11 @@ from knnflow.analysis.collapse import (
 from knnflow.data import dataset_sources, load_dataset
 from knnflow.errors import InputError
 from knnflow.files import check_output_folder
+from knnflow.threads import cpu_threads
 
 from .console import console, progress_bar
 from .data_commands import dataset_slug
-from .threads import ThreadsOption, cpu_threads
+from .threads import ThreadsOption
 
 
 def default_collapse_folder(dataset: str) -> Path:

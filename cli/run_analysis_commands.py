@@ -16,9 +16,10 @@ from knnflow.errors import InputError
 from knnflow.files import check_output_folder
 from knnflow.index import resolve_device
 from knnflow.sample import SOLVERS
+from knnflow.threads import cpu_threads
 
 from .console import console, progress_bar
-from .threads import ThreadsOption, cpu_threads
+from .threads import ThreadsOption
 
 WEIGHT_CHOICES = {"both": WEIGHT_SETS, "ema": ("ema",), "raw": ("raw",)}
 

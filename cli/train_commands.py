@@ -17,11 +17,12 @@ from knnflow.index import resolve_device
 from knnflow.models import PRESET_HELP
 from knnflow.sample import SOLVERS
 from knnflow.targets import EFM_POOLS, KNN_FALLBACKS, KNN_ROUTES, TARGETS
+from knnflow.threads import cpu_threads
 from knnflow.train import TrainConfig, config_from_options, train
 
 from .console import console, err_console, key_value_table, log_throttle, progress_bar
 from .data_commands import build_dataset_index, dataset_slug, default_index_folder
-from .threads import ThreadsOption, cpu_threads
+from .threads import ThreadsOption
 
 PRESET_LIST = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
 

@@ -33,18 +33,17 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 from knnflow.analysis.collapse import DEFAULT_GRID
 from knnflow.analysis.hybrid import COPY_FRACTION
 from knnflow.errors import InputError
+from knnflow.threads import cpu_threads
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -1377,20 +1376,13 @@ def reproduce(dataset: str, budget: Budget, *, root: str | Path | None = None,
 
     check_dataset(dataset)
     device = resolve_device(device, allow_auto=False)
-    threads = torch.get_num_threads()
     # The thread limit covers numpy's and scipy's BLAS too: on the shared 2-core machine,
     # scipy's sqrtm of a 128×128 covariance product (FID) took 1.2 s with two OpenBLAS
     # threads and 5 ms with one.
-    limits = threadpool_limits(limits=budget.threads) if budget.threads else nullcontext()
-    if budget.threads:
-        torch.set_num_threads(budget.threads)
-    try:
-        with limits:
-            return _reproduce(dataset, budget, root=root, work=work, out_md=out_md,
-                              device=device, overwrite=overwrite, command=command, log=log,
-                              progress=progress)
-    finally:
-        torch.set_num_threads(threads)
+    with cpu_threads(budget.threads or None):
+        return _reproduce(dataset, budget, root=root, work=work, out_md=out_md,
+                          device=device, overwrite=overwrite, command=command, log=log,
+                          progress=progress)
 
 
 def _reproduce(dataset: str, budget: Budget, *, root, work, out_md, device: str,

@@ -62,6 +62,16 @@ def default_index_folder(dataset: str, split: str, size: int | None = None) -> P
     return Path("indices") / f"{dataset_slug(dataset, size)}-{split}"
 
 
+def cached_index_folder(dataset: str, limit: int | None = None, flip: bool = False,
+                        approximate: bool = False) -> Path:
+    """Where train and memorization cache a data set's index when none is given:
+    indices/<dataset>-train, with -limitN (its first N images), -flip (both flips) and -ivf
+    (an IVF index, for --approximate)."""
+    split = "train" + (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
+    folder = default_index_folder(dataset, split)
+    return folder.with_name(folder.name + "-ivf") if approximate else folder
+
+
 def build_dataset_index(dataset: str, folder: Path, progress, *, root: Path | None = None,
                         split: str = "train", limit: int | None = None,
                         size: int | None = None, flip: bool = False, kind: str = "flat",

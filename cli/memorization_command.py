@@ -16,15 +16,9 @@ from knnflow.index import Index
 from knnflow.memorization import REFERENCE_SIZE, default_out, parse_threshold, run_memorization
 
 from .console import console, err_console, progress_bar
-from .data_commands import build_dataset_index, default_index_folder
+from .data_commands import build_dataset_index, cached_index_folder
 
 DEFAULT_DATASET = "digits"  # the default data set of build-index and train
-
-
-def cached_index_folder(dataset: str, approximate: bool) -> Path:
-    """Where --dataset NAME keeps its index: indices/NAME-train (-ivf for --approximate)."""
-    folder = default_index_folder(dataset, "train")
-    return folder.with_name(folder.name + "-ivf") if approximate else folder
 
 
 def recorded_training_set(samples: Path) -> dict:
@@ -55,12 +49,8 @@ def recorded_training_set(samples: Path) -> dict:
 
 def open_recorded_index(record: dict, approximate: bool, progress) -> tuple[Index, str]:
     """The index for samples given with neither --index nor --dataset, and what it is."""
-    from knnflow.targets import with_flips
-
-    from .train_commands import default_knn_index
-
     if not record:
-        return (open_index(None, DEFAULT_DATASET, None, approximate, progress),
+        return (open_cached_index(DEFAULT_DATASET, None, progress, approximate=approximate),
                 f"{DEFAULT_DATASET}, the default data set (the samples carry no record of "
                 "their training set)")
     if "index" in record:
@@ -69,21 +59,11 @@ def open_recorded_index(record: dict, approximate: bool, progress) -> tuple[Inde
             raise InputError(f"the samples were made with the index {folder} ({record['from']}), "
                              "which is gone: pass --index DIR or --dataset NAME")
         return Index.load(folder), f"{folder}, {record['from']}"
-    dataset, root = record["dataset"], record["root"]
-    if not record["limit"] and not record["flip"]:
-        return (open_index(None, dataset, Path(root) if root else None, approximate, progress),
-                f"{dataset}, {record['from']}")
-    folder = default_knn_index(dataset, Path(root) if root else None, record["limit"],
-                               record["flip"])
-    index = Index.load(folder)
-    images = load_dataset(dataset, root=root, split="train", limit=record["limit"])
-    try:
-        index.verify_points(with_flips(images) if record["flip"] else images)
-    except IndexMismatchError:
-        raise InputError(f"the cached index {folder} was built from other images than "
-                         f"{record['from']}: rebuild it with knnflow build-index {dataset} "
-                         f"--out {folder} --overwrite") from None
-    return index, f"{folder}, {record['from']}"
+    root = Path(record["root"]) if record["root"] else None
+    index = open_cached_index(record["dataset"], root, progress, limit=record["limit"],
+                              flip=record["flip"], approximate=approximate)
+    where = index.folder if record["limit"] or record["flip"] else record["dataset"]
+    return index, f"{where}, {record['from']}"
 
 
 def open_index(index: Path | None, dataset: str | None, root: Path | None, approximate: bool,
@@ -93,34 +73,48 @@ def open_index(index: Path | None, dataset: str | None, root: Path | None, appro
         raise InputError("pass one of --index DIR or --dataset NAME, not both")
     if index is not None:
         return Index.load(index)
-    folder = cached_index_folder(dataset, approximate)
-    if folder.exists():
-        cached = Index.load(folder)
-        made = cached.manifest.get("dataset") or {}
-        rebuild = (f"pass --index, or rebuild it with knnflow build-index {dataset} "
-                   + (f"--root {root} " if root is not None else "") + f"--out {folder} "
-                   "--overwrite")
-        if made.get("limit") is not None or made.get("flip"):
-            which = f"the first {made['limit']}" if made.get("limit") else "other"
-            raise InputError(f"the cached index {folder} holds {which} images of {dataset}, "
-                             f"not its whole training set: {rebuild}")
-        # The points' checksum decides, not the recorded root: the same files may sit
-        # elsewhere, and other files under the same name must not pass.
-        progress(f"checking {folder} against {dataset}", 0, 1)
-        try:
-            cached.verify_points(load_dataset(dataset, root=root, split="train"))
-        except IndexMismatchError:
-            built = made.get("root") or "the default place"
-            raise InputError(
-                f"the cached index {folder} was built from other images than {dataset} at "
-                f"{root or 'the default place'} (points checksum differs; it was built from "
-                f"{built}): {rebuild}") from None
-        progress(f"checking {folder} against {dataset}", 1, 1)
-        return cached
-    build_dataset_index(dataset, folder, progress, root=root,
-                        kind="ivf" if approximate else "flat")
-    err_console.print(f"built and cached the index of {dataset} at {folder}")
-    return Index.load(folder)
+    return open_cached_index(dataset, root, progress, approximate=approximate)
+
+
+def open_cached_index(dataset: str, root: Path | None, progress, *, limit: int | None = None,
+                      flip: bool = False, approximate: bool = False) -> Index:
+    """The cached index of a data set's training images (its first `limit`, with both flips
+    for `flip`), built on first use. A cached one must hold exactly those images: its
+    manifest's limit and flips, then the points' checksum decide (not the recorded root: the
+    same files may sit elsewhere, and other files under the same name must not pass)."""
+    from knnflow.targets import with_flips
+
+    folder = cached_index_folder(dataset, limit, flip, approximate)
+    if not folder.exists():
+        build_dataset_index(dataset, folder, progress, root=root, limit=limit, flip=flip,
+                            kind="ivf" if approximate else "flat")
+        err_console.print(f"built and cached the index of {dataset} at {folder}")
+        return Index.load(folder)
+    cached = Index.load(folder)
+    made = cached.manifest.get("dataset") or {}
+    rebuild = (f"pass --index, or rebuild it with knnflow build-index {dataset} "
+               + (f"--root {root} " if root is not None else "")
+               + (f"--limit {limit} " if limit else "") + ("--flip " if flip else "")
+               + f"--out {folder} --overwrite")
+    if made.get("limit") != limit or bool(made.get("flip")) != flip:
+        which = (f"the first {made['limit']}" if made.get("limit") else "other")
+        wanted = ("its whole training set" if not limit and not flip else
+                  (f"its first {limit}" if limit else "its training set")
+                  + (" with both flips" if flip else ""))
+        raise InputError(f"the cached index {folder} holds {which} images of {dataset}, "
+                         f"not {wanted}: {rebuild}")
+    progress(f"checking {folder} against {dataset}", 0, 1)
+    images = load_dataset(dataset, root=root, split="train", limit=limit)
+    try:
+        cached.verify_points(with_flips(images) if flip else images)
+    except IndexMismatchError:
+        built = made.get("root") or "the default place"
+        raise InputError(
+            f"the cached index {folder} was built from other images than {dataset} at "
+            f"{root or 'the default place'} (points checksum differs; it was built from "
+            f"{built}): {rebuild}") from None
+    progress(f"checking {folder} against {dataset}", 1, 1)
+    return cached
 
 
 def _fmt(value: float) -> str:
@@ -170,7 +164,8 @@ def memorization(
     parse_threshold(threshold)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    cached = None if dataset is None else cached_index_folder(dataset, approximate)
+    cached = None if dataset is None else cached_index_folder(dataset,
+                                                             approximate=approximate)
     target = check_output_folder(out if out is not None else default_out(samples), overwrite,
                                  "memorization", [samples, index, cached,
                                                   *dataset_sources(dataset, root)])

@@ -21,7 +21,7 @@ from knnflow.threads import cpu_threads
 from knnflow.train import TrainConfig, config_from_options, train
 
 from .console import console, err_console, key_value_table, log_throttle, progress_bar
-from .data_commands import build_dataset_index, dataset_slug, default_index_folder
+from .data_commands import build_dataset_index, cached_index_folder, dataset_slug
 from .threads import ThreadsOption
 
 PRESET_LIST = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
@@ -48,8 +48,7 @@ def newest_checkpoint_step(folder: Path) -> int | None:
 def default_knn_index(dataset: str, root: Path | None, limit: int | None, flip: bool) -> Path:
     """knn-efm's index when --index is not given: indices/<dataset>-train (-limitN for
     --limit, -flip for --flip), built on first use with its progress bar and one line."""
-    split = "train" + (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
-    folder = default_index_folder(dataset, split)
+    folder = cached_index_folder(dataset, limit, flip)
     if folder.exists():
         return folder  # the target checks its points against the training data
     import os

@@ -372,7 +372,9 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         raise InputError(f"the training data of {config.dataset} changed since {folder} "
                          "started (checksum differs); resuming would not continue the same run")
     image_shape = tuple(images.shape[1:])
-    target = make_target(config.target, data=target_data,
+    # (knn-efm's index was checked against the training data in load_training_data)
+    target = make_target(config.target,
+                         data=None if config.target == "knn-efm" else target_data,
                          index=index, m=config.m, pool=config.efm_pool, tol=config.tol,
                          knn_budget=config.knn_budget, knn_fallback=config.knn_fallback,
                          knn_route=config.knn_route, group=group,

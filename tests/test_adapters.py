@@ -46,6 +46,22 @@ def batches(data: torch.Tensor, steps: int, size: int = 128):
         yield torch.randn(x1.shape, generator=gen), x1
 
 
+def fit(data: torch.Tensor, loss_of, steps: int = 60) -> list[float]:
+    """The training loop both libraries' READMEs show, around its library-specific part
+    loss_of(model, x0, x1): a seeded MLP, Adam, `steps` batches of digits. The losses."""
+    torch.manual_seed(0)
+    model = VelocityNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for x0, x1 in batches(data, steps):
+        optimizer.zero_grad()
+        loss = loss_of(model, x0, x1)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def falls(losses: list[float]) -> bool:
     return sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
 
@@ -58,17 +74,11 @@ def test_torchcfm_loop_with_knnflow_matcher(target):
     data, index = digits_and_index()
     matcher = KNNFlowMatcher(index, target=target, data=data)
     reference = cfm.ConditionalFlowMatcher(sigma=0.0)
-    torch.manual_seed(0)
-    model = VelocityNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for x0, x1 in batches(data, 60):  # torchcfm's README loop, matcher swapped
-        optimizer.zero_grad()
+    def loss_of(model, x0, x1):  # torchcfm's README step, matcher swapped
         t, xt, ut = matcher.sample_location_and_conditional_flow(x0, x1)
-        loss = torch.mean((model(xt, t) - ut) ** 2)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        return torch.mean((model(xt, t) - ut) ** 2)
+
+    losses = fit(data, loss_of)
     assert falls(losses), losses
     # Same convention as torchcfm's own matcher; ut is knnflow's target on (x0, x1, t).
     x0, x1 = next(batches(data, 1, 32))
@@ -97,19 +107,14 @@ def test_flow_matching_loop_with_knnflow_path():
     data, index = digits_and_index()
     path = KNNEFMPath(index, target="knn-efm", data=data)
     reference = path_module.CondOTProbPath()
-    torch.manual_seed(0)
-    model = VelocityNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(2)
-    losses = []
-    for x_0, x_1 in batches(data, 60):  # flow_matching's README loop, path swapped
+
+    def loss_of(model, x_0, x_1):  # flow_matching's README step, path swapped
         t = torch.rand(x_1.shape[0], generator=gen)
         sample = path.sample(x_0=x_0, x_1=x_1, t=t)
-        loss = torch.pow(model(sample.x_t, sample.t) - sample.dx_t, 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        return torch.pow(model(sample.x_t, sample.t) - sample.dx_t, 2).mean()
+
+    losses = fit(data, loss_of)
     assert falls(losses), losses
     x_0, x_1 = next(batches(data, 1, 32))
     t = torch.rand(32, generator=torch.Generator().manual_seed(3)) * 0.99

@@ -61,6 +61,15 @@ def _metrics(folder):
     return [(e["step"], e["loss"], e["target_sq"]) for e in map(json.loads, lines)]
 
 
+def wait_for_steps(metrics, count: int, timeout: float = 300) -> None:
+    """Until a running run's metrics.jsonl holds `count` logged steps (or the timeout)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+
+
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     straight = subprocess.run([*TRAIN, "--name", str(tmp_path / "a")], capture_output=True,
@@ -69,11 +78,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     killed = subprocess.Popen([*TRAIN, "--name", str(tmp_path / "b")], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "b" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 25:
-            break
-        time.sleep(0.05)
+    wait_for_steps(metrics, 25)
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     assert len(metrics.read_text().splitlines()) < 40, "the run ended before it was killed"
@@ -420,12 +425,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path):
     running = subprocess.Popen([*TRAIN, "--name", str(tmp_path / "c")], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    metrics = tmp_path / "c" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 15:
-            break
-        time.sleep(0.05)
+    wait_for_steps(tmp_path / "c" / "metrics.jsonl", 15)
     running.send_signal(signal.SIGINT)
     _, stderr = running.communicate(timeout=120)
     assert running.returncode == 130, stderr

@@ -8,19 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from knnflow.bench import (
-    DEFAULT_DATASET,
-    DEFAULT_T_GRID,
-    QUICK_TS,
-    UNIFORM_LABEL,
-    bench_exact,
-    bench_knn,
-    bench_memorization,
-    bench_targets,
-    bench_train,
-    parse_t_grid,
-    save_json,
-)
+from knnflow.choices import BENCH_DATASET as DEFAULT_DATASET
+from knnflow.choices import BENCH_T_GRID as DEFAULT_T_GRID
+from knnflow.choices import QUICK_TS, UNIFORM_LABEL
 from knnflow.errors import InputError
 from knnflow.files import check_output_file
 
@@ -75,6 +65,8 @@ def data_text(config: dict) -> str:
 
 def t_grid_of(t_grid: str, old_t: str | None, default: str | None) -> tuple[float, ...]:
     """--t-grid, or the hidden --t (its old name) when that is given instead."""
+    from knnflow.bench import parse_t_grid
+
     if old_t is not None:
         if t_grid != default:
             raise InputError("give --t-grid only (--t is its old name)")
@@ -112,6 +104,8 @@ def exact(
         help="Also write the results as JSON to this file.", callback=_json_out)] = None,
 ) -> None:
     """Exact û*: naive cdist+softmax+matmul (a) against knnflow's engine (b) and plain GEMMs (c)."""
+    from knnflow.bench import bench_exact, save_json
+
     ts = t_grid_of(t_grid, old_t, DEFAULT_T_GRID)
     if quick:
         dataset, ts, n, repeats = "digits", QUICK_TS, None, max(repeats, 10)
@@ -172,6 +166,8 @@ def knn(
 ) -> None:
     """Certified kNN velocity (b) against the exact engine (a) and top-k truncation (c), with
     the oracle: how many training points an ideal estimator would weigh."""
+    from knnflow.bench import bench_knn, save_json
+
     ts = t_grid_of(t_grid, old_t, DEFAULT_T_GRID)
     check_output_file(json_out, "--json-out", [index, root])
     with progress_bar() as progress:
@@ -257,6 +253,8 @@ def memorization(
 ) -> None:
     """Nearest training images (k = 2): torch.cdist + topk (a) against knnflow's exact search
     (b) and FAISS flat search with float64 re-ranking (c), ids checked against float64."""
+    from knnflow.bench import bench_memorization, parse_t_grid, save_json
+
     ts = parse_t_grid(t_grid) if t_grid is not None else ()
     check_output_file(json_out, "--json-out", [index, root])
     with progress_bar() as progress:
@@ -321,6 +319,8 @@ def targets(
 ) -> None:
     """Training targets against û*: mean ‖target - û*‖² per t bin and ms per batch for cfm,
     efm-128, efm-1000, efm-128 (shared pool) and knn-efm, on the same (x0, x1, t)."""
+    from knnflow.bench import bench_targets, save_json
+
     check_output_file(json_out, "--json-out", [index, root])
     with progress_bar() as progress:
         result = bench_targets(dataset=dataset, root=str(root) if root else None, limit=limit,
@@ -378,6 +378,8 @@ def train(
 ) -> None:
     """Training step time with each target relative to cfm, in one run: each target trains its
     own copy of the model on the same (x0, x1, t), taking turns step by step."""
+    from knnflow.bench import bench_train, save_json
+
     labels = tuple(part.strip() for part in targets.split(",") if part.strip())
     if not labels:
         raise InputError("--targets is empty")

@@ -9,15 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from knnflow.analysis.collapse import (
-    DEFAULT_GRID,
-    ESTIMATORS,
-    compute_collapse,
-    format_t,
-    parse_sides,
-    parse_t_grid,
-    write_collapse_report,
-)
+from knnflow.choices import COLLAPSE_ESTIMATORS as ESTIMATORS
+from knnflow.choices import COLLAPSE_GRID as DEFAULT_GRID
 from knnflow.data import dataset_sources, load_dataset
 from knnflow.errors import InputError
 from knnflow.files import check_output_folder
@@ -69,6 +62,14 @@ def collapse(
     """Cosine between û*(x_t, t) and x1 - x0 over t, and when the softmax collapses onto one
     training point: the first t from which 90% of pairs keep their largest weight above 0.9.
     Writes collapse.png, collapse.csv, collapse_histograms.csv and summary.json."""
+    from knnflow.analysis.collapse import (
+        compute_collapse,
+        format_t,
+        parse_sides,
+        parse_t_grid,
+        write_collapse_report,
+    )
+
     grid = parse_t_grid(t_grid)
     sides = parse_sides(dims)
     if pairs < 1:

@@ -10,11 +10,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from knnflow.choices import DTYPE_NAMES, INDEX_KINDS
 from knnflow.data import SIZED_LOADERS, check_size, dataset_infos, dataset_sources, load_dataset
 from knnflow.errors import InputError
 from knnflow.files import check_output_folder
-from knnflow.index import DTYPES, KINDS, Index, read_manifest
-from knnflow.targets import with_flips
 
 from .console import console, human_bytes, key_value_table, progress_bar
 
@@ -76,8 +75,12 @@ def build_dataset_index(dataset: str, folder: Path, progress, *, root: Path | No
                         split: str = "train", limit: int | None = None,
                         size: int | None = None, flip: bool = False, kind: str = "flat",
                         device: str = "auto", dtype: str = "float32", nlist: int | None = None,
-                        nprobe: int | None = None, overwrite: bool = False) -> Index:
-    """Load a data set, index it (with both flips if asked) and save the index folder."""
+                        nprobe: int | None = None, overwrite: bool = False):
+    """Load a data set, index it (with both flips if asked) and save the index folder; the
+    Index."""
+    from knnflow.index import Index
+    from knnflow.targets import with_flips
+
     size = check_size(dataset, size)
     progress(f"loading {dataset}", 0, 1)
     images = load_dataset(dataset, root=root, split=split, limit=limit, size=size)
@@ -105,14 +108,14 @@ def build_index(
     limit: LimitOption = None,
     size: SizeOption = None,
     kind: Annotated[str, typer.Option(
-        help=f"Index kind: {' or '.join(KINDS)}. flat is exact brute force; ivf clusters the "
+        help=f"Index kind: {' or '.join(INDEX_KINDS)}. flat is exact brute force; ivf clusters the "
              "data (exact search still scans every list).")] = "flat",
     nlist: Annotated[Optional[int], typer.Option(
         help="ivf only: number of lists (default: about 4·√n).")] = None,
     nprobe: Annotated[Optional[int], typer.Option(
         help="ivf only: lists searched in approximate mode (default: nlist/16).")] = None,
     dtype: Annotated[str, typer.Option(
-        help=f"Storage of the raw data: {' or '.join(DTYPES)}.")] = "float32",
+        help=f"Storage of the raw data: {' or '.join(DTYPE_NAMES)}.")] = "float32",
     out: Annotated[Optional[Path], typer.Option(
         help="Index folder to write (default: indices/<dataset>-<split>; a --size other "
              "than the default is part of <dataset>, as in photos64).")] = None,
@@ -153,6 +156,8 @@ def index_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Print an index folder's manifest."""
+    from knnflow.index import read_manifest
+
     manifest = read_manifest(folder)
     if as_json:
         print(json.dumps(manifest, indent=2))

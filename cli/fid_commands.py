@@ -6,19 +6,18 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from knnflow.analysis import fid as fid_analysis
-from knnflow.analysis.classifier import SMALL_DATASET, save_classifier
-from knnflow.analysis.classifier import train_classifier as train_classifier_model
-from knnflow.analysis.fid import DINOV2_FILE, INCEPTION_FILE, FeatureExtractor, parse_reference
+from knnflow.choices import DINOV2_FILE, INCEPTION_FILE, SMALL_DATASET
 from knnflow.data import dataset_sources, load_dataset
 from knnflow.errors import InputError
 from knnflow.files import check_output_file, check_output_folder
-from knnflow.index import resolve_device
-from knnflow.memorization import Samples, load_samples
+
+if TYPE_CHECKING:
+    from knnflow.analysis.fid import FeatureExtractor
+    from knnflow.memorization import Samples
 
 from .console import console, err_console, key_value_table, progress_bar
 from .data_commands import dataset_slug
@@ -35,6 +34,8 @@ def _shape_text(shape) -> str:
 
 def _open_samples(path: Path, shape: tuple[int, ...], reference: str) -> Samples:
     """SAMPLES, which must have the reference's image shape."""
+    from knnflow.memorization import load_samples
+
     try:
         return load_samples(path, shape)
     except InputError:
@@ -48,6 +49,8 @@ def _open_samples(path: Path, shape: tuple[int, ...], reference: str) -> Samples
 
 def _extractor(features: str, weights: Optional[Path], dataset: str,
                device: str) -> FeatureExtractor:
+    from knnflow.analysis import fid as fid_analysis
+
     if features == "classifier":
         features = f"classifier:{default_classifier_folder(dataset)}"
     return fid_analysis.feature_extractor(features, weights, device)
@@ -88,6 +91,10 @@ def fid(
 ) -> None:
     """Fréchet distance between the feature statistics (mean, covariance) of samples and of a
     reference data set. FID grows as n shrinks: compare values at equal n."""
+    from knnflow.analysis import fid as fid_analysis
+    from knnflow.analysis.fid import parse_reference
+    from knnflow.index import resolve_device
+
     device = resolve_device(device)
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
@@ -168,6 +175,10 @@ def train_classifier(
     """Train a small in-domain CNN classifier (train split, tested on the test split) whose
     penultimate features give an offline Fréchet distance: knnflow fid --features
     classifier:FOLDER. Writes classifier.safetensors and classifier.json."""
+    from knnflow.analysis.classifier import save_classifier
+    from knnflow.analysis.classifier import train_classifier as train_classifier_model
+    from knnflow.index import resolve_device
+
     device = resolve_device(device)
     folder = check_output_folder(out if out is not None else default_classifier_folder(dataset),
                                  overwrite, "classifier", dataset_sources(dataset, root))

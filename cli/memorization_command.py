@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from knnflow.choices import MEMORIZATION_REFERENCE
 from knnflow.data import dataset_sources, load_dataset
 from knnflow.errors import IndexMismatchError, InputError
 from knnflow.files import check_output_folder
-from knnflow.index import Index
-from knnflow.memorization import REFERENCE_SIZE, default_out, parse_threshold, run_memorization
 
 from .console import console, err_console, progress_bar
 from .data_commands import build_dataset_index, cached_index_folder
+
+if TYPE_CHECKING:
+    from knnflow.index import Index
 
 DEFAULT_DATASET = "digits"  # the default data set of build-index and train
 
@@ -49,6 +51,8 @@ def recorded_training_set(samples: Path) -> dict:
 
 def open_recorded_index(record: dict, approximate: bool, progress) -> tuple[Index, str]:
     """The index for samples given with neither --index nor --dataset, and what it is."""
+    from knnflow.index import Index
+
     if not record:
         return (open_cached_index(DEFAULT_DATASET, None, progress, approximate=approximate),
                 f"{DEFAULT_DATASET}, the default data set (the samples carry no record of "
@@ -69,6 +73,8 @@ def open_recorded_index(record: dict, approximate: bool, progress) -> tuple[Inde
 def open_index(index: Path | None, dataset: str | None, root: Path | None, approximate: bool,
                progress) -> Index:
     """--index DIR, or --dataset NAME: the cached index under indices/, built on first use."""
+    from knnflow.index import Index
+
     if index is not None and dataset is not None:
         raise InputError("pass one of --index DIR or --dataset NAME, not both")
     if index is not None:
@@ -82,6 +88,7 @@ def open_cached_index(dataset: str, root: Path | None, progress, *, limit: int |
     for `flip`), built on first use. A cached one must hold exactly those images: its
     manifest's limit and flips, then the points' checksum decide (not the recorded root: the
     same files may sit elsewhere, and other files under the same name must not pass)."""
+    from knnflow.index import Index
     from knnflow.targets import with_flips
 
     folder = cached_index_folder(dataset, limit, flip, approximate)
@@ -153,7 +160,7 @@ def memorization(
     = False,
     reference_size: Annotated[int, typer.Option(
         help="Training images in the leave-one-out train-to-train reference.")]
-    = REFERENCE_SIZE,
+    = MEMORIZATION_REFERENCE,
     batch_size: Annotated[int, typer.Option(help="Samples searched per batch.")] = 256,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")]
     = False,
@@ -161,6 +168,8 @@ def memorization(
     """How close generated samples lie to the training set: d1, d2, the ratio test and a
     train-to-train reference, written to memorization.csv, summary.json, histogram.png and
     nearest.png."""
+    from knnflow.memorization import default_out, parse_threshold, run_memorization
+
     parse_threshold(threshold)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")

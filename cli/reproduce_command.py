@@ -10,8 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from knnflow.analysis.reproduce import DATASETS, check_dataset, get_budget
-from knnflow.index import resolve_device
+from knnflow.choices import REPRODUCE_DATASETS as DATASETS
 
 from .console import console, err_console, progress_bar
 
@@ -56,7 +55,9 @@ def reproduce(
     and hybrid sampling on each, and collapse on the data set; write a markdown page with one
     table, figures and a verdict on each of the paper's claims. Rerunning resumes: finished
     stages are reused."""
+    from knnflow.analysis.reproduce import check_dataset, get_budget
     from knnflow.analysis.reproduce import reproduce as run_reproduction
+    from knnflow.index import resolve_device
 
     check_dataset(dataset)
     resolve_device(device, allow_auto=False)

@@ -10,12 +10,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from knnflow.analysis.hybrid import COPY_FRACTION, DEFAULT_TAUS, GRID_ROWS, REFERENCE_SIZE
-from knnflow.analysis.velocity_error import WEIGHT_LABELS, WEIGHT_SETS
+from knnflow.choices import COPY_FRACTION, GRID_ROWS, SOLVERS, WEIGHT_LABELS, WEIGHT_SETS
+from knnflow.choices import HYBRID_REFERENCE as REFERENCE_SIZE
+from knnflow.choices import HYBRID_TAUS as DEFAULT_TAUS
 from knnflow.errors import InputError
 from knnflow.files import check_output_folder
-from knnflow.index import resolve_device
-from knnflow.sample import SOLVERS
 from knnflow.threads import cpu_threads
 
 from .console import console, progress_bar
@@ -91,6 +90,8 @@ def velocity_error(
         raise InputError(f"unknown --weights {weights!r}; choose both, ema or raw")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    from knnflow.index import resolve_device
+
     device = resolve_device(device, allow_auto=False)
     target = _output_folder(out, run, "velocity-error", overwrite, index)
     with progress_bar() as progress, cpu_threads(threads):
@@ -159,6 +160,7 @@ def hybrid(
     """Follow û* on [0, τ], then the network on [τ, 1], from fixed noises (paper Figure 3);
     writes hybrid.png, grid.png, hybrid.csv, summary.json and samples.npz."""
     from knnflow.analysis.hybrid import check_options, hybrid_of_run, solver_text, write_hybrid
+    from knnflow.index import resolve_device
 
     values = check_options(taus, n, solver, steps, threshold, copy_fraction, reference_size,
                            batch_size)

@@ -11,20 +11,18 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from knnflow.choices import EFM_POOLS, KNN_FALLBACKS, SOLVERS, TARGETS
+from knnflow.choices import ROUTES as KNN_ROUTES
 from knnflow.errors import InputError
 from knnflow.files import check_output_folder
-from knnflow.index import resolve_device
-from knnflow.models import PRESET_HELP
-from knnflow.sample import SOLVERS
-from knnflow.targets import EFM_POOLS, KNN_FALLBACKS, KNN_ROUTES, TARGETS
+from knnflow.models.presets import PRESETS
 from knnflow.threads import cpu_threads
-from knnflow.train import TrainConfig, config_from_options, train
 
 from .console import console, err_console, key_value_table, log_throttle, progress_bar
 from .data_commands import build_dataset_index, cached_index_folder, dataset_slug
 from .threads import ThreadsOption
 
-PRESET_LIST = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
+PRESET_LIST = "; ".join(f"{name}: {preset.summary}" for name, preset in PRESETS.items())
 
 
 def default_run_folder(dataset: str, target: str) -> Path:
@@ -143,6 +141,8 @@ def train_command(
     --nproc_per_node N -m knnflow.cli.main train ...) the N processes share each batch (DDP;
     NCCL with --device cuda, one GPU each, gloo on CPUs)."""
     from knnflow.distributed import init_from_env, leave_group, rank_and_world
+    from knnflow.index import resolve_device
+    from knnflow.train import config_from_options, train
 
     options = {k: v for k, v in locals().items() if k not in ("ctx", "threads")}
     # Options given on the command line (not defaults): on --resume the rest come from the run.
@@ -150,7 +150,7 @@ def train_command(
                 if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
     options["root"] = str(root) if root else None
     options["index"] = str(index) if index else None
-    config: TrainConfig = config_from_options(**options)
+    config = config_from_options(**options)
     if target == "knn-efm" and index is None and not resume:
         config.resolved()  # bad options are refused before an index is built
         config = dataclasses.replace(
@@ -236,7 +236,7 @@ def sample_command(
 ) -> None:
     """Sample by integrating dx/dt = v(x, t) from noise (torchdiffeq); writes one PNG per
     sample, grid.png and samples.npz."""
-    from knnflow.index import Index
+    from knnflow.index import Index, resolve_device
     from knnflow.sample import sample_closed_form, sample_model, save_samples
     from knnflow.train import load_run_model
 

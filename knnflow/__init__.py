@@ -1,47 +1,41 @@
-"""knnflow: the closed-form optimal velocity of a training set, fast and with a stated error."""
+"""knnflow: the closed-form optimal velocity of a training set, fast and with a stated error.
 
-from knnflow.closed_form import (
-    SoftmaxState,
-    TrainingSet,
-    closed_form_denoiser,
-    closed_form_state,
-    closed_form_velocity,
-    denoiser_from_score,
-    denoiser_from_velocity,
-    score_from_denoiser,
-    score_from_velocity,
-    velocity_from_denoiser,
-    velocity_from_score,
-)
-from knnflow.data import load_dataset
-from knnflow.errors import IndexMismatchError, InputError, KnnflowError, MissingFileError
-from knnflow.estimators import ExactVelocity, KNNVelocity, VelocityOutput
-from knnflow.index import Index
-from knnflow.targets import TargetBatch, make_target
+The names below load on first use (PEP 562), so `import knnflow.errors` or the command
+line's help does not wait for torch and faiss.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ExactVelocity",
-    "Index",
-    "IndexMismatchError",
-    "InputError",
-    "KNNVelocity",
-    "KnnflowError",
-    "MissingFileError",
-    "SoftmaxState",
-    "TargetBatch",
-    "TrainingSet",
-    "VelocityOutput",
-    "closed_form_denoiser",
-    "closed_form_state",
-    "closed_form_velocity",
-    "denoiser_from_score",
-    "denoiser_from_velocity",
-    "load_dataset",
-    "make_target",
-    "score_from_denoiser",
-    "score_from_velocity",
-    "velocity_from_denoiser",
-    "velocity_from_score",
-]
+_HOMES = {
+    "knnflow.closed_form": ("SoftmaxState", "TrainingSet", "closed_form_denoiser",
+                            "closed_form_state", "closed_form_velocity", "denoiser_from_score",
+                            "denoiser_from_velocity", "score_from_denoiser",
+                            "score_from_velocity", "velocity_from_denoiser",
+                            "velocity_from_score"),
+    "knnflow.data": ("load_dataset",),
+    "knnflow.errors": ("IndexMismatchError", "InputError", "KnnflowError", "MissingFileError"),
+    "knnflow.estimators": ("ExactVelocity", "KNNVelocity", "VelocityOutput"),
+    "knnflow.index": ("Index",),
+    "knnflow.targets": ("TargetBatch", "make_target"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME_OF])
+
+
+__all__ = sorted(_HOME_OF)

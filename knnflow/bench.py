@@ -27,6 +27,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from knnflow.choices import BENCH_DATASET as DEFAULT_DATASET
+from knnflow.choices import BENCH_T_GRID as DEFAULT_T_GRID
+from knnflow.choices import UNIFORM_LABEL
 from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
 from knnflow.data import SIZED_LOADERS, load_dataset, synthetic_images
 from knnflow.errors import InputError
@@ -34,12 +37,6 @@ from knnflow.index import Index, resolve_device
 from knnflow.timing import BENCH_SAMPLE_SECONDS, interleaved_seconds
 from knnflow.timing import sync as _sync
 
-QUICK_TS = (0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999)
-# The default t grid of bench exact and bench knn: training draws t ~ U[0,1), so the grid
-# covers it evenly; t > 0.95 is the U[0,1) row's (and --t-grid's) business.
-DEFAULT_T_GRID = "0:0.95:0.05"
-DEFAULT_DATASET = "photos"
-UNIFORM_LABEL = "U[0,1)"
 Progress = Callable[[str, int, int], None]
 
 

@@ -15,12 +15,16 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from knnflow.errors import InputError, MissingFileError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the catalogue (names, sizes,
+    # where files are expected) serves the command line's help without it.
+    import torch
+    from torch import Tensor
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -307,6 +311,8 @@ def synthetic_images(n: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0
     standard deviation 0.48, 90% of the variance in the top 100 principal components, nearest
     training image of a held-out one at about 0.43 of the typical distance.
     """
+    import torch
+
     channels, spatial = shape[0], shape[1:]
     mode = "bicubic" if len(spatial) == 2 else "linear"
 
@@ -600,6 +606,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     if len(raw) == 0:
         raise InputError(f"data set {name!r} ({split}) has no images")
     images, _ = to_unit_range(np.asarray(raw), name)
+    import torch
+
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if with_labels:
         return tensor, None if labels is None else torch.as_tensor(np.array(labels)[:limit])

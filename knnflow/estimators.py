@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from knnflow.choices import ROUTES
 from knnflow.closed_form import (
     DOT_FORM_NATS,
     FLOAT64_ROUNDOFF,
@@ -144,7 +145,6 @@ CALIBRATION_MAX_FAIL = 0.25
 # probe queries (median of 5 interleaved rounds) through the certified path and the exact
 # engine; certifying must be at least ROUTE_MARGIN× faster to be chosen (on a tie the exact
 # engine wins: bound 0, and timing noise flips fewer bins).
-ROUTES = ("auto", "certify", "faster")
 ROUTE_BINS = 20
 ROUTE_PROBES = 64
 ROUTE_REPEATS = 5

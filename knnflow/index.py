@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from knnflow.choices import DTYPE_NAMES, INDEX_KINDS
 from knnflow.closed_form import FLOAT32_ROUNDOFF, TrainingSet
 from knnflow.errors import IndexMismatchError, InputError, MissingFileError
 from knnflow.files import atomic_folder
@@ -36,8 +37,8 @@ from knnflow.prune import SketchScanner, screened_knn, sketch_knn
 from knnflow.sketch import Sketches
 
 FORMAT_VERSION = 1
-KINDS = ("flat", "ivf")
-DTYPES = {"float32": np.float32, "float16": np.float16}
+KINDS = INDEX_KINDS
+DTYPES = {name: np.dtype(name).type for name in DTYPE_NAMES}
 MANIFEST, DATA_FILE, INDEX_FILE = "manifest.json", "data.npy", "index.faiss"
 ADD_CHUNK = 8192
 SEARCH_METHODS = ("auto", "sketch", "faiss")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from knnflow.choices import MEMORIZATION_REFERENCE as REFERENCE_SIZE
 from knnflow.data import IMAGE_SUFFIXES, read_array, to_unit_range
 from knnflow.errors import InputError, MissingFileError
 from knnflow.files import atomic_folder
@@ -31,7 +32,6 @@ from knnflow.index import Index
 Progress = Callable[[str, int, int], None]
 SAMPLE_ARRAYS = ("samples.npz", "samples.npy")
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-REFERENCE_SIZE = 10_000
 NEAREST_PAIRS = 16
 LUMA = (0.299, 0.587, 0.114)
 

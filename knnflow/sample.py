@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from knnflow.choices import SOLVERS
 from knnflow.errors import InputError
 from knnflow.files import atomic_folder
 
-SOLVERS = {"euler": "euler", "heun": "heun2", "midpoint": "midpoint", "rk4": "rk4",
-           "dopri5": "dopri5"}
 ADAPTIVE = {"dopri5"}
 CLOSED_FORM_T_END = 1 - 1e-3
 

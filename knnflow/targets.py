@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from knnflow.choices import EFM_POOLS, KNN_FALLBACKS, TARGETS
 from knnflow.closed_form import (
     ExactPairs,
     SoftmaxState,
@@ -38,17 +39,12 @@ from knnflow.closed_form import (
     closed_form_state,
 )
 from knnflow.errors import IndexMismatchError, InputError
-from knnflow.estimators import ROUTES
 
-TARGETS = ("cfm", "ot-cfm", "efm", "knn-efm", "exact")
-KNN_ROUTES = ROUTES  # knn-efm's --knn-route: KNNVelocity's routes
 # EFM's independent pools become one dense GEMM per batch when the draws of a row are at least
 # n / DENSE_DRAW_RATIO (a GEMM element costs far less than a gathered draw) and neither the
 # float64 data set nor the batch × n weights exceed DENSE_DRAW_ELEMENTS numbers.
 DENSE_DRAW_RATIO = 8
 DENSE_DRAW_ELEMENTS = 1 << 24
-EFM_POOLS = ("independent", "shared")
-KNN_FALLBACKS = ("exact", "efm")
 
 
 @dataclass

@@ -28,15 +28,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from knnflow.choices import ROUTES as KNN_ROUTES
 from knnflow.errors import IndexMismatchError, InputError
-from knnflow.models import PRESETS, build_model, count_parameters
+from knnflow.models.presets import PRESETS
+from knnflow.models.unet import build_model, count_parameters
 
 CHECKPOINTS = "checkpoints"
-PRESET_DEFAULTS = {  # (lr, warm-up steps, EMA decay): the paper's values for cifar; the small
-    # presets train in minutes on a CPU, with a larger step and shorter warm-up and average.
-    "tiny": (1e-3, 200, 0.999), "mlp": (1e-3, 100, 0.999), "cifar": (2e-4, 5000, 0.9999),
-    "celeba64": (2e-4, 5000, 0.9999),
-}
 # Fields that may differ when resuming: more steps, and how often things are written.
 # Seeds of process R's own draws (dropout, the target's) are offset by R times this.
 RANK_SEED_STRIDE = 7919
@@ -79,8 +76,8 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise InputError(f"unknown preset {self.preset!r}; choose one of: "
                              f"{', '.join(PRESETS)}")
-        defaults = dict(zip(("lr", "warmup", "ema_decay"), PRESET_DEFAULTS[self.preset],
-                            strict=True))
+        preset = PRESETS[self.preset]
+        defaults = {"lr": preset.lr, "warmup": preset.warmup, "ema_decay": preset.ema_decay}
         values = asdict(self)
         config = TrainConfig(**{**values, **{k: v for k, v in defaults.items()
                                              if values[k] is None}})
@@ -97,7 +94,6 @@ class TrainConfig:
             raise InputError(f"--lr must be positive, got {config.lr}")
         if not 0 <= config.ema_decay < 1:
             raise InputError(f"--ema-decay must lie in [0, 1), got {config.ema_decay}")
-        from knnflow.targets import KNN_ROUTES
 
         if config.knn_route not in KNN_ROUTES:
             raise InputError(f"unknown --knn-route {config.knn_route!r}; choose one of: "

@@ -63,6 +63,49 @@ def test_every_option_and_argument_of_every_command_has_help():
             assert getattr(param, "help", None), (path, param.name)
 
 
+HEAVY = ("torch", "faiss", "matplotlib", "scipy", "sklearn", "skimage")
+START_UP = """
+import contextlib, io, sys
+import typer
+from knnflow.cli.main import app, run
+
+def commands(group, path=()):
+    for name, command in getattr(group, "commands", {}).items():
+        if getattr(command, "commands", None):
+            yield from commands(command, (*path, name))
+        else:
+            yield (*path, name)
+
+# Listing the commands builds every command's options (their help and choices).
+paths = [(), *commands(typer.main.get_command(app))]
+codes = []
+for path in paths:
+    for extra in (["--help"], ["--no-such-option"]):
+        sys.argv = ["knnflow", *path, *extra]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                run()
+            except SystemExit as stop:
+                codes.append((path, extra[0], stop.code))
+print(len(paths), sorted({code for *_, code in codes}))
+print(sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv_heavy)))
+"""
+
+
+def test_help_and_option_errors_load_no_heavy_library():
+    # `knnflow --help`, each command's --help and an unknown option answer without importing
+    # torch, faiss or matplotlib (seconds of start-up); the library loads when a command runs.
+    script = START_UP.replace("sys.argv_heavy", repr(HEAVY))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    asked, loaded = result.stdout.strip().splitlines()
+    count, codes = asked.split(" ", 1)
+    assert int(count) >= 18  # every command and bench subcommand was asked
+    assert codes == "[0, 2]"  # help exits 0, the unknown option 2
+    assert loaded == "[]"
+
+
 def test_datasets_lists_shapes_and_locations():
     result = run("datasets")
     assert result.returncode == 0

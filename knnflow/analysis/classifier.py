@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from knnflow.choices import SMALL_DATASET
 from knnflow.data import load_dataset
 from knnflow.errors import InputError, MissingFileError
 from knnflow.files import atomic_folder
@@ -30,9 +31,6 @@ Progress = Callable[[str, int, int], None]
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "classifier.safetensors"
 RECORD_FILE = "classifier.json"
-# Small data sets need more passes: 10 epochs of digits (1498 images) take a few seconds on
-# one CPU core and reach ~98-99%; MNIST needs only 3.
-SMALL_DATASET = 10_000
 EPOCHS_SMALL, EPOCHS_LARGE = 10, 3
 
 

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from knnflow.choices import COLLAPSE_ESTIMATORS as ESTIMATORS
+from knnflow.choices import COLLAPSE_GRID as DEFAULT_GRID
 from knnflow.closed_form import (
     DEFAULT_CHUNK,
     TrainingSet,
@@ -49,8 +51,6 @@ from knnflow.files import atomic_folder
 
 Progress = Callable[[str, int, int], None]
 
-ESTIMATORS = ("auto", "exact", "knn")
-DEFAULT_GRID = "0:0.99:0.01"
 # A pair is aligned when cosine > 0.9 and collapsed when max λ > 0.9; the collapse time needs
 # 90% of the pairs collapsed for good.
 COSINE_THRESHOLD = 0.9

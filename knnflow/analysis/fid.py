@@ -30,14 +30,13 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
+from knnflow.choices import DINOV2_FILE, INCEPTION_FILE
 from knnflow.errors import InputError, MissingFileError
 
 Progress = Callable[[str, int, int], None]
 FEATURES = ("inception", "dinov2", "classifier:PATH")
 REFERENCE_SPLIT = "test"
-INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 INCEPTION_URL = f"https://download.pytorch.org/models/{INCEPTION_FILE}"
-DINOV2_FILE = "dinov2_vitl14_torchscript.pt"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -32,16 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from knnflow.choices import COPY_FRACTION, GRID_ROWS
+from knnflow.choices import HYBRID_REFERENCE as REFERENCE_SIZE
+from knnflow.choices import HYBRID_TAUS as DEFAULT_TAUS
 from knnflow.errors import InputError
 from knnflow.files import atomic_folder
 from knnflow.sample import ADAPTIVE, CLOSED_FORM_T_END, SOLVERS, integrate
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Progress = Callable[[str, int, int], None]
-DEFAULT_TAUS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
-COPY_FRACTION = 0.9
-REFERENCE_SIZE = 1000
-GRID_ROWS = 8
 CURVES_NAME, GRID_NAME, CSV_NAME = "hybrid.png", "grid.png", "hybrid.csv"
 SUMMARY_NAME, ARRAYS_NAME = "summary.json", "samples.npz"
 

@@ -40,15 +40,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnflow.analysis.collapse import DEFAULT_GRID
-from knnflow.analysis.hybrid import COPY_FRACTION
+from knnflow.choices import COLLAPSE_GRID as DEFAULT_GRID
+from knnflow.choices import COPY_FRACTION
+from knnflow.choices import REPRODUCE_DATASETS as DATASETS
 from knnflow.errors import InputError
 from knnflow.threads import cpu_threads
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 
-DATASETS = ("digits", "cifar10")
 HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive"
 # A difference counts when it exceeds two standard errors (about 95% two-sided).
 Z = 2.0
@@ -76,7 +76,7 @@ class Budget:
     """Everything that sets the cost of a reproduction, identical for every target.
 
     steps, batch_size, preset, seeds: training (lr, warm-up and EMA are the preset's
-    defaults, train.PRESET_DEFAULTS). samples / sample_steps: Euler samples per run for FID
+    defaults, knnflow.models.presets). samples / sample_steps: Euler samples per run for FID
     and memorization. velocity_*: t bins and queries per bin of the velocity error (EMA
     weights). hybrid_*: noises and Euler steps of hybrid sampling at every τ of `taus`.
     collapse_*: pairs, t grid and square sizes of the collapse analysis (None: the data's own

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from knnflow.choices import WEIGHT_LABELS, WEIGHT_SETS
 from knnflow.errors import InputError
 from knnflow.files import atomic_folder
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Progress = Callable[[str, int, int], None]
 T_MAX = 1 - 1e-4
-WEIGHT_SETS = ("ema", "raw")
-WEIGHT_LABELS = {"ema": "EMA weights", "raw": "raw weights"}
 PLOT_NAME, CSV_NAME, SUMMARY_NAME = "velocity_error.png", "velocity_error.csv", "summary.json"
 
 

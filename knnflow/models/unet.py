@@ -12,24 +12,13 @@ initialised 3×3 output convolution (the model starts at velocity 0).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-
-@dataclass(frozen=True)
-class UNetConfig:
-    channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    res_blocks: int = 2
-    attention_levels: tuple[int, ...] = (1,)
-    head_channels: int = 64
-    dropout: float = 0.1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from knnflow.errors import InputError
+from knnflow.models.presets import PRESETS, UNetConfig
 
 
 def _groups(channels: int) -> int:
@@ -175,3 +164,23 @@ class MLP(nn.Module):
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
         h = torch.cat([x.reshape(x.shape[0], -1), timestep_embedding(t, self.time_dim)], 1)
         return self.out(self.body(h)).reshape(x.shape)
+
+
+def build_model(preset: str, image_shape: tuple[int, ...]) -> nn.Module:
+    """The model of a preset for images of `image_shape` (C, H, W)."""
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    config = PRESETS[preset].unet
+    if config is None:
+        return MLP(image_shape)
+    if len(image_shape) != 3:
+        raise InputError(f"the {preset} preset needs C×H×W images, got shape {image_shape}; "
+                         "use --preset mlp")
+    try:
+        return UNet(tuple(image_shape), config)
+    except ValueError as err:
+        raise InputError(f"--preset {preset}: {err}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

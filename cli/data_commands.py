@@ -11,8 +11,15 @@ import typer
 from rich.table import Table
 
 from knnflow.choices import DTYPE_NAMES, INDEX_KINDS
-from knnflow.data import SIZED_LOADERS, check_size, dataset_infos, dataset_sources, load_dataset
-from knnflow.errors import InputError
+from knnflow.data import (
+    SIZED_LOADERS,
+    check_limit,
+    check_size,
+    check_split,
+    dataset_infos,
+    dataset_sources,
+    load_dataset,
+)
 from knnflow.files import check_output_folder
 
 from .console import console, human_bytes, key_value_table, progress_bar
@@ -125,10 +132,16 @@ def build_index(
         help="Replace an existing index folder at --out.")] = False,
     flip: Annotated[bool, typer.Option(
         help="Index every image and its horizontal flip (for knnflow train --flip).")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as JSON on stdout, for scripts.")] = False,
 ) -> None:
     """Build and save an index folder: FAISS index, raw data and a manifest with checksums."""
-    if kind == "flat" and (nlist is not None or nprobe is not None):
-        raise InputError("--nlist and --nprobe apply to --kind ivf only")
+    from knnflow.index import check_build_options, resolve_device
+
+    check_build_options(kind, dtype, nlist, nprobe)  # options first, then the output folder
+    check_limit(limit)
+    check_split(split)
+    resolve_device(device)
     size = check_size(dataset, size)
     folder = check_output_folder(
         out or default_index_folder(dataset, split + ("-flip" if flip else ""), size),
@@ -138,6 +151,9 @@ def build_index(
                                     limit=limit, size=size, flip=flip, kind=kind, device=device,
                                     dtype=dtype, nlist=nlist, nprobe=nprobe, overwrite=overwrite)
     m = index.manifest
+    if as_json:
+        print(json.dumps({"folder": str(folder), "bytes": folder_bytes(folder), **m}, indent=2))
+        return
     console.print(key_value_table(f"Index written to {folder}", [
         ("n", m["n"]), ("d", m["d"]), ("image shape", "×".join(map(str, m["image_shape"]))),
         ("kind", m["index"]["kind"]), ("bytes on disk", human_bytes(folder_bytes(folder))),

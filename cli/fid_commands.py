@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -13,7 +12,7 @@ import typer
 from knnflow.choices import DINOV2_FILE, INCEPTION_FILE, SMALL_DATASET
 from knnflow.data import dataset_sources, load_dataset
 from knnflow.errors import InputError
-from knnflow.files import check_output_file, check_output_folder
+from knnflow.files import check_output_folder
 
 if TYPE_CHECKING:
     from knnflow.analysis.fid import FeatureExtractor
@@ -81,30 +80,44 @@ def fid(
         help="Use the first N samples only (default: all).")] = None,
     ref_limit: Annotated[Optional[int], typer.Option(
         help="Use the first N reference images only (default: the whole split).")] = None,
+    size: Annotated[Optional[int], typer.Option(
+        help="The reference's --size, as in build-index: photos 32 or 64, celeba 64, 32 or "
+             "128, folder:PATH any side.")] = None,
+    bootstrap: Annotated[Optional[int], typer.Option(
+        help="Bootstrap replicates of the ± standard error (samples and reference "
+             "resampled; default 100, or 20 above 512 features; 0: none).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per feature batch.")] = 64,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the result as JSON on stdout, for scripts.")] = False,
     out: Annotated[Optional[Path], typer.Option(
-        help="Also write the result as JSON to this file (replaced if present).",
-        callback=lambda path: check_output_file(path, "--out"))] = None,
+        help="Also write the result to OUT/summary.json (a folder, as for the other "
+             "commands; default: print only).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:
     """Fréchet distance between the feature statistics (mean, covariance) of samples and of a
-    reference data set. FID grows as n shrinks: compare values at equal n."""
+    reference data set, with a bootstrap standard error. FID grows as n shrinks: compare
+    values at equal n."""
     from knnflow.analysis import fid as fid_analysis
     from knnflow.analysis.fid import parse_reference
+    from knnflow.data import check_size
+    from knnflow.files import atomic_folder
     from knnflow.index import resolve_device
 
-    device = resolve_device(device)
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be at least 1, got {limit}")
-    if ref_limit is not None and ref_limit < 1:
-        raise InputError(f"--ref-limit must be at least 1, got {ref_limit}")
+    for option, value in (("--limit", limit), ("--ref-limit", ref_limit),
+                          ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{option} must be at least 1, got {value}")
+    if bootstrap is not None and bootstrap < 0:
+        raise InputError(f"--bootstrap must be at least 0, got {bootstrap}")
     dataset, split = parse_reference(ref)
+    size = check_size(dataset, size)
+    device = resolve_device(device)
     extractor = _extractor(features, weights, dataset, device)
-    check_output_file(out, "--out", [samples, root, extractor.source, weights,
-                                     *dataset_sources(dataset)])
-    reference = load_dataset(dataset, root, split, ref_limit)
+    if out is not None:
+        out = check_output_folder(out, overwrite, "fid", [samples, root, extractor.source,
+                                                         weights, *dataset_sources(dataset)])
+    reference = load_dataset(dataset, root, split, ref_limit, size=size)
     shape = tuple(reference.shape[1:])
     opened = _open_samples(samples, shape, f"{dataset} ({split})")
     if extractor.image_shape is not None and extractor.image_shape != shape:
@@ -113,36 +126,44 @@ def fid(
                          f"{dataset} is {_shape_text(shape)}")
     sample_images = opened if limit is None or limit >= len(opened) else opened.batch(0, limit)
     with progress_bar() as progress:
-        result = fid_analysis.fid(sample_images, reference, extractor, batch_size, progress)
+        result = fid_analysis.fid(sample_images, reference, extractor, batch_size, progress,
+                                  bootstrap=bootstrap)
+    warning = None
+    if result.underdetermined:
+        warning = (f"{min(result.n_samples, result.n_reference)} images for "
+                   f"{result.feature_dim} features: the covariance is singular and the "
+                   "distance is biased upwards by the small n; compare only at equal n")
     summary = {**asdict(result), "weights": extractor.source, "samples": str(samples),
                "samples_input": opened.detected, "reference": f"{dataset}:{split}",
-               "image_shape": list(shape)}
+               "image_shape": list(shape), "warning": warning}
+    if summary["se"] != summary["se"]:
+        summary["se"] = None  # JSON has no NaN: no bootstrap, or too few finite replicates
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, out)
+        with atomic_folder(out, overwrite, "fid") as tmp:
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if warning is not None:
+        err_console.print(f"warning: {warning}", soft_wrap=True)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    if min(result.n_samples, result.n_reference) <= result.feature_dim:
-        err_console.print(f"note: {min(result.n_samples, result.n_reference)} images for "
-                          f"{result.feature_dim} features: the covariances are singular and "
-                          "the distance is biased upwards by the small n")
-    rows = [("Fréchet distance", f"{result.fid:.6g}"),
+    spread = (f" ± {result.se:.2g} (bootstrap, {result.bootstrap} replicates)"
+              if result.se == result.se else "")
+    rows = [("Fréchet distance", f"{result.fid:.6g}{spread}"),
             ("samples", f"{result.n_samples} ({samples}, {opened.detected})"),
             ("reference", f"{result.n_reference} ({dataset}, {split} split)"),
             ("image shape", _shape_text(shape)),
             ("features", f"{result.features}, {result.feature_dim}-d ({extractor.source})"),
             ("seconds", f"{result.seconds:.1f}")]
     if out is not None:
-        rows.append(("written to", out))
+        rows.append(("written to", out / "summary.json"))
     console.print(key_value_table(f"FID ({result.features} features)", rows))
 
 
 def train_classifier(
     dataset: Annotated[str, typer.Argument(
-        help="Labelled data set: digits, mnist (with its label files), cifar10.")] = "digits",
+        help="Labelled data set: digits, mnist (with its label files), cifar10, or "
+             "npz:PATH holding images and labels (keys images/labels, or x_train/y_train and "
+             "x_test/y_test; with no test arrays its last tenth is held out).")] = "digits",
     root: Annotated[Optional[Path], typer.Option(
         help="Folder holding the data set's files (default: data/NAME).")] = None,
     limit: Annotated[Optional[int], typer.Option(
@@ -175,10 +196,12 @@ def train_classifier(
     """Train a small in-domain CNN classifier (train split, tested on the test split) whose
     penultimate features give an offline Fréchet distance: knnflow fid --features
     classifier:FOLDER. Writes classifier.safetensors and classifier.json."""
-    from knnflow.analysis.classifier import save_classifier
+    from knnflow.analysis.classifier import check_training_options, save_classifier
     from knnflow.analysis.classifier import train_classifier as train_classifier_model
     from knnflow.index import resolve_device
 
+    check_training_options(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr,
+                           width=width, feature_dim=feature_dim, shift=shift)
     device = resolve_device(device)
     folder = check_output_folder(out if out is not None else default_classifier_folder(dataset),
                                  overwrite, "classifier", dataset_sources(dataset, root))
@@ -199,5 +222,6 @@ def train_classifier(
         ("training images", f"{record['n_train']} ({record['epochs']} epochs)"),
         ("train seconds", f"{record['train_seconds']:.1f}"),
         ("train accuracy", f"{record['train_accuracy']:.2%}"),
-        ("test accuracy", f"{record['test_accuracy']:.2%} of {record['n_test']}"),
+        ("test accuracy", f"{record['test_accuracy']:.2%} of {record['n_test']} "
+                          f"({record['tested_on']})"),
         ("use it", f"knnflow fid SAMPLES --ref {dataset} --features classifier:{folder}")]))

@@ -170,9 +170,12 @@ def memorization(
     nearest.png."""
     from knnflow.memorization import default_out, parse_threshold, run_memorization
 
-    parse_threshold(threshold)
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    parse_threshold(threshold)  # options first, then the output folder
+    for option, value, least in (("--batch-size", batch_size, 1), ("--k", k, 2),
+                                 ("--reference-size", reference_size, 1)):
+        if value < least:
+            raise InputError(f"{option} must be at least {least}, got {value}"
+                             + (" (the ratio test needs d2)" if option == "--k" else ""))
     cached = None if dataset is None else cached_index_folder(dataset,
                                                              approximate=approximate)
     target = check_output_folder(out if out is not None else default_out(samples), overwrite,

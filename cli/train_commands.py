@@ -135,6 +135,8 @@ def train_command(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto (cuda when torch sees a GPU).")]
     = "cpu",
     threads: ThreadsOption = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as JSON on stdout, for scripts.")] = False,
 ) -> None:
     """Train a velocity network on a flow-matching target; writes runs/NAME/ (config.json,
     metrics.jsonl, checkpoints/, progress/). Under torchrun (torchrun --standalone
@@ -144,7 +146,7 @@ def train_command(
     from knnflow.index import resolve_device
     from knnflow.train import config_from_options, train
 
-    options = {k: v for k, v in locals().items() if k not in ("ctx", "threads")}
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "threads", "as_json")}
     # Options given on the command line (not defaults): on --resume the rest come from the run.
     explicit = {k for k in options
                 if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
@@ -200,6 +202,13 @@ def train_command(
     if not first:
         return
     record = json.loads((folder / "config.json").read_text())
+    if as_json:
+        last = dataclasses.asdict(logged[-1]) if logged else None
+        print(json.dumps({"run": str(folder), "target": record["target"],
+                          "preset": record["preset"], "parameters": record["parameters"],
+                          "steps": record["steps"], "processes": record.get("processes", 1),
+                          "last_logged": last}, indent=2))
+        return
     rows = [("run", folder), ("target", record["target"]), ("preset", record["preset"]),
             ("parameters", f"{record['parameters']:,}"), ("steps", record["steps"])]
     if record.get("processes", 1) > 1:
@@ -209,8 +218,14 @@ def train_command(
         rows += [("final loss", f"{last.loss:.4f}"), ("ms / step", f"{last.ms_step:.1f}"),
                  ("ms on the target", f"{last.ms_target:.1f}")]
         if last.fallback is not None:
-            rows.append(("knn-efm fallback (last step)", f"{last.fallback:.0%}"))
+            rows.append(("knn-efm fallback (last step)", f"{last.fallback:.0%} of the rows"))
     console.print(key_value_table("Training finished", rows))
+    if logged and logged[-1].fallback is not None:
+        given = ("the exact û* (--knn-fallback exact): their target is û* all the same, only "
+                 "its cost differs" if record.get("knn_fallback", "exact") == "exact" else
+                 "the EFM estimate (--knn-fallback efm)")
+        err_console.print(f"note: fallback rows are those at t below where certifying "
+                          f"succeeds, or over --knn-budget; they got {given}", soft_wrap=True)
 
 
 def sample_command(
@@ -233,13 +248,16 @@ def sample_command(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto (cuda when torch sees a GPU).")]
     = "cpu",
     threads: ThreadsOption = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as JSON on stdout, for scripts.")] = False,
 ) -> None:
     """Sample by integrating dx/dt = v(x, t) from noise (torchdiffeq); writes one PNG per
     sample, grid.png and samples.npz."""
     from knnflow.index import Index, resolve_device
-    from knnflow.sample import sample_closed_form, sample_model, save_samples
+    from knnflow.sample import check_solver, sample_closed_form, sample_model, save_samples
     from knnflow.train import load_run_model
 
+    check_solver(solver, steps, atol, rtol, n)  # options first, then the output folder
     device = resolve_device(device)
 
     if (run is None) == (closed_form is None):
@@ -262,6 +280,10 @@ def sample_command(
                                    atol, rtol, device=device, progress=progress)
         meta.update({"run": str(run), "ema": ema, "checkpoint_step": record["checkpoint_step"]})
     folder = save_samples(samples, target, overwrite, meta)
+    if as_json:
+        print(json.dumps({"folder": str(folder), "grid": str(folder / "grid.png"),
+                          "array": str(folder / "samples.npz"), **meta}, indent=2))
+        return
     console.print(key_value_table(f"{n} samples written to {folder}", [
         ("grid", folder / "grid.png"), ("array", folder / "samples.npz"),
         ("solver", f"{solver} ({steps} steps)" if solver != "dopri5" else

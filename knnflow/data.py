@@ -52,7 +52,7 @@ def default_root(name: str) -> Path:
     return Path(os.environ.get(DATA_ROOT_ENV, "data")) / name
 
 
-def _split_name(split: str) -> str:
+def check_split(split: str) -> str:
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     return split
@@ -76,11 +76,24 @@ def _load_digits(root: Path | None, split: str, limit: int | None):
 
 
 def _find_file(root: Path, names: list[str], dirs: list[str], what: str) -> Path:
+    """The first of `names` in root/<dir> for each of `dirs`; else one file whose name ends
+    with "-NAME", "_NAME" or ".NAME" (a prefixed copy such as mnist-t10k-images-idx3-ubyte.gz)."""
     for sub in dirs:
         for name in names:
             path = root / sub / name
             if path.is_file():
                 return path
+    for sub in dirs:
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        found = sorted({path for name in names for sep in "-_." for path in
+                        folder.glob(f"*{sep}{name}") if path.is_file()})
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise InputError(f"{what}: several files in {folder} could be {names[0]}: "
+                             f"{', '.join(path.name for path in found)}")
     raise MissingFileError(f"{what}: expected {names[0]} (or {names[-1]}) in {root}")
 
 
@@ -102,8 +115,11 @@ def _load_mnist(root: Path | None, split: str, limit: int | None):
     root = root or default_root("mnist")
     prefix = "train" if split == "train" else "t10k"
     dirs = ["", "MNIST/raw", "raw", "mnist"]
-    image_names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-images-idx3-ubyte.gz"]
-    label_names = [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels-idx1-ubyte.gz"]
+    # torchvision's names, and the dotted ones of other mirrors (t10k-images.idx3-ubyte).
+    image_names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte",
+                   f"{prefix}-images-idx3-ubyte.gz"]
+    label_names = [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte",
+                   f"{prefix}-labels-idx1-ubyte.gz"]
     images = _read_idx(_find_file(root, image_names, dirs, "mnist"))
     try:
         labels = _read_idx(_find_file(root, label_names, dirs, "mnist"))
@@ -250,20 +266,75 @@ def read_array(path: Path, split: str | None = None) -> np.ndarray:
             raise InputError(f"{path} holds one array, so it has no test split")
         return loaded
     with loaded:
-        keys = list(loaded.keys())
-        if split is not None:
-            for key in (split, f"x_{split}", f"{split}_images"):
-                if key in keys:
-                    return loaded[key]
-            if split == "test":
-                raise InputError(f"{path} has no test array (keys: {', '.join(keys)})")
-        for key in ARRAY_KEYS:
+        return loaded[_image_key(path, list(loaded.keys()), split)]
+
+
+def _split_keys(split: str) -> tuple[str, ...]:
+    return (split, f"x_{split}", f"{split}_images")
+
+
+def _image_key(path: Path, keys: list[str], split: str | None) -> str:
+    """The key of an .npz's images: the split's own (train, x_train, train_images), else the
+    first of ARRAY_KEYS, else its only array."""
+    if split is not None:
+        for key in _split_keys(split):
             if key in keys:
-                return loaded[key]
-        if len(keys) == 1:
-            return loaded[keys[0]]
-        raise InputError(f"{path} holds several arrays ({', '.join(keys)}); name one of them "
-                         f"{', '.join(ARRAY_KEYS)}")
+                return key
+        if split == "test":
+            raise InputError(f"{path} has no test array (keys: {', '.join(keys)})")
+    for key in ARRAY_KEYS:
+        if key in keys:
+            return key
+    unlabelled = [key for key in keys if key not in LABEL_KEYS]
+    if len(unlabelled) == 1:
+        return unlabelled[0]
+    raise InputError(f"{path} holds several arrays ({', '.join(keys)}); name one of them "
+                     f"{', '.join(ARRAY_KEYS)}")
+
+
+LABEL_KEYS = ("labels", "y", "label", "targets")
+
+
+def read_labels(path: Path, split: str | None, count: int) -> np.ndarray | None:
+    """Integer class labels beside an .npz's images, or None: the split's own (y_train,
+    train_labels, labels_train) beside split arrays, else the first of LABEL_KEYS; there must
+    be one per image."""
+    if path.suffix != ".npz":
+        return None
+    with np.load(path, allow_pickle=False) as loaded:
+        keys = list(loaded.keys())
+        image_key = _image_key(path, keys, split)
+        names = ((f"y_{split}", f"{split}_labels", f"labels_{split}")
+                 if split is not None and image_key in _split_keys(split) else LABEL_KEYS)
+        key = next((name for name in names if name in keys), None)
+        if key is None:
+            return None
+        labels = loaded[key]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{path}: labels {key!r} must be one integer per image, got "
+                         f"{labels.dtype} of shape {labels.shape}")
+    if len(labels) != count:
+        raise InputError(f"{path}: {len(labels)} labels in {key!r} for {count} images")
+    return labels
+
+
+def has_test_split(name: str) -> bool:
+    """Whether data set `name` has a test split: the named sets do; folder:PATH when it has
+    PATH/test, npz:PATH when it holds a test array, npy:PATH never."""
+    kind, _, path = name.partition(":")
+    if not (kind in _PATH_KINDS and path):
+        return True
+    location = Path(path).expanduser()
+    if kind == "folder":
+        return (location / "test").is_dir()
+    if kind == "npy" or not location.is_file():
+        return False
+    try:
+        with np.load(location, allow_pickle=False) as loaded:
+            keys = list(loaded.keys())
+    except (ValueError, OSError):
+        return False
+    return any(key in keys for key in _split_keys("test"))
 
 
 def to_unit_range(array: np.ndarray, source: str) -> tuple[np.ndarray, str]:
@@ -293,7 +364,8 @@ def to_unit_range(array: np.ndarray, source: str) -> tuple[np.ndarray, str]:
 
 
 def _load_array(path: Path, split: str, limit: int | None):
-    return read_array(path, split)[:limit], None
+    images = read_array(path, split)
+    return images[:limit], read_labels(path, split, len(images))
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -548,6 +620,11 @@ def _unknown_dataset(name: str) -> InputError:
     return InputError(f"unknown data set {name!r}; valid: {', '.join(dataset_names())}")
 
 
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+
+
 def check_size(name: str, size: int | None) -> int | None:
     """The --size to load data set `name` with, checked before any work: any side ≥ 1 for
     folder:PATH, one of SIZED_LOADERS[name] for photos (its default becomes None, so one
@@ -583,9 +660,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     side (64, 32 or 128).
     with_labels: also return the labels (or None).
     """
-    split = _split_name(split)
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be at least 1, got {limit}")
+    split = check_split(split)
+    check_limit(limit)
     size = check_size(name, size)
     root_path = Path(root).expanduser() if root is not None else None
     kind, _, path = name.partition(":")

@@ -69,6 +69,21 @@ def resolve_device(device: str, option: str = "--device", allow_auto: bool = Tru
     return "cuda" if device == "auto" and has_cuda else ("cpu" if device == "auto" else device)
 
 
+def check_build_options(kind: str, dtype: str, nlist: int | None = None,
+                        nprobe: int | None = None) -> None:
+    """A one-line InputError unless an index of `kind` with data `dtype` (and, for ivf, the
+    counts of lists) can be built; checked before any data is read."""
+    if kind not in KINDS:
+        raise InputError(f"unknown index kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    if dtype not in DTYPES:
+        raise InputError(f"unknown data dtype {dtype!r}; choose {' or '.join(DTYPES)}")
+    if kind == "flat" and (nlist is not None or nprobe is not None):
+        raise InputError("--nlist and --nprobe apply to --kind ivf only")
+    for option, value in (("--nlist", nlist), ("--nprobe", nprobe)):
+        if value is not None and value < 1:
+            raise InputError(f"{option} must be at least 1, got {value}")
+
+
 def faiss_gpu_count() -> int:
     faiss = _faiss()
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -168,10 +183,7 @@ class Index:
         lists, `approximate=True` searches `nprobe` of them). dataset: what the data is, kept in
         the manifest (name, split, limit, ...).
         """
-        if kind not in KINDS:
-            raise InputError(f"unknown index kind {kind!r}; choose one of: {', '.join(KINDS)}")
-        if dtype not in DTYPES:
-            raise InputError(f"unknown data dtype {dtype!r}; choose float32 or float16")
+        check_build_options(kind, dtype, nlist, nprobe)
         array = data.numpy() if torch.is_tensor(data) else np.asarray(data)
         if array.ndim < 2 or array.shape[0] == 0:
             raise InputError(f"cannot index data of shape {array.shape}")

@@ -26,6 +26,19 @@ CLOSED_FORM_T_END = 1 - 1e-3
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
 
+def check_solver(solver: str, steps: int, atol: float = 1e-5, rtol: float = 1e-5,
+                 count: int = 1) -> None:
+    """A one-line InputError unless the solver options (and `count` samples) are valid."""
+    if solver not in SOLVERS:
+        raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
+    if not (atol > 0 and rtol > 0):
+        raise InputError("--atol and --rtol must be positive")
+    if count < 1:
+        raise InputError(f"--n must be at least 1, got {count}")
+
+
 def integrate(velocity: Velocity, x0: Tensor, solver: str = "euler", steps: int = 100,
               atol: float = 1e-5, rtol: float = 1e-5, t_end: float = 1.0,
               on_time: Callable[[float], None] | None = None) -> Tensor:
@@ -33,12 +46,7 @@ def integrate(velocity: Velocity, x0: Tensor, solver: str = "euler", steps: int 
     at each evaluation of the velocity, for progress."""
     from torchdiffeq import odeint
 
-    if solver not in SOLVERS:
-        raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
-    if not (atol > 0 and rtol > 0):
-        raise InputError("--atol and --rtol must be positive")
+    check_solver(solver, steps, atol, rtol)
 
     def func(t: Tensor, x: Tensor) -> Tensor:
         if on_time is not None:

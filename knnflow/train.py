@@ -428,6 +428,11 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         model = DistributedDataParallel(
             net, device_ids=[torch.device(device).index or 0] if on_gpu else None)
 
+    if config.steps < config.warmup and rank == 0 and start == 0:  # the run's checks passed
+        warnings.warn(f"--steps {config.steps} ends inside the {config.warmup}-step warm-up: "
+                      f"the learning rate reaches only {config.steps / config.warmup:.0%} of "
+                      f"--lr {config.lr:g}; pass --warmup {config.steps // 10} (a tenth of "
+                      "the run) for a run this short", stacklevel=2)
     logged: list[StepMetrics] = []
     share = config.batch_size // world
     stream = BatchStream(images, target, config.batch_size, config.flip, data_gen,

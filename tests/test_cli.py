@@ -218,13 +218,33 @@ def test_overwrite_never_deletes_inputs_or_foreign_folders(tmp_path):
     assert (tmp_path / "ix" / "manifest.json").is_file() and (tmp_path / "s").is_dir()
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (("build-index", "digits", "--limit", "0"), "--limit must be at least 1"),
+    (("build-index", "digits", "--kind", "bogus"), "unknown index kind"),
+    (("build-index", "digits", "--dtype", "int8"), "unknown data dtype"),
+    (("sample", "--closed-form", "out", "--n", "0"), "--n must be at least 1"),
+    (("sample", "--closed-form", "out", "--solver", "bogus"), "unknown solver"),
+    (("train-classifier", "digits", "--epochs", "0"), "--epochs must be at least 1"),
+    (("memorization", "out", "--k", "1"), "--k must be at least 2"),
+    (("train", "--steps", "0", "--name"), "--steps must be at least 1"),
+    (("fid", "out", "--ref", "digits", "--bootstrap", "-1"), "--bootstrap must be at least 0"),
+])
+def test_invalid_options_are_reported_before_an_existing_output_folder(tmp_path, args,
+                                                                        fragment):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("a user's file")
+    given = (*args, "out") if args[-1] == "--name" else (*args, "--out", "out")
+    assert_one_line_error(run(*given, cwd=tmp_path), fragment)
+    assert (tmp_path / "out" / "mine.txt").read_text() == "a user's file"
+
+
 @pytest.mark.parametrize("args, fragments", [
     (("train", "--stepz", "3"), ("No such option", "knnflow train --help")),
     (("sample", "--n", "1.5", "run"), ("--n",)),
     (("fid", "samples"), ("--ref",)),
     (("build-index", "folder:.", "--size", "0"), ("--size must be at least 1",)),
     (("build-index", "digits", "--kind", "flat", "--nlist", "3"), ("ivf only",)),
-    (("build-index", "digits", "--kind", "ivf", "--nprobe", "-1"), ("--nprobe must lie",)),
+    (("build-index", "digits", "--kind", "ivf", "--nprobe", "-1"), ("--nprobe must be at least",)),
     (("collapse", "digits", "--t-grid", "0:0.9:10"), ("larger than the range", "0:0.9:0.1")),
     (("train", "digits", "--index", "somewhere"), ("knn-efm only",)),
     (("train", "--target", "ot-cfm", "--batch-size", "1"), ("--batch-size must be at least 2",)),

@@ -70,6 +70,34 @@ def test_mnist_torchvision_layout(tmp_path):
     assert load_dataset("mnist", root=tmp_path, split="test").shape == (3, 1, 28, 28)
 
 
+@pytest.mark.parametrize("name", ["mnist-t10k-images-idx3-ubyte.gz", "t10k-images.idx3-ubyte"])
+def test_mnist_files_with_a_prefix_or_dots(tmp_path, name):
+    # Copies renamed by other mirrors and archives: a prefix, or dots for the dashes.
+    images = _images(4, 1, 28, seed=3)[:, 0]
+    _write_idx(tmp_path / name, images, name.endswith(".gz"))
+    loaded = load_dataset("mnist", root=tmp_path, split="test")
+    assert torch.equal(loaded, _unit(images[:, None]))
+    if name.startswith("mnist-"):  # two prefixed copies: which one is meant is unclear
+        _write_idx(tmp_path / ("other-" + name), images, True)
+        with pytest.raises(InputError, match="several files"):
+            load_dataset("mnist", root=tmp_path, split="test")
+
+
+def test_npz_labels_beside_the_images(tmp_path):
+    images = _images(6, 1, 8, seed=4)
+    np.savez(tmp_path / "one.npz", images=images, labels=np.arange(6) % 3)
+    loaded, labels = load_dataset(f"npz:{tmp_path / 'one.npz'}", with_labels=True)
+    assert torch.equal(loaded, _unit(images)) and labels.tolist() == [0, 1, 2, 0, 1, 2]
+    np.savez(tmp_path / "split.npz", x_train=images[:4], y_train=np.array([1, 1, 0, 0]),
+             x_test=images[4:], y_test=np.array([0, 1]))
+    _, test_labels = load_dataset(f"npz:{tmp_path / 'split.npz'}", split="test",
+                                  with_labels=True)
+    assert test_labels.tolist() == [0, 1]
+    np.savez(tmp_path / "short.npz", images=images, labels=np.arange(5))
+    with pytest.raises(InputError, match="5 labels in 'labels' for 6 images"):
+        load_dataset(f"npz:{tmp_path / 'short.npz'}", with_labels=True)
+
+
 def test_cifar10_pickle_batches(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

@@ -22,6 +22,7 @@ from knnflow.analysis.classifier import (
     train_classifier,
 )
 from knnflow.analysis.fid import (
+    bootstrap_fid,
     extract_features,
     feature_extractor,
     feature_statistics,
@@ -211,10 +212,24 @@ def test_fid_refuses_samples_of_another_shape(digits_test):
 
 @pytest.mark.parametrize("text, expected", [
     ("digits", ("digits", "test")), ("digits:train", ("digits", "train")),
-    ("mnist:test", ("mnist", "test")), ("npz:/data/x.npz", ("npz:/data/x.npz", "test")),
-    ("npz:/data/x.npz:train", ("npz:/data/x.npz", "train"))])
+    ("mnist:test", ("mnist", "test")), ("npz:/data/x.npz:train", ("npz:/data/x.npz", "train"))])
 def test_parse_reference(text, expected):
     assert parse_reference(text) == expected
+
+
+def test_parse_reference_of_arrays_with_and_without_a_test_split(tmp_path):
+    # An array of images alone (as the other commands take it) is the reference itself; one
+    # with a test array gives its test split.
+    np.savez(tmp_path / "one.npz", images=np.zeros((3, 1, 8, 8), np.float32))
+    np.savez(tmp_path / "split.npz", train=np.zeros((3, 1, 8, 8), np.float32),
+             test=np.zeros((2, 1, 8, 8), np.float32))
+    np.save(tmp_path / "one.npy", np.zeros((3, 1, 8, 8), np.float32))
+    assert parse_reference(f"npz:{tmp_path / 'one.npz'}") == (f"npz:{tmp_path / 'one.npz'}",
+                                                              "train")
+    assert parse_reference(f"npz:{tmp_path / 'split.npz'}")[1] == "test"
+    assert parse_reference(f"npy:{tmp_path / 'one.npy'}")[1] == "train"
+    (tmp_path / "imgs" / "test").mkdir(parents=True)
+    assert parse_reference(f"folder:{tmp_path / 'imgs'}")[1] == "test"
 
 
 def test_parse_reference_refuses_unknown_splits():
@@ -253,6 +268,29 @@ def test_classifier_training_is_seeded_and_saves_atomically(tmp_path, digits_tes
         load_classifier(folder)
     with pytest.raises(MissingFileError, match="train-classifier"):
         load_classifier(tmp_path / "nothing")
+
+
+def test_cli_train_classifier_takes_labels_from_an_npz(tmp_path):
+    # digits as a user's own array: images and labels, no test arrays, so its last tenth is
+    # the test set; the accuracy is measured against the labels the file holds.
+    images, labels = load_dataset("digits", split="train", with_labels=True)
+    np.savez(tmp_path / "mine.npz", images=images.numpy(), labels=labels.numpy())
+    result = run_in_process("train-classifier", f"npz:{tmp_path / 'mine.npz'}", "--epochs", "3",
+                            "--out", str(tmp_path / "c"), "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    held = len(images) // 10
+    assert (record["n_train"], record["n_test"]) == (len(images) - held, held)
+    assert record["tested_on"] == f"its last {held} images (no test split)"
+    model, _ = load_classifier(tmp_path / "c")
+    with torch.no_grad():
+        predicted = model(images[-held:]).argmax(1)
+    assert record["test_accuracy"] == pytest.approx(
+        int((predicted == labels[-held:]).sum()) / held, abs=1e-12)
+    assert record["test_accuracy"] > 0.8
+    np.savez(tmp_path / "unlabelled.npz", images=images.numpy())
+    result = run_in_process("train-classifier", f"npz:{tmp_path / 'unlabelled.npz'}")
+    assert_one_line_error(result, "has no class labels", "labels array")
 
 
 def test_shift_augment_moves_whole_images():
@@ -332,18 +370,45 @@ def test_missing_weights_name_the_file(tmp_path, monkeypatch):
 def test_cli_fid_with_the_classifier(tmp_path, classifier_folder, digits_test):
     train = load_dataset("digits", split="train")
     np.savez(tmp_path / "samples.npz", samples=train[:400].numpy())
-    out = tmp_path / "result.json"
+    out = tmp_path / "fid-report"
     result = run_in_process("fid", str(tmp_path / "samples.npz"), "--ref", "digits",
                             "--features", f"classifier:{classifier_folder}", "--json", "--out",
                             str(out))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert json.loads(out.read_text()) == summary
-    expected = fid(train[:400], digits_test, feature_extractor(f"classifier:{classifier_folder}"))
+    assert json.loads((out / "summary.json").read_text()) == summary  # --out is a folder
+    extractor = feature_extractor(f"classifier:{classifier_folder}")
+    expected = fid(train[:400], digits_test, extractor)
     assert summary["fid"] == pytest.approx(expected.fid, rel=1e-6)
+    # ± is the spread of the FID over resampled samples and references (100 replicates at
+    # 128 features), from the same features as the distance.
+    replicates = bootstrap_fid({"s": extract_features(train[:400], extractor)},
+                               extract_features(digits_test, extractor), 100)["s"]
+    assert summary["bootstrap"] == 100
+    assert summary["se"] == pytest.approx(replicates.std(ddof=1), rel=1e-6)
+    assert 0 < summary["se"] < summary["fid"]
+    assert summary["warning"] is None and result.stderr == ""
     assert (summary["n_samples"], summary["n_reference"], summary["feature_dim"]) == (400, 299,
                                                                                       128)
     assert summary["reference"] == "digits:test" and summary["features"] == "classifier"
+
+
+def test_cli_fid_warns_with_fewer_images_than_features(tmp_path, classifier_folder):
+    train = load_dataset("digits", split="train")
+    np.savez(tmp_path / "few.npz", samples=train[:50].numpy())
+    result = run_in_process("fid", str(tmp_path / "few.npz"), "--ref", "digits", "--features",
+                            f"classifier:{classifier_folder}", "--bootstrap", "10")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("warning: 50 images for 128 features")
+    assert "±" in result.stdout and "10 replicates" in result.stdout
+    # An array of images with no test split is a reference as it stands.
+    result = run_in_process("fid", str(tmp_path / "few.npz"), "--ref",
+                            f"npz:{tmp_path / 'few.npz'}", "--features",
+                            f"classifier:{classifier_folder}", "--bootstrap", "0", "--json")
+    summary = json.loads(result.stdout)
+    # The same images on both sides: 0 up to the rounding of sqrtm on a singular product.
+    assert summary["fid"] == pytest.approx(0, abs=1e-4) and summary["reference"].endswith(":train")
+    assert summary["se"] is None and summary["bootstrap"] == 0
 
 
 def test_cli_fid_refuses_samples_of_another_shape(tmp_path, classifier_folder):

@@ -14,7 +14,15 @@ import torch
 from test_cli import assert_one_line_error, run
 from threadpoolctl import threadpool_limits
 
-from knnflow.analysis.fid import feature_extractor, feature_statistics, fid, frechet_distance
+from knnflow.analysis.fid import (
+    bootstrap_fid,
+    feature_extractor,
+    feature_statistics,
+    fid,
+    frechet_distance,
+    frechet_distance_psd,
+    psd_sqrt,
+)
 from knnflow.analysis.hybrid import copy_onset, hybrid_of_run
 from knnflow.analysis.reproduce import (
     BUDGETS,
@@ -24,7 +32,6 @@ from knnflow.analysis.reproduce import (
     Comparison,
     Estimate,
     TargetSpec,
-    bootstrap_fid,
     claim_collapse,
     claim_copy_onset,
     claim_knn_vs_cfm,
@@ -32,10 +39,8 @@ from knnflow.analysis.reproduce import (
     default_work_folder,
     difference_verdict,
     final_loss,
-    frechet_distance_psd,
     get_budget,
     prepare_work_folder,
-    psd_sqrt,
     reproduce,
     run_config,
 )

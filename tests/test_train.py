@@ -406,6 +406,12 @@ def test_train_knn_efm_without_index_builds_and_reuses_the_default_index(tmp_pat
     assert first.returncode == 0, first.stderr
     assert "built the index of digits for knn-efm at indices/digits-train" in first.stderr
     assert (tmp_path / "indices" / "digits-train" / "manifest.json").is_file()
+    # The summary explains the fallback share, and a run shorter than its warm-up says so.
+    assert re.search(r"knn-efm fallback \(last step\) [│ ]+\d+% of the rows", first.stdout)
+    assert "note: fallback rows are those at t below where certifying succeeds, or over " \
+           "--knn-budget; they got the exact û*" in first.stderr
+    assert "warning: --steps 2 ends inside the 100-step warm-up: the learning rate reaches " \
+           "only 2% of --lr 0.001; pass --warmup 0 (a tenth of the run)" in first.stderr
     again = run("train", "--target", "knn-efm", *short, "--name", "runs/again", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "built the index" not in again.stderr
@@ -431,6 +437,30 @@ def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path):
     assert running.returncode == 130, stderr
     assert re.search(r"interrupted: its newest checkpoint, step (10|20|30), is kept: continue "
                      r"with knnflow train --name .*c --resume", stderr), stderr
+
+
+def test_train_sample_and_build_index_print_json(tmp_path):
+    """--json: the summary as one JSON document on stdout, matching what was written."""
+    built = run("build-index", "digits", "--limit", "50", "--out", "ix", "--json", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    manifest = json.loads(built.stdout)
+    assert manifest["n"] == 50 and manifest["folder"] == "ix"
+    assert manifest == {**json.loads((tmp_path / "ix" / "manifest.json").read_text()),
+                        "folder": "ix", "bytes": manifest["bytes"]}
+    trained = run("train", "--preset", "mlp", "--steps", "3", "--batch-size", "8", "--warmup",
+                  "1", "--log-every", "1", "--json", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    summary = json.loads(trained.stdout)
+    lines = (tmp_path / "runs" / "digits-cfm" / "metrics.jsonl").read_text().splitlines()
+    assert summary["steps"] == 3 and summary["last_logged"]["step"] == 3
+    assert summary["last_logged"]["loss"] == pytest.approx(json.loads(lines[-1])["loss"])
+    sampled = run("sample", "runs/digits-cfm", "--n", "3", "--steps", "2", "--json",
+                  cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
+    record = json.loads(sampled.stdout)
+    assert record["n"] == 3 and record["checkpoint_step"] == 3
+    with np.load(tmp_path / record["array"]) as data:
+        assert data["samples"].shape == (3, 1, 8, 8)
 
 
 def test_train_and_sample_take_threads_and_device_auto(tmp_path):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from knnflow.choices import SMALL_DATASET
-from knnflow.data import load_dataset
+from knnflow.data import has_test_split, load_dataset
 from knnflow.errors import InputError, MissingFileError
 from knnflow.files import atomic_folder
 
@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "classifier.safetensors"
 RECORD_FILE = "classifier.json"
 EPOCHS_SMALL, EPOCHS_LARGE = 10, 3
+HELD_OUT_DIVISOR = 10
 
 
 class ClassifierNet(nn.Module):
@@ -92,7 +93,8 @@ def _labelled(dataset: str, root, split: str, limit: int | None) -> tuple[Tensor
     images, labels = load_dataset(dataset, root, split, limit, with_labels=True)
     if labels is None:
         raise InputError(f"{dataset} ({split}) has no class labels; train-classifier needs a "
-                         "labelled data set: digits, mnist (with its label files), cifar10")
+                         "labelled data set: digits, mnist (with its label files), cifar10, "
+                         "or npz:PATH with a labels array")
     return images, labels.to(torch.int64)
 
 
@@ -117,12 +119,27 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     return correct / len(images)
 
 
+def check_training_options(*, limit: int | None = None, epochs: int | None = None,
+                           batch_size: int = 64, lr: float = 3e-3, width: int = 16,
+                           feature_dim: int = 128, shift: int = 1) -> None:
+    """A one-line InputError unless train_classifier's options are valid (before any work)."""
+    for name, value in (("--batch-size", batch_size), ("--width", width),
+                        ("--feature-dim", feature_dim), ("--limit", limit), ("--epochs", epochs)):
+        if value is not None and value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise InputError(f"--lr must be a positive number, got {lr}")
+    if shift < 0:
+        raise InputError(f"--shift must be at least 0, got {shift}")
+
+
 def train_classifier(dataset: str = "digits", root: str | Path | None = None,
                      limit: int | None = None, epochs: int | None = None, batch_size: int = 64,
                      lr: float = 3e-3, width: int = 16, feature_dim: int = 128, shift: int = 1,
                      seed: int = 0, device: str = "cpu",
                      progress: Progress | None = None) -> tuple[ClassifierNet, dict]:
-    """Train on the train split (first `limit` images), test on the whole test split.
+    """Train on the train split (first `limit` images), test on the whole test split; a
+    data set with no test split (an .npz of images and labels) holds out its last tenth.
 
     Adam with a cosine decay of the learning rate to 0, random shifts of up to `shift` pixels
     (edges replicated); epochs default to 10 for data sets under 10,000 training images and 3
@@ -130,20 +147,23 @@ def train_classifier(dataset: str = "digits", root: str | Path | None = None,
     and shifts from a generator seeded with seed + 1.
     Returns the model (in eval mode) and the record that classifier.json holds.
     """
-    for name, value in (("--batch-size", batch_size), ("--width", width),
-                        ("--feature-dim", feature_dim)):
-        if value < 1:
-            raise InputError(f"{name} must be at least 1, got {value}")
-    if not lr > 0 or not math.isfinite(lr):
-        raise InputError(f"--lr must be a positive number, got {lr}")
-    if shift < 0:
-        raise InputError(f"--shift must be at least 0, got {shift}")
-    train_x, train_y = _labelled(dataset, root, "train", limit)
-    test_x, test_y = _labelled(dataset, root, "test", None)
+    check_training_options(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr,
+                           width=width, feature_dim=feature_dim, shift=shift)
+    if has_test_split(dataset):
+        train_x, train_y = _labelled(dataset, root, "train", limit)
+        test_x, test_y = _labelled(dataset, root, "test", None)
+        tested_on = "the test split"
+    else:  # an array or folder with no test split: its last tenth is held out
+        images, labels = _labelled(dataset, root, "train", None)
+        held = max(1, len(images) // HELD_OUT_DIVISOR)
+        if len(images) - held < 1:
+            raise InputError(f"{dataset} has {len(images)} image(s): too few to hold out a "
+                             "test set")
+        train_x, train_y = images[:-held][:limit], labels[:-held][:limit]
+        test_x, test_y = images[-held:], labels[-held:]
+        tested_on = f"its last {held} images (no test split)"
     if epochs is None:
         epochs = EPOCHS_SMALL if len(train_x) < SMALL_DATASET else EPOCHS_LARGE
-    if epochs < 1:
-        raise InputError(f"--epochs must be at least 1, got {epochs}")
     classes = int(max(train_y.max(), test_y.max())) + 1
     torch.manual_seed(seed)
     model = ClassifierNet(tuple(train_x.shape[1:]), classes, width, feature_dim).to(device)
@@ -179,7 +199,7 @@ def train_classifier(dataset: str = "digits", root: str | Path | None = None,
                          "classes": classes, "width": width, "feature_dim": feature_dim,
                          "levels": model.levels},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "n_train": len(train_x), "n_test": len(test_x),
+        "n_train": len(train_x), "n_test": len(test_x), "tested_on": tested_on,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "shift": shift, "seed": seed,
         "train_seconds": round(train_seconds, 3),
         "final_loss": float(loss.detach()),

@@ -521,47 +521,6 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """The symmetric square root of a covariance (negative rounding eigenvalues set to 0)."""
-    values, vectors = np.linalg.eigh(sigma)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-
-
-def frechet_distance_psd(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                         root2: np.ndarray) -> float:
-    """The Fréchet distance of fid.frechet_distance in its symmetric form: Σ1Σ2 is similar to
-    Σ2^½Σ1Σ2^½, so tr((Σ1Σ2)^½) = Σ √λ_i(Σ2^½Σ1Σ2^½). root2 = psd_sqrt(Σ2). One symmetric
-    eigenvalue problem instead of scipy's sqrtm, which took about a second per call on the
-    ill-conditioned covariances of 128 classifier features (the bootstrap needs hundreds)."""
-    diff = mu1 - mu2
-    product = np.linalg.eigvalsh(root2 @ sigma1 @ root2)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(root2 @ root2)
-                 - 2 * np.sqrt(np.clip(product, 0, None)).sum())
-
-
-def bootstrap_fid(features: dict[str, np.ndarray], reference: np.ndarray, replicates: int,
-                  seed: int = 0, progress: Progress | None = None) -> dict[str, np.ndarray]:
-    """FID of each feature set against the reference features over `replicates` bootstrap
-    draws: each replicate resamples the reference once (shared by every set, so differences
-    between sets are paired) and each set independently, with replacement."""
-    from knnflow.analysis.fid import feature_statistics
-
-    rng = np.random.default_rng(seed)
-    names = sorted(features)
-    out = {name: np.empty(replicates) for name in names}
-    for b in range(replicates):
-        mu_ref, sigma_ref = feature_statistics(
-            reference[rng.integers(0, len(reference), len(reference))])
-        root = psd_sqrt(sigma_ref)
-        for name in names:
-            values = features[name]
-            pick = values[rng.integers(0, len(values), len(values))]
-            out[name][b] = frechet_distance_psd(*feature_statistics(pick), mu_ref, root)
-        if progress:
-            progress("FID bootstrap", b + 1, replicates)
-    return out
-
-
 def _spread(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.std(ddof=1)) if len(finite) > 1 else float("nan")
@@ -965,7 +924,7 @@ class _Pipeline:
                 "hybrid": hybrid_record}
 
     def bootstrap(self, runs: dict[str, dict]) -> dict:
-        from knnflow.analysis.fid import extract_features, fid
+        from knnflow.analysis.fid import bootstrap_fid, extract_features, fid
 
         budget = self.budget
 
@@ -1493,8 +1452,8 @@ def write_figures(folder: Path, specs: list[TargetSpec], budget: Budget, runs: d
 
 
 __all__ = ["BUDGETS", "DATASETS", "Budget", "Comparison", "Estimate", "ReproduceResult",
-           "TargetRow", "TargetSpec", "Verdict", "bootstrap_fid", "claim_collapse",
+           "TargetRow", "TargetSpec", "Verdict", "claim_collapse",
            "claim_copy_onset", "claim_knn_vs_cfm", "combine", "default_work_folder",
-           "difference_verdict", "final_loss", "frechet_distance_psd", "get_budget",
-           "prepare_work_folder", "psd_sqrt", "reproduce", "run_config",
+           "difference_verdict", "final_loss", "get_budget",
+           "prepare_work_folder", "reproduce", "run_config",
            "target_specs"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -387,9 +388,22 @@ def plot_histogram(path: Path, d1: Tensor, reference: Tensor, threshold: float) 
     plt.close(fig)
 
 
-def plot_nearest(path: Path, samples: Samples, index: Index, scores: Scores,
-                 count: int = NEAREST_PAIRS) -> list[int]:
-    """The `count` samples of smallest d1/d2 beside their nearest training images."""
+def nearest_title(memorized: int, shown: int, threshold: float) -> str:
+    """nearest.png's title: it shows memorized samples only when there are some."""
+    rule = f"d1/d2 < {threshold_text(threshold)}"
+    if memorized == 0:
+        return (f"No sample is memorized ({rule}): the {shown} samples of smallest d1/d2, "
+                "beside their nearest and second-nearest training images")
+    which = (f"the {memorized} memorized samples" if memorized <= shown else
+             f"{shown} of the {memorized} memorized samples, those of smallest d1/d2")
+    return (f"{which.capitalize()} ({rule}) beside their nearest and second-nearest "
+            "training images")
+
+
+def nearest_figure(samples: Samples, index: Index, scores: Scores, threshold: float,
+                   count: int = NEAREST_PAIRS):
+    """The figure of nearest.png and the samples it shows: the `count` samples of smallest
+    d1/d2, each beside its nearest and second-nearest training images (d1, d2 under them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,30 +413,42 @@ def plot_nearest(path: Path, samples: Samples, index: Index, scores: Scores,
     order = torch.argsort(ratio, stable=True)[:count].tolist()
     cols = 4
     rows = max(1, math.ceil(len(order) / cols))
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.3, rows * 1.55), dpi=120,
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, 3 * cols, figsize=(3 * cols * 1.05, rows * 1.6 + 0.4),
+                             dpi=120, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     pictures = samples.take(order)
     shape = index.image_shape
-    grey = shape[0] == 1
+    cmap = "gray" if shape[0] == 1 else None
     for slot, sample in enumerate(order):
         r, c = divmod(slot, cols)
-        train_id = int(scores.ids[sample, 0])
-        train = index.points[train_id].to(torch.float32).reshape(shape).numpy()
-        left, right = axes[r, 2 * c], axes[r, 2 * c + 1]
-        left.imshow(_unit(pictures[slot]), cmap="gray" if grey else None, vmin=0, vmax=1,
-                    interpolation="nearest")
-        right.imshow(_unit(train), cmap="gray" if grey else None, vmin=0, vmax=1,
-                     interpolation="nearest")
-        left.set_title(f"sample {sample}", fontsize=6)
-        right.set_title(f"train {train_id}", fontsize=6)
-        left.text(1.0, -0.08, f"d1={float(scores.distances[sample, 0]):.3g}  "
-                  f"d1/d2={float(ratio[sample]):.3f}", transform=left.transAxes,
-                  ha="center", va="top", fontsize=6)
-    fig.suptitle("Most memorized samples (left) beside their nearest training images (right)",
+        panels = axes[r, 3 * c:3 * c + 3]
+        panels[0].imshow(_unit(pictures[slot]), cmap=cmap, vmin=0, vmax=1,
+                         interpolation="nearest")
+        panels[0].set_title(f"sample {sample}", fontsize=6)
+        panels[0].text(0.5, -0.06, f"d1/d2={float(ratio[sample]):.3f}",
+                       transform=panels[0].transAxes, ha="center", va="top", fontsize=6)
+        for rank, ax in enumerate(panels[1:]):
+            train_id = int(scores.ids[sample, rank])
+            train = index.points[train_id].to(torch.float32).reshape(shape).numpy()
+            ax.imshow(_unit(train), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(f"{('1st', '2nd')[rank]}: train {train_id}", fontsize=6)
+            ax.text(0.5, -0.06, f"d{rank + 1}={float(scores.distances[sample, rank]):.3g}",
+                    transform=ax.transAxes, ha="center", va="top", fontsize=6)
+    memorized = int((ratio < threshold).sum())
+    fig.suptitle("\n".join(textwrap.wrap(nearest_title(memorized, len(order), threshold), 110,
+                                          break_on_hyphens=False)),
                  fontsize=8)
     fig.tight_layout()
+    return fig, order
+
+
+def plot_nearest(path: Path, samples: Samples, index: Index, scores: Scores, threshold: float,
+                 count: int = NEAREST_PAIRS) -> list[int]:
+    """nearest.png (nearest_figure); the samples it shows."""
+    import matplotlib.pyplot as plt
+
+    fig, order = nearest_figure(samples, index, scores, threshold, count)
     fig.savefig(path)
     plt.close(fig)
     return order
@@ -451,7 +477,7 @@ def write_report(out: Path, samples: Samples, index: Index, scores: Scores,
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_histogram(tmp / "histogram.png", scores.distances[:, 0], reference,
                        summary["threshold"])
-        plot_nearest(tmp / "nearest.png", samples, index, scores)
+        plot_nearest(tmp / "nearest.png", samples, index, scores, summary["threshold"])
     return out
 
 

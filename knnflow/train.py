@@ -1,8 +1,9 @@
 """The trainer: a velocity network regressed on a target (targets.py) with Adam, linear warm-up,
 gradient clipping and an EMA of the weights, checkpointed atomically and resumable bit for bit.
 
-A run folder runs/NAME holds config.json, metrics.jsonl (one line per logged step),
-checkpoints/step_N.safetensors + step_N.json and progress/step_N.png (sample grids). Every
+A run folder runs/NAME holds config.json, metrics.jsonl (one line per logged step), loss.png
+(the loss against step, redrawn at each checkpoint), checkpoints/step_N.safetensors +
+step_N.json and progress/step_N.png (sample grids). Every
 random draw comes from sources whose states the checkpoint stores: a torch.Generator for the
 data (x1 ids, flips, x0, t), a second one for the target's own draws (EFM candidates), and
 torch's global RNG (dropout). With the target's draws apart, runs with the same seed and
@@ -34,6 +35,7 @@ from knnflow.models.presets import PRESETS
 from knnflow.models.unet import build_model, count_parameters
 
 CHECKPOINTS = "checkpoints"
+LOSS_PLOT = "loss.png"
 # Fields that may differ when resuming: more steps, and how often things are written.
 # Seeds of process R's own draws (dropout, the target's) are offset by R times this.
 RANK_SEED_STRIDE = 7919
@@ -470,6 +472,9 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                 if rank == 0:
                     save_checkpoint(folder / CHECKPOINTS, done, net, ema, optimizer, tensors,
                                     config.keep_checkpoints, extra=extra)
+                    plot_loss(metrics_path, folder / LOSS_PLOT, f"{folder.name}: "
+                              f"{config.target} on {config.dataset}, {config.preset} (logged "
+                              f"every {config.log_every} steps)")
             if rank == 0 and config.sample_every and (done % config.sample_every == 0
                                                       or done == config.steps):
                 _progress_grid(ema, image_shape, folder / "progress" / f"step_{done}.png", device)
@@ -643,6 +648,37 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError):
             break
     path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def plot_loss(metrics_path: Path, path: Path, title: str) -> None:
+    """The logged loss against step (log scale when positive) from metrics.jsonl, written
+    to `path` through a temporary file (a crash leaves the previous picture)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [], []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            steps.append(int(entry["step"]))
+            losses.append(float(entry["loss"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.plot(steps, losses, marker="o" if len(steps) < 30 else None, ms=3, lw=1)
+    if losses and min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean squared error)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _progress_grid(model: nn.Module, image_shape: tuple[int, ...], path: Path,

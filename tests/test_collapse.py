@@ -224,3 +224,22 @@ def test_command_on_digits_writes_every_plotted_number(tmp_path):
     quick = json.loads(as_json.output)  # stdout holds the JSON summary and nothing else
     assert quick["pairs"] == 4 and quick["collapse_time"] in (0.5, 0.999)
     assert json.loads((out / "summary.json").read_text()) == quick
+
+
+@pytest.mark.parametrize("estimator, words", [("exact", "the exact engine"),
+                                              ("knn", "the certified kNN estimator")])
+def test_the_figure_names_its_estimator_and_keeps_the_legend_off_the_bars(small_digits,
+                                                                          estimator, words):
+    import matplotlib.pyplot as plt
+
+    from knnflow.analysis.collapse import collapse_figure
+
+    result = compute_collapse(small_digits, pairs=16, grid=np.array(GRID), estimator=estimator)
+    fig = collapse_figure(result, "digits")
+    fig.canvas.draw()
+    assert f"û* computed by {words}" in fig._suptitle.get_text()
+    first = fig.axes[0]  # the t = 0 histogram
+    assert first.get_title() == "t = 0.00"
+    legend = first.get_legend().get_window_extent()
+    assert legend.y0 >= first.get_window_extent().y1  # above the panel, not over its bars
+    plt.close(fig)

@@ -363,3 +363,36 @@ def test_the_threshold_reads_as_the_fraction_it_is():
 
     assert threshold_text(1 / 3) == "1/3" and threshold_text(0.25) == "1/4"
     assert threshold_text(0.123456) == "0.1235" and threshold_text(0.5) == "1/2"
+
+
+def test_nearest_png_shows_both_neighbours_and_says_when_none_is_memorized(tmp_path, index,
+                                                                           train, held_out):
+    import matplotlib.pyplot as plt
+
+    from knnflow.memorization import Scores, nearest_figure
+
+    def figure_of(images):
+        np.save(tmp_path / "s.npy", images.numpy())
+        samples = load_samples(tmp_path / "s.npy", index.image_shape)
+        d, ids = brute_force_two(images.numpy(), train)
+        scores = Scores(ids=ids, distances=d, exact=True, search="test")
+        return nearest_figure(samples, index, scores, 1 / 3, count=4)
+
+    fig, order = figure_of(held_out[:6])  # held-out digits: none memorized
+    title = fig._suptitle.get_text().replace("\n", " ")
+    assert title.startswith("No sample is memorized (d1/d2 < 1/3): the 4 samples of smallest")
+    assert "second-nearest" in title
+    # Each shown sample sits beside two training images: its 1st and 2nd nearest by float64.
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 3 * len(order) == 12
+    d, ids = brute_force_two(held_out[:6].numpy(), train)
+    for slot, sample in enumerate(order):
+        names = [ax.get_title() for ax in shown[3 * slot:3 * slot + 3]]
+        assert names == [f"sample {sample}", f"1st: train {int(ids[sample, 0])}",
+                         f"2nd: train {int(ids[sample, 1])}"]
+        assert np.allclose(shown[3 * slot + 2].images[0].get_array(),
+                           (train[int(ids[sample, 1])].reshape(8, 8).numpy() + 1) / 2)
+    plt.close(fig)
+    fig, _ = figure_of(torch.cat([train[:2], held_out[:4]]))  # two copies of training images
+    assert fig._suptitle.get_text().startswith("The 2 memorized samples (d1/d2 < 1/3)")
+    plt.close(fig)

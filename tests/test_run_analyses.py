@@ -26,8 +26,10 @@ from knnflow.analysis.hybrid import (
 from knnflow.analysis.velocity_error import (
     T_MAX,
     estimator_velocity,
+    plot_title,
     stratified_draws,
     velocity_error,
+    velocity_error_figure,
     velocity_error_of_run,
 )
 from knnflow.data import load_dataset
@@ -306,3 +308,24 @@ def test_bad_input_is_one_line(tmp_path, tiny_run, monkeypatch, capsys, args, fr
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: ") and fragment in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def _inside(inner, outer, slack: float = 1.0) -> bool:
+    return (inner.x0 >= outer.x0 - slack and inner.x1 <= outer.x1 + slack
+            and inner.y0 >= outer.y0 - slack and inner.y1 <= outer.y1 + slack)
+
+
+def test_velocity_error_title_of_a_long_run_path_fits_the_figure(images):
+    import matplotlib.pyplot as plt
+
+    exact = estimator_velocity(ExactVelocity(images))
+    result = velocity_error({"ema": exact}, images, exact, t_bins=3, n=4, seed=0)
+    run_path = "runs/" + "a-long-experiment-folder-name/" * 4 + "digits-knn-efm"
+    title = plot_title({"run": run_path, "checkpoint_step": 2000, "n_train": 1498,
+                        "n_per_bin": 4})
+    fig = velocity_error_figure(result, title)
+    fig.canvas.draw()
+    drawn = fig.axes[0].title
+    assert "".join(drawn.get_text().split()) == "".join(title.split())  # every word kept
+    assert _inside(drawn.get_window_extent(), fig.bbox)
+    plt.close(fig)

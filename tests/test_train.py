@@ -454,6 +454,11 @@ def test_train_sample_and_build_index_print_json(tmp_path):
     lines = (tmp_path / "runs" / "digits-cfm" / "metrics.jsonl").read_text().splitlines()
     assert summary["steps"] == 3 and summary["last_logged"]["step"] == 3
     assert summary["last_logged"]["loss"] == pytest.approx(json.loads(lines[-1])["loss"])
+    # The run folder's loss.png plots those logged losses (redrawn at each checkpoint).
+    from PIL import Image
+
+    with Image.open(tmp_path / "runs" / "digits-cfm" / "loss.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > 300
     sampled = run("sample", "runs/digits-cfm", "--n", "3", "--steps", "2", "--json",
                   cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
@@ -474,3 +479,16 @@ def test_train_and_sample_take_threads_and_device_auto(tmp_path):
     assert sampled.returncode == 0, sampled.stderr
     assert_one_line_error(run("train", "--preset", "mlp", "--steps", "2", "--threads", "0",
                               "--name", "runs/z", cwd=tmp_path), "--threads must be at least 1")
+
+
+def test_loss_plot_survives_a_line_cut_by_a_crash(tmp_path):
+    from PIL import Image
+
+    from knnflow.train import plot_loss
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    plot_loss(metrics, tmp_path / "loss.png", "a run")
+    with Image.open(tmp_path / "loss.png") as picture:
+        assert picture.format == "PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]

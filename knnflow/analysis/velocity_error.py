@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from knnflow.files import atomic_folder
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Progress = Callable[[str, int, int], None]
 T_MAX = 1 - 1e-4
+TITLE_CHARACTERS = 95  # a line of the 9-point title across the 7-inch figure
 PLOT_NAME, CSV_NAME, SUMMARY_NAME = "velocity_error.png", "velocity_error.csv", "summary.json"
 
 
@@ -241,8 +243,19 @@ def velocity_error_of_run(run: str | Path, *, weights: tuple[str, ...] = WEIGHT_
 
 def plot_velocity_error(path: Path, result: VelocityErrorResult, title: str,
                         labels: Mapping[str, str] = WEIGHT_LABELS) -> None:
+    """velocity_error.png: velocity_error_figure."""
+    import matplotlib.pyplot as plt
+
+    fig = velocity_error_figure(result, title, labels)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def velocity_error_figure(result: VelocityErrorResult, title: str,
+                          labels: Mapping[str, str] = WEIGHT_LABELS):
     """The error per bin against t for each weight set (band: ± one standard error), the
-    peak marked, and E‖û*‖² for scale; log scale when every value is positive."""
+    peak marked, and E‖û*‖² for scale; log scale when every value is positive. The title
+    wraps to the figure's width (a long run path breaks across lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,12 +282,12 @@ def plot_velocity_error(path: Path, result: VelocityErrorResult, title: str,
     ax.set_xlabel("t  (0 = noise, 1 = data)")
     ax.set_ylabel(r"$E\,\|u_\theta(x_t, t) - \hat{u}^*(x_t, t)\|^2$"
                   + f"  (sum over d = {result.dim})")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, TITLE_CHARACTERS, break_on_hyphens=False)),
+                 fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def write_velocity_error_csv(path: Path, result: VelocityErrorResult) -> None:

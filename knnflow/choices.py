@@ -55,4 +55,4 @@ DINOV2_FILE = "dinov2_vitl14_torchscript.pt"
 SMALL_DATASET = 10_000
 
 # knnflow reproduce (knnflow.analysis.reproduce).
-REPRODUCE_DATASETS = ("digits", "cifar10")
+REPRODUCE_DATASETS = ("digits", "mnist", "cifar10")

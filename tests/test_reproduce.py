@@ -26,6 +26,7 @@ from knnflow.analysis.fid import (
 from knnflow.analysis.hybrid import copy_onset, hybrid_of_run
 from knnflow.analysis.reproduce import (
     BUDGETS,
+    DATASETS,
     HELD,
     INCONCLUSIVE,
     NOT_HELD,
@@ -334,3 +335,46 @@ def test_the_page_never_replaces_a_folder_it_did_not_make(tmp_path):
     assert default_page("digits", small).name == "digits.md"
     assert default_page("digits", replace(small, steps=50, limit=200)).name == \
         "digits-steps50-limit200.md"
+
+
+def _fake_mnist(root, count: dict[str, int]) -> None:
+    """An MNIST tree in torchvision's raw layout: digits upscaled 3× and padded to 28×28,
+    with their labels, as idx files."""
+    import struct
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = load_dataset("digits", split=split, limit=count[split],
+                                      with_labels=True)
+        pixels = np.round((images[:, 0].numpy() + 1) * 127.5).astype(np.uint8)
+        big = np.pad(np.kron(pixels, np.ones((3, 3), np.uint8)), ((0, 0), (2, 2), (2, 2)))
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">III", *big.shape) + big.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">BBBB", 0, 0, 8, 1) + struct.pack(">I", len(labels))
+            + labels.numpy().astype(np.uint8).tobytes())
+
+
+def test_reproduce_mnist_end_to_end_on_an_mnist_tree(tmp_path, budget):
+    """`knnflow reproduce mnist --root R`: the whole comparison on MNIST's files (here a
+    small tree of 28×28 images made from digits), at a tiny budget."""
+    _fake_mnist(tmp_path / "mnist", {"train": 200, "test": 120})
+    assert "mnist" in DATASETS and {"small", "full"} <= set(BUDGETS["mnist"])
+    small = replace(BUDGETS["mnist"]["small"], name="test", preset="mlp", steps=4,
+                    batch_size=16, log_every=2, checkpoint_every=4, samples=160,
+                    sample_steps=3, velocity_bins=2, velocity_n=8, hybrid_n=4, hybrid_steps=3,
+                    taus="0,1", classifier_epochs=1, collapse_pairs=8, collapse_grid="0:0.9:0.45",
+                    collapse_sides=None, bootstrap=4, limit=150, threads=1)
+    md = tmp_path / "docs" / "mnist.md"
+    result = reproduce("mnist", small, root=tmp_path / "mnist", work=tmp_path / "work",
+                       out_md=md)
+    text = md.read_text()
+    assert text.startswith("# Reproducing the paper's claims on mnist")
+    assert "on 150 1×28×28 images (d = 784)" in text
+    assert [row.label for row in result.rows] == ["cfm", "ot-cfm", "efm-128", "efm-150",
+                                                  "knn-efm"]
+    assert all(math.isfinite(row.fid.value) for row in result.rows)
+    missing = run("reproduce", "mnist", "--root", str(tmp_path / "none"), "--steps", "1",
+                  cwd=tmp_path)
+    assert_one_line_error(missing, "mnist", str(tmp_path / "none"))

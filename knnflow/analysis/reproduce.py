@@ -136,6 +136,17 @@ BUDGETS: dict[str, dict[str, Budget]] = {
                        checkpoint_every=500, samples=2048, sample_steps=100, hybrid_n=256,
                        hybrid_steps=100, collapse_sides=(8, 16, 32), bootstrap=200, threads=1),
     },
+    # mnist: the tiny U-Net on 60,000 images of 28×28, meant for a GPU (on 2 CPU cores a step
+    # takes ~1.5 s, so small runs for hours there); efm-n capped at M = 1000 like cifar10.
+    "mnist": {
+        "small": Budget("small", "tiny", steps=2000, log_every=20, checkpoint_every=500,
+                        samples=2048, sample_steps=100, velocity_n=512, hybrid_n=256,
+                        collapse_sides=(7, 14, 28), bootstrap=100, efm_large_max=1000),
+        "full": Budget("full", "tiny", steps=20_000, seeds=(0, 1), log_every=100,
+                       checkpoint_every=2000, samples=10_000, sample_steps=100,
+                       velocity_n=512, hybrid_n=256, collapse_sides=(7, 14, 28),
+                       bootstrap=200, efm_large_max=1000),
+    },
     "cifar10": {
         "small": Budget("small", "cifar", steps=20_000, log_every=100, checkpoint_every=2000,
                         flip=True, samples=10_000, sample_steps=100, velocity_n=256,

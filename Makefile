@@ -11,10 +11,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --progress-bar off --no-cache-dir torch==2.14.1 torchvision==0.29.1 -e ".[dev]"
-	# torchcfm and flow_matching, for the adapter tests; skipped where the registry lacks them.
-	$(BIN)/pip install --progress-bar off --no-cache-dir -e ".[interop]" \
+	# torchcfm and flow_matching for the adapter tests, tensorboard for train --tensorboard;
+	# their tests skip where the registry lacks them.
+	$(BIN)/pip install --progress-bar off --no-cache-dir -e ".[interop,tensorboard]" \
 		&& $(BIN)/pip install --progress-bar off --no-cache-dir --no-deps torchcfm \
-		|| echo "torchcfm/flow_matching not installed: tests/test_adapters.py will skip"
+		|| echo "torchcfm/flow_matching/tensorboard not installed: their tests will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,12 +17,13 @@ from knnflow.files import check_output_folder
 from knnflow.threads import cpu_threads
 
 from .console import console, progress_bar
-from .data_commands import dataset_slug
 from .threads import ThreadsOption
 
 
 def default_collapse_folder(dataset: str) -> Path:
     """runs/collapse-<dataset>."""
+    from knnflow.training_sets import dataset_slug
+
     return Path("runs") / f"collapse-{dataset_slug(dataset)}"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,7 +17,6 @@ from knnflow.data import (
     check_split,
     dataset_infos,
     dataset_sources,
-    load_dataset,
 )
 from knnflow.files import check_output_folder
 
@@ -48,58 +46,6 @@ def datasets() -> None:
     for info in dataset_infos():
         table.add_row(info.name, info.shape, info.size, info.location)
     console.print(table)
-
-
-def dataset_slug(dataset: str, size: int | None = None) -> str:
-    """A folder-name form of a data set: its name, or for folder:/npz:/npy: paths the kind and
-    the file's stem; a --size other than the data set's default is appended (photos64,
-    folder-imgs48; a dash goes between two numbers: folder-cifar10-48)."""
-    kind, _, path = dataset.partition(":")
-    name = f"{kind}-{Path(path).stem}" if path else dataset
-    size = check_size(dataset, size)
-    if size is not None:
-        name += f"-{size}" if name[-1:].isdigit() else str(size)
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def default_index_folder(dataset: str, split: str, size: int | None = None) -> Path:
-    """indices/<dataset>-<split>, such as indices/photos-train, or indices/photos64-train
-    for photos --size 64."""
-    return Path("indices") / f"{dataset_slug(dataset, size)}-{split}"
-
-
-def cached_index_folder(dataset: str, limit: int | None = None, flip: bool = False,
-                        approximate: bool = False) -> Path:
-    """Where train and memorization cache a data set's index when none is given:
-    indices/<dataset>-train, with -limitN (its first N images), -flip (both flips) and -ivf
-    (an IVF index, for --approximate)."""
-    split = "train" + (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
-    folder = default_index_folder(dataset, split)
-    return folder.with_name(folder.name + "-ivf") if approximate else folder
-
-
-def build_dataset_index(dataset: str, folder: Path, progress, *, root: Path | None = None,
-                        split: str = "train", limit: int | None = None,
-                        size: int | None = None, flip: bool = False, kind: str = "flat",
-                        device: str = "auto", dtype: str = "float32", nlist: int | None = None,
-                        nprobe: int | None = None, overwrite: bool = False):
-    """Load a data set, index it (with both flips if asked) and save the index folder; the
-    Index."""
-    from knnflow.index import Index
-    from knnflow.targets import with_flips
-
-    size = check_size(dataset, size)
-    progress(f"loading {dataset}", 0, 1)
-    images = load_dataset(dataset, root=root, split=split, limit=limit, size=size)
-    if flip:
-        images = with_flips(images)
-    progress(f"loading {dataset}", 1, 1)
-    described = {"name": dataset, "split": split, "limit": limit, "size": size,
-                 "root": str(root) if root else None, "flip": flip}
-    index = Index.build(images, kind=kind, device=device, dtype=dtype, nlist=nlist,
-                        nprobe=nprobe, dataset=described, progress=progress)
-    index.save(folder, overwrite=overwrite, progress=progress)
-    return index
 
 
 def folder_bytes(folder: Path) -> int:
@@ -137,6 +83,7 @@ def build_index(
 ) -> None:
     """Build and save an index folder: FAISS index, raw data and a manifest with checksums."""
     from knnflow.index import check_build_options, resolve_device
+    from knnflow.training_sets import build_dataset_index, default_index_folder
 
     check_build_options(kind, dtype, nlist, nprobe)  # options first, then the output folder
     check_limit(limit)

@@ -16,14 +16,15 @@ from knnflow.files import check_output_folder
 
 if TYPE_CHECKING:
     from knnflow.analysis.fid import FeatureExtractor
-    from knnflow.memorization import Samples
+    from knnflow.nearest import Samples
 
 from .console import console, err_console, key_value_table, progress_bar
-from .data_commands import dataset_slug
 
 
 def default_classifier_folder(dataset: str) -> Path:
     """classifiers/<dataset>."""
+    from knnflow.training_sets import dataset_slug
+
     return Path("classifiers") / dataset_slug(dataset)
 
 
@@ -33,7 +34,7 @@ def _shape_text(shape) -> str:
 
 def _open_samples(path: Path, shape: tuple[int, ...], reference: str) -> Samples:
     """SAMPLES, which must have the reference's image shape."""
-    from knnflow.memorization import load_samples
+    from knnflow.nearest import load_samples
 
     try:
         return load_samples(path, shape)

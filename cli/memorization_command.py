@@ -4,124 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from knnflow.choices import MEMORIZATION_REFERENCE
-from knnflow.data import dataset_sources, load_dataset
-from knnflow.errors import IndexMismatchError, InputError
+from knnflow.data import dataset_sources
+from knnflow.errors import InputError
 from knnflow.files import check_output_folder
 
 from .console import console, err_console, progress_bar
-from .data_commands import build_dataset_index, cached_index_folder
-
-if TYPE_CHECKING:
-    from knnflow.index import Index
-
-DEFAULT_DATASET = "digits"  # the default data set of build-index and train
-
-
-def recorded_training_set(samples: Path) -> dict:
-    """What the samples' own records say they came from: {"index": DIR} for closed-form
-    samples or a run trained with an index, else the run's {"dataset", "root", "limit",
-    "flip"}; {} for samples with no record (a plain folder or array)."""
-    folder = samples if samples.is_dir() else samples.parent
-    sampling = folder / "sampling.json"
-    try:
-        meta = json.loads(sampling.read_text()) if sampling.is_file() else {}
-    except (OSError, ValueError):
-        meta = {}
-    if meta.get("closed_form"):
-        return {"index": meta["closed_form"], "from": "the closed-form samples' index"}
-    run = Path(meta["run"]) if meta.get("run") else folder.parent
-    try:
-        config = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(config, dict) or "dataset" not in config:
-        return {}
-    if config.get("index"):
-        return {"index": config["index"], "from": f"the index run {run} trained with"}
-    return {"dataset": config["dataset"], "root": config.get("root"),
-            "limit": config.get("limit"), "flip": bool(config.get("flip")),
-            "from": f"the training set of run {run}"}
-
-
-def open_recorded_index(record: dict, approximate: bool, progress) -> tuple[Index, str]:
-    """The index for samples given with neither --index nor --dataset, and what it is."""
-    from knnflow.index import Index
-
-    if not record:
-        return (open_cached_index(DEFAULT_DATASET, None, progress, approximate=approximate),
-                f"{DEFAULT_DATASET}, the default data set (the samples carry no record of "
-                "their training set)")
-    if "index" in record:
-        folder = Path(record["index"])
-        if not (folder / "manifest.json").is_file():
-            raise InputError(f"the samples were made with the index {folder} ({record['from']}), "
-                             "which is gone: pass --index DIR or --dataset NAME")
-        return Index.load(folder), f"{folder}, {record['from']}"
-    root = Path(record["root"]) if record["root"] else None
-    index = open_cached_index(record["dataset"], root, progress, limit=record["limit"],
-                              flip=record["flip"], approximate=approximate)
-    where = index.folder if record["limit"] or record["flip"] else record["dataset"]
-    return index, f"{where}, {record['from']}"
-
-
-def open_index(index: Path | None, dataset: str | None, root: Path | None, approximate: bool,
-               progress) -> Index:
-    """--index DIR, or --dataset NAME: the cached index under indices/, built on first use."""
-    from knnflow.index import Index
-
-    if index is not None and dataset is not None:
-        raise InputError("pass one of --index DIR or --dataset NAME, not both")
-    if index is not None:
-        return Index.load(index)
-    return open_cached_index(dataset, root, progress, approximate=approximate)
-
-
-def open_cached_index(dataset: str, root: Path | None, progress, *, limit: int | None = None,
-                      flip: bool = False, approximate: bool = False) -> Index:
-    """The cached index of a data set's training images (its first `limit`, with both flips
-    for `flip`), built on first use. A cached one must hold exactly those images: its
-    manifest's limit and flips, then the points' checksum decide (not the recorded root: the
-    same files may sit elsewhere, and other files under the same name must not pass)."""
-    from knnflow.index import Index
-    from knnflow.targets import with_flips
-
-    folder = cached_index_folder(dataset, limit, flip, approximate)
-    if not folder.exists():
-        build_dataset_index(dataset, folder, progress, root=root, limit=limit, flip=flip,
-                            kind="ivf" if approximate else "flat")
-        err_console.print(f"built and cached the index of {dataset} at {folder}")
-        return Index.load(folder)
-    cached = Index.load(folder)
-    made = cached.manifest.get("dataset") or {}
-    rebuild = (f"pass --index, or rebuild it with knnflow build-index {dataset} "
-               + (f"--root {root} " if root is not None else "")
-               + (f"--limit {limit} " if limit else "") + ("--flip " if flip else "")
-               + f"--out {folder} --overwrite")
-    if made.get("limit") != limit or bool(made.get("flip")) != flip:
-        which = (f"the first {made['limit']}" if made.get("limit") else "other")
-        wanted = ("its whole training set" if not limit and not flip else
-                  (f"its first {limit}" if limit else "its training set")
-                  + (" with both flips" if flip else ""))
-        raise InputError(f"the cached index {folder} holds {which} images of {dataset}, "
-                         f"not {wanted}: {rebuild}")
-    progress(f"checking {folder} against {dataset}", 0, 1)
-    images = load_dataset(dataset, root=root, split="train", limit=limit)
-    try:
-        cached.verify_points(with_flips(images) if flip else images)
-    except IndexMismatchError:
-        built = made.get("root") or "the default place"
-        raise InputError(
-            f"the cached index {folder} was built from other images than {dataset} at "
-            f"{root or 'the default place'} (points checksum differs; it was built from "
-            f"{built}): {rebuild}") from None
-    progress(f"checking {folder} against {dataset}", 1, 1)
-    return cached
 
 
 def _fmt(value: float) -> str:
@@ -168,7 +61,17 @@ def memorization(
     """How close generated samples lie to the training set: d1, d2, the ratio test and a
     train-to-train reference, written to memorization.csv, summary.json, histogram.png and
     nearest.png."""
-    from knnflow.memorization import default_out, parse_threshold, run_memorization
+    from knnflow.nearest import default_out, parse_threshold, run_memorization
+    from knnflow.training_sets import (
+        cached_index_folder,
+        open_index,
+        open_recorded_index,
+        recorded_training_set,
+    )
+
+    def log(text: str) -> None:
+        if not as_json:
+            err_console.print(text, soft_wrap=True)
 
     parse_threshold(threshold)  # options first, then the output folder
     for option, value, least in (("--batch-size", batch_size, 1), ("--k", k, 2),
@@ -184,9 +87,9 @@ def memorization(
     with progress_bar() as progress:
         if index is None and dataset is None:
             opened, compared = open_recorded_index(recorded_training_set(samples),
-                                                   approximate, progress)
+                                                   approximate, progress, log)
         else:
-            opened = open_index(index, dataset, root, approximate, progress)
+            opened = open_index(index, dataset, root, approximate, progress, log)
             compared = f"{index}" if index is not None else f"{dataset}, as asked"
         if approximate and opened.kind == "flat" and not as_json:
             err_console.print("note: a flat index searches exactly; --approximate changes "

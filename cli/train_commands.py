@@ -19,46 +19,19 @@ from knnflow.models.presets import PRESETS
 from knnflow.threads import cpu_threads
 
 from .console import console, err_console, key_value_table, log_throttle, progress_bar
-from .data_commands import build_dataset_index, cached_index_folder, dataset_slug
 from .threads import ThreadsOption
 
 PRESET_LIST = "; ".join(f"{name}: {preset.summary}" for name, preset in PRESETS.items())
 
 
-def default_run_folder(dataset: str, target: str) -> Path:
-    """runs/<dataset>-<target>."""
-    return Path("runs") / f"{dataset_slug(dataset)}-{target}"
+def built_knn_index(dataset: str, root: Path | None, limit: int | None, flip: bool) -> Path:
+    """knn-efm's default index (training_sets.default_knn_index), built with a progress bar
+    and one line when missing."""
+    from knnflow.training_sets import default_knn_index
 
-
-def newest_checkpoint_step(folder: Path) -> int | None:
-    """The step of a run's newest complete checkpoint, or None."""
-    from knnflow.train import CHECKPOINTS, complete_checkpoints
-
-    marks = complete_checkpoints(folder / CHECKPOINTS) if (folder / CHECKPOINTS).is_dir() else []
-    for mark in reversed(marks):
-        try:
-            return int(json.loads(mark.read_text())["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
-def default_knn_index(dataset: str, root: Path | None, limit: int | None, flip: bool) -> Path:
-    """knn-efm's index when --index is not given: indices/<dataset>-train (-limitN for
-    --limit, -flip for --flip), built on first use with its progress bar and one line."""
-    folder = cached_index_folder(dataset, limit, flip)
-    if folder.exists():
-        return folder  # the target checks its points against the training data
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError(f"--target knn-efm: no index at {folder}; build it before torchrun "
-                         f"with knnflow build-index {dataset} --out {folder}"
-                         + (f" --limit {limit}" if limit else "") + (" --flip" if flip else ""))
     with progress_bar() as progress:
-        build_dataset_index(dataset, folder, progress, root=root, limit=limit, flip=flip)
-    err_console.print(f"built the index of {dataset} for knn-efm at {folder}", soft_wrap=True)
-    return folder
+        return default_knn_index(dataset, root, limit, flip, progress,
+                                 log=lambda text: err_console.print(text, soft_wrap=True))
 
 
 def train_command(
@@ -135,6 +108,10 @@ def train_command(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto (cuda when torch sees a GPU).")]
     = "cpu",
     threads: ThreadsOption = None,
+    tensorboard: Annotated[bool, typer.Option(
+        help="Also write the logged metrics as TensorBoard scalars to RUN/tensorboard "
+             "(tensorboard --logdir runs; needs pip install 'knnflow[tensorboard]').")]
+    = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the summary as JSON on stdout, for scripts.")] = False,
 ) -> None:
@@ -144,9 +121,15 @@ def train_command(
     NCCL with --device cuda, one GPU each, gloo on CPUs)."""
     from knnflow.distributed import init_from_env, leave_group, rank_and_world
     from knnflow.index import resolve_device
-    from knnflow.train import config_from_options, train
+    from knnflow.trainer import (
+        config_from_options,
+        default_run_folder,
+        newest_checkpoint_step,
+        train,
+    )
 
-    options = {k: v for k, v in locals().items() if k not in ("ctx", "threads", "as_json")}
+    options = {k: v for k, v in locals().items()
+               if k not in ("ctx", "threads", "as_json", "tensorboard")}
     # Options given on the command line (not defaults): on --resume the rest come from the run.
     explicit = {k for k in options
                 if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
@@ -156,7 +139,7 @@ def train_command(
     if target == "knn-efm" and index is None and not resume:
         config.resolved()  # bad options are refused before an index is built
         config = dataclasses.replace(
-            config, index=str(default_knn_index(dataset, root, limit, flip)))
+            config, index=str(built_knn_index(dataset, root, limit, flip)))
         explicit.add("index")
     folder = name or default_run_folder(dataset, target)
     device = init_from_env(resolve_device(device))
@@ -189,7 +172,8 @@ def train_command(
         try:
             with cpu_threads(threads):
                 logged = train(config, folder, resume=resume, overwrite=overwrite,
-                               progress=update, device=device, explicit=explicit)
+                               progress=update, device=device, explicit=explicit,
+                               tensorboard=tensorboard)
         except KeyboardInterrupt:
             bar.stop()
             step = newest_checkpoint_step(Path(folder))
@@ -254,8 +238,8 @@ def sample_command(
     """Sample by integrating dx/dt = v(x, t) from noise (torchdiffeq); writes one PNG per
     sample, grid.png and samples.npz."""
     from knnflow.index import Index, resolve_device
-    from knnflow.sample import check_solver, sample_closed_form, sample_model, save_samples
-    from knnflow.train import load_run_model
+    from knnflow.sampling import check_solver, sample_closed_form, sample_model, save_samples
+    from knnflow.trainer import load_run_model
 
     check_solver(solver, steps, atol, rtol, n)  # options first, then the output folder
     device = resolve_device(device)

@@ -983,7 +983,7 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
     ones."""
     from knnflow.models import build_model, count_parameters
     from knnflow.targets import make_target
-    from knnflow.train import BatchStream, TrainConfig, _lr_at, optimizer_step
+    from knnflow.trainer import BatchStream, TrainConfig, _lr_at, optimizer_step
 
     if min(batch, steps) < 1 or warmup < 0:
         raise InputError("--batch and --steps must be at least 1, --warmup at least 0")

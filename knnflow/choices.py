@@ -7,6 +7,9 @@ matplotlib), so `knnflow ... --help` and option errors return without loading th
 
 from __future__ import annotations
 
+# The data set of build-index, train and memorization when none is named.
+DEFAULT_DATASET = "digits"
+
 # Training targets (knnflow.targets) and their options.
 TARGETS = ("cfm", "ot-cfm", "efm", "knn-efm", "exact")
 EFM_POOLS = ("independent", "shared")
@@ -14,7 +17,7 @@ KNN_FALLBACKS = ("exact", "efm")
 # KNNVelocity's routes (knnflow.estimators), knn-efm's --knn-route.
 ROUTES = ("auto", "certify", "faster")
 
-# ODE solvers (knnflow.sample): the name a user types → torchdiffeq's method.
+# ODE solvers (knnflow.sampling): the name a user types → torchdiffeq's method.
 SOLVERS = {"euler": "euler", "heun": "heun2", "midpoint": "midpoint", "rk4": "rk4",
            "dopri5": "dopri5"}
 
@@ -34,7 +37,7 @@ UNIFORM_LABEL = "U[0,1)"
 COLLAPSE_ESTIMATORS = ("auto", "exact", "knn")
 COLLAPSE_GRID = "0:0.99:0.01"
 
-# knnflow memorization (knnflow.memorization): reference points of the d1/d2 quantiles.
+# knnflow memorization (knnflow.nearest): reference points of the d1/d2 quantiles.
 MEMORIZATION_REFERENCE = 10_000
 
 # knnflow hybrid (knnflow.analysis.hybrid).

@@ -13,12 +13,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from knnflow.cli.data_commands import default_index_folder
 from PIL import Image
 
 from knnflow import data
 from knnflow.data import PHOTO_COUNTS, PHOTO_SIZES, dataset_infos, load_dataset, synthetic_images
 from knnflow.errors import InputError, MissingFileError
+from knnflow.training_sets import default_index_folder
 
 
 def _images(count: int, channels: int, side: int, seed: int = 0) -> np.ndarray:

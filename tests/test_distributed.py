@@ -101,7 +101,7 @@ def _train_rank(rank: int, rendezvous: str, jobs: list, route_timing=None) -> No
     replaces KNNVelocity._time_routes, per job when it is a list."""
     from knnflow.errors import InputError
     from knnflow.estimators import KNNVelocity
-    from knnflow.train import TrainConfig, train
+    from knnflow.trainer import TrainConfig, train
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=WORLD)
@@ -143,7 +143,7 @@ def test_ddp_training_matches_one_process_and_resumes_exactly(tmp_path):
     uninterrupted one bit for bit; resuming with another number of processes, and a batch
     that does not split evenly, are refused."""
     from knnflow.errors import InputError
-    from knnflow.train import TrainConfig, train
+    from knnflow.trainer import TrainConfig, train
 
     efm = {**DDP_RUN, "target": "efm", "m": 8}
     _spawn_training(tmp_path, [
@@ -192,7 +192,7 @@ def test_exact_target_over_sharded_data_trains_like_the_whole_set(tmp_path):
     batch comes from the all-reduced states, so training follows the run in which each
     process holds all of it (same batches, targets equal to float64 rounding)."""
     from knnflow.errors import InputError
-    from knnflow.train import TrainConfig, train
+    from knnflow.trainer import TrainConfig, train
 
     exact = {**DDP_RUN, "target": "exact", "steps": 3}
     _spawn_training(tmp_path, [({**exact, "shard_data": True}, tmp_path / "sharded", False),

@@ -115,7 +115,7 @@ def test_knn_efm_target_on_gpu(fallback, search_device, route):
 
 
 def test_training_steps_on_gpu(tmp_path):
-    from knnflow.train import TrainConfig, train
+    from knnflow.trainer import TrainConfig, train
 
     config = TrainConfig(dataset="digits", target="efm", m=32, steps=3, log_every=1,
                          checkpoint_every=3)
@@ -127,7 +127,7 @@ def test_resume_on_gpu_is_bit_exact(tmp_path):
     """A run stopped at step 4 and resumed (GPU dropout generator restored) ends as one run."""
     from safetensors.torch import load_file
 
-    from knnflow.train import TrainConfig, train
+    from knnflow.trainer import TrainConfig, train
 
     def config(steps):
         return TrainConfig(dataset="digits", target="efm", m=16, steps=steps, log_every=1,
@@ -146,7 +146,7 @@ def test_resume_on_gpu_is_bit_exact(tmp_path):
 def test_closed_form_sampling_on_gpu_matches_cpu():
     """`knnflow sample --closed-form --device cuda`: û* on the GPU, samples back on the CPU,
     equal to the CPU's up to float32 rounding of the flow."""
-    from knnflow.sample import sample_closed_form
+    from knnflow.sampling import sample_closed_form
 
     index = Index.build(load_dataset("digits")[:300])
     cpu = sample_closed_form(index, 6, seed=3, steps=20)

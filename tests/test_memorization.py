@@ -15,7 +15,7 @@ from test_cli import assert_one_line_error, run
 from knnflow.data import load_dataset
 from knnflow.errors import InputError, MissingFileError
 from knnflow.index import Index
-from knnflow.memorization import (
+from knnflow.nearest import (
     load_samples,
     parse_threshold,
     run_memorization,
@@ -359,7 +359,7 @@ def test_a_folder_of_knnflows_own_pngs_skips_its_grid_and_reads_grey_rgb(tmp_pat
 
 
 def test_the_threshold_reads_as_the_fraction_it_is():
-    from knnflow.memorization import threshold_text
+    from knnflow.nearest import threshold_text
 
     assert threshold_text(1 / 3) == "1/3" and threshold_text(0.25) == "1/4"
     assert threshold_text(0.123456) == "0.1235" and threshold_text(0.5) == "1/2"
@@ -369,7 +369,7 @@ def test_nearest_png_shows_both_neighbours_and_says_when_none_is_memorized(tmp_p
                                                                            train, held_out):
     import matplotlib.pyplot as plt
 
-    from knnflow.memorization import Scores, nearest_figure
+    from knnflow.nearest import Scores, nearest_figure
 
     def figure_of(images):
         np.save(tmp_path / "s.npy", images.numpy())

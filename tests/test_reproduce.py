@@ -49,9 +49,9 @@ from knnflow.analysis.velocity_error import velocity_error_of_run
 from knnflow.data import load_dataset
 from knnflow.errors import InputError
 from knnflow.index import Index
-from knnflow.memorization import load_samples, nearest_training
-from knnflow.sample import sample_model
-from knnflow.train import load_run_model, train
+from knnflow.nearest import load_samples, nearest_training
+from knnflow.sampling import sample_model
+from knnflow.trainer import load_run_model, train
 
 LIMIT = 150
 SHAPE = (1, 8, 8)

@@ -36,8 +36,8 @@ from knnflow.data import load_dataset
 from knnflow.errors import InputError
 from knnflow.estimators import ExactVelocity
 from knnflow.index import Index
-from knnflow.sample import CLOSED_FORM_T_END, integrate, model_velocity, sample_model
-from knnflow.train import TrainConfig, load_run_model, train
+from knnflow.sampling import CLOSED_FORM_T_END, integrate, model_velocity, sample_model
+from knnflow.trainer import TrainConfig, load_run_model, train
 
 LIMIT = 200
 

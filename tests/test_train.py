@@ -21,10 +21,10 @@ from test_cli import assert_one_line_error, run
 from knnflow.data import load_dataset
 from knnflow.errors import InputError
 from knnflow.index import Index
-from knnflow.memorization import run_memorization
 from knnflow.models import build_model, count_parameters
-from knnflow.sample import integrate, sample_closed_form
-from knnflow.train import (
+from knnflow.nearest import run_memorization
+from knnflow.sampling import integrate, sample_closed_form
+from knnflow.trainer import (
     CHECKPOINTS,
     TrainConfig,
     complete_checkpoints,
@@ -200,7 +200,7 @@ def test_prefetched_batches_equal_the_plain_stream():
     """The background thread draws in the same order: same batches, same generator states."""
     from knnflow.data import load_dataset
     from knnflow.targets import make_target
-    from knnflow.train import BatchStream
+    from knnflow.trainer import BatchStream
 
     images = load_dataset("digits")
     target = make_target("efm", data=images.reshape(len(images), -1), m=16)
@@ -222,7 +222,7 @@ def test_targets_draw_apart_from_the_batches():
     from the target's own generator, so they do not shift the next batches."""
     from knnflow.data import load_dataset
     from knnflow.targets import make_target
-    from knnflow.train import BatchStream
+    from knnflow.trainer import BatchStream
 
     images = load_dataset("digits")
     flat = images.reshape(len(images), -1)
@@ -240,7 +240,7 @@ def test_targets_draw_apart_from_the_batches():
 def test_closed_form_and_network_sampling_share_noises():
     """With one seed, `sample --closed-form` starts from the noises `sample RUN` uses (the
     integrator is watched to see the starting points)."""
-    from knnflow import sample as sample_module
+    from knnflow import sampling as sample_module
 
     seen = []
     real = sample_module.integrate
@@ -367,7 +367,7 @@ def test_a_process_share_of_the_batch_is_its_rows_of_the_whole_batch():
     rows 0-7 and 8-15 give the halves of one stream's batch of 16 (x_t and target), and the
     generators stay in step."""
     from knnflow.targets import make_target
-    from knnflow.train import BatchStream
+    from knnflow.trainer import BatchStream
 
     images = load_dataset("digits", limit=100)
     target = make_target("cfm")
@@ -484,7 +484,7 @@ def test_train_and_sample_take_threads_and_device_auto(tmp_path):
 def test_loss_plot_survives_a_line_cut_by_a_crash(tmp_path):
     from PIL import Image
 
-    from knnflow.train import plot_loss
+    from knnflow.trainer import plot_loss
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
@@ -492,3 +492,51 @@ def test_loss_plot_survives_a_line_cut_by_a_crash(tmp_path):
     with Image.open(tmp_path / "loss.png") as picture:
         assert picture.format == "PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+def test_python_functions_train_sample_and_score_as_the_commands_do(tmp_path, monkeypatch):
+    """knnflow.train, knnflow.sample and knnflow.memorization: the commands' jobs from a
+    script, with the same files and the same numbers."""
+    import knnflow
+
+    monkeypatch.chdir(tmp_path)
+    run_ = knnflow.train("digits", target="cfm", preset="mlp", steps=4, batch_size=8,
+                         warmup=1, log_every=2, folder="runs/api")
+    assert [m.step for m in run_.metrics] == [2, 4] and run_.record["steps"] == 4
+    logged = [json.loads(line) for line in (tmp_path / "runs/api/metrics.jsonl").read_text()
+              .splitlines()]
+    assert run_.final_loss == pytest.approx(logged[-1]["loss"])
+    images = knnflow.sample("runs/api", n=5, steps=3, out="runs/api/samples")
+    assert images.shape == (5, 1, 8, 8)
+    with np.load(tmp_path / "runs/api/samples/samples.npz") as data:
+        assert np.array_equal(data["samples"], images.numpy())
+    # The command from the same run and seed draws the same samples.
+    assert run("sample", "runs/api", "--n", "5", "--steps", "3", "--out", "cli-samples",
+               cwd=tmp_path).returncode == 0
+    with np.load(tmp_path / "cli-samples" / "samples.npz") as data:
+        assert np.array_equal(data["samples"], images.numpy())
+    summary = knnflow.memorization("runs/api/samples")
+    assert summary["n_samples"] == 5 and summary["compared_against"].startswith("digits, ")
+    assert (tmp_path / summary["report"] / "summary.json").is_file()
+    copies = knnflow.memorization(load_dataset("digits")[:6], out="copies-report")
+    assert copies["memorized"]["count"] == 6 and copies["n_samples"] == 6
+    with pytest.raises(knnflow.InputError, match="unknown options stepz"):
+        knnflow.train("digits", stepz=3)
+
+
+def test_tensorboard_scalars_follow_the_logged_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run("train", "--preset", "mlp", "--steps", "4", "--batch-size", "8", "--warmup",
+                 "1", "--log-every", "2", "--tensorboard", "--name", "r", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert [step for step, _ in losses] == [2, 4]
+    assert [value for _, value in losses] == pytest.approx([m["loss"] for m in logged],
+                                                           rel=1e-6)
+    assert {"train/lr", "train/ms_step", "train/target_sq"} <= set(events.Tags()["scalars"])

@@ -13,7 +13,7 @@ a multiple of 1/steps, both parts lie on the one uniform grid of step 1/steps th
 `knnflow sample` uses. dopri5 adapts its steps on each part.
 
 Per τ: the distance d1 of each sample to its nearest training image and the ratio test
-d1/d2 < threshold (1/3) of memorization.py, and the distance to the τ = 1 sample of the same
+d1/d2 < threshold (1/3) of nearest.py, and the distance to the τ = 1 sample of the same
 noise. The copy onset is the smallest τ from which the memorized fraction stays at least
 `copy_fraction` (0.9) for every larger τ measured; None when the largest τ falls short.
 """
@@ -37,7 +37,7 @@ from knnflow.choices import HYBRID_REFERENCE as REFERENCE_SIZE
 from knnflow.choices import HYBRID_TAUS as DEFAULT_TAUS
 from knnflow.errors import InputError
 from knnflow.files import atomic_folder
-from knnflow.sample import ADAPTIVE, CLOSED_FORM_T_END, SOLVERS, integrate
+from knnflow.sampling import ADAPTIVE, CLOSED_FORM_T_END, SOLVERS, integrate
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Progress = Callable[[str, int, int], None]
@@ -135,7 +135,7 @@ def check_options(taus: list[float] | str, n: int, solver: str, steps: int,
                   threshold: float | str, copy_fraction: float, reference_size: int,
                   batch_size: int) -> list[float]:
     """Refuse bad options in one line each; returns the τ values sorted, without repeats."""
-    from knnflow.memorization import parse_threshold
+    from knnflow.nearest import parse_threshold
 
     values = parse_taus(taus) if isinstance(taus, str) else sorted(set(map(float, taus)))
     if not values:
@@ -194,7 +194,7 @@ class HybridResult:
 
     @property
     def ratio(self) -> Tensor:
-        """d1/d2, 0/0 (a copy of a duplicated training image) read as 0 (memorization.py)."""
+        """d1/d2, 0/0 (a copy of a duplicated training image) read as 0 (nearest.py)."""
         return torch.where(self.d2 > 0, self.d1 / self.d2.clamp(min=1e-300),
                            torch.zeros_like(self.d1))
 
@@ -247,7 +247,7 @@ def run_hybrid(network: Velocity, closed_form, index, image_shape: tuple[int, ..
                progress: Progress | None = None) -> HybridResult:
     """Hybrid samples for every τ from the noises of sample_model(seed), scored against the
     training images of `index` (knnflow.Index) with the ratio test."""
-    from knnflow.memorization import Samples, nearest_training, parse_threshold, train_reference
+    from knnflow.nearest import Samples, nearest_training, parse_threshold, train_reference
 
     taus = check_options(taus, n, solver, steps, threshold, copy_fraction, reference_size,
                          batch_size)
@@ -305,8 +305,8 @@ def hybrid_of_run(run: str | Path, *, taus: list[float] | str = DEFAULT_TAUS, n:
     certified KNNVelocity and that index. Returns the result and its JSON summary."""
     from knnflow.analysis.velocity_error import closed_form_estimator, training_images
     from knnflow.index import Index
-    from knnflow.sample import model_velocity
-    from knnflow.train import load_run_model
+    from knnflow.sampling import model_velocity
+    from knnflow.trainer import load_run_model
 
     values = check_options(taus, n, solver, steps, threshold, copy_fraction, reference_size,
                            batch_size)

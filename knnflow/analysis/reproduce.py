@@ -244,7 +244,7 @@ def target_specs(n: int, budget: Budget) -> list[TargetSpec]:
 def run_config(dataset: str, budget: Budget, spec: TargetSpec, seed: int,
                index_folder: Path, root: str | Path | None = None):
     """The TrainConfig of one run: everything but target, m and index is the budget's."""
-    from knnflow.train import TrainConfig
+    from knnflow.trainer import TrainConfig
 
     return TrainConfig(dataset=dataset, root=str(root) if root is not None else None,
                        limit=budget.limit, target=spec.target, m=spec.m,
@@ -607,7 +607,7 @@ def _now() -> str:
 
 def newest_checkpoint(run: Path) -> dict | None:
     """The JSON mark of a run's newest complete checkpoint (step, sha256), or None."""
-    from knnflow.train import CHECKPOINTS, complete_checkpoints
+    from knnflow.trainer import CHECKPOINTS, complete_checkpoints
 
     for mark in reversed(complete_checkpoints(Path(run) / CHECKPOINTS)):
         meta = _read_json(mark)
@@ -783,7 +783,7 @@ class _Pipeline:
     # ------------------------------------------------------------------ per run
 
     def train_run(self, spec: TargetSpec, seed: int) -> tuple[Path, dict]:
-        from knnflow.train import config_differences, train
+        from knnflow.trainer import config_differences, train
 
         config = run_config(self.dataset, self.budget, spec, seed, self.index_folder, self.root)
         resolved = config.resolved()
@@ -836,9 +836,9 @@ class _Pipeline:
         from knnflow.analysis.hybrid import hybrid_of_run, write_hybrid
         from knnflow.analysis.velocity_error import velocity_error_of_run, write_velocity_error
         from knnflow.files import atomic_folder
-        from knnflow.memorization import load_samples, run_memorization
-        from knnflow.sample import sample_model, save_samples
-        from knnflow.train import load_run_model
+        from knnflow.nearest import load_samples, run_memorization
+        from knnflow.sampling import sample_model, save_samples
+        from knnflow.trainer import load_run_model
 
         budget, name = self.budget, f"{spec.label}-seed{seed}"
         checkpoint = trained["result"]["checkpoint_sha256"]
@@ -1135,7 +1135,7 @@ def plot_hybrid(path: Path, curves: dict[str, list[tuple[int, dict]]],
 
 def plot_samples(path: Path, panels: dict[str, torch.Tensor], caption: str) -> None:
     """Up to 64 images per panel: each target's samples and real training images."""
-    from knnflow.sample import image_grid
+    from knnflow.sampling import image_grid
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.8), dpi=100,

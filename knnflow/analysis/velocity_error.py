@@ -217,8 +217,8 @@ def velocity_error_of_run(run: str | Path, *, weights: tuple[str, ...] = WEIGHT_
                           progress: Progress | None = None) -> tuple[VelocityErrorResult, dict]:
     """velocity_error for a run folder's newest checkpoint: `weights` among "ema" and "raw",
     x1 and û* from the run's training images. Returns the result and its JSON summary."""
-    from knnflow.sample import model_velocity
-    from knnflow.train import load_run_model
+    from knnflow.sampling import model_velocity
+    from knnflow.trainer import load_run_model
 
     check_counts(t_bins, n)
     if not weights or any(w not in WEIGHT_SETS for w in weights):

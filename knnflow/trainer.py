@@ -282,8 +282,12 @@ def load_training_data(config: TrainConfig):
 
 def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bool = False,
           progress: Callable[[dict], None] | None = None, device: str = "cpu",
-          explicit: set[str] | None = None) -> list[StepMetrics]:
+          explicit: set[str] | None = None, tensorboard: bool = False) -> list[StepMetrics]:
     """Train (or continue) the run in `folder`; returns the metrics logged in this call.
+
+    tensorboard: also write each logged step's metrics as TensorBoard scalars to
+    FOLDER/tensorboard (needs the tensorboard package, the `tensorboard` extra); a resumed
+    run drops the events after its checkpoint, as metrics.jsonl does.
 
     resume: continue from the newest complete checkpoint. The config must match the saved
     one except for RESUMABLE_CHANGES; with `explicit` (the options a user actually gave),
@@ -302,6 +306,8 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     from knnflow.targets import make_target
 
     folder = Path(folder)
+    if tensorboard:
+        _summary_writer_class()  # a missing package is refused before the run starts
     run = Run(folder)
     checkpoint = None
     rank, world = rank_and_world()
@@ -435,6 +441,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                       f"the learning rate reaches only {config.steps / config.warmup:.0%} of "
                       f"--lr {config.lr:g}; pass --warmup {config.steps // 10} (a tenth of "
                       "the run) for a run this short", stacklevel=2)
+    writer = _tensorboard_writer(folder, start) if tensorboard and rank == 0 else None
     logged: list[StepMetrics] = []
     share = config.batch_size // world
     stream = BatchStream(images, target, config.batch_size, config.flip, data_gen,
@@ -464,6 +471,11 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                 if rank == 0:
                     metrics_file.write(json.dumps(asdict(entry)) + "\n")
                     metrics_file.flush()
+                if writer is not None:
+                    for key, value in asdict(entry).items():
+                        if key != "step" and value is not None:
+                            writer.add_scalar(f"train/{key}", value, done)
+                    writer.flush()
                 logged.append(entry)
             if done % config.checkpoint_every == 0 or done == config.steps:
                 extra, tensors = target.state(), dict(rng_states)
@@ -480,9 +492,30 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                 _progress_grid(ema, image_shape, folder / "progress" / f"step_{done}.png", device)
             if progress and rank == 0:
                 progress({"step": done, "steps": config.steps, "loss": loss_value})
+    if writer is not None:
+        writer.close()
     if world > 1:
         dist.barrier()  # every process returns once process 0 has written the last checkpoint
     return logged
+
+
+TENSORBOARD = "tensorboard"
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("--tensorboard needs the tensorboard package: pip install "
+                         "'knnflow[tensorboard]'") from None
+    return SummaryWriter
+
+
+def _tensorboard_writer(folder: Path, start: int):
+    """A SummaryWriter on FOLDER/tensorboard; events past `start` (a resumed run's
+    checkpoint) are purged."""
+    return _summary_writer_class()(str(folder / TENSORBOARD),
+                                   purge_step=start if start else None)
 
 
 def _batch_means(values: Tensor, world: int) -> list[float]:
@@ -650,6 +683,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(f"{line}\n" for line in kept))
 
 
+def default_run_folder(dataset: str, target: str) -> Path:
+    """runs/<dataset>-<target>."""
+    from knnflow.training_sets import dataset_slug
+
+    return Path("runs") / f"{dataset_slug(dataset)}-{target}"
+
+
+def newest_checkpoint_step(folder: Path) -> int | None:
+    """The step of a run's newest complete checkpoint, or None."""
+    marks = complete_checkpoints(folder / CHECKPOINTS) if (folder / CHECKPOINTS).is_dir() else []
+    for mark in reversed(marks):
+        try:
+            return int(json.loads(mark.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def plot_loss(metrics_path: Path, path: Path, title: str) -> None:
     """The logged loss against step (log scale when positive) from metrics.jsonl, written
     to `path` through a temporary file (a crash leaves the previous picture)."""
@@ -684,7 +735,7 @@ def plot_loss(metrics_path: Path, path: Path, title: str) -> None:
 def _progress_grid(model: nn.Module, image_shape: tuple[int, ...], path: Path,
                    device: str) -> None:
     """A 64-sample grid from the EMA model (Euler, 50 steps), without disturbing the RNGs."""
-    from knnflow.sample import grid_scale, image_grid, sample_model, save_image
+    from knnflow.sampling import grid_scale, image_grid, sample_model, save_image
 
     state = torch.get_rng_state()
     samples = sample_model(model, 64, image_shape, seed=0, steps=50, device=device)

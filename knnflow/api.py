@@ -1,0 +1,178 @@
+"""knnflow.train, knnflow.sample and knnflow.memorization: the three jobs of the command line
+as Python functions, for a researcher's own scripts.
+
+Each takes the options of its command (as keyword arguments with the same names, underscores
+for dashes) and returns what the command prints, as Python values:
+
+    import knnflow
+    run = knnflow.train("digits", target="knn-efm", steps=500)      # → TrainResult
+    images = knnflow.sample(run.folder, n=64, out="samples")          # → (64, 1, 8, 8) tensor
+    report = knnflow.memorization("samples")                          # → summary dict
+
+Nothing is printed; pass progress= (stage, done, total) or log= (one line of text) to see
+what happens. Errors are knnflow.InputError (and its kinds) with the one-line message the
+command prints.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from knnflow.errors import InputError
+from knnflow.threads import cpu_threads
+
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainResult:
+    """A trained run: its folder (config.json, metrics.jsonl, checkpoints/, loss.png), the
+    metrics logged in this call, and the run's record (config.json)."""
+
+    folder: Path
+    metrics: list
+    record: dict
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.metrics[-1].loss if self.metrics else None
+
+
+def train(dataset: str = "digits", target: str = "cfm", *, folder: str | Path | None = None,
+          resume: bool = False, overwrite: bool = False, device: str = "cpu",
+          threads: int | None = None, progress: Callable[[dict], None] | None = None,
+          log: Log | None = None, tensorboard: bool = False, **options) -> TrainResult:
+    """Train a velocity network on a flow-matching target, as `knnflow train`.
+
+    options: the fields of knnflow.trainer.TrainConfig (steps, batch_size, preset, lr, m,
+    index, tol, flip, limit, root, seed, ...). target="knn-efm" without `index` uses the data
+    set's cached index (indices/<dataset>-train), built when missing. folder: the run folder
+    (default runs/<dataset>-<target>). progress(info) after each step, info holding step,
+    steps and loss. tensorboard: also write TensorBoard scalars to FOLDER/tensorboard.
+    """
+    import json
+
+    from knnflow.distributed import init_from_env
+    from knnflow.index import resolve_device
+    from knnflow.trainer import TrainConfig, default_run_folder
+    from knnflow.trainer import train as run_training
+    from knnflow.training_sets import default_knn_index
+
+    known = {f.name for f in fields(TrainConfig)} - {"dataset", "target"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InputError(f"knnflow.train got unknown options {', '.join(unknown)}; valid: "
+                         f"{', '.join(sorted(known))}")
+    for key in ("root", "index"):
+        if options.get(key) is not None:
+            options[key] = str(options[key])
+    config = TrainConfig(dataset=dataset, target=target, **options)
+    explicit = {"dataset", "target", *options}
+    if target == "knn-efm" and config.index is None and not resume:
+        config.resolved()  # bad options are refused before an index is built
+        built = default_knn_index(dataset, config.root, config.limit, config.flip, log=log)
+        config = replace(config, index=str(built))
+        explicit.add("index")
+    run_folder = Path(folder) if folder is not None else default_run_folder(dataset, target)
+    device = init_from_env(resolve_device(device))
+    with cpu_threads(threads):
+        logged = run_training(config, run_folder, resume=resume, overwrite=overwrite,
+                              progress=progress, device=device, explicit=explicit,
+                              tensorboard=tensorboard)
+    record = json.loads((run_folder / "config.json").read_text())
+    return TrainResult(run_folder, logged, record)
+
+
+def sample(run: str | Path | None = None, *, closed_form: str | Path | None = None,
+           n: int = 64, solver: str = "euler", steps: int = 100, atol: float = 1e-5,
+           rtol: float = 1e-5, seed: int = 0, ema: bool = True,
+           out: str | Path | None = None, overwrite: bool = False, device: str = "cpu",
+           threads: int | None = None, progress: Progress | None = None) -> Tensor:
+    """Samples of a trained run (or, with closed_form=INDEX, of the closed-form û*), as
+    `knnflow sample`: an (n, C, H, W) float32 tensor in [-1, 1]. With `out`, also the samples
+    folder the command writes (PNGs, grid.png, samples.npz and sampling.json, which
+    knnflow.memorization reads to find the training set)."""
+    from knnflow.files import check_output_folder
+    from knnflow.index import Index, resolve_device
+    from knnflow.sampling import check_solver, sample_closed_form, sample_model, save_samples
+    from knnflow.trainer import load_run_model
+
+    if (run is None) == (closed_form is None):
+        raise InputError("pass a run folder or closed_form=INDEX (one of them)")
+    check_solver(solver, steps, atol, rtol, n)
+    device = resolve_device(device)
+    source = Path(closed_form if closed_form is not None else run)
+    target = None if out is None else check_output_folder(out, overwrite, "samples", [source])
+    meta = {"n": n, "solver": solver, "steps": steps, "atol": atol, "rtol": rtol, "seed": seed}
+    with cpu_threads(threads):
+        if closed_form is not None:
+            samples = sample_closed_form(Index.load(source), n, seed, solver, steps, atol, rtol,
+                                         progress=progress, device=device)
+            meta["closed_form"] = str(source)
+        else:
+            model, record = load_run_model(source, ema, device)
+            samples = sample_model(model, n, tuple(record["image_shape"]), seed, solver, steps,
+                                   atol, rtol, device=device, progress=progress)
+            meta.update({"run": str(source), "ema": ema,
+                         "checkpoint_step": record["checkpoint_step"]})
+    if target is not None:
+        save_samples(samples, target, overwrite, meta)
+    return samples
+
+
+def memorization(samples: str | Path | Tensor | np.ndarray, *,
+                 index: str | Path | None = None, dataset: str | None = None,
+                 root: str | Path | None = None, threshold: float | str = 1 / 3, k: int = 2,
+                 out: str | Path | None = None, approximate: bool = False,
+                 resize: bool = False, reference_size: int | None = None,
+                 batch_size: int = 256, overwrite: bool = False,
+                 progress: Progress | None = None, log: Log | None = None) -> dict:
+    """How close samples lie to the training set, as `knnflow memorization`: the summary
+    (d1, d2, the ratio test, the train-to-train reference, "compared_against" and "report",
+    the report folder).
+
+    samples: a folder of images, an .npz/.npy file or a run's samples folder, or an
+    (N, C, H, W) tensor or array in [-1, 1] (then `out` names the report folder). With
+    neither index nor dataset: the training set the samples record (a samples folder of
+    knnflow.sample), else the default data set, digits.
+    """
+    from knnflow.choices import MEMORIZATION_REFERENCE
+    from knnflow.nearest import default_out, parse_threshold, run_memorization
+    from knnflow.training_sets import open_index, open_recorded_index, recorded_training_set
+
+    parse_threshold(threshold)
+    given_array = isinstance(samples, (Tensor, np.ndarray))
+    if given_array and out is None:
+        raise InputError("samples given as an array need out=FOLDER for the report")
+    reference_size = MEMORIZATION_REFERENCE if reference_size is None else reference_size
+    with tempfile.TemporaryDirectory() as scratch:
+        if given_array:
+            array = samples.detach().cpu().numpy() if isinstance(samples, Tensor) else samples
+            path = Path(scratch) / "samples.npy"
+            np.save(path, np.asarray(array, dtype=np.float32))
+        else:
+            path = Path(samples)
+        if index is None and dataset is None:
+            opened, compared = open_recorded_index(recorded_training_set(path), approximate,
+                                                   progress, log)
+        else:
+            opened = open_index(None if index is None else Path(index), dataset,
+                                None if root is None else Path(root), approximate, progress,
+                                log)
+            compared = f"{index}" if index is not None else f"{dataset}, as asked"
+        summary, folder = run_memorization(
+            path, opened, threshold=threshold, k=k,
+            out=out if out is not None else default_out(path), approximate=approximate,
+            resize=resize, reference_size=reference_size, batch_size=batch_size,
+            overwrite=overwrite, progress=progress)
+    return {**summary, "compared_against": compared, "report": str(folder)}
+
+
+__all__ = ["TrainResult", "memorization", "sample", "train"]

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint cli-docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# docs/cli.md from the typer app (tests/test_cli.py checks that it is current).
+cli-docs: $(STAMP)
+	$(BIN)/python tests/cli_docs.py > docs/cli.md

@@ -286,3 +286,14 @@ def test_knnflow_debug_shows_the_traceback(tmp_path):
     result = run("index-info", "nosuch", cwd=tmp_path, KNNFLOW_DEBUG="1")
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "MissingFileError" in result.stderr
+
+
+def test_docs_cli_md_is_the_current_help():
+    # docs/cli.md is generated from the typer app (make cli-docs): every command and option as
+    # the help prints it, so it cannot fall behind the code.
+    from pathlib import Path
+
+    from cli_docs import cli_docs
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert page.read_text() == cli_docs(), "docs/cli.md is stale: run make cli-docs"

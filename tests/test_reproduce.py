@@ -282,8 +282,8 @@ def test_budgets_and_work_folders():
     assert str(default_work_folder("digits", get_budget("digits", "small", steps=100,
                                                         limit=300))) \
         == "runs/reproduce-digits-small-steps100-limit300"
-    with pytest.raises(InputError, match="digits, cifar10"):
-        get_budget("mnist", "small")
+    with pytest.raises(InputError, match="digits, mnist, cifar10"):
+        get_budget("celeba", "small")
     with pytest.raises(InputError, match="small, full"):
         get_budget("digits", "huge")
     with pytest.raises(InputError, match="--steps"):
@@ -298,9 +298,11 @@ def test_refuses_a_folder_that_is_not_a_work_folder(tmp_path, budget):
 
 
 def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path):
-    result = run("reproduce", "mnist", cwd=tmp_path)
+    result = run("reproduce", "celeba", cwd=tmp_path)
     assert result.returncode == 2
-    assert_one_line_error(result, "mnist", "digits", "cifar10")
+    assert_one_line_error(result, "celeba", "digits, mnist, cifar10")
+    result = run("reproduce", "mnist", cwd=tmp_path)  # no MNIST files where they belong
+    assert_one_line_error(result, "train-images-idx3-ubyte", "data/mnist")
     result = run("reproduce", "digits", "--budget", "bad", cwd=tmp_path)
     assert result.returncode == 2
     assert_one_line_error(result, "--budget", "'bad'", "small", "full")

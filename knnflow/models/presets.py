@@ -46,8 +46,8 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
     # Step times: forward, backward and Adam on a 2-core Xeon (docs/benchmarks.md, "Start-up
     # and the tiny preset's step").
     Preset("tiny", "U-Net, 32 channels, mult 1,2,2, 1 block, for digits and MNIST on a CPU; "
-           "on 2 cores a step takes ~0.15 s on digits and ~1.5 s on MNIST at batch 128 "
-           "(~0.4 s at --batch-size 32)",
+           "on 2 cores a step takes ~0.15 s on digits and ~1 s on MNIST at batch 128 "
+           "(~0.3 s at --batch-size 32)",
            UNetConfig(channels=32, channel_mult=(1, 2, 2), res_blocks=1, attention_levels=(2,),
                       head_channels=32, dropout=0.0),
            lr=1e-3, warmup=200, ema_decay=0.999),

@@ -316,7 +316,7 @@ def test_the_page_never_replaces_a_folder_it_did_not_make(tmp_path):
     """The figures go to the page's path without .md: a folder there that this command did
     not make, or one that holds the work folder, is refused; trial settings get their own
     page."""
-    from knnflow.analysis.reproduce import (
+    from knnflow.analysis.reproduce.budgets import (
         BUDGETS,
         FIGURES_MARK,
         check_page_paths,

@@ -215,7 +215,7 @@ def _per_sample(values: Tensor | float, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- softmax state
 
 
-def _rescale(old_ref: Tensor, new_ref: Tensor) -> Tensor:
+def rescale(old_ref: Tensor, new_ref: Tensor) -> Tensor:
     """exp(old - new), with 0 where the old state was empty (old = -inf)."""
     scale = torch.exp(old_ref - new_ref)
     return torch.where(torch.isneginf(old_ref), torch.zeros_like(scale), scale)
@@ -249,7 +249,7 @@ class SoftmaxState:
     def merge_(self, other: SoftmaxState) -> None:
         """In-place `merge`: rescale both sides to the larger reference and add."""
         ref = torch.maximum(self.ref, other.ref)
-        a, b = _rescale(self.ref, ref), _rescale(other.ref, ref)
+        a, b = rescale(self.ref, ref), rescale(other.ref, ref)
         self.z.mul_(a).add_(other.z * b)
         self.s.mul_(a[:, None]).add_(other.s * b[:, None])
         self.ref = ref
@@ -266,7 +266,7 @@ class SoftmaxState:
         new_ref = self.ref.scatter_reduce(0, rows, ref, reduce="amax")
         moved = (new_ref != self.ref).nonzero().squeeze(1)
         if moved.numel():
-            self._scale_rows_(moved, _rescale(self.ref[moved], new_ref[moved]))
+            self._scale_rows_(moved, rescale(self.ref[moved], new_ref[moved]))
         self.ref = new_ref
 
     def _scale_rows_(self, rows: Tensor, scale: Tensor) -> None:
@@ -783,7 +783,7 @@ class _Sums(SoftmaxState):
     def merged(self, other: _Sums) -> _Sums:
         """The sums of both, relative to the larger reference."""
         ref = torch.maximum(self.ref, other.ref)
-        a, b = _rescale(self.ref, ref), _rescale(other.ref, ref)
+        a, b = rescale(self.ref, ref), rescale(other.ref, ref)
         return _Sums(ref, self.z * a + other.z * b, self.s * a[:, None] + other.s * b[:, None],
                      self.q * a + other.q * b)
 
@@ -807,7 +807,7 @@ def _float32_error(exact: _Sums, dense: _Sums, x64: Tensor, typical: Tensor,
     total = exact.merged(dense)
     denoiser = total.s / total.z[:, None]
     gap = (denoiser - x64).norm(dim=1)
-    scale = _rescale(dense.ref, total.ref) / total.z
+    scale = rescale(dense.ref, total.ref) / total.z
     share = (dense.z * scale).clamp(min=0.0)
     biggest = torch.minimum(share, torch.exp(largest - total.ref) / total.z)
     spread = (total.q / total.z - denoiser.square().sum(dim=1)).clamp(min=0.0)
@@ -976,7 +976,7 @@ class _DenseSums:
         moved = (top - old > REF_SLACK).nonzero().squeeze(1)
         if moved.numel():
             target = moved if rows is None else rows[moved]
-            scale = _rescale(old[moved], top[moved])
+            scale = rescale(old[moved], top[moved])
             self.total.z[target] *= scale
             self.total.s[target] *= scale[:, None]
             self.total.q[target] *= scale

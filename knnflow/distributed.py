@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from knnflow.closed_form import SoftmaxState, _rescale
+from knnflow.closed_form import SoftmaxState, rescale
 from knnflow.errors import InputError
 from knnflow.index import Index
 
@@ -99,7 +99,7 @@ def all_reduce_state_(state: SoftmaxState, group=None) -> None:
     in place. Every rank must call with states of the same queries."""
     ref = state.ref.clone()
     dist.all_reduce(ref, op=dist.ReduceOp.MAX, group=group)
-    scale = _rescale(state.ref, ref)
+    scale = rescale(state.ref, ref)
     # Z and S in one message.
     packed = torch.cat([(state.z * scale)[:, None], state.s * scale[:, None]], dim=1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)

@@ -243,7 +243,7 @@ class Run:
         return config
 
 
-def _lr_at(step: int, config: TrainConfig) -> float:
+def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warm-up to lr over `warmup` steps, then constant."""
     if config.warmup == 0:
         return config.lr
@@ -453,7 +453,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         for step in range(start, config.steps):
             began = time.perf_counter()
             t, batch, rng_states = stream.next()
-            lr = _lr_at(step, config)
+            lr = lr_at(step, config)
             loss = optimizer_step(model, ema, optimizer, batch, t, config, step, lr, device)
             done = step + 1
             # The loss, the target's variance and knn-efm's fallback fraction over the whole

@@ -22,6 +22,7 @@ _HOMES = {
     "knnflow.estimators": ("ExactVelocity", "KNNVelocity", "VelocityOutput"),
     "knnflow.index": ("Index",),
     "knnflow.targets": ("TargetBatch", "make_target"),
+    "knnflow.topk": ("TopKVelocity",),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 

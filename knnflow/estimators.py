@@ -3,14 +3,14 @@
 - `ExactVelocity` streams the whole training set (closed_form.py); error bound 0.
 - `KNNVelocity` evaluates only the nearest neighbours of x/t that can matter, proven by the
   index's band sketches (sketch.py), and returns a proven bound on ‖velocity - û*‖; queries
-  it cannot certify cheaply fall back to the exact engine. With certified=False it is the
-  top-k truncation of published kNN estimators, with no bound.
+  it cannot certify cheaply fall back to the exact engine.
+
+The top-k truncation of published kNN estimators, with no bound, is topk.TopKVelocity.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -184,8 +184,6 @@ class KNNVelocity:
        default): with TF32 or bf16 matmuls switched on it warns, and its dense sums are only
        ~1e-3 accurate; the certified rows' bounds account for such settings.
 
-    certified=False: softmax over the k nearest neighbours of x/t found by the index (k=16 by
-    default), the truncation published kNN estimators use. error_bound is None.
     data: the training points, to check that the index was built on them.
     fallback="none" leaves the queries that would fall back to the caller: their velocity is
     NaN, their bound inf and `fallback` marks them (the knn-efm target fills them with EFM).
@@ -223,8 +221,8 @@ class KNNVelocity:
     search does, by default the CPU (distributed.init_from_env makes such a group).
     """
 
-    def __init__(self, index: Index, tol: float = 1e-4, k: int | None = None,
-                 certified: bool = True, *, data: Tensor | None = None, seeds: int = 4,
+    def __init__(self, index: Index, tol: float = 1e-4, *, data: Tensor | None = None,
+                 seeds: int = 4,
                  coarse_budget: float = 0.1, exact_budget: float = 0.05,
                  scan_chunk: int = 8192, fallback: str = "exact",
                  device: torch.device | str | None = None, calibrate: bool = True,
@@ -234,26 +232,17 @@ class KNNVelocity:
             raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
             raise InputError(f"tol must be a positive number, got {tol!r}")
-        if k is not None and k < 1:
-            raise InputError(f"k must be at least 1, got {k}")
-        if k is not None and k > index.n:
-            warnings.warn(f"k={k} is larger than the index's n={index.n}; using k={index.n}",
-                          stacklevel=2)
-            k = index.n
         if fallback not in ("exact", "none"):
             raise InputError(f"fallback must be 'exact' or 'none', got {fallback!r}")
         if route not in ROUTES:
             raise InputError(f"unknown route {route!r}; choose one of: {', '.join(ROUTES)}")
         if data is not None:
             index.verify_points(data)
-        if certified and index.sketches is None:
+        if index.sketches is None:
             raise InputError("this index has no sketch for certified search; rebuild it with "
                              "knnflow build-index")
-        if group is not None and not certified:
-            raise InputError("the top-k truncation (certified=False) does not run over shards")
-        self.index, self.tol, self.certified = index, float(tol), certified
+        self.index, self.tol, self.certified = index, float(tol), True
         self.fallback = fallback
-        self.k = k if k is not None else (None if certified else 16)
         self.group = group
         self.sketches = index.sketches
         if group is None:
@@ -287,15 +276,15 @@ class KNNVelocity:
         else:
             self.search_train = training_set_of(self.train, self.search_device)
         self.last_stats: dict[str, float] = {}
-        self.scanner = (SketchScanner(self.sketches, scan_chunk, self.search_device,
-                                      plan_n=index.n) if certified else None)
+        self.scanner = SketchScanner(self.sketches, scan_chunk, self.search_device,
+                                     plan_n=index.n)
         if route == "auto":
             large = index.n * index.dim >= AUTO_TIMED_SIZE
             on_gpu = self.exact.train.points.device.type == "cuda"
             route = "faster" if on_gpu or large else "certify"
-        self.route = route if certified else "certify"  # the top-k truncation routes nothing
+        self.route = route
         self.route_timings: list[dict[str, float]] = []
-        self._t_floor: float | None = None if (certified and calibrate) else 0.0
+        self._t_floor: float | None = None if calibrate else 0.0
         self._exact_floor: float | None = None if route == "faster" else 0.0
         if floors is not None:
             self.floors = floors
@@ -311,8 +300,6 @@ class KNNVelocity:
     def floors(self) -> tuple[float, float]:
         """(t_floor, exact floor): below the first, queries go to the fallback; between the
         two, to the exact engine because it is faster there (route="faster")."""
-        if not self.certified:
-            return 0.0, 0.0
         if self._exact_floor is None:
             self._exact_floor = self._time_routes(self.t_floor)
         return self.t_floor, max(self.t_floor, self._exact_floor)
@@ -329,8 +316,6 @@ class KNNVelocity:
 
     def known_floors(self) -> tuple[float, float] | None:
         """`floors` once calibrated (or pinned), else None; never starts a calibration."""
-        if not self.certified:
-            return 0.0, 0.0
         if self._t_floor is None or self._exact_floor is None:
             return None
         return self._t_floor, max(self._t_floor, self._exact_floor)
@@ -421,19 +406,17 @@ class KNNVelocity:
                                "routed": int(routed.sum()), "evaluated_median": float(self.index.n)}
             return VelocityOutput(
                 velocity=self.exact(x, t64.to(flat.device)).velocity,
-                error_bound=bound if self.certified else None, evaluated=evaluated,
-                certified=self.certified, fallback=fallback, routed=routed)
+                error_bound=bound, evaluated=evaluated,
+                certified=True, fallback=fallback, routed=routed)
         x64 = flat.detach().cpu().to(torch.float64)
         velocity = torch.empty_like(x64)
         todo = (~fallback & ~routed).nonzero().squeeze(1)
         if todo.numel():
-            run = self._certified if self.certified else self._top_k
-            v, b, ev, failed = run(x64[todo], t64[todo])
+            v, b, ev, failed = self._certified(x64[todo], t64[todo])
             velocity[todo], evaluated[todo] = v, ev
-            if b is not None:
-                # The bound covers the velocity as returned: rounding to its dtype moves it
-                # by at most u·‖v‖.
-                bound[todo] = b + unit_roundoff(output_dtype(x)) * v.norm(dim=1)
+            # The bound covers the velocity as returned: rounding to its dtype moves it by at
+            # most u·‖v‖.
+            bound[todo] = b + unit_roundoff(output_dtype(x)) * v.norm(dim=1)
             fallback[todo] = failed
         exact_rows = routed | fallback if self.fallback == "exact" else routed
         if bool(exact_rows.any()):  # one call of the exact engine for all of them
@@ -449,8 +432,8 @@ class KNNVelocity:
                            "evaluated_median": float(evaluated.double().median())}
         return VelocityOutput(
             velocity=velocity.to(dtype=output_dtype(x), device=x.device).reshape(x.shape),
-            error_bound=bound if self.certified else None, evaluated=evaluated,
-            certified=self.certified, fallback=fallback, routed=routed)
+            error_bound=bound, evaluated=evaluated,
+            certified=True, fallback=fallback, routed=routed)
 
     # ------------------------------------------------------------------ certified path
 
@@ -545,21 +528,3 @@ class KNNVelocity:
         return velocity, bound, kept + self.all_seeds, failed
 
     # ------------------------------------------------------------------ top-k path
-
-    def _top_k(self, x64: Tensor, t: Tensor):
-        """Softmax over the k nearest neighbours of x/t (no bound)."""
-        k = self.k
-        q = (x64 / t[:, None]).to(torch.float32).numpy()
-        # FAISS's own candidates, as published kNN estimators take them (no exact re-ranking).
-        if self.index.kind == "ivf":
-            self.index.set_nprobe(self.index.manifest["index"]["nprobe"])
-        _, ids = self.index.faiss_index.search(q, k)
-        ids = torch.from_numpy(ids).clamp(min=0)
-        # Exact float64 weights over those k, in bounded blocks (never a B×k×d tensor).
-        rows = torch.arange(len(t)).repeat_interleave(k)
-        state = SoftmaxState.empty(len(t), x64.shape[1])
-        ExactPairs(x64, t, 0.5 / (1 - t) ** 2, self.train.max_norm).add_grouped_(
-            state, rows, self.train.points, ids.reshape(-1), self.train.sq_norms)
-        velocity = (state.denoiser() - x64) / (1 - t)[:, None]
-        evaluated = torch.full((len(t),), k, dtype=torch.int64)
-        return velocity, None, evaluated, torch.zeros(len(t), dtype=torch.bool)

@@ -177,30 +177,10 @@ def test_knn_on_image_sized_data_uses_both_sketches(precision):
         assert out.fallback.double().mean() < 0.2
 
 
-def test_uncertified_top_k_is_flagged(digits, digits_index):
-    estimator = knnflow.KNNVelocity(digits_index, k=16, certified=False)
-    x = flow_queries(digits, 0.5, 16)
-    out = estimator(x, 0.5)
-    assert not out.certified and out.error_bound is None
-    assert (out.evaluated == 16).all()
-    # it is the softmax over the 16 nearest neighbours of x/t
-    q = (x / 0.5).to(torch.float64)
-    ids = torch.cdist(q, digits.to(torch.float64)).topk(16, largest=False).indices
-    reference = torch.stack([brute_force_velocity(x[i:i + 1], 0.5, digits[ids[i]])[0]
-                             for i in range(16)])
-    assert torch.allclose(out.velocity.to(torch.float64), reference, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("tol", [0.0, -1.0, float("nan")])
 def test_knn_rejects_bad_tol(digits_index, tol):
     with pytest.raises(ValueError, match="tol"):
         knnflow.KNNVelocity(digits_index, tol=tol)
-
-
-def test_knn_clamps_k_with_a_note(digits_index):
-    with pytest.warns(UserWarning, match="larger than"):
-        estimator = knnflow.KNNVelocity(digits_index, k=10**6, certified=False)
-    assert estimator.k == digits_index.n
 
 
 def test_knn_refuses_an_index_of_other_data(digits, digits_index):

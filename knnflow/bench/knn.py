@@ -23,6 +23,7 @@ from knnflow.bench.references import oracle_counts, oracle_window
 from knnflow.errors import InputError
 from knnflow.index import resolve_device
 from knnflow.timing import BENCH_SAMPLE_SECONDS, interleaved_seconds
+from knnflow.topk import TopKVelocity
 
 
 @dataclass
@@ -91,7 +92,7 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
     reference_engine = ExactVelocity(index, device=device, compute_dtype=torch.float64)
     certified = KNNVelocity(index, tol=tol, device=device, search_device=search_device,
                             route=route)
-    topk = {f"top-{k}": KNNVelocity(index, k=min(k, index.n), certified=False) for k in ks}
+    topk = {f"top-{k}": TopKVelocity(index, k=min(k, index.n)) for k in ks}
     result = KnnBench(config={"data": source.name, "dataset": source.name, "size": source.size,
                               "n": index.n, "d": index.dim, "batch": batch, "t_grid": list(ts),
                               "tol": tol, "repeats": repeats, "threads": torch.get_num_threads(),

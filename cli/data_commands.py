@@ -82,7 +82,8 @@ def build_index(
         "--json", help="Print the summary as JSON on stdout, for scripts.")] = False,
 ) -> None:
     """Build and save an index folder: FAISS index, raw data and a manifest with checksums."""
-    from knnflow.index import check_build_options, resolve_device
+    from knnflow.devices import resolve_device
+    from knnflow.index import check_build_options
     from knnflow.training_sets import build_dataset_index, default_index_folder
 
     check_build_options(kind, dtype, nlist, nprobe)  # options first, then the output folder

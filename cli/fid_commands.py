@@ -102,8 +102,8 @@ def fid(
     from knnflow.analysis import fid as fid_analysis
     from knnflow.analysis.fid import parse_reference
     from knnflow.data import check_size
+    from knnflow.devices import resolve_device
     from knnflow.files import atomic_folder
-    from knnflow.index import resolve_device
 
     for option, value in (("--limit", limit), ("--ref-limit", ref_limit),
                           ("--batch-size", batch_size)):
@@ -199,7 +199,7 @@ def train_classifier(
     classifier:FOLDER. Writes classifier.safetensors and classifier.json."""
     from knnflow.analysis.classifier import check_training_options, save_classifier
     from knnflow.analysis.classifier import train_classifier as train_classifier_model
-    from knnflow.index import resolve_device
+    from knnflow.devices import resolve_device
 
     check_training_options(limit=limit, epochs=epochs, batch_size=batch_size, lr=lr,
                            width=width, feature_dim=feature_dim, shift=shift)

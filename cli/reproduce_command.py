@@ -59,7 +59,7 @@ def reproduce(
     stages are reused."""
     from knnflow.analysis.reproduce import check_dataset, get_budget
     from knnflow.analysis.reproduce import reproduce as run_reproduction
-    from knnflow.index import resolve_device
+    from knnflow.devices import resolve_device
 
     check_dataset(dataset)
     resolve_device(device, allow_auto=False)

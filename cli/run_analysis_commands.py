@@ -90,7 +90,7 @@ def velocity_error(
         raise InputError(f"unknown --weights {weights!r}; choose both, ema or raw")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    from knnflow.index import resolve_device
+    from knnflow.devices import resolve_device
 
     device = resolve_device(device, allow_auto=False)
     target = _output_folder(out, run, "velocity-error", overwrite, index)
@@ -160,7 +160,7 @@ def hybrid(
     """Follow û* on [0, τ], then the network on [τ, 1], from fixed noises (paper Figure 3);
     writes hybrid.png, grid.png, hybrid.csv, summary.json and samples.npz."""
     from knnflow.analysis.hybrid import check_options, hybrid_of_run, solver_text, write_hybrid
-    from knnflow.index import resolve_device
+    from knnflow.devices import resolve_device
 
     values = check_options(taus, n, solver, steps, threshold, copy_fraction, reference_size,
                            batch_size)

@@ -119,8 +119,8 @@ def train_command(
     metrics.jsonl, checkpoints/, progress/). Under torchrun (torchrun --standalone
     --nproc_per_node N -m knnflow.cli.main train ...) the N processes share each batch (DDP;
     NCCL with --device cuda, one GPU each, gloo on CPUs)."""
+    from knnflow.devices import resolve_device
     from knnflow.distributed import init_from_env, leave_group, rank_and_world
-    from knnflow.index import resolve_device
     from knnflow.trainer import (
         config_from_options,
         default_run_folder,
@@ -237,7 +237,8 @@ def sample_command(
 ) -> None:
     """Sample by integrating dx/dt = v(x, t) from noise (torchdiffeq); writes one PNG per
     sample, grid.png and samples.npz."""
-    from knnflow.index import Index, resolve_device
+    from knnflow.devices import resolve_device
+    from knnflow.index import Index
     from knnflow.sampling import check_solver, sample_closed_form, sample_model, save_samples
     from knnflow.trainer import load_run_model
 

@@ -59,8 +59,8 @@ def train(dataset: str = "digits", target: str = "cfm", *, folder: str | Path | 
     """
     import json
 
+    from knnflow.devices import resolve_device
     from knnflow.distributed import init_from_env
-    from knnflow.index import resolve_device
     from knnflow.trainer import TrainConfig, default_run_folder
     from knnflow.trainer import train as run_training
     from knnflow.training_sets import default_knn_index
@@ -99,8 +99,9 @@ def sample(run: str | Path | None = None, *, closed_form: str | Path | None = No
     `knnflow sample`: an (n, C, H, W) float32 tensor in [-1, 1]. With `out`, also the samples
     folder the command writes (PNGs, grid.png, samples.npz and sampling.json, which
     knnflow.memorization reads to find the training set)."""
+    from knnflow.devices import resolve_device
     from knnflow.files import check_output_folder
-    from knnflow.index import Index, resolve_device
+    from knnflow.index import Index
     from knnflow.sampling import check_solver, sample_closed_form, sample_model, save_samples
     from knnflow.trainer import load_run_model
 

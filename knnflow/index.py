@@ -31,8 +31,9 @@ from torch import Tensor
 
 from knnflow.choices import DTYPE_NAMES, INDEX_KINDS
 from knnflow.closed_form import FLOAT32_ROUNDOFF, TrainingSet
+from knnflow.devices import resolve_device
 from knnflow.errors import IndexMismatchError, InputError, MissingFileError
-from knnflow.files import atomic_folder
+from knnflow.files import atomic_folder, sha256_file
 from knnflow.prune import SketchScanner, screened_knn, sketch_knn
 from knnflow.sketch import Sketches
 
@@ -54,19 +55,6 @@ def _faiss():
     import faiss
 
     return faiss
-
-
-def resolve_device(device: str, option: str = "--device", allow_auto: bool = True) -> str:
-    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error
-    (naming `option`). allow_auto=False: only cpu or cuda are accepted."""
-    choices = ("auto", "cpu", "cuda") if allow_auto else ("cpu", "cuda")
-    if device not in choices:
-        raise InputError(f"unknown {option} {device!r}; choose {', '.join(choices[:-1])} or "
-                         f"{choices[-1]}")
-    has_cuda = torch.cuda.is_available()
-    if device == "cuda" and not has_cuda:
-        raise InputError(f"{option} cuda was asked for but torch sees no CUDA GPU")
-    return "cuda" if device == "auto" and has_cuda else ("cpu" if device == "auto" else device)
 
 
 def check_build_options(kind: str, dtype: str, nlist: int | None = None,
@@ -109,14 +97,6 @@ def _to_cpu(index):
     faiss = _faiss()
     return faiss.index_gpu_to_cpu(index) if faiss_gpu_count() and "Gpu" in type(index).__name__ \
         else index
-
-
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _add_points(index, points: np.ndarray, progress: Progress | None = None) -> None:

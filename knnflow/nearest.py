@@ -28,13 +28,13 @@ from knnflow.choices import MEMORIZATION_REFERENCE as REFERENCE_SIZE
 from knnflow.data import IMAGE_SUFFIXES, read_array, to_unit_range
 from knnflow.errors import InputError, MissingFileError
 from knnflow.files import atomic_folder
+from knnflow.images import resize_images
 from knnflow.index import Index
 
 Progress = Callable[[str, int, int], None]
 SAMPLE_ARRAYS = ("samples.npz", "samples.npy")
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 NEAREST_PAIRS = 16
-LUMA = (0.299, 0.587, 0.114)
 
 
 # --------------------------------------------------------------------------- reading samples
@@ -128,23 +128,6 @@ def _is_grey_rgb(image: np.ndarray) -> bool:
 def _own_grids(images: list[Path]) -> list[Path]:
     """grid.png files that knnflow's `sample` wrote beside its sample_NNNNN.png files."""
     return [p for p in images if p.name == "grid.png" and (p.parent / "sample_00000.png").is_file()]
-
-
-def resize_images(values: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
-    """float32 N×C×H×W → N×C'×H'×W': channels 1↔3 (repeat or luma), bicubic antialiased."""
-    tensor = torch.from_numpy(np.ascontiguousarray(values))
-    channels = tensor.shape[1]
-    if channels != target[0]:
-        if channels == 1:
-            tensor = tensor.expand(-1, target[0], -1, -1)
-        elif channels == 3 and target[0] == 1:
-            tensor = torch.einsum("nchw,c->nhw", tensor, torch.tensor(LUMA))[:, None]
-        else:
-            raise InputError(f"cannot convert {channels} channels to {target[0]}")
-    if tuple(tensor.shape[2:]) != tuple(target[1:]):
-        tensor = torch.nn.functional.interpolate(tensor, size=tuple(target[1:]), mode="bicubic",
-                                                 antialias=True, align_corners=False)
-    return tensor.clamp(-1, 1).numpy()
 
 
 def _array_samples(path: Path) -> tuple[np.ndarray, str, tuple[int, ...]]:

@@ -73,12 +73,6 @@ def flip_images(flat: Tensor, image_shape: tuple[int, ...]) -> Tensor:
     return flat.reshape(-1, *image_shape).flip(-1).reshape(flat.shape[0], -1)
 
 
-def with_flips(images: Tensor) -> Tensor:
-    """The data set with every image also flipped horizontally: the training set that
-    `--flip` implies, for the index that knn-efm and exact targets use."""
-    return torch.cat([images, images.flip(-1)])
-
-
 class Target:
     """Base: subclasses compute the velocity target from float64 x_t."""
 

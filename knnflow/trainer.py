@@ -15,7 +15,6 @@ stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from knnflow.choices import ROUTES as KNN_ROUTES
 from knnflow.errors import IndexMismatchError, InputError
+from knnflow.files import sha256_file
 from knnflow.models.presets import PRESETS
 from knnflow.models.unet import build_model, count_parameters
 
@@ -116,14 +116,6 @@ def config_differences(saved: dict, current: TrainConfig) -> list[str]:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
@@ -153,7 +145,7 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     weights = folder / f"step_{step}.safetensors"
     _write_atomic(weights, lambda p: save_file(tensors, str(p)))
-    meta = {**(extra or {}), "step": step, "sha256": _sha256(weights),
+    meta = {**(extra or {}), "step": step, "sha256": sha256_file(weights),
             "param_groups": opt_state["param_groups"]}
     _write_atomic(folder / f"step_{step}.json",
                   lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
@@ -181,7 +173,7 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]] | None:
         weights = mark.with_suffix(".safetensors")
         try:
             meta = json.loads(mark.read_text())
-            if weights.is_file() and _sha256(weights) == meta["sha256"]:
+            if weights.is_file() and sha256_file(weights) == meta["sha256"]:
                 if damaged:
                     warnings.warn(f"skipped damaged checkpoint(s) {', '.join(damaged)}; using "
                                   f"{weights.name} (step {meta['step']})", stacklevel=2)
@@ -253,7 +245,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
 def load_training_data(config: TrainConfig):
     """The training images (with both flips under --flip), and the index for knn-efm."""
     from knnflow.data import load_dataset
-    from knnflow.targets import with_flips
+    from knnflow.images import with_flips
 
     images = load_dataset(config.dataset, root=config.root, split="train", limit=config.limit)
     candidates = with_flips(images) if config.flip else images

@@ -19,8 +19,8 @@ from pathlib import Path
 from knnflow.choices import DEFAULT_DATASET
 from knnflow.data import check_size, load_dataset
 from knnflow.errors import IndexMismatchError, InputError
+from knnflow.images import with_flips
 from knnflow.index import Index
-from knnflow.targets import with_flips
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]

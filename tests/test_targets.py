@@ -10,8 +10,9 @@ import torch
 from conftest import brute_force_velocity, relative_error
 
 from knnflow.errors import IndexMismatchError, InputError
+from knnflow.images import with_flips
 from knnflow.index import Index
-from knnflow.targets import TARGETS, EFMTarget, interpolate, make_target, with_flips
+from knnflow.targets import TARGETS, EFMTarget, interpolate, make_target
 
 
 def flow_batch(points: torch.Tensor, batch: int, seed: int, t: torch.Tensor | None = None):

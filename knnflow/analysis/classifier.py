@@ -12,7 +12,6 @@ architecture, image shape, data set, accuracies and the weights' sha256), writte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from knnflow.choices import SMALL_DATASET
 from knnflow.data import has_test_split, load_dataset
 from knnflow.errors import InputError, MissingFileError
-from knnflow.files import atomic_folder
+from knnflow.files import atomic_folder, sha256_file
 
 Progress = Callable[[str, int, int], None]
 FORMAT_VERSION = 1
@@ -210,10 +209,6 @@ def train_classifier(dataset: str = "digits", root: str | Path | None = None,
     return model, record
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_classifier(folder: str | Path, model: ClassifierNet, record: dict,
                     overwrite: bool = False) -> Path:
     """Write FOLDER/classifier.safetensors and classifier.json (with the weights' sha256) to a
@@ -225,7 +220,7 @@ def save_classifier(folder: str | Path, model: ClassifierNet, record: dict,
         weights = tmp / WEIGHTS_FILE
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(weights))
-        record = {**record, "sha256": _sha256(weights)}
+        record = {**record, "sha256": sha256_file(weights)}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return folder
 
@@ -251,7 +246,7 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu"
     if record.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{record_path} has format version {record.get('format_version')}; "
                          f"this knnflow reads version {FORMAT_VERSION}")
-    if _sha256(weights) != expected:
+    if sha256_file(weights) != expected:
         raise InputError(f"{weights} does not match the sha256 in {record_path}; retrain with "
                          "knnflow train-classifier")
     model = build_classifier(architecture)

@@ -374,7 +374,7 @@ def resize_to(images: Tensor, size: tuple[int, int]) -> Tensor:
     """Images (N, C, H, W) resized to size (bicubic, antialiased, clamped to [-1, 1])."""
     if tuple(images.shape[2:]) == size:
         return images
-    from knnflow.nearest import resize_images
+    from knnflow.images import resize_images
 
     return torch.from_numpy(resize_images(images.numpy(), (images.shape[1], *size)))
 

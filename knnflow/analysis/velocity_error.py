@@ -43,7 +43,7 @@ def training_images(record: dict) -> Tensor:
     """The images a run was trained on, (N, C, H, W) in [-1, 1]: the training split of its
     data set (first `limit`), and every image also flipped when it trained with --flip."""
     from knnflow.data import load_dataset
-    from knnflow.targets import with_flips
+    from knnflow.images import with_flips
 
     images = load_dataset(record["dataset"], root=record.get("root"), split="train",
                           limit=record.get("limit"))

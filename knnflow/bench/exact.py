@@ -15,8 +15,8 @@ from knnflow.bench.measure import peak_extra_bytes, relative_errors
 from knnflow.bench.references import float64_velocity, naive_velocity
 from knnflow.choices import BENCH_DATASET as DEFAULT_DATASET
 from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
+from knnflow.devices import resolve_device
 from knnflow.errors import InputError
-from knnflow.index import resolve_device
 from knnflow.timing import BENCH_SAMPLE_SECONDS, interleaved_seconds
 
 

@@ -20,8 +20,8 @@ from knnflow.bench.common import (
 )
 from knnflow.bench.measure import relative_errors
 from knnflow.bench.references import oracle_counts, oracle_window
+from knnflow.devices import resolve_device
 from knnflow.errors import InputError
-from knnflow.index import resolve_device
 from knnflow.timing import BENCH_SAMPLE_SECONDS, interleaved_seconds
 from knnflow.topk import TopKVelocity
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from knnflow.bench.common import Progress, bench_index, faiss_device
+from knnflow.devices import resolve_device
 from knnflow.errors import InputError
-from knnflow.index import resolve_device
 from knnflow.timing import sync as _sync
 
 TRAIN_TARGETS = ("cfm", "efm-128", "knn-efm", "exact")

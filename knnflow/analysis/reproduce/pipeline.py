@@ -90,8 +90,8 @@ class Pipeline:
 
     def load_data(self) -> None:
         from knnflow.data import load_dataset
+        from knnflow.images import with_flips
         from knnflow.index import points_sha256
-        from knnflow.targets import with_flips
 
         self.images = load_dataset(self.dataset, self.root, "train", self.budget.limit)
         self.reference = load_dataset(self.dataset, self.root, "test")
@@ -373,7 +373,7 @@ def reproduce(dataset: str, budget: Budget, *, root: str | Path | None = None,
     """Run (or resume) the reproduction of `dataset` at `budget` and write the markdown page
     (default docs/results/DATASET.md) and its figures (a folder of the page's name beside it).
     """
-    from knnflow.index import resolve_device
+    from knnflow.devices import resolve_device
 
     check_dataset(dataset)
     device = resolve_device(device, allow_auto=False)

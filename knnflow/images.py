@@ -1,0 +1,36 @@
+"""Operations on batches of images (N, C, H, W) in [-1, 1]: horizontal flips, and resizing
+with channel conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from knnflow.errors import InputError
+
+# Rec. 601 luma weights: RGB → grey.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def with_flips(images: Tensor) -> Tensor:
+    """The data set with every image also flipped horizontally: the training set that
+    `--flip` implies, for the index that knn-efm and exact targets use."""
+    return torch.cat([images, images.flip(-1)])
+
+
+def resize_images(values: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+    """float32 N×C×H×W → N×C'×H'×W': channels 1↔3 (repeat or luma), bicubic antialiased."""
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    channels = tensor.shape[1]
+    if channels != target[0]:
+        if channels == 1:
+            tensor = tensor.expand(-1, target[0], -1, -1)
+        elif channels == 3 and target[0] == 1:
+            tensor = torch.einsum("nchw,c->nhw", tensor, torch.tensor(LUMA))[:, None]
+        else:
+            raise InputError(f"cannot convert {channels} channels to {target[0]}")
+    if tuple(tensor.shape[2:]) != tuple(target[1:]):
+        tensor = torch.nn.functional.interpolate(tensor, size=tuple(target[1:]), mode="bicubic",
+                                                 antialias=True, align_corners=False)
+    return tensor.clamp(-1, 1).numpy()

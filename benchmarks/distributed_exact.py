@@ -76,7 +76,7 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
     world = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     cores = torch.get_num_threads()
-    from knnflow.bench import relative_errors
+    from knnflow.bench.measure import relative_errors
     from knnflow.data import synthetic_images
     from knnflow.estimators import ExactVelocity
 

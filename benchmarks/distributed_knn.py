@@ -58,7 +58,7 @@ def rank_main(rank: int, world: int, threads: int, index_dir: str, folder: str) 
 
 
 def main() -> None:
-    from knnflow.bench import relative_errors
+    from knnflow.bench.measure import relative_errors
     from knnflow.estimators import KNNVelocity
     from knnflow.index import Index
 

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "knnflow.api": ("TrainResult", "memorization", "sample", "train"),
-    "knnflow.closed_form": ("SoftmaxState", "TrainingSet", "closed_form_denoiser",
+    "knnflow.softmax": ("SoftmaxState",),
+    "knnflow.closed_form": ("TrainingSet", "closed_form_denoiser",
                             "closed_form_state", "closed_form_velocity", "denoiser_from_score",
                             "denoiser_from_velocity", "score_from_denoiser",
                             "score_from_velocity", "velocity_from_denoiser",

@@ -34,9 +34,22 @@ import torch
 from torch import Tensor
 
 from knnflow.errors import InputError
-
-FLOAT32_ROUNDOFF = 2.0**-24
-FLOAT64_ROUNDOFF = 2.0**-53
+from knnflow.pairs import (
+    DOT_FORM_NATS,
+    GPU_PAIR_BLOCK_ELEMENTS,
+    GROUP_MIN_PAIRS,
+    PAIR_BLOCK_ELEMENTS,
+    batched_dots,
+    padded_pairs,
+)
+from knnflow.rounding import (
+    FLOAT32_ROUNDOFF,
+    FLOAT64_ROUNDOFF,
+    matmul_input_roundoff,
+    output_dtype,
+    screening_error_bound,
+)
+from knnflow.softmax import SoftmaxState, rescale
 
 # Weights below exp(-margin) of the largest are dropped: with margin = log(n) + 36 the dropped
 # mass is below e^-36 ≈ 2e-16 of the total, under float64 rounding of the sums.
@@ -115,20 +128,6 @@ GPU_CHUNK = 16384
 SMALL_SET_NUMBERS = 1 << 21
 ONE_PASS_FLOOR_NATS = 60.0
 ONE_PASS_PAIR_ROWS = 96
-# The dot form of exact distances is used while its rounding stays below this many nats.
-DOT_FORM_NATS = 1e-9
-# Float64 elements per block of exact pair recomputation (4 MB): bounded memory, and small
-# enough that the allocator reuses it instead of mapping fresh pages (page faults are slow).
-# GPUs take 64× larger blocks (256 MB), so a block is not one kernel launch per 170 pairs.
-PAIR_BLOCK_ELEMENTS = 1 << 19
-GPU_PAIR_BLOCK_ELEMENTS = 1 << 25
-# ExactPairs.add_grouped_: queries with at least this many pairs take per-query products.
-GROUP_MIN_PAIRS = 8
-# add_grouped_ drops pairs whose weight is provably below e^-(LIVE_NATS + log K) of the best
-# (by default; callers that account for the dropped mass may pass less).
-LIVE_NATS = 40.0
-# Values of width d per padded block of row_groups (16 MB of float64).
-GROUP_BLOCK_ELEMENTS = 1 << 21
 
 
 def default_chunk(device: torch.device) -> int:
@@ -213,69 +212,6 @@ def _per_sample(values: Tensor | float, like: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- softmax state
-
-
-def rescale(old_ref: Tensor, new_ref: Tensor) -> Tensor:
-    """exp(old - new), with 0 where the old state was empty (old = -inf)."""
-    scale = torch.exp(old_ref - new_ref)
-    return torch.where(torch.isneginf(old_ref), torch.zeros_like(scale), scale)
-
-
-@dataclass
-class SoftmaxState:
-    """Per-query running softmax over training points, in float64.
-
-    ref: (B,) reference logit m (-inf while empty); z: (B,) Σ exp(ℓ_j - m);
-    s: (B, d) Σ exp(ℓ_j - m)·x_j. Any m gives the same D = s/z; merging rescales both sides
-    to the larger m, which is exact up to float64 rounding.
-    """
-
-    ref: Tensor
-    z: Tensor
-    s: Tensor
-
-    @classmethod
-    def empty(cls, batch: int, dim: int, device: torch.device | str = "cpu") -> SoftmaxState:
-        f64 = dict(dtype=torch.float64, device=device)
-        return cls(torch.full((batch,), -math.inf, **f64), torch.zeros(batch, **f64),
-                   torch.zeros(batch, dim, **f64))
-
-    def merge(self, other: SoftmaxState) -> SoftmaxState:
-        """The state of the union of the two point sets."""
-        merged = SoftmaxState(self.ref.clone(), self.z.clone(), self.s.clone())
-        merged.merge_(other)
-        return merged
-
-    def merge_(self, other: SoftmaxState) -> None:
-        """In-place `merge`: rescale both sides to the larger reference and add."""
-        ref = torch.maximum(self.ref, other.ref)
-        a, b = rescale(self.ref, ref), rescale(other.ref, ref)
-        self.z.mul_(a).add_(other.z * b)
-        self.s.mul_(a[:, None]).add_(other.s * b[:, None])
-        self.ref = ref
-
-    def add_points_(self, rows: Tensor, logits: Tensor, points: Tensor) -> None:
-        """Add single weighted points: exp(logits[i]) · points[i] to query rows[i], in place."""
-        self.raise_ref_(rows, logits)
-        w = torch.exp(logits - self.ref[rows])
-        self.z.index_add_(0, rows, w)
-        self.s.index_add_(0, rows, w[:, None] * points)
-
-    def raise_ref_(self, rows: Tensor, ref: Tensor) -> None:
-        """Raise the reference of the given rows to at least `ref`, rescaling their sums."""
-        new_ref = self.ref.scatter_reduce(0, rows, ref, reduce="amax")
-        moved = (new_ref != self.ref).nonzero().squeeze(1)
-        if moved.numel():
-            self._scale_rows_(moved, rescale(self.ref[moved], new_ref[moved]))
-        self.ref = new_ref
-
-    def _scale_rows_(self, rows: Tensor, scale: Tensor) -> None:
-        self.z[rows] *= scale
-        self.s[rows] *= scale[:, None]
-
-    def denoiser(self) -> Tensor:
-        """D = Σ λ_j x_j, float64 (B, d)."""
-        return self.s / self.z[:, None]
 
 
 # --------------------------------------------------------------------------- prepared data
@@ -365,71 +301,6 @@ def as_training_set(data: Tensor | TrainingSet) -> TrainingSet:
 
 
 # --------------------------------------------------------------------------- error bounds
-
-
-TF32_ROUNDOFF = 2.0**-10  # tensor cores read 10 mantissa bits: truncation, not rounding
-BF16_ROUNDOFF = 2.0**-7    # 7 stored mantissa bits, truncated in the worst case
-
-
-def _fp32_precision(backend) -> str | None:
-    """A backend's float32 matmul mode under torch's newer setting ('ieee', 'tf32', 'bf16'),
-    inherited from torch.backends.fp32_precision where it says 'none'; None where unset."""
-    mode = getattr(backend, "fp32_precision", None)
-    if mode in (None, "none"):
-        mode = getattr(torch.backends, "fp32_precision", None)
-    return None if mode in (None, "none") else mode
-
-
-def matmul_input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
-    """Relative rounding of a matmul's inputs under torch's current float32 matmul settings.
-
-    0 for full-precision float32 or float64; TF32_ROUNDOFF where TF32 is allowed,
-    BF16_ROUNDOFF for bf16. Reads torch's newer per-backend setting (fp32_precision) first and
-    the older flags only where it is unset: once the newer one is used, reading the older
-    ones raises. Where the older ones cannot be read either, the coarser rounding is assumed.
-    """
-    if dtype == torch.float64:
-        return 0.0
-    if device.type == "cuda":
-        mode = _fp32_precision(torch.backends.cuda.matmul)
-        if mode is None:
-            try:
-                mode = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-            except RuntimeError:
-                mode = "tf32"
-        return TF32_ROUNDOFF if mode == "tf32" else 0.0
-    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
-    mode = _fp32_precision(mkldnn) if mkldnn is not None else None
-    if mode is None:
-        try:
-            mode = {"highest": "ieee", "high": "tf32"}.get(
-                torch.get_float32_matmul_precision(), "bf16")
-        except RuntimeError:
-            mode = "bf16"
-    return {"ieee": 0.0, "tf32": TF32_ROUNDOFF}.get(mode, BF16_ROUNDOFF)
-
-
-def screening_error_bound(x_norm: Tensor, t: Tensor, max_norm: float, dim: int,
-                          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(proven, typical) bounds on |screened logit - exact logit| in nats, per query.
-
-    The screened logit is fl(fl(a·x)·x_j) - fl(b·‖x_j‖²) with a = 2st, b = st², s = 1/(2(1-t)²).
-    With A = a‖x‖R and Bn = bR² (R the largest data norm), a dot product of length d has error
-    at most γ_d·Σ|a_i||b_i| ≤ γ_d‖a‖‖b‖ in any summation order (γ_d = du/(1-du)); rounding a·x,
-    the norm product and the final sum add a few u·(A + Bn). Inputs rounded for TF32 or bf16 add
-    2·u_in·A. The typical bound u·(A + Bn) follows the measured float32 GEMM error (≤ 0.5u‖a‖‖b‖
-    at d = 3072) and decides which weights to recompute for accuracy; the proven one decides
-    which weights may be skipped.
-    """
-    u = FLOAT64_ROUNDOFF if dtype == torch.float64 else FLOAT32_ROUNDOFF
-    u_in = matmul_input_roundoff(dtype, device)
-    gamma = dim * u / (1 - dim * u)
-    s = 0.5 / (1 - t) ** 2
-    a_term = 2 * s * t * x_norm * max_norm
-    b_term = s * t * t * max_norm**2
-    proven = 1.01 * ((gamma + 2 * u_in + 4 * u) * a_term + 6 * u * b_term)
-    typical = (u + 2 * u_in) * (a_term + b_term)
-    return proven, typical
 
 
 # --------------------------------------------------------------------------- the engine
@@ -1079,204 +950,6 @@ class _DenseSums:
         return self.heads.compact_(top - self.head_margin)
 
 
-def DOT32_ERROR(dim: int, input_roundoff: float = 0.0) -> float:  # noqa: N802
-    """c with |float32 ⟨fl(x), p⟩ - ⟨x, p⟩| ≤ c·‖x‖·‖p‖ for float64 x rounded to float32 and
-    float32 p of length dim, in any summation order: each term is off by a factor
-    (1 + u)(1 + u_in)²(1 + γ_d) at most, γ_d = d·u/(1 - d·u), where u_in is the matmul's own
-    rounding of its inputs (TF32 or bf16 settings: matmul_input_roundoff; 0 in full float32)."""
-    u = FLOAT32_ROUNDOFF
-    gamma = dim * u / (1 - dim * u)
-    return (1 + u) * (1 + input_roundoff) ** 2 * (1 + gamma) - 1
-
-
-def batched_dots(points: Tensor, queries: Tensor) -> Tensor:
-    """(g, K) ⟨queries[i], points[i, k]⟩ for points (g, K, d) and queries (g, d).
-
-    Taken as (g, 1, d) @ (g, d, K): on the CPU, MKL's batched product in the other
-    orientation, (g, K, d) @ (g, d, 1), was 8× slower for d = 3072 (g = 5, K = 133).
-    """
-    return torch.bmm(queries[:, None, :], points.transpose(1, 2)).squeeze(1)
-
-
-def row_groups(rows: Tensor, batch: int, min_pairs: int, dim: int,
-               max_elements: int | None = None):
-    """The pairs of every query row with at least `min_pairs` pairs, in padded blocks.
-
-    Yields (group, pos): group (g,) query rows, pos (g, K) positions into `rows` of each
-    row's pairs, padded with -1. Rows go in order of size, so a block pads little, and a
-    block holds at most max_elements (default GROUP_BLOCK_ELEMENTS) values of width `dim`:
-    a row with more pairs than that comes in pieces, each its own block (the same row in
-    several blocks).
-    """
-    if max_elements is None:
-        max_elements = GROUP_BLOCK_ELEMENTS
-    counts = torch.bincount(rows, minlength=batch)
-    heavy = (counts >= min_pairs).nonzero().squeeze(1)
-    if heavy.numel() == 0:
-        return
-    heavy = heavy[torch.argsort(counts[heavy], stable=True)]
-    order = torch.argsort(rows, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    sizes = counts[heavy].tolist()
-    cap = max(1, max_elements // dim)
-    first = 0
-    while first < len(sizes) and sizes[first] <= cap:
-        last = first
-        while (last + 1 < len(sizes) and sizes[last + 1] <= cap
-               and (last + 2 - first) * sizes[last + 1] * dim <= max_elements):
-            last += 1
-        group, width = heavy[first:last + 1], sizes[last]
-        offsets = torch.arange(width)
-        valid = offsets[None] < counts[group][:, None]
-        pos = order[(starts[group][:, None] + offsets[None]).clamp(max=len(order) - 1)]
-        yield group, torch.where(valid, pos, -1)
-        first = last + 1
-    for i in range(first, len(sizes)):
-        row, begin = heavy[i:i + 1], int(starts[heavy[i]])
-        for piece in range(0, sizes[i], cap):
-            stop = begin + min(sizes[i], piece + cap)
-            yield row, order[begin + piece:stop][None]
-
-
-@dataclass
-class PaddedPairs:
-    """row_groups' blocks for the pairs (rows, cols): per block the query rows, the pairs'
-    positions into rows (-1 pads) and their point ids (0 at pads); `grouped` marks the pairs
-    that are in a block, `largest` is the largest block's size (one reused buffer)."""
-
-    blocks: list[tuple[Tensor, Tensor, Tensor]]
-    grouped: Tensor
-    largest: int
-
-
-def padded_pairs(rows: Tensor, cols: Tensor, batch: int, min_pairs: int,
-                 dim: int) -> PaddedPairs:
-    blocks, grouped = [], torch.zeros(rows.numel(), dtype=torch.bool)
-    for group, pos in row_groups(rows, batch, min_pairs, dim):
-        valid = pos >= 0
-        grouped[pos[valid]] = True
-        blocks.append((group, pos, torch.where(valid, cols[pos.clamp(min=0)], 0)))
-    return PaddedPairs(blocks, grouped, max((idx.numel() for *_, idx in blocks), default=0))
-
-
-class ExactPairs:
-    """Exact float64 logits ℓ = -s‖x - t·x_j‖² for (query, point) pairs, in bounded blocks.
-
-    Where float64 allows it, ‖x - t·x_j‖² is taken as ‖x‖² - 2t⟨x, x_j⟩ + t²‖x_j‖² (one pass
-    over the gathered points instead of four); its rounding, about 4u·(‖x‖ + t‖x_j‖)²·s nats,
-    must stay below DOT_FORM_NATS. Near t = 1 (s large) the difference form is used.
-    """
-
-    def __init__(self, x64: Tensor, t: Tensor, s: Tensor, max_norm: float):
-        self.x64, self.t, self.s = x64, t, s
-        elements = GPU_PAIR_BLOCK_ELEMENTS if x64.device.type == "cuda" else PAIR_BLOCK_ELEMENTS
-        self.block = max(1, elements // x64.shape[1])
-        self.x_sq = x64.square().sum(dim=1)
-        self.x_norm, self.max_norm = x64.norm(dim=1), max_norm
-        reach = self.x_norm + t * max_norm
-        self.dot_form = 4 * FLOAT64_ROUNDOFF * reach.square() * s <= DOT_FORM_NATS
-
-    def _blocks(self, rows: Tensor, chunk: Tensor, cols: Tensor):
-        for i in range(0, rows.numel(), self.block):
-            r, c = rows[i:i + self.block], cols[i:i + self.block]
-            points = chunk[c].to(torch.float64)
-            t = self.t[r]
-            if bool(self.dot_form[r].all()):
-                dot = (self.x64[r] * points).sum(dim=1)
-                sq = self.x_sq[r] - 2 * t * dot + t * t * points.square().sum(dim=1)
-            else:
-                sq = (self.x64[r] - t[:, None] * points).square().sum(dim=1)
-            yield i, r, points, -self.s[r] * sq
-
-    def add_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor) -> None:
-        """Add the pairs' exact weights to the state."""
-        for _, r, points, logits in self._blocks(rows, chunk, cols):
-            state.add_points_(r, logits, points)
-
-    def add_grouped_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor,
-                     sq_norms: Tensor | None = None, screen: bool = True,
-                     live_nats: float | Tensor = LIVE_NATS) -> None:
-        """`add_` for many pairs per query (the certified kNN set, top-k).
-
-        On the CPU, queries with at least GROUP_MIN_PAIRS pairs go in padded blocks of similar
-        sizes (row_groups), their points read once into a reused buffer. For float32 points
-        with known sq_norms, a float32 screen (batched_dots) bounds every logit within
-        `slack` = 2·s·t·DOT32_ERROR(d)·‖x‖·max‖x_j‖ nats, and only the pairs within
-        live_nats + log K + 2·slack (+ float64 rounding) of the best in their block get exact
-        float64 weights, in a second pass (screen=False); K is the row's pair count, so the
-        others weigh below e^-live_nats of the total (default LIVE_NATS = 40: under float64
-        resolution; the certified path passes less, per query row as a (B,) tensor, and adds
-        e^-live_nats to its bound).
-        Otherwise the block's logits and weighted sums are batched float64 products. Against
-        `add_` on
-        every pair (which copies the query once per pair and makes ~8 passes over float64
-        blocks) this was 2-4× faster on the synthetic set's certified pairs. Other pairs, and
-        other devices, take `add_`. sq_norms: float64 ‖x_j‖² of the chunk's points.
-        """
-        if chunk.device.type != "cpu":
-            self.add_(state, rows, chunk, cols)
-            return
-        if rows.numel() == 0:
-            return
-        batch, dim = state.z.shape[0], chunk.shape[1]
-        plan = padded_pairs(rows, cols, batch, GROUP_MIN_PAIRS, dim)
-        totals = torch.bincount(rows, minlength=batch)
-        single = (rows[~plan.grouped], cols[~plan.grouped])
-        live = []
-        buffer = torch.empty(plan.largest, dim, dtype=chunk.dtype)
-        buffer64 = buffer if chunk.dtype == torch.float64 else torch.empty(
-            plan.largest, dim, dtype=torch.float64)
-        screen = screen and chunk.dtype == torch.float32 and sq_norms is not None
-        if screen:
-            live_nats = torch.as_tensor(live_nats, dtype=torch.float64,
-                                        device=rows.device).expand(batch)
-            # Every point's norm, rounded up: max_norm came from a float64 square root.
-            reach = max(self.max_norm, float(sq_norms.max()) ** 0.5) * (1 + 1e-12)
-            dot_error = DOT32_ERROR(dim, matmul_input_roundoff(torch.float32, chunk.device))
-        for group, pos, idx in plan.blocks:
-            valid = pos >= 0
-            size = idx.numel()
-            points = torch.index_select(chunk, 0, idx.reshape(-1), out=buffer[:size])
-            x, t, s = self.x64[group], self.t[group, None], self.s[group, None]
-            dot_form = bool(self.dot_form[group].all())
-            sq_p = sq_norms[idx] if dot_form and sq_norms is not None else None
-            if screen and dot_form:
-                dots = batched_dots(points.view(*idx.shape, dim), x.to(torch.float32))
-                logits = -s * (self.x_sq[group, None] - 2 * t * dots.to(torch.float64)
-                               + t * t * sq_p)
-                logits = logits.masked_fill(~valid, -math.inf)
-                slack = 2 * s * t * dot_error * self.x_norm[group, None] * reach
-                # log of the row's whole pair count (a long row comes in several blocks), and
-                # the float64 rounding of the logits themselves (dot form: ≤ DOT_FORM_NATS).
-                margin = (live_nats[group, None] + totals[group, None].to(torch.float64).log()
-                          + 2 * slack + 2 * DOT_FORM_NATS)
-                keep = logits >= logits.max(dim=1, keepdim=True).values - margin
-                which, k = keep.nonzero().unbind(1)
-                live.append((group[which], idx[which, k]))
-                continue
-            if points.dtype != torch.float64:
-                points = buffer64[:size].copy_(points)
-            points = points.view(*idx.shape, dim)
-            if dot_form:
-                if sq_p is None:
-                    sq_p = torch.einsum("gkd,gkd->gk", points, points)
-                sq = self.x_sq[group, None] - 2 * t * batched_dots(points, x) + t * t * sq_p
-            else:
-                sq = (t[:, :, None] * points - x[:, None, :]).square().sum(2)
-            logits = (-s * sq).masked_fill(~valid, -math.inf)
-            ref = logits.max(dim=1).values
-            weights = torch.exp(logits - ref[:, None])
-            sums = torch.bmm(weights[:, None, :], points).squeeze(1)
-            part = SoftmaxState(state.ref[group], state.z[group], state.s[group])
-            part.merge_(SoftmaxState(ref, weights.sum(dim=1), sums))
-            state.ref[group], state.z[group], state.s[group] = part.ref, part.z, part.s
-        if single[0].numel():
-            self.add_(state, single[0], chunk, single[1])
-        if live:
-            self.add_grouped_(state, torch.cat([r for r, _ in live]), chunk,
-                              torch.cat([c for _, c in live]), sq_norms, screen=False)
-
-
 def _add_exact_pairs(sums: _Sums, x64: Tensor, t: Tensor, s: Tensor, x_sq: Tensor,
                      train: TrainingSet, rows: Tensor, cols: Tensor,
                      remove: tuple[_Sums, Tensor] | None = None) -> None:
@@ -1356,18 +1029,6 @@ def _add_exact_pairs(sums: _Sums, x64: Tensor, t: Tensor, s: Tensor, x_sq: Tenso
             other.z.index_add_(0, r, -gone)
             other.q.index_add_(0, r, -gone * sq_p)
             other.s.index_add_(0, r, p64.mul_(-gone[:, None]))
-
-
-def output_dtype(x: Tensor) -> torch.dtype:
-    """The dtype results come back in for queries x: x's own, but float32 for float16 and
-    bfloat16 queries (rounding to those, 2^-11 and 2^-8 relative, would exceed the engine's
-    accuracy, and large velocities would overflow float16)."""
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """u with |fl(v) - v| ≤ u·|v| for rounding to `dtype` (round to nearest)."""
-    return torch.finfo(dtype).eps / 2
 
 
 def closed_form_denoiser(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet,

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from knnflow.closed_form import SoftmaxState, rescale
 from knnflow.errors import InputError
 from knnflow.index import Index
+from knnflow.softmax import SoftmaxState, rescale
 
 
 def rank_and_world(group=None) -> tuple[int, int]:

@@ -19,25 +19,20 @@ from torch import Tensor
 
 from knnflow.choices import ROUTES
 from knnflow.closed_form import (
-    DOT_FORM_NATS,
-    FLOAT64_ROUNDOFF,
-    LIVE_NATS,
-    ExactPairs,
-    SoftmaxState,
     TrainingSet,
     as_training_set,
-    batched_dots,
     check_t,
     closed_form_state,
     flatten_queries,
-    output_dtype,
-    unit_roundoff,
     velocity_from_denoiser,
 )
 from knnflow.distributed import all_reduce_state_, shard_range, total_points
 from knnflow.errors import InputError
 from knnflow.index import Index
+from knnflow.pairs import DOT_FORM_NATS, LIVE_NATS, ExactPairs, batched_dots
 from knnflow.prune import SketchScanner
+from knnflow.rounding import FLOAT64_ROUNDOFF, output_dtype, unit_roundoff
+from knnflow.softmax import SoftmaxState
 
 
 @dataclass

@@ -30,11 +30,12 @@ import torch
 from torch import Tensor
 
 from knnflow.choices import DTYPE_NAMES, INDEX_KINDS
-from knnflow.closed_form import FLOAT32_ROUNDOFF, TrainingSet
+from knnflow.closed_form import TrainingSet
 from knnflow.devices import resolve_device
 from knnflow.errors import IndexMismatchError, InputError, MissingFileError
 from knnflow.files import atomic_folder, sha256_file
 from knnflow.prune import SketchScanner, screened_knn, sketch_knn
+from knnflow.rounding import FLOAT32_ROUNDOFF
 from knnflow.sketch import Sketches
 
 FORMAT_VERSION = 1

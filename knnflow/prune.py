@@ -23,14 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from knnflow.closed_form import (
-    DOT32_ERROR,
-    FLOAT64_ROUNDOFF,
-    GPU_PAIR_BLOCK_ELEMENTS,
-    batched_dots,
-    matmul_input_roundoff,
-    padded_pairs,
-)
+from knnflow.pairs import DOT32_ERROR, GPU_PAIR_BLOCK_ELEMENTS, batched_dots, padded_pairs
+from knnflow.rounding import FLOAT64_ROUNDOFF, matmul_input_roundoff
 from knnflow.sketch import Sketches
 
 SCAN_CHUNK = 8192

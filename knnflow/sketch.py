@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from knnflow.closed_form import FLOAT32_ROUNDOFF, FLOAT64_ROUNDOFF, matmul_input_roundoff
+from knnflow.rounding import FLOAT32_ROUNDOFF, FLOAT64_ROUNDOFF, matmul_input_roundoff
 
 PCA_MAX_DIM = 1024
 SKETCH_FILE, TRANSFORM_FILE, COARSE_FILE, FINE_FILE = (

@@ -31,14 +31,10 @@ import torch
 from torch import Tensor
 
 from knnflow.choices import EFM_POOLS, KNN_FALLBACKS, TARGETS
-from knnflow.closed_form import (
-    ExactPairs,
-    SoftmaxState,
-    TrainingSet,
-    check_t,
-    closed_form_state,
-)
+from knnflow.closed_form import TrainingSet, check_t, closed_form_state
 from knnflow.errors import IndexMismatchError, InputError
+from knnflow.pairs import ExactPairs
+from knnflow.softmax import SoftmaxState
 
 # EFM's independent pools become one dense GEMM per batch when the draws of a row are at least
 # n / DENSE_DRAW_RATIO (a GEMM element costs far less than a gathered draw) and neither the

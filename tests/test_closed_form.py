@@ -10,8 +10,6 @@ from conftest import brute_force_denoiser, brute_force_velocity, flow_queries, r
 
 import knnflow
 from knnflow.closed_form import (
-    ExactPairs,
-    SoftmaxState,
     TrainingSet,
     closed_form_state,
     closed_form_velocity,
@@ -22,6 +20,8 @@ from knnflow.closed_form import (
     velocity_from_denoiser,
     velocity_from_score,
 )
+from knnflow.pairs import ExactPairs
+from knnflow.softmax import SoftmaxState
 
 TS = (0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999)
 
@@ -227,7 +227,7 @@ def test_score_matches_autograd_of_log_density(digits):
 
 def test_peak_memory_is_bounded_by_the_chunk_not_by_n():
     """A B×n float32 matrix here would be 400 MB; the streaming engine needs a few MB."""
-    from knnflow.bench import peak_extra_bytes
+    from knnflow.bench.measure import peak_extra_bytes
 
     points = torch.rand(400_000, 4) * 2 - 1
     train = TrainingSet.from_points(points)
@@ -263,9 +263,9 @@ def test_grouped_pairs_match_float64_brute_force(t, dtype, with_norms, block, mo
     each query's softmax over exactly its own pairs, as explicit float64 differences do.
     t = 0.9999 takes the difference form (dot_form false); block = 40·50 values splits rows
     of more than 50 pairs into pieces."""
-    import knnflow.closed_form as closed_form
+    import knnflow.pairs as pairs
 
-    monkeypatch.setattr(closed_form, "GROUP_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(pairs, "GROUP_BLOCK_ELEMENTS", block)
     gen = torch.Generator().manual_seed(3)
     points = torch.randn(300, 40, generator=gen).to(dtype)
     train = TrainingSet.from_points(points)
@@ -297,7 +297,7 @@ def test_grouped_pairs_match_float64_brute_force(t, dtype, with_norms, block, mo
 def test_matmul_input_roundoff_reads_old_and_new_torch_settings():
     """The bounds widen for TF32/bf16 whichever torch API set them; after the newer one is
     used, the older flags raise when read, which must not break the engine."""
-    from knnflow.closed_form import BF16_ROUNDOFF, TF32_ROUNDOFF, matmul_input_roundoff
+    from knnflow.rounding import BF16_ROUNDOFF, TF32_ROUNDOFF, matmul_input_roundoff
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert matmul_input_roundoff(torch.float64, cpu) == 0.0

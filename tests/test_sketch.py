@@ -73,7 +73,7 @@ def test_pair_dots_match_float64_products(dtype):
     assert torch.allclose(got, expected, rtol=1e-13, atol=1e-12)
     if dtype == torch.float32:
         # In float32 (the fine filter's products) within the proven DOT32_ERROR bound.
-        from knnflow.closed_form import DOT32_ERROR
+        from knnflow.pairs import DOT32_ERROR
 
         got32 = pair_dots(queries, points, rows, cols, group_min=32, dtype=torch.float32)
         limit = DOT32_ERROR(24) * queries.norm(dim=1)[rows] * points.double().norm(dim=1)[cols]

@@ -40,14 +40,10 @@ from torch import Tensor
 
 from knnflow.choices import COLLAPSE_ESTIMATORS as ESTIMATORS
 from knnflow.choices import COLLAPSE_GRID as DEFAULT_GRID
-from knnflow.closed_form import (
-    DEFAULT_CHUNK,
-    TrainingSet,
-    closed_form_state,
-    screening_error_bound,
-)
+from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
 from knnflow.errors import InputError
 from knnflow.files import atomic_folder
+from knnflow.rounding import screening_error_bound
 
 Progress = Callable[[str, int, int], None]
 

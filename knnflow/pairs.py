@@ -1,0 +1,227 @@
+"""Exact evaluation of chosen (query, training point) pairs in float64, in bounded memory:
+the logits from x - t·x_j (or the dot form where it is exact enough), grouped per query in
+padded blocks. The certified kNN path, the top-k truncation, EFM and the exact engine's head
+corrections all weigh their pairs here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from knnflow.rounding import FLOAT32_ROUNDOFF, FLOAT64_ROUNDOFF, matmul_input_roundoff
+from knnflow.softmax import SoftmaxState
+
+# The dot form of exact distances is used while its rounding stays below this many nats.
+DOT_FORM_NATS = 1e-9
+# Float64 elements per block of exact pair recomputation (4 MB): bounded memory, and small
+# enough that the allocator reuses it instead of mapping fresh pages (page faults are slow).
+# GPUs take 64× larger blocks (256 MB), so a block is not one kernel launch per 170 pairs.
+PAIR_BLOCK_ELEMENTS = 1 << 19
+GPU_PAIR_BLOCK_ELEMENTS = 1 << 25
+# ExactPairs.add_grouped_: queries with at least this many pairs take per-query products.
+GROUP_MIN_PAIRS = 8
+# add_grouped_ drops pairs whose weight is provably below e^-(LIVE_NATS + log K) of the best
+# (by default; callers that account for the dropped mass may pass less).
+LIVE_NATS = 40.0
+# Values of width d per padded block of row_groups (16 MB of float64).
+GROUP_BLOCK_ELEMENTS = 1 << 21
+
+def DOT32_ERROR(dim: int, input_roundoff: float = 0.0) -> float:  # noqa: N802
+    """c with |float32 ⟨fl(x), p⟩ - ⟨x, p⟩| ≤ c·‖x‖·‖p‖ for float64 x rounded to float32 and
+    float32 p of length dim, in any summation order: each term is off by a factor
+    (1 + u)(1 + u_in)²(1 + γ_d) at most, γ_d = d·u/(1 - d·u), where u_in is the matmul's own
+    rounding of its inputs (TF32 or bf16 settings: matmul_input_roundoff; 0 in full float32)."""
+    u = FLOAT32_ROUNDOFF
+    gamma = dim * u / (1 - dim * u)
+    return (1 + u) * (1 + input_roundoff) ** 2 * (1 + gamma) - 1
+
+
+def batched_dots(points: Tensor, queries: Tensor) -> Tensor:
+    """(g, K) ⟨queries[i], points[i, k]⟩ for points (g, K, d) and queries (g, d).
+
+    Taken as (g, 1, d) @ (g, d, K): on the CPU, MKL's batched product in the other
+    orientation, (g, K, d) @ (g, d, 1), was 8× slower for d = 3072 (g = 5, K = 133).
+    """
+    return torch.bmm(queries[:, None, :], points.transpose(1, 2)).squeeze(1)
+
+
+def row_groups(rows: Tensor, batch: int, min_pairs: int, dim: int,
+               max_elements: int | None = None):
+    """The pairs of every query row with at least `min_pairs` pairs, in padded blocks.
+
+    Yields (group, pos): group (g,) query rows, pos (g, K) positions into `rows` of each
+    row's pairs, padded with -1. Rows go in order of size, so a block pads little, and a
+    block holds at most max_elements (default GROUP_BLOCK_ELEMENTS) values of width `dim`:
+    a row with more pairs than that comes in pieces, each its own block (the same row in
+    several blocks).
+    """
+    if max_elements is None:
+        max_elements = GROUP_BLOCK_ELEMENTS
+    counts = torch.bincount(rows, minlength=batch)
+    heavy = (counts >= min_pairs).nonzero().squeeze(1)
+    if heavy.numel() == 0:
+        return
+    heavy = heavy[torch.argsort(counts[heavy], stable=True)]
+    order = torch.argsort(rows, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    sizes = counts[heavy].tolist()
+    cap = max(1, max_elements // dim)
+    first = 0
+    while first < len(sizes) and sizes[first] <= cap:
+        last = first
+        while (last + 1 < len(sizes) and sizes[last + 1] <= cap
+               and (last + 2 - first) * sizes[last + 1] * dim <= max_elements):
+            last += 1
+        group, width = heavy[first:last + 1], sizes[last]
+        offsets = torch.arange(width)
+        valid = offsets[None] < counts[group][:, None]
+        pos = order[(starts[group][:, None] + offsets[None]).clamp(max=len(order) - 1)]
+        yield group, torch.where(valid, pos, -1)
+        first = last + 1
+    for i in range(first, len(sizes)):
+        row, begin = heavy[i:i + 1], int(starts[heavy[i]])
+        for piece in range(0, sizes[i], cap):
+            stop = begin + min(sizes[i], piece + cap)
+            yield row, order[begin + piece:stop][None]
+
+
+@dataclass
+class PaddedPairs:
+    """row_groups' blocks for the pairs (rows, cols): per block the query rows, the pairs'
+    positions into rows (-1 pads) and their point ids (0 at pads); `grouped` marks the pairs
+    that are in a block, `largest` is the largest block's size (one reused buffer)."""
+
+    blocks: list[tuple[Tensor, Tensor, Tensor]]
+    grouped: Tensor
+    largest: int
+
+
+def padded_pairs(rows: Tensor, cols: Tensor, batch: int, min_pairs: int,
+                 dim: int) -> PaddedPairs:
+    blocks, grouped = [], torch.zeros(rows.numel(), dtype=torch.bool)
+    for group, pos in row_groups(rows, batch, min_pairs, dim):
+        valid = pos >= 0
+        grouped[pos[valid]] = True
+        blocks.append((group, pos, torch.where(valid, cols[pos.clamp(min=0)], 0)))
+    return PaddedPairs(blocks, grouped, max((idx.numel() for *_, idx in blocks), default=0))
+
+
+class ExactPairs:
+    """Exact float64 logits ℓ = -s‖x - t·x_j‖² for (query, point) pairs, in bounded blocks.
+
+    Where float64 allows it, ‖x - t·x_j‖² is taken as ‖x‖² - 2t⟨x, x_j⟩ + t²‖x_j‖² (one pass
+    over the gathered points instead of four); its rounding, about 4u·(‖x‖ + t‖x_j‖)²·s nats,
+    must stay below DOT_FORM_NATS. Near t = 1 (s large) the difference form is used.
+    """
+
+    def __init__(self, x64: Tensor, t: Tensor, s: Tensor, max_norm: float):
+        self.x64, self.t, self.s = x64, t, s
+        elements = GPU_PAIR_BLOCK_ELEMENTS if x64.device.type == "cuda" else PAIR_BLOCK_ELEMENTS
+        self.block = max(1, elements // x64.shape[1])
+        self.x_sq = x64.square().sum(dim=1)
+        self.x_norm, self.max_norm = x64.norm(dim=1), max_norm
+        reach = self.x_norm + t * max_norm
+        self.dot_form = 4 * FLOAT64_ROUNDOFF * reach.square() * s <= DOT_FORM_NATS
+
+    def _blocks(self, rows: Tensor, chunk: Tensor, cols: Tensor):
+        for i in range(0, rows.numel(), self.block):
+            r, c = rows[i:i + self.block], cols[i:i + self.block]
+            points = chunk[c].to(torch.float64)
+            t = self.t[r]
+            if bool(self.dot_form[r].all()):
+                dot = (self.x64[r] * points).sum(dim=1)
+                sq = self.x_sq[r] - 2 * t * dot + t * t * points.square().sum(dim=1)
+            else:
+                sq = (self.x64[r] - t[:, None] * points).square().sum(dim=1)
+            yield i, r, points, -self.s[r] * sq
+
+    def add_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor) -> None:
+        """Add the pairs' exact weights to the state."""
+        for _, r, points, logits in self._blocks(rows, chunk, cols):
+            state.add_points_(r, logits, points)
+
+    def add_grouped_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor,
+                     sq_norms: Tensor | None = None, screen: bool = True,
+                     live_nats: float | Tensor = LIVE_NATS) -> None:
+        """`add_` for many pairs per query (the certified kNN set, top-k).
+
+        On the CPU, queries with at least GROUP_MIN_PAIRS pairs go in padded blocks of similar
+        sizes (row_groups), their points read once into a reused buffer. For float32 points
+        with known sq_norms, a float32 screen (batched_dots) bounds every logit within
+        `slack` = 2·s·t·DOT32_ERROR(d)·‖x‖·max‖x_j‖ nats, and only the pairs within
+        live_nats + log K + 2·slack (+ float64 rounding) of the best in their block get exact
+        float64 weights, in a second pass (screen=False); K is the row's pair count, so the
+        others weigh below e^-live_nats of the total (default LIVE_NATS = 40: under float64
+        resolution; the certified path passes less, per query row as a (B,) tensor, and adds
+        e^-live_nats to its bound).
+        Otherwise the block's logits and weighted sums are batched float64 products. Against
+        `add_` on
+        every pair (which copies the query once per pair and makes ~8 passes over float64
+        blocks) this was 2-4× faster on the synthetic set's certified pairs. Other pairs, and
+        other devices, take `add_`. sq_norms: float64 ‖x_j‖² of the chunk's points.
+        """
+        if chunk.device.type != "cpu":
+            self.add_(state, rows, chunk, cols)
+            return
+        if rows.numel() == 0:
+            return
+        batch, dim = state.z.shape[0], chunk.shape[1]
+        plan = padded_pairs(rows, cols, batch, GROUP_MIN_PAIRS, dim)
+        totals = torch.bincount(rows, minlength=batch)
+        single = (rows[~plan.grouped], cols[~plan.grouped])
+        live = []
+        buffer = torch.empty(plan.largest, dim, dtype=chunk.dtype)
+        buffer64 = buffer if chunk.dtype == torch.float64 else torch.empty(
+            plan.largest, dim, dtype=torch.float64)
+        screen = screen and chunk.dtype == torch.float32 and sq_norms is not None
+        if screen:
+            live_nats = torch.as_tensor(live_nats, dtype=torch.float64,
+                                        device=rows.device).expand(batch)
+            # Every point's norm, rounded up: max_norm came from a float64 square root.
+            reach = max(self.max_norm, float(sq_norms.max()) ** 0.5) * (1 + 1e-12)
+            dot_error = DOT32_ERROR(dim, matmul_input_roundoff(torch.float32, chunk.device))
+        for group, pos, idx in plan.blocks:
+            valid = pos >= 0
+            size = idx.numel()
+            points = torch.index_select(chunk, 0, idx.reshape(-1), out=buffer[:size])
+            x, t, s = self.x64[group], self.t[group, None], self.s[group, None]
+            dot_form = bool(self.dot_form[group].all())
+            sq_p = sq_norms[idx] if dot_form and sq_norms is not None else None
+            if screen and dot_form:
+                dots = batched_dots(points.view(*idx.shape, dim), x.to(torch.float32))
+                logits = -s * (self.x_sq[group, None] - 2 * t * dots.to(torch.float64)
+                               + t * t * sq_p)
+                logits = logits.masked_fill(~valid, -math.inf)
+                slack = 2 * s * t * dot_error * self.x_norm[group, None] * reach
+                # log of the row's whole pair count (a long row comes in several blocks), and
+                # the float64 rounding of the logits themselves (dot form: ≤ DOT_FORM_NATS).
+                margin = (live_nats[group, None] + totals[group, None].to(torch.float64).log()
+                          + 2 * slack + 2 * DOT_FORM_NATS)
+                keep = logits >= logits.max(dim=1, keepdim=True).values - margin
+                which, k = keep.nonzero().unbind(1)
+                live.append((group[which], idx[which, k]))
+                continue
+            if points.dtype != torch.float64:
+                points = buffer64[:size].copy_(points)
+            points = points.view(*idx.shape, dim)
+            if dot_form:
+                if sq_p is None:
+                    sq_p = torch.einsum("gkd,gkd->gk", points, points)
+                sq = self.x_sq[group, None] - 2 * t * batched_dots(points, x) + t * t * sq_p
+            else:
+                sq = (t[:, :, None] * points - x[:, None, :]).square().sum(2)
+            logits = (-s * sq).masked_fill(~valid, -math.inf)
+            ref = logits.max(dim=1).values
+            weights = torch.exp(logits - ref[:, None])
+            sums = torch.bmm(weights[:, None, :], points).squeeze(1)
+            part = SoftmaxState(state.ref[group], state.z[group], state.s[group])
+            part.merge_(SoftmaxState(ref, weights.sum(dim=1), sums))
+            state.ref[group], state.z[group], state.s[group] = part.ref, part.z, part.s
+        if single[0].numel():
+            self.add_(state, single[0], chunk, single[1])
+        if live:
+            self.add_grouped_(state, torch.cat([r for r, _ in live]), chunk,
+                              torch.cat([c for _, c in live]), sq_norms, screen=False)

@@ -32,6 +32,7 @@ from knnflow.index import Index
 from knnflow.pairs import DOT_FORM_NATS, LIVE_NATS, ExactPairs, batched_dots
 from knnflow.prune import SketchScanner
 from knnflow.rounding import FLOAT64_ROUNDOFF, output_dtype, unit_roundoff
+from knnflow.routing import MIN_INDEX_T, Router
 from knnflow.softmax import SoftmaxState
 
 
@@ -130,20 +131,6 @@ class ExactVelocity:
         )
 
 
-MIN_INDEX_T = 1e-3
-# KNNVelocity's calibration: t bins of width 1/40, 16 probe queries each; a bin certifies when
-# at most a quarter of its probes fall back.
-CALIBRATION_BINS = 40
-CALIBRATION_PROBES = 16
-CALIBRATION_MAX_FAIL = 0.25
-# route="faster": t bins on a grid of 1/20 above the certification floor, each timed on 64
-# probe queries (median of 5 interleaved rounds) through the certified path and the exact
-# engine; certifying must be at least ROUTE_MARGIN× faster to be chosen (on a tie the exact
-# engine wins: bound 0, and timing noise flips fewer bins).
-ROUTE_BINS = 20
-ROUTE_PROBES = 64
-ROUTE_REPEATS = 5
-ROUTE_MARGIN = 0.9
 # route="auto" times the routes (as "faster") on a GPU and on data of at least n·d values: on
 # real images the exact engine outruns certifying below t ≈ 0.85-0.9 (photos, n = 45,000,
 # d = 3,072); smaller data certifies every t above the floor (calls of a few ms time badly).
@@ -278,107 +265,37 @@ class KNNVelocity:
             on_gpu = self.exact.train.points.device.type == "cuda"
             route = "faster" if on_gpu or large else "certify"
         self.route = route
-        self.route_timings: list[dict[str, float]] = []
-        self._t_floor: float | None = None if calibrate else 0.0
-        self._exact_floor: float | None = None if route == "faster" else 0.0
+        self.router = Router(index.points, lambda x64, t: self._certified(x64, t)[3],
+                             self.exact, fallback_exact=fallback == "exact",
+                             calibrate=calibrate, timed=route == "faster", group=group,
+                             device=self.exact.train.points.device)
         if floors is not None:
-            self.floors = floors
+            self.router.floors = floors
 
     @property
     def t_floor(self) -> float:
-        """Queries with t below this go to the fallback without trying to certify."""
-        if self._t_floor is None:
-            self._t_floor = self._calibrate()
-        return self._t_floor
+        """Queries with t below this go to the fallback without trying to certify (Router)."""
+        return self.router.t_floor
 
     @property
     def floors(self) -> tuple[float, float]:
         """(t_floor, exact floor): below the first, queries go to the fallback; between the
-        two, to the exact engine because it is faster there (route="faster")."""
-        if self._exact_floor is None:
-            self._exact_floor = self._time_routes(self.t_floor)
-        return self.t_floor, max(self.t_floor, self._exact_floor)
+        two, to the exact engine because it is faster there (route="faster"). Settable, to
+        pin an earlier estimator's floors."""
+        return self.router.floors
 
     @floors.setter
     def floors(self, value: tuple[float, float]) -> None:
-        try:
-            low, high = (float(v) for v in value)
-        except (TypeError, ValueError):
-            raise InputError(f"floors must be two numbers, got {value!r}") from None
-        if not 0 <= low <= high <= 1:
-            raise InputError(f"floors must satisfy 0 ≤ t_floor ≤ exact floor ≤ 1, got {value!r}")
-        self._t_floor, self._exact_floor = low, high
+        self.router.floors = value
 
     def known_floors(self) -> tuple[float, float] | None:
         """`floors` once calibrated (or pinned), else None; never starts a calibration."""
-        if self._t_floor is None or self._exact_floor is None:
-            return None
-        return self._t_floor, max(self._t_floor, self._exact_floor)
+        return self.router.known()
 
-    def _probes(self, t: Tensor, gen: torch.Generator) -> Tensor:
-        """Seeded float32 queries (1-t)·x0 + t·x1 with x1 drawn from the training points."""
-        # From the whole index: every process of a group builds the same probes.
-        x1 = self.index.points[torch.randint(self.index.n, (len(t),), generator=gen)]
-        noise = torch.randn(x1.shape, generator=gen, dtype=torch.float64)
-        return ((1 - t)[:, None] * noise + t[:, None] * x1.to(torch.float64)).to(torch.float32)
-
-    def _time_routes(self, floor: float) -> float:
-        """The lower edge of the lowest t bin (on the 1/ROUTE_BINS grid, the first from `floor`
-        to the next grid line) in which the certified path takes at most ROUTE_MARGIN of the
-        exact engine's time on the same probes; 1.0 when no bin does. The certified path's
-        time includes its exact fallbacks (none with fallback="none": the caller's fallback,
-        EFM in knn-efm, is cheap). Bins are timed from the floor up and the search stops at
-        the first such bin (certifying gets cheaper as t grows: fewer points kept). The
-        timings are kept in route_timings."""
-        from knnflow.timing import interleaved_seconds
-
-        gen = torch.Generator().manual_seed(1)
-        device = self.exact.train.points.device
-        low = floor
-        while low < 1:
-            high = min(1.0, (math.floor(low * ROUTE_BINS + 1e-9) + 1) / ROUTE_BINS)
-            t = (low + (high - low) * torch.rand(ROUTE_PROBES, generator=gen,
-                                                  dtype=torch.float64)).clamp(MIN_INDEX_T,
-                                                                              1 - 1e-4)
-            x = self._probes(t, gen)
-
-            def certify(x=x, t=t):
-                failed = self._certified(x.to(torch.float64), t)[3]
-                if self.fallback == "exact" and bool(failed.any()):
-                    self.exact(x[failed], t[failed])
-
-            seconds = interleaved_seconds(
-                {"exact": lambda x=x, t=t: self.exact(x, t), "certified": certify},
-                ROUTE_REPEATS, device)
-            if self.group is not None:  # one verdict for all processes: process 0's timings
-                shared = torch.tensor([seconds["exact"], seconds["certified"]],
-                                      dtype=torch.float64)
-                dist.broadcast(shared, dist.get_global_rank(self.group, 0), group=self.group)
-                seconds = {"exact": float(shared[0]), "certified": float(shared[1])}
-            self.route_timings.append({"t_low": low, "t_high": high, **seconds})
-            if seconds["certified"] <= ROUTE_MARGIN * seconds["exact"]:
-                return low
-            low = high
-        return 1.0
-
-    def _calibrate(self, bins: int = CALIBRATION_BINS, per_bin: int = CALIBRATION_PROBES,
-                   seed: int = 0) -> float:
-        """The lower edge of the lowest t bin from which, in every bin up to 1, at most
-        CALIBRATION_MAX_FAIL of the probe queries fail to certify (1.0 when even the top bin
-        fails). One batched call:
-        a call's fixed costs (full sketch scans) dwarf those of its rows."""
-        gen = torch.Generator().manual_seed(seed)
-        low = torch.arange(bins, dtype=torch.float64).repeat_interleave(per_bin) / bins
-        t = (low + torch.rand(len(low), generator=gen, dtype=torch.float64) / bins).clamp(
-            MIN_INDEX_T, 1 - 1e-4)
-        x = self._probes(t, gen)
-        failed = self._certified(x.to(torch.float64), t)[3].reshape(bins, per_bin)
-        floor = 1.0
-        for b in reversed(range(bins)):
-            if float(failed[b].double().mean()) > CALIBRATION_MAX_FAIL:
-                break
-            floor = b / bins
-        return max(floor, MIN_INDEX_T)
+    @property
+    def route_timings(self) -> list[dict[str, float]]:
+        """The timings behind the exact floor (route="faster"), one per t bin timed."""
+        return self.router.timings
 
     # ------------------------------------------------------------------ interface
 

@@ -15,10 +15,11 @@ from torch import Tensor
 
 from knnflow.closed_form import check_t, flatten_queries
 from knnflow.errors import InputError
-from knnflow.estimators import MIN_INDEX_T, ExactVelocity, VelocityOutput
+from knnflow.estimators import ExactVelocity, VelocityOutput
 from knnflow.index import Index
 from knnflow.pairs import ExactPairs
 from knnflow.rounding import output_dtype
+from knnflow.routing import MIN_INDEX_T
 from knnflow.softmax import SoftmaxState
 
 DEFAULT_K = 16

@@ -87,7 +87,7 @@ def test_shard_range_covers_every_row_once():
 
 
 def _made_up_route_timing(self, floor):
-    """KNNVelocity._time_routes stand-in: an exact floor that differs between processes."""
+    """Router.time_routes stand-in: an exact floor that differs between processes."""
     return 0.8 + 0.05 * dist.get_rank()
 
 
@@ -98,9 +98,9 @@ def _no_route_timing(self, floor):
 def _train_rank(rank: int, rendezvous: str, jobs: list, route_timing=None) -> None:
     """Run train() for each (config fields, folder, resume) in `jobs` as process `rank` of
     WORLD; an InputError is written to FOLDER.error.RANK instead of raised. route_timing
-    replaces KNNVelocity._time_routes, per job when it is a list."""
+    replaces Router.time_routes, per job when it is a list."""
     from knnflow.errors import InputError
-    from knnflow.estimators import KNNVelocity
+    from knnflow.routing import Router
     from knnflow.trainer import TrainConfig, train
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
@@ -109,7 +109,7 @@ def _train_rank(rank: int, rendezvous: str, jobs: list, route_timing=None) -> No
         for number, (fields, folder, resume) in enumerate(jobs):
             timing = route_timing[number] if isinstance(route_timing, list) else route_timing
             if timing is not None:
-                KNNVelocity._time_routes = timing
+                Router.time_routes = timing
             try:
                 train(TrainConfig(**fields), folder, resume=resume)
             except InputError as err:
@@ -274,7 +274,7 @@ def _certified_rank(rank: int, rendezvous: str, folder: str) -> None:
             saved[name] = (out.velocity, out.error_bound, out.evaluated, out.fallback,
                            out.routed, estimator.t_floor)
         timed = KNNVelocity(index, tol=1e-4, group=dist.group.WORLD, route="faster")
-        timed._t_floor = 0.7
+        timed.router.t_floor = 0.7
         _rank_timings.bins = [0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
         knnflow.timing.interleaved_seconds = _rank_timings
         saved["timed"] = timed.floors

@@ -258,21 +258,21 @@ def test_route_faster_picks_the_lowest_bin_where_certifying_is_faster(digits_ind
         return {"exact": 1.0, "certified": 0.5 if bin_t >= 0.8 - 1e-9 else 2.0}
 
     estimator = knnflow.KNNVelocity(digits_index, route="faster")
-    original = estimator._probes
+    original = estimator.router.probes
 
     def probes(t, gen):  # remember which bin is being timed
         estimator.route_timings_pending = float(t.min())
         return original(t, gen)
 
-    monkeypatch.setattr(estimator, "_probes", probes)
-    estimator._t_floor = 0.6
+    monkeypatch.setattr(estimator.router, "probes", probes)
+    estimator.router.t_floor = 0.6
     monkeypatch.setattr("knnflow.timing.interleaved_seconds", made_up)
     assert estimator.floors == (0.6, 0.8)
     assert [round(r["t_low"], 6) for r in estimator.route_timings] == [0.6, 0.65, 0.7, 0.75,
                                                                        0.8]
     assert estimator.known_floors() == (0.6, 0.8)
     never = knnflow.KNNVelocity(digits_index, route="faster")
-    never._t_floor = 0.9
+    never.router.t_floor = 0.9
     monkeypatch.setattr("knnflow.timing.interleaved_seconds",
                         lambda calls, repeats, device: {"exact": 1.0, "certified": 2.0})
     assert never.floors == (0.9, 1.0)  # nothing pays: every t goes to the exact engine

@@ -320,10 +320,10 @@ def test_knn_route_floors_are_kept_in_checkpoints(tmp_path, monkeypatch):
     """knn-efm with --knn-route faster times its routes once; the floors go into every
     checkpoint and a resumed run takes them back instead of timing again (timings differ
     from run to run, the targets must not)."""
-    from knnflow.estimators import KNNVelocity
+    from knnflow.routing import Router
 
     Index.build(load_dataset("digits", limit=200)).save(tmp_path / "idx")
-    monkeypatch.setattr(KNNVelocity, "_time_routes", lambda self, floor: 0.85)
+    monkeypatch.setattr(Router, "time_routes", lambda self, floor: 0.85)
     config = TrainConfig(preset="mlp", limit=200, target="knn-efm", index=str(tmp_path / "idx"),
                          knn_route="faster", batch_size=8, steps=4, checkpoint_every=2)
     train(config, tmp_path / "run")
@@ -334,7 +334,7 @@ def test_knn_route_floors_are_kept_in_checkpoints(tmp_path, monkeypatch):
     def no_timing(self, floor):
         raise AssertionError("a resumed run timed its routes again")
 
-    monkeypatch.setattr(KNNVelocity, "_time_routes", no_timing)
+    monkeypatch.setattr(Router, "time_routes", no_timing)
     train(TrainConfig(**{**config.__dict__, "steps": 6}), tmp_path / "run", resume=True)
     again = json.loads((tmp_path / "run" / "checkpoints" / "step_6.json").read_text())
     assert again["knn_floors"] == [low, high]

@@ -24,8 +24,23 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from knnflow.choices import MEMORIZATION_REFERENCE
+from knnflow.devices import resolve_device
+from knnflow.distributed import init_from_env
 from knnflow.errors import InputError
+from knnflow.files import check_output_folder
+from knnflow.index import Index
+from knnflow.nearest import default_out, parse_threshold, run_memorization
+from knnflow.sampling import check_solver, sample_closed_form, sample_model, save_samples
 from knnflow.threads import cpu_threads
+from knnflow.trainer import TrainConfig, default_run_folder, load_run_model
+from knnflow.trainer import train as run_training
+from knnflow.training_sets import (
+    default_knn_index,
+    open_index,
+    open_recorded_index,
+    recorded_training_set,
+)
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -59,11 +74,6 @@ def train(dataset: str = "digits", target: str = "cfm", *, folder: str | Path | 
     """
     import json
 
-    from knnflow.devices import resolve_device
-    from knnflow.distributed import init_from_env
-    from knnflow.trainer import TrainConfig, default_run_folder
-    from knnflow.trainer import train as run_training
-    from knnflow.training_sets import default_knn_index
 
     known = {f.name for f in fields(TrainConfig)} - {"dataset", "target"}
     unknown = sorted(set(options) - known)
@@ -99,11 +109,6 @@ def sample(run: str | Path | None = None, *, closed_form: str | Path | None = No
     `knnflow sample`: an (n, C, H, W) float32 tensor in [-1, 1]. With `out`, also the samples
     folder the command writes (PNGs, grid.png, samples.npz and sampling.json, which
     knnflow.memorization reads to find the training set)."""
-    from knnflow.devices import resolve_device
-    from knnflow.files import check_output_folder
-    from knnflow.index import Index
-    from knnflow.sampling import check_solver, sample_closed_form, sample_model, save_samples
-    from knnflow.trainer import load_run_model
 
     if (run is None) == (closed_form is None):
         raise InputError("pass a run folder or closed_form=INDEX (one of them)")
@@ -144,9 +149,6 @@ def memorization(samples: str | Path | Tensor | np.ndarray, *,
     neither index nor dataset: the training set the samples record (a samples folder of
     knnflow.sample), else the default data set, digits.
     """
-    from knnflow.choices import MEMORIZATION_REFERENCE
-    from knnflow.nearest import default_out, parse_threshold, run_memorization
-    from knnflow.training_sets import open_index, open_recorded_index, recorded_training_set
 
     parse_threshold(threshold)
     given_array = isinstance(samples, (Tensor, np.ndarray))

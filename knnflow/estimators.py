@@ -20,7 +20,6 @@ from torch import Tensor
 from knnflow.choices import ROUTES
 from knnflow.closed_form import (
     TrainingSet,
-    as_training_set,
     check_t,
     closed_form_state,
     flatten_queries,
@@ -28,7 +27,7 @@ from knnflow.closed_form import (
 )
 from knnflow.distributed import all_reduce_state_, shard_range, total_points
 from knnflow.errors import InputError
-from knnflow.index import Index
+from knnflow.index import Index, training_set_of
 from knnflow.pairs import DOT_FORM_NATS, LIVE_NATS, ExactPairs, batched_dots
 from knnflow.prune import SketchScanner
 from knnflow.rounding import FLOAT64_ROUNDOFF, output_dtype, unit_roundoff
@@ -66,20 +65,6 @@ class VelocityOutput:
     certified: bool = True
     fallback: Tensor | None = field(default=None)
     routed: Tensor | None = field(default=None)
-
-
-def training_set_of(data_or_index: Tensor | TrainingSet | Index,
-                    device: torch.device | str | None = None) -> TrainingSet:
-    """The TrainingSet behind a tensor, a TrainingSet or an Index, on `device` when given."""
-    if isinstance(data_or_index, Index):
-        train = data_or_index.training_set()
-    elif isinstance(data_or_index, TrainingSet) or torch.is_tensor(data_or_index):
-        train = as_training_set(data_or_index)
-    else:
-        raise InputError("expected a tensor of training points, a TrainingSet or an Index")
-    if device is not None and train.points.device != torch.device(device):
-        train = train.to(device)
-    return train
 
 
 class ExactVelocity:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from knnflow.choices import DTYPE_NAMES, INDEX_KINDS
-from knnflow.closed_form import TrainingSet
+from knnflow.closed_form import TrainingSet, as_training_set
 from knnflow.devices import resolve_device
 from knnflow.errors import IndexMismatchError, InputError, MissingFileError
 from knnflow.files import atomic_folder, sha256_file
@@ -466,3 +466,17 @@ def read_manifest(folder: Path) -> dict:
     if missing:
         raise IndexMismatchError(f"{path} lacks {', '.join(missing)}")
     return manifest
+
+
+def training_set_of(data_or_index: Tensor | TrainingSet | Index,
+                    device: torch.device | str | None = None) -> TrainingSet:
+    """The TrainingSet behind a tensor, a TrainingSet or an Index, on `device` when given."""
+    if isinstance(data_or_index, Index):
+        train = data_or_index.training_set()
+    elif isinstance(data_or_index, TrainingSet) or torch.is_tensor(data_or_index):
+        train = as_training_set(data_or_index)
+    else:
+        raise InputError("expected a tensor of training points, a TrainingSet or an Index")
+    if device is not None and train.points.device != torch.device(device):
+        train = train.to(device)
+    return train

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from knnflow.choices import SOLVERS
 from knnflow.errors import InputError
+from knnflow.estimators import ExactVelocity
 from knnflow.files import atomic_folder
 
 ADAPTIVE = {"dopri5"}
@@ -106,7 +107,6 @@ def sample_closed_form(index, count: int, seed: int = 0, solver: str = "euler",
                        device: str | torch.device = "cpu") -> Tensor:
     """`count` samples of the closed-form flow û* of an index's training set, û* computed on
     `device`; progress(stage, done, total) as the integration advances when given."""
-    from knnflow.estimators import ExactVelocity
 
     if count < 1:
         raise InputError(f"--n must be at least 1, got {count}")

@@ -33,6 +33,8 @@ from torch import Tensor
 from knnflow.choices import EFM_POOLS, KNN_FALLBACKS, TARGETS
 from knnflow.closed_form import TrainingSet, check_t, closed_form_state
 from knnflow.errors import IndexMismatchError, InputError
+from knnflow.estimators import ExactVelocity, KNNVelocity
+from knnflow.index import Index, training_set_of
 from knnflow.pairs import ExactPairs
 from knnflow.softmax import SoftmaxState
 
@@ -170,8 +172,6 @@ class EFMTarget(Target):
         if flip and image_shape is None:
             raise InputError("--flip needs the image shape of the data")
         self.device = torch.device(device)
-        from knnflow.estimators import training_set_of
-
         self.train = training_set_of(data, self.device)
         self.m, self.pool, self.flip, self.image_shape = m, pool, flip, image_shape
 
@@ -269,8 +269,6 @@ class ExactTarget(Target):
 
     def __init__(self, data: Tensor | TrainingSet, device: str | torch.device = "cpu",
                  group=None):
-        from knnflow.estimators import ExactVelocity
-
         self.device = torch.device(device)
         self.estimator = ExactVelocity(data, device=self.device, group=group)
         self.whole_batch = group is not None
@@ -293,9 +291,6 @@ class KNNEFMTarget(Target):
                  pool: str = "independent", device: str | torch.device = "cpu",
                  search_device: str | torch.device | None = None, route: str = "auto",
                  group=None):
-        from knnflow.estimators import KNNVelocity
-        from knnflow.index import Index
-
         if index is None or not isinstance(index, Index):
             raise InputError("the knn-efm target needs an index of the training data; build "
                              "one with: knnflow build-index DATASET")

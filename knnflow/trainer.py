@@ -29,10 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from knnflow.choices import ROUTES as KNN_ROUTES
+from knnflow.data import dataset_sources, load_dataset
+from knnflow.distributed import rank_and_world, shard_of
 from knnflow.errors import IndexMismatchError, InputError
-from knnflow.files import sha256_file
+from knnflow.files import check_output_folder, sha256_file, write_marker
+from knnflow.images import with_flips
+from knnflow.index import Index, points_sha256
 from knnflow.models.presets import PRESETS
 from knnflow.models.unet import build_model, count_parameters
+from knnflow.sampling import grid_scale, image_grid, sample_model, save_image
+from knnflow.targets import make_target
+from knnflow.training_sets import dataset_slug
 
 CHECKPOINTS = "checkpoints"
 LOSS_PLOT = "loss.png"
@@ -244,14 +251,11 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def load_training_data(config: TrainConfig):
     """The training images (with both flips under --flip), and the index for knn-efm."""
-    from knnflow.data import load_dataset
-    from knnflow.images import with_flips
 
     images = load_dataset(config.dataset, root=config.root, split="train", limit=config.limit)
     candidates = with_flips(images) if config.flip else images
     index = None
     if config.target == "knn-efm":
-        from knnflow.index import Index
 
         if config.index is None:
             raise InputError("--target knn-efm needs --index DIR, the index of the training "
@@ -291,11 +295,6 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     """
     import torch.distributed as dist
 
-    from knnflow.data import dataset_sources
-    from knnflow.distributed import rank_and_world
-    from knnflow.files import check_output_folder, write_marker
-    from knnflow.index import points_sha256
-    from knnflow.targets import make_target
 
     folder = Path(folder)
     if tensorboard:
@@ -356,7 +355,6 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
         if world < 2:
             raise InputError("--shard-data needs several processes: run under torchrun "
                              "--nproc_per_node N")
-        from knnflow.distributed import shard_of
 
         # The target's all-reduces get their own group: with prefetch they run in a
         # background thread while DDP's run in this one.
@@ -677,7 +675,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def default_run_folder(dataset: str, target: str) -> Path:
     """runs/<dataset>-<target>."""
-    from knnflow.training_sets import dataset_slug
 
     return Path("runs") / f"{dataset_slug(dataset)}-{target}"
 
@@ -727,7 +724,6 @@ def plot_loss(metrics_path: Path, path: Path, title: str) -> None:
 def _progress_grid(model: nn.Module, image_shape: tuple[int, ...], path: Path,
                    device: str) -> None:
     """A 64-sample grid from the EMA model (Euler, 50 steps), without disturbing the RNGs."""
-    from knnflow.sampling import grid_scale, image_grid, sample_model, save_image
 
     state = torch.get_rng_state()
     samples = sample_model(model, 64, image_shape, seed=0, steps=50, device=device)

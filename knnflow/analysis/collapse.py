@@ -42,7 +42,10 @@ from knnflow.choices import COLLAPSE_ESTIMATORS as ESTIMATORS
 from knnflow.choices import COLLAPSE_GRID as DEFAULT_GRID
 from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
 from knnflow.errors import InputError
+from knnflow.estimators import KNNVelocity
 from knnflow.files import atomic_folder
+from knnflow.images import resize_images
+from knnflow.index import Index
 from knnflow.rounding import screening_error_bound
 
 Progress = Callable[[str, int, int], None]
@@ -242,8 +245,6 @@ class KnnStep:
 
     def __init__(self, images: Tensor, tol: float, progress: Progress | None = None,
                  compute_dtype: torch.dtype = torch.float32):
-        from knnflow.estimators import KNNVelocity
-        from knnflow.index import Index
 
         self.index = Index.build(images, progress=progress)
         self.velocity = KNNVelocity(self.index, tol=tol, fallback="none")
@@ -370,7 +371,6 @@ def resize_to(images: Tensor, size: tuple[int, int]) -> Tensor:
     """Images (N, C, H, W) resized to size (bicubic, antialiased, clamped to [-1, 1])."""
     if tuple(images.shape[2:]) == size:
         return images
-    from knnflow.images import resize_images
 
     return torch.from_numpy(resize_images(images.numpy(), (images.shape[1], *size)))
 

@@ -30,7 +30,9 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
+from knnflow.analysis.classifier import load_classifier
 from knnflow.choices import DINOV2_FILE, INCEPTION_FILE
+from knnflow.data import SPLITS, dataset_names, has_test_split
 from knnflow.errors import InputError, MissingFileError
 
 Progress = Callable[[str, int, int], None]
@@ -255,7 +257,6 @@ def _dinov2(path: Path, device: torch.device) -> FeatureExtractor:
 
 
 def _classifier(folder: Path, device: torch.device) -> FeatureExtractor:
-    from knnflow.analysis.classifier import load_classifier
 
     model, record = load_classifier(folder, device)
     accuracy, classes = record.get("test_accuracy"), record["architecture"]["classes"]
@@ -389,7 +390,6 @@ def parse_reference(text: str) -> tuple[str, str]:
     single images array, npy:PATH, folder:PATH without PATH/test), whose images are the
     reference (train). Path data sets keep their colon: npz:PATH:train splits.
     """
-    from knnflow.data import SPLITS, dataset_names, has_test_split
 
     dataset, _, split = text.rpartition(":")
     if dataset and split in SPLITS:

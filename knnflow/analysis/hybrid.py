@@ -32,12 +32,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from knnflow.analysis.velocity_error import closed_form_estimator, training_images
 from knnflow.choices import COPY_FRACTION, GRID_ROWS
 from knnflow.choices import HYBRID_REFERENCE as REFERENCE_SIZE
 from knnflow.choices import HYBRID_TAUS as DEFAULT_TAUS
 from knnflow.errors import InputError
 from knnflow.files import atomic_folder
-from knnflow.sampling import ADAPTIVE, CLOSED_FORM_T_END, SOLVERS, integrate
+from knnflow.index import Index
+from knnflow.nearest import Samples, nearest_training, parse_threshold, train_reference
+from knnflow.sampling import ADAPTIVE, CLOSED_FORM_T_END, SOLVERS, integrate, model_velocity
+from knnflow.trainer import load_run_model
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Progress = Callable[[str, int, int], None]
@@ -135,7 +139,6 @@ def check_options(taus: list[float] | str, n: int, solver: str, steps: int,
                   threshold: float | str, copy_fraction: float, reference_size: int,
                   batch_size: int) -> list[float]:
     """Refuse bad options in one line each; returns the τ values sorted, without repeats."""
-    from knnflow.nearest import parse_threshold
 
     values = parse_taus(taus) if isinstance(taus, str) else sorted(set(map(float, taus)))
     if not values:
@@ -247,7 +250,6 @@ def run_hybrid(network: Velocity, closed_form, index, image_shape: tuple[int, ..
                progress: Progress | None = None) -> HybridResult:
     """Hybrid samples for every τ from the noises of sample_model(seed), scored against the
     training images of `index` (knnflow.Index) with the ratio test."""
-    from knnflow.nearest import Samples, nearest_training, parse_threshold, train_reference
 
     taus = check_options(taus, n, solver, steps, threshold, copy_fraction, reference_size,
                          batch_size)
@@ -303,10 +305,6 @@ def hybrid_of_run(run: str | Path, *, taus: list[float] | str = DEFAULT_TAUS, n:
     """run_hybrid for a run folder's newest checkpoint. û* and the nearest-image search use
     the run's training images: the exact engine and an in-memory index, or with `index` the
     certified KNNVelocity and that index. Returns the result and its JSON summary."""
-    from knnflow.analysis.velocity_error import closed_form_estimator, training_images
-    from knnflow.index import Index
-    from knnflow.sampling import model_velocity
-    from knnflow.trainer import load_run_model
 
     values = check_options(taus, n, solver, steps, threshold, copy_fraction, reference_size,
                            batch_size)

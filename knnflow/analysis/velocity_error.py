@@ -29,8 +29,14 @@ import torch
 from torch import Tensor
 
 from knnflow.choices import WEIGHT_LABELS, WEIGHT_SETS
+from knnflow.data import load_dataset
 from knnflow.errors import InputError
+from knnflow.estimators import ExactVelocity, KNNVelocity
 from knnflow.files import atomic_folder
+from knnflow.images import with_flips
+from knnflow.index import Index
+from knnflow.sampling import model_velocity
+from knnflow.trainer import load_run_model
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Progress = Callable[[str, int, int], None]
@@ -42,8 +48,6 @@ PLOT_NAME, CSV_NAME, SUMMARY_NAME = "velocity_error.png", "velocity_error.csv", 
 def training_images(record: dict) -> Tensor:
     """The images a run was trained on, (N, C, H, W) in [-1, 1]: the training split of its
     data set (first `limit`), and every image also flipped when it trained with --flip."""
-    from knnflow.data import load_dataset
-    from knnflow.images import with_flips
 
     images = load_dataset(record["dataset"], root=record.get("root"), split="train",
                           limit=record.get("limit"))
@@ -199,8 +203,6 @@ def closed_form_estimator(images: Tensor, index: str | Path | None = None, tol: 
     certified KNNVelocity (within tol·‖û*‖), after checking that the index holds exactly these
     images (points checksum).
     """
-    from knnflow.estimators import ExactVelocity, KNNVelocity
-    from knnflow.index import Index
 
     if index is None:
         return (ExactVelocity(images, device=device if str(device) != "cpu" else None),
@@ -217,8 +219,6 @@ def velocity_error_of_run(run: str | Path, *, weights: tuple[str, ...] = WEIGHT_
                           progress: Progress | None = None) -> tuple[VelocityErrorResult, dict]:
     """velocity_error for a run folder's newest checkpoint: `weights` among "ema" and "raw",
     x1 and û* from the run's training images. Returns the result and its JSON summary."""
-    from knnflow.sampling import model_velocity
-    from knnflow.trainer import load_run_model
 
     check_counts(t_bins, n)
     if not weights or any(w not in WEIGHT_SETS for w in weights):

@@ -11,12 +11,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from knnflow.analysis.collapse import parse_t_grid as parse_grid
 from knnflow.choices import BENCH_DATASET as DEFAULT_DATASET
 from knnflow.choices import BENCH_T_GRID as DEFAULT_T_GRID
 from knnflow.choices import UNIFORM_LABEL
 from knnflow.data import SIZED_LOADERS, load_dataset, synthetic_images
 from knnflow.errors import InputError
-from knnflow.index import Index
+from knnflow.index import Index, faiss_gpu_count
 
 Progress = Callable[[str, int, int], None]
 
@@ -25,7 +26,6 @@ Progress = Callable[[str, int, int], None]
 def parse_t_grid(text: str) -> tuple[float, ...]:
     """--t-grid: a comma list (0.1,0.5,0.9) or START:STOP:STEP (STOP included when it lands on
     the grid up to rounding), sorted, each t in [0, 1); anything else is an InputError."""
-    from knnflow.analysis.collapse import parse_t_grid as parse_grid
 
     return tuple(float(t) for t in parse_grid(text))
 
@@ -106,7 +106,6 @@ def save_json(data: dict, path: Path) -> None:
 
 def faiss_device(device: str) -> str:
     """Where FAISS runs when the torch work runs on `device`."""
-    from knnflow.index import faiss_gpu_count
 
     return "cuda" if device == "cuda" and faiss_gpu_count() > 0 else "cpu"
 

@@ -11,6 +11,8 @@ import torch
 
 from knnflow.bench.common import Progress, bench_index
 from knnflow.errors import InputError
+from knnflow.estimators import ExactVelocity
+from knnflow.targets import make_target
 
 TARGET_SPECS = {
     "cfm": {"name": "cfm"},
@@ -42,8 +44,6 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
     knn-efm, on the same (x0, x1, t) (ot-cfm re-pairs x0 within the batch, and its error is
     against û* at its own x_t): mean ‖target - û*‖² per t bin against the exact engine, and the
     median time per batch. x1 are training images, as in training."""
-    from knnflow.estimators import ExactVelocity
-    from knnflow.targets import make_target
 
     if min(batch, bins) < 1:
         raise InputError("--batch and --bins must be at least 1")

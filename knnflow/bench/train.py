@@ -14,7 +14,10 @@ import torch
 from knnflow.bench.common import Progress, bench_index, faiss_device
 from knnflow.devices import resolve_device
 from knnflow.errors import InputError
+from knnflow.models import build_model, count_parameters
+from knnflow.targets import make_target
 from knnflow.timing import sync as _sync
+from knnflow.trainer import BatchStream, TrainConfig, lr_at, optimizer_step
 
 TRAIN_TARGETS = ("cfm", "efm-128", "knn-efm", "exact")
 
@@ -68,9 +71,6 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
     end of the previous step to the end of this one, so a target computed while the network
     trains costs only what it adds. Median over `steps` timed steps after `warmup` untimed
     ones."""
-    from knnflow.models import build_model, count_parameters
-    from knnflow.targets import make_target
-    from knnflow.trainer import BatchStream, TrainConfig, lr_at, optimizer_step
 
     if min(batch, steps) < 1 or warmup < 0:
         raise InputError("--batch and --steps must be at least 1, --warmup at least 0")

@@ -14,6 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from knnflow.analysis.classifier import save_classifier, train_classifier
+from knnflow.analysis.collapse import (
+    compute_collapse,
+    parse_t_grid,
+    write_collapse_report,
+)
+from knnflow.analysis.fid import bootstrap_fid, extract_features, feature_extractor, fid
+from knnflow.analysis.hybrid import hybrid_of_run, write_hybrid
 from knnflow.analysis.reproduce.budgets import (
     Budget,
     TargetSpec,
@@ -39,8 +47,17 @@ from knnflow.analysis.reproduce.stages import (
 )
 from knnflow.analysis.reproduce.statistics import Estimate, spread
 from knnflow.analysis.reproduce.table import comparisons, target_rows
+from knnflow.analysis.velocity_error import velocity_error_of_run, write_velocity_error
+from knnflow.data import load_dataset
+from knnflow.devices import resolve_device
 from knnflow.errors import InputError
+from knnflow.files import atomic_folder
+from knnflow.images import with_flips
+from knnflow.index import Index, points_sha256
+from knnflow.nearest import load_samples, run_memorization
+from knnflow.sampling import sample_model, save_samples
 from knnflow.threads import cpu_threads
+from knnflow.trainer import config_differences, load_run_model, train
 
 # --------------------------------------------------------------------------- the pipeline
 
@@ -89,9 +106,6 @@ class Pipeline:
     # ------------------------------------------------------------------ shared stages
 
     def load_data(self) -> None:
-        from knnflow.data import load_dataset
-        from knnflow.images import with_flips
-        from knnflow.index import points_sha256
 
         self.images = load_dataset(self.dataset, self.root, "train", self.budget.limit)
         self.reference = load_dataset(self.dataset, self.root, "test")
@@ -101,7 +115,6 @@ class Pipeline:
         self.points_sha = points_sha256(np.ascontiguousarray(flat, dtype=np.float32))
 
     def build_index(self) -> None:
-        from knnflow.index import Index
 
         folder = self.work / "index"
 
@@ -120,7 +133,6 @@ class Pipeline:
         self.index = Index.load(folder)
 
     def train_classifier(self) -> None:
-        from knnflow.analysis.classifier import save_classifier, train_classifier
 
         folder = self.work / "classifier"
 
@@ -144,7 +156,6 @@ class Pipeline:
         self.classifier_folder = folder
 
     def extractor(self):
-        from knnflow.analysis.fid import feature_extractor
 
         if self._extractor is None:
             self._extractor = feature_extractor(f"classifier:{self.classifier_folder}",
@@ -152,11 +163,6 @@ class Pipeline:
         return self._extractor
 
     def collapse(self) -> None:
-        from knnflow.analysis.collapse import (
-            compute_collapse,
-            parse_t_grid,
-            write_collapse_report,
-        )
 
         folder = self.work / "collapse"
         budget = self.budget
@@ -184,7 +190,6 @@ class Pipeline:
     # ------------------------------------------------------------------ per run
 
     def train_run(self, spec: TargetSpec, seed: int) -> tuple[Path, dict]:
-        from knnflow.trainer import config_differences, train
 
         config = run_config(self.dataset, self.budget, spec, seed, self.index_folder, self.root)
         resolved = config.resolved()
@@ -233,13 +238,6 @@ class Pipeline:
 
     def analyse_run(self, spec: TargetSpec, seed: int, folder: Path, trained: dict) -> dict:
         """Samples, FID, memorization, velocity error and hybrid sampling of one run."""
-        from knnflow.analysis.fid import extract_features, fid
-        from knnflow.analysis.hybrid import hybrid_of_run, write_hybrid
-        from knnflow.analysis.velocity_error import velocity_error_of_run, write_velocity_error
-        from knnflow.files import atomic_folder
-        from knnflow.nearest import load_samples, run_memorization
-        from knnflow.sampling import sample_model, save_samples
-        from knnflow.trainer import load_run_model
 
         budget, name = self.budget, f"{spec.label}-seed{seed}"
         checkpoint = trained["result"]["checkpoint_sha256"]
@@ -336,7 +334,6 @@ class Pipeline:
                 "hybrid": hybrid_record}
 
     def bootstrap(self, runs: dict[str, dict]) -> dict:
-        from knnflow.analysis.fid import bootstrap_fid, extract_features, fid
 
         budget = self.budget
 
@@ -373,7 +370,6 @@ def reproduce(dataset: str, budget: Budget, *, root: str | Path | None = None,
     """Run (or resume) the reproduction of `dataset` at `budget` and write the markdown page
     (default docs/results/DATASET.md) and its figures (a folder of the page's name beside it).
     """
-    from knnflow.devices import resolve_device
 
     check_dataset(dataset)
     device = resolve_device(device, allow_auto=False)

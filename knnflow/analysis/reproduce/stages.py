@@ -13,7 +13,10 @@ from pathlib import Path
 
 from knnflow.analysis.reproduce.budgets import Budget
 from knnflow.analysis.reproduce.common import MARKER
+from knnflow.data import dataset_sources
 from knnflow.errors import InputError
+from knnflow.files import refuse_inputs
+from knnflow.trainer import CHECKPOINTS, complete_checkpoints
 
 
 def digest(value) -> str:
@@ -40,7 +43,6 @@ def now_text() -> str:
 
 def newest_checkpoint(run: Path) -> dict | None:
     """The JSON mark of a run's newest complete checkpoint (step, sha256), or None."""
-    from knnflow.trainer import CHECKPOINTS, complete_checkpoints
 
     for mark in reversed(complete_checkpoints(Path(run) / CHECKPOINTS)):
         meta = read_json(mark)
@@ -61,8 +63,6 @@ def prepare_work_folder(work: Path, dataset: str, budget: Budget, overwrite: boo
             raise InputError(f"{work} exists and is not a knnflow reproduce work folder (no "
                              f"{MARKER}); choose another --work")
         if overwrite:
-            from knnflow.data import dataset_sources
-            from knnflow.files import refuse_inputs
 
             refuse_inputs(work, dataset_sources(dataset, root), "--work")
             shutil.rmtree(work)

@@ -445,14 +445,13 @@ def test_classifier_and_fid_on_cuda(tmp_path, digits_test):
 
 def test_a_classifier_near_chance_is_flagged(monkeypatch, tmp_path):
     """FID on the features of a classifier that barely beats chance means little: warned."""
-    import knnflow.analysis.classifier as classifier_module
+    import knnflow.analysis.fid as fid_module
     from knnflow.analysis.fid import feature_extractor
 
     record = {"test_accuracy": 0.11, "architecture": {"classes": 10}, "image_shape": [1, 8, 8]}
     stub = torch.nn.Identity()
     stub.features = lambda x: x
-    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: (stub,
-                                                                                      record))
+    monkeypatch.setattr(fid_module, "load_classifier", lambda folder, device: (stub, record))
     with pytest.warns(UserWarning, match="only 11% test accuracy"):
         feature_extractor(f"classifier:{tmp_path}")
     record["test_accuracy"] = 0.97

@@ -36,6 +36,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path: Path, title: str) -> None:
+    """Title, grid and legend of a one-panel figure, saved to `path` and closed."""
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_losses(path: Path, curves: dict[str, list[tuple[int, list[dict]]]], caption: str) -> None:
     """Training loss against step, one colour per target (dashed: further seeds): the logged
     batch losses, faint, and their moving average over 5 logged steps."""
@@ -60,12 +70,7 @@ def plot_losses(path: Path, curves: dict[str, list[tuple[int, list[dict]]]], cap
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss: batch MSE to the target\n(faint: logged values; line: "
                   "mean of 5)")
-    ax.set_title(f"Training loss per target ({caption})", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, f"Training loss per target ({caption})")
 
 
 def plot_velocity_errors(path: Path, curves: dict[str, list[tuple[int, dict]]],
@@ -92,12 +97,7 @@ def plot_velocity_errors(path: Path, curves: dict[str, list[tuple[int, dict]]],
     ax.set_xlabel("t  (0 = noise, 1 = data)")
     ax.set_ylabel(r"$E\,\|u_\theta(x_t, t) - \hat{u}^*(x_t, t)\|^2$" + f"  (sum over d = "
                   f"{scale['dim']})")
-    ax.set_title(f"Velocity error of the EMA networks against û* ({caption})", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, f"Velocity error of the EMA networks against û* ({caption})")
 
 
 def plot_hybrid(path: Path, curves: dict[str, list[tuple[int, dict]]],

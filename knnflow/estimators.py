@@ -402,7 +402,7 @@ class KNNVelocity:
         if self.group is not None:
             all_reduce_state_(state, self.group)
         denoiser = state.denoiser()
-        velocity = (denoiser - x64) / (1 - t)[:, None]
+        velocity = velocity_from_denoiser(denoiser, x64, t)
         left_out = (n - kept).to(torch.float64)
         log_ratio = torch.log(left_out) - st2 * threshold - state.ref - torch.log(state.z)
         # The kept set's screen (ExactPairs.add_grouped_) may leave out pairs inside the

@@ -31,7 +31,12 @@ import torch
 from torch import Tensor
 
 from knnflow.choices import EFM_POOLS, KNN_FALLBACKS, TARGETS
-from knnflow.closed_form import TrainingSet, check_t, closed_form_state
+from knnflow.closed_form import (
+    TrainingSet,
+    check_t,
+    closed_form_state,
+    velocity_from_denoiser,
+)
 from knnflow.errors import IndexMismatchError, InputError
 from knnflow.estimators import ExactVelocity, KNNVelocity
 from knnflow.index import Index, training_set_of
@@ -256,7 +261,7 @@ class EFMTarget(Target):
                     drawn = self._points(ids[part], flips[part])
                     pairs.add_grouped_(state, pair_rows[part], drawn,
                                        torch.arange(len(drawn), device=x64.device))
-        return (state.denoiser() - x64) / (1 - t64)[:, None]
+        return velocity_from_denoiser(state.denoiser(), x64, t64)
 
 
 class ExactTarget(Target):

@@ -40,7 +40,12 @@ from torch import Tensor
 
 from knnflow.choices import COLLAPSE_ESTIMATORS as ESTIMATORS
 from knnflow.choices import COLLAPSE_GRID as DEFAULT_GRID
-from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
+from knnflow.closed_form import (
+    DEFAULT_CHUNK,
+    TrainingSet,
+    closed_form_state,
+    velocity_from_denoiser,
+)
 from knnflow.errors import InputError
 from knnflow.estimators import KNNVelocity
 from knnflow.files import atomic_folder
@@ -225,7 +230,7 @@ def exact_step(x64: Tensor, t: float, train: TrainingSet,
     about 1e-4 relative, at weights far below the 0.9 threshold; float64 makes it exact.
     """
     state = closed_form_state(x64, t, train, compute_dtype=compute_dtype)
-    velocity = (state.denoiser() - x64) / (1 - t)
+    velocity = velocity_from_denoiser(state.denoiser(), x64, t)
     log_z = state.ref + torch.log(state.z)
     weight = torch.exp(max_logits(x64, t, train) - log_z).clamp(max=1.0)
     return velocity, weight

@@ -56,3 +56,23 @@ def digits() -> torch.Tensor:
 def random_points() -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     return torch.rand(2000, 48, generator=gen) * 2 - 1
+
+
+def brute_force_knn(queries: torch.Tensor, points: torch.Tensor, k: int):
+    q64 = queries.reshape(queries.shape[0], -1).to(torch.float64)
+    p64 = points.reshape(points.shape[0], -1).to(torch.float64)
+    sq = (q64[:, None, :] - p64[None]).square().sum(-1)
+    values, ids = sq.sort(dim=1, stable=True)
+    return values[:, :k], ids[:, :k]
+
+
+@pytest.fixture(scope="session")
+def sketch_index():
+    """Image-like data large enough for the sketches (d = 768), with exact duplicates."""
+    from knnflow.data import synthetic_images
+
+    points = synthetic_images(3000, (3, 16, 16), seed=3)
+    points[2990:] = points[:10]  # ten duplicated training images: ties at distance 0
+    from knnflow.index import Index
+
+    return Index.build(points), points

@@ -21,9 +21,6 @@ from test_cli import assert_one_line_error, run
 from knnflow.data import load_dataset
 from knnflow.errors import InputError
 from knnflow.index import Index
-from knnflow.models import build_model, count_parameters
-from knnflow.nearest import run_memorization
-from knnflow.sampling import integrate, sample_closed_form
 from knnflow.trainer import (
     CHECKPOINTS,
     TrainConfig,
@@ -36,19 +33,6 @@ from knnflow.trainer import (
 TRAIN = [sys.executable, "-m", "knnflow.cli.main", "train", "digits", "--preset", "tiny",
          "--batch-size", "32", "--steps", "40", "--checkpoint-every", "10", "--log-every", "1",
          "--target", "efm", "--m", "8"]
-
-
-def test_presets_build_and_start_at_zero_velocity():
-    for preset, shape in (("tiny", (1, 8, 8)), ("tiny", (1, 28, 28)), ("mlp", (1, 8, 8))):
-        model = build_model(preset, shape)
-        out = model(torch.randn(3, *shape), torch.rand(3))
-        assert out.shape == (3, *shape) and torch.equal(out, torch.zeros_like(out))
-    # The paper's CIFAR-10 network: 128 channels, mult 1,2,2,2, 2 blocks, attention at 16.
-    assert 34e6 < count_parameters(build_model("cifar", (3, 32, 32))) < 37e6
-    with pytest.raises(InputError, match="choose one of: tiny, cifar, celeba64, mlp"):
-        build_model("huge", (1, 8, 8))
-    with pytest.raises(InputError, match="divisible"):
-        build_model("cifar", (3, 28, 28))
 
 
 def _final_tensors(folder):
@@ -140,27 +124,6 @@ def test_bad_training_options_are_refused(tmp_path, digits):
     assert not (tmp_path / "z").exists()
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "rk4", "dopri5"])
-def test_solvers_follow_a_known_flow(solver):
-    # dx/dt = -x + t from x0 at t = 0: x(t) = t - 1 + (x0 + 1)·e^-t, so x(1) = (x0 + 1)/e.
-    x0 = torch.randn(5, 3, dtype=torch.float64)
-    exact = (x0 + 1) * math.exp(-1.0)
-    got = integrate(lambda x, t: -x + t[:, None], x0, solver=solver, steps=200, atol=1e-9,
-                    rtol=1e-9)
-    tolerance = {"euler": 5e-3, "heun": 1e-5, "rk4": 1e-9, "dopri5": 1e-7}[solver]
-    assert (got - exact).abs().max() < tolerance
-
-
-def test_closed_form_samples_land_on_training_images(tmp_path):
-    images = load_dataset("digits")[:300]
-    index = Index.build(images)
-    samples = sample_closed_form(index, 24, seed=0, steps=50)
-    np.save(tmp_path / "s.npy", samples.numpy())
-    summary, _ = run_memorization(tmp_path / "s.npy", index, out=tmp_path / "m")
-    assert summary["memorized"]["fraction"] == 1.0
-    assert summary["d1"]["max"] < 1e-3 * summary["reference"]["mean"]
-
-
 def test_sample_command_writes_pngs_grid_and_npz(tmp_path):
     train(TrainConfig(preset="mlp", batch_size=8, steps=3, checkpoint_every=3, sample_every=3),
           tmp_path / "r")
@@ -235,32 +198,6 @@ def test_targets_draw_apart_from_the_batches():
     for (t_c, c, _), (t_e, e, _) in zip(batches["cfm"], batches["efm"], strict=True):
         assert torch.equal(t_c, t_e) and torch.equal(c.x_t, e.x_t)
         assert not torch.equal(c.target, e.target)
-
-
-def test_closed_form_and_network_sampling_share_noises():
-    """With one seed, `sample --closed-form` starts from the noises `sample RUN` uses (the
-    integrator is watched to see the starting points)."""
-    from knnflow import sampling as sample_module
-
-    seen = []
-    real = sample_module.integrate
-
-    def spy(velocity, x0, *args, **kwargs):
-        seen.append(x0.to(torch.float32).clone())
-        return real(velocity, x0, *args, **kwargs)
-
-    from knnflow.index import Index
-
-    images = torch.rand(40, 1, 4, 4) * 2 - 1
-    sample_module.integrate = spy
-    try:
-        sample_module.sample_closed_form(Index.build(images), 5, seed=7, steps=2)
-        zero = torch.nn.Bilinear(1, 1, 1)  # any module taking (x, t); only x0 is looked at
-        zero.forward = lambda x, t: torch.zeros_like(x)
-        sample_module.sample_model(zero, 5, (1, 4, 4), seed=7, steps=2)
-    finally:
-        sample_module.integrate = real
-    assert torch.equal(seen[0].reshape(5, 1, 4, 4), seen[1])
 
 
 def test_resume_refuses_what_would_not_continue_the_run(tmp_path):

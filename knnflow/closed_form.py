@@ -413,7 +413,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
         xr, tr, sr = (x64, t, s) if every else (x64[rows], t[rows], s[rows])
         points = train.points.to(torch.float32)
         sq = train.sq_norms.to(torch.float32)
-        logits = _screen32(xr, tr, sr, points, sq)
+        logits = screened_logits(xr, tr, sr, points, sq)
         top, first = logits.max(dim=1)
         weights = logits.sub_(top[:, None]).clamp_(min=-floor).exp_()
         z = weights.sum(dim=1).to(torch.float64)
@@ -441,7 +441,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
         # per row near t = 1, computed exactly from differences (the rest take the float64
         # GEMM below).
         rows = coarse.nonzero().squeeze(1)
-        logits = _screen32(x64[rows], t[rows], s[rows], train.points.to(torch.float32),
+        logits = screened_logits(x64[rows], t[rows], s[rows], train.points.to(torch.float32),
                            train.sq_norms.to(torch.float32))
         top = logits.amax(dim=1).to(torch.float64)
         # (the threshold's own float32 rounding, a few units in the last place of the top)
@@ -485,7 +485,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
     return state, rest
 
 
-def _screen32(x64: Tensor, t: Tensor, s: Tensor, points: Tensor, sq: Tensor) -> Tensor:
+def screened_logits(x64: Tensor, t: Tensor, s: Tensor, points: Tensor, sq: Tensor) -> Tensor:
     """float32 screened logits 2st⟨x, x_j⟩ - st²‖x_j‖² (B, n) over float32 points and norms;
     with one t for the batch its scalars fold into the GEMM."""
     if bool((t == t[0]).all()):

@@ -44,6 +44,7 @@ from knnflow.closed_form import (
     DEFAULT_CHUNK,
     TrainingSet,
     closed_form_state,
+    screened_logits,
     velocity_from_denoiser,
 )
 from knnflow.errors import InputError
@@ -195,12 +196,12 @@ def max_logits(x64: Tensor, t: float, train: TrainingSet,
     t64 = torch.full((batch,), t, dtype=torch.float64)
     proven, _ = screening_error_bound(x64.norm(dim=1), t64, train.max_norm, dim, torch.float32,
                                       x64.device)
-    query = (2 * s * t * x64).to(torch.float32)
+    s64 = torch.full((batch,), s, dtype=torch.float64)
     best = torch.full((batch,), -math.inf, dtype=torch.float64)
     for start in range(0, train.n, chunk_size):
         chunk = train.points[start:start + chunk_size]
         norms = train.sq_norms[start:start + chunk_size].to(torch.float32)
-        screened = torch.addmm(-(s * t * t) * norms[None, :], query, chunk.to(torch.float32).T)
+        screened = screened_logits(x64, t64, s64, chunk.to(torch.float32), norms)
         top = screened.amax(dim=1).to(torch.float64)
         live = screened.to(torch.float64) >= (top - 2 * proven)[:, None]
         rows, cols = live.nonzero().unbind(1)

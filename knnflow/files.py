@@ -16,15 +16,6 @@ from knnflow.errors import InputError
 # Every folder knnflow writes holds this file, naming its kind (index, run, samples, ...):
 # --overwrite replaces only a folder of the command's own kind, or an empty one.
 MARKER = ".knnflow.json"
-# Folders written before the marker existed are recognised by what they hold.
-LEGACY_KINDS = (("index", "manifest.json", ("format_version", "data_sha256")),
-                ("run", "config.json", ("preset", "target", "image_shape")),
-                ("samples", "sampling.json", ()),
-                ("classifier", "classifier.json", ("architecture", "sha256")),
-                ("memorization", "memorization.csv", ()),
-                ("collapse", "collapse.csv", ()),
-                ("velocity-error", "velocity_error.csv", ()),
-                ("hybrid", "hybrid.csv", ()))
 
 
 def folder_kind(folder: Path) -> str | None:
@@ -32,20 +23,7 @@ def folder_kind(folder: Path) -> str | None:
     try:
         return str(json.loads((folder / MARKER).read_text())["kind"])
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    for kind, name, keys in LEGACY_KINDS:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if not keys:
-            return kind
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(content, dict) and all(key in content for key in keys):
-            return kind
-    return None
+        return None
 
 
 def write_marker(folder: Path, kind: str) -> None:

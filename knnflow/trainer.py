@@ -43,13 +43,10 @@ from knnflow.training_sets import dataset_slug
 
 CHECKPOINTS = "checkpoints"
 LOSS_PLOT = "loss.png"
-# Fields that may differ when resuming: more steps, and how often things are written.
 # Seeds of process R's own draws (dropout, the target's) are offset by R times this.
 RANK_SEED_STRIDE = 7919
+# Fields that may differ when resuming: more steps, and how often things are written.
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints"}
-# Options added after runs were saved, with the value that gives those runs' behaviour (which
-# may differ from the new default): knn-efm certified every row before --knn-route existed.
-LEGACY_VALUES = {"knn_route": "certify"}
 
 
 @dataclass
@@ -305,7 +302,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     if resume and overwrite:
         raise InputError("--resume continues a run and --overwrite deletes it: pass one of them")
     if resume:
-        saved = {**LEGACY_VALUES, **run.read_config()}
+        saved = run.read_config()
         if explicit is not None:
             known = {f.name for f in fields(TrainConfig)}
             config = TrainConfig(**{**{k: v for k, v in saved.items() if k in known},

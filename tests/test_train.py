@@ -282,23 +282,6 @@ def test_knn_route_floors_are_kept_in_checkpoints(tmp_path, monkeypatch):
         train(TrainConfig(**{**config.__dict__, "knn_route": "fastest"}), tmp_path / "bad")
 
 
-def test_a_run_from_before_a_new_option_resumes_as_it_ran(tmp_path):
-    """A config.json written before --knn-route existed resumes with the behaviour it had
-    (certify), not the new default; asking for another route is refused by name."""
-    config = TrainConfig(preset="mlp", batch_size=8, steps=2, checkpoint_every=2)
-    train(config, tmp_path / "r")
-    path = tmp_path / "r" / "config.json"
-    saved = json.loads(path.read_text())
-    del saved["knn_route"]
-    path.write_text(json.dumps(saved))
-    with pytest.raises(InputError, match="knn_route: 'certify' → 'auto'"):
-        train(TrainConfig(**{**config.__dict__, "steps": 3}), tmp_path / "r", resume=True)
-    logged = train(TrainConfig(**{**config.__dict__, "steps": 3}), tmp_path / "r", resume=True,
-                   explicit={"steps"})  # as the command line resumes: the saved config
-    assert [m.step for m in logged] == [3]
-    assert json.loads(path.read_text())["knn_route"] == "certify"
-
-
 def test_a_process_share_of_the_batch_is_its_rows_of_the_whole_batch():
     """Under DDP every process draws the whole batch and keeps its rows: two streams with
     rows 0-7 and 8-15 give the halves of one stream's batch of 16 (x_t and target), and the

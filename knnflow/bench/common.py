@@ -149,7 +149,7 @@ def bench_index(dataset: str | None, root: str | None, limit: int | None,
                                 if described.get("limit") else "the whole train split")
                              + "; leave --limit out with --index")
         recorded = described.get("size")
-        if recorded is None and name in SIZED_LOADERS:  # an index from before size was kept
+        if recorded is None and name in SIZED_LOADERS:  # the default size is kept as None
             recorded = index.image_shape[-1]
         if size is not None and size != recorded:
             raise InputError(f"--size {size} contradicts the index, built on "

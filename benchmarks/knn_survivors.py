@@ -15,7 +15,7 @@ import sys
 import torch
 
 from knnflow.data import load_dataset
-from knnflow.estimators import KNNVelocity
+from knnflow.estimators import KNNVelocity, SearchBudgets
 from knnflow.index import Index
 from knnflow.prune import SketchScanner
 
@@ -32,8 +32,8 @@ def main() -> None:
     times = [float(v) for v in (sys.argv[2] if len(sys.argv) > 2
                                 else "0.2,0.3,0.35,0.4,0.5").split(",")]
     held = load_dataset("synthetic", split="test").reshape(10000, -1)
-    estimator = KNNVelocity(index, tol=1e-4, calibrate=False, coarse_budget=1.0,
-                            exact_budget=1.0)
+    estimator = KNNVelocity(index, tol=1e-4, calibrate=False,
+                            budgets=SearchBudgets(coarse=1.0, exact=1.0))
     found = {}
     scan, fine = SketchScanner.seeded_scan, SketchScanner.fine_filter
 

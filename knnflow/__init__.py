@@ -20,7 +20,7 @@ _HOMES = {
                             "velocity_from_score"),
     "knnflow.data": ("load_dataset",),
     "knnflow.errors": ("IndexMismatchError", "InputError", "KnnflowError", "MissingFileError"),
-    "knnflow.estimators": ("ExactVelocity", "KNNVelocity", "VelocityOutput"),
+    "knnflow.estimators": ("ExactVelocity", "KNNVelocity", "SearchBudgets", "VelocityOutput"),
     "knnflow.index": ("Index",),
     "knnflow.targets": ("TargetBatch", "make_target"),
     "knnflow.topk": ("TopKVelocity",),

@@ -124,6 +124,21 @@ AUTO_TIMED_SIZE = 10**7
 LIVE_NATS_MIN = 20.0
 
 
+@dataclass(frozen=True)
+class SearchBudgets:
+    """How much of the data KNNVelocity's certified search may read per query.
+
+    seeds: points of smallest coarse lower bound read in full first; coarse: the largest
+    fraction of n (at least 512 points) that may survive the coarse sketch, exact: of the fine
+    one (at least 128), before the query falls back; scan_chunk: points per sketch-scan GEMM.
+    """
+
+    seeds: int = 4
+    coarse: float = 0.1
+    exact: float = 0.05
+    scan_chunk: int = 8192
+
+
 class KNNVelocity:
     """û* from the training points near x/t, exact or within a proven bound.
 
@@ -131,7 +146,7 @@ class KNNVelocity:
     matter belong to the nearest neighbours of q = x/t. Per query:
 
     1. The coarse sketch (sketch.py) gives a proven lower bound L_j ≤ ‖q - x_j‖² for every
-       point from ~128 numbers; the `seeds` points of smallest L_j get exact distances, the
+       point from ~128 numbers; the `budgets.seeds` points of smallest L_j get exact distances, the
        smallest is d_b².
     2. Every point is left out whose lower bound exceeds thr = d_b² + Δ, with Δ chosen from
        tol (a left-out point has weight below e^(-s·t²·Δ) of the best one). The coarse
@@ -144,9 +159,9 @@ class KNNVelocity:
        a training point from the mean. That is error_bound.
     4. A query falls back to the exact engine (bound 0) when t is below the calibrated floor
        (below, see `calibrate`) or below 1e-3, when more than
-       `coarse_budget`·n points (at least 512) survive the coarse sketch (the fine filter
+       `budgets.coarse`·n points (at least 512) survive the coarse sketch (the fine filter
        costs about a fifth of an exact pair per point, so this budget is loose) or
-       `exact_budget`·n (at least 128) the fine one, or when the bound exceeds
+       `budgets.exact`·n (at least 128) the fine one, or when the bound exceeds
        tol·‖velocity‖. The exact engine's bound 0 assumes full float32 matmuls (torch's
        default): with TF32 or bf16 matmuls switched on it warns, and its dense sums are only
        ~1e-3 accurate; the certified rows' bounds account for such settings.
@@ -189,9 +204,7 @@ class KNNVelocity:
     """
 
     def __init__(self, index: Index, tol: float = 1e-4, *, data: Tensor | None = None,
-                 seeds: int = 4,
-                 coarse_budget: float = 0.1, exact_budget: float = 0.05,
-                 scan_chunk: int = 8192, fallback: str = "exact",
+                 budgets: SearchBudgets | None = None, fallback: str = "exact",
                  device: torch.device | str | None = None, calibrate: bool = True,
                  search_device: torch.device | str | None = None, route: str = "auto",
                  floors: tuple[float, float] | None = None, group=None):
@@ -221,6 +234,8 @@ class KNNVelocity:
                                     coarse_points=index.sketches.coarse_points[rows],
                                     fine_points=None if index.sketches.fine_points is None
                                     else index.sketches.fine_points[rows])
+        budgets = budgets or SearchBudgets()
+        seeds = budgets.seeds
         self.seeds = max(1, min(seeds, self.train.n))
         # Seeds read in full per query, over all processes (for `evaluated`).
         self.all_seeds = self.seeds
@@ -229,8 +244,8 @@ class KNNVelocity:
             shards = [shard_range(index.n, r, world) for r in range(world)]
             self.all_seeds = sum(max(1, min(seeds, s.stop - s.start)) for s in shards)
         # Small data sets get absolute floors: gathering a few hundred points costs little.
-        self.coarse_budget = max(512, int(coarse_budget * self.train.n))
-        self.exact_budget = max(128, int(exact_budget * self.train.n))
+        self.coarse_budget = max(512, int(budgets.coarse * self.train.n))
+        self.exact_budget = max(128, int(budgets.exact * self.train.n))
         self.exact = ExactVelocity(self.train, device=device, group=group)
         self.search_device = torch.device(search_device or "cpu")
         # The kept set and the seeds are read from the training points on the search device.
@@ -243,7 +258,7 @@ class KNNVelocity:
         else:
             self.search_train = training_set_of(self.train, self.search_device)
         self.last_stats: dict[str, float] = {}
-        self.scanner = SketchScanner(self.sketches, scan_chunk, self.search_device,
+        self.scanner = SketchScanner(self.sketches, budgets.scan_chunk, self.search_device,
                                      plan_n=index.n)
         if route == "auto":
             large = index.n * index.dim >= AUTO_TIMED_SIZE

@@ -21,6 +21,11 @@ estimated from its posterior spread (`_float32_error`); the largest screened wei
 exact in float64 (from x - t·x_j where the dot form would round) until the estimate meets
 ACCURACY_TARGET, and rows that still exceed FLOAT64_TARGET are computed again with every
 live weight exact. Rows with few live weights per chunk get exact weights directly.
+
+The streaming pass, the one-pass path for small sets, the candidate heads and the dense sums
+are one algorithm sharing per-chunk state and one error budget, so they stay in this module;
+the mergeable state (softmax.py), the pair evaluation (pairs.py) and the rounding bounds
+(rounding.py) stand alone.
 """
 
 from __future__ import annotations

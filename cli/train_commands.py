@@ -119,14 +119,10 @@ def train_command(
     metrics.jsonl, checkpoints/, progress/). Under torchrun (torchrun --standalone
     --nproc_per_node N -m knnflow.cli.main train ...) the N processes share each batch (DDP;
     NCCL with --device cuda, one GPU each, gloo on CPUs)."""
+    from knnflow.checkpoints import newest_checkpoint_step
     from knnflow.devices import resolve_device
     from knnflow.distributed import init_from_env, leave_group, rank_and_world
-    from knnflow.trainer import (
-        config_from_options,
-        default_run_folder,
-        newest_checkpoint_step,
-        train,
-    )
+    from knnflow.trainer import config_from_options, default_run_folder, train
 
     options = {k: v for k, v in locals().items()
                if k not in ("ctx", "threads", "as_json", "tensorboard")}

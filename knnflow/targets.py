@@ -38,7 +38,7 @@ from knnflow.closed_form import (
     velocity_from_denoiser,
 )
 from knnflow.errors import IndexMismatchError, InputError
-from knnflow.estimators import ExactVelocity, KNNVelocity
+from knnflow.estimators import ExactVelocity, KNNVelocity, SearchBudgets
 from knnflow.index import Index, training_set_of
 from knnflow.pairs import ExactPairs
 from knnflow.softmax import SoftmaxState
@@ -316,7 +316,7 @@ class KNNEFMTarget(Target):
         # and the EFM fallback run on `device`. route: see KNNVelocity (auto: on a GPU, t bins
         # where the exact engine is faster than certifying go to it).
         self.device = torch.device(device)
-        self.estimator = KNNVelocity(index, tol=tol, exact_budget=budget,
+        self.estimator = KNNVelocity(index, tol=tol, budgets=SearchBudgets(exact=budget),
                                      fallback="exact" if fallback == "exact" else "none",
                                      device=self.device, search_device=search_device,
                                      route=route, group=group)

@@ -17,31 +17,37 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from knnflow.batches import BatchStream
+from knnflow.checkpoints import (
+    CHECKPOINTS,
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+    split_state,
+)
 from knnflow.choices import ROUTES as KNN_ROUTES
 from knnflow.data import dataset_sources, load_dataset
 from knnflow.distributed import rank_and_world, shard_of
 from knnflow.errors import IndexMismatchError, InputError
-from knnflow.files import check_output_folder, sha256_file, write_marker
+from knnflow.files import check_output_folder, write_marker
 from knnflow.images import with_flips
 from knnflow.index import Index, points_sha256
 from knnflow.models.presets import PRESETS
 from knnflow.models.unet import build_model, count_parameters
-from knnflow.sampling import grid_scale, image_grid, sample_model, save_image
+from knnflow.run_logs import plot_loss, progress_grid, summary_writer_class, tensorboard_writer
 from knnflow.targets import make_target
 from knnflow.training_sets import dataset_slug
 
-CHECKPOINTS = "checkpoints"
 LOSS_PLOT = "loss.png"
 # Seeds of process R's own draws (dropout, the target's) are offset by R times this.
 RANK_SEED_STRIDE = 7919
@@ -118,87 +124,6 @@ def config_differences(saved: dict, current: TrainConfig) -> list[str]:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer, rng_states: dict[str, Tensor],
-                    keep: int, extra: dict | None = None) -> Path:
-    """checkpoints/step_N.safetensors (model, EMA, Adam moments, RNG states), then
-    step_N.json naming its sha256 (plus `extra`, the target's state): the JSON is the commit
-    mark."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
-    opt_state = optimizer.state_dict()
-    for pid, state in opt_state["state"].items():
-        for key, value in state.items():
-            tensors[f"opt.{pid}.{key}"] = torch.as_tensor(value).contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors.update(rng_states)  # the batch stream's generators (BatchStream.next)
-    if next(model.parameters()).is_cuda:  # dropout draws from the GPU's generator
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    weights = folder / f"step_{step}.safetensors"
-    _write_atomic(weights, lambda p: save_file(tensors, str(p)))
-    meta = {**(extra or {}), "step": step, "sha256": sha256_file(weights),
-            "param_groups": opt_state["param_groups"]}
-    _write_atomic(folder / f"step_{step}.json",
-                  lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    for old in complete_checkpoints(folder)[:-keep]:
-        old.with_suffix(".safetensors").unlink(missing_ok=True)
-        old.unlink(missing_ok=True)
-    return weights
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """The JSON marks of checkpoints, oldest first (their tensors are checked on load)."""
-    if not folder.is_dir():
-        return []
-    marks = [p for p in folder.glob("step_*.json") if p.stem[5:].isdigit()]
-    return sorted(marks, key=lambda p: int(p.stem[5:]))
-
-
-def load_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]] | None:
-    """The newest checkpoint whose tensors match its JSON's sha256, or None; a damaged newer
-    one is skipped with a warning naming it."""
-    from safetensors.torch import load_file
-
-    damaged = []
-    for mark in reversed(complete_checkpoints(folder)):
-        weights = mark.with_suffix(".safetensors")
-        try:
-            meta = json.loads(mark.read_text())
-            if weights.is_file() and sha256_file(weights) == meta["sha256"]:
-                if damaged:
-                    warnings.warn(f"skipped damaged checkpoint(s) {', '.join(damaged)}; using "
-                                  f"{weights.name} (step {meta['step']})", stacklevel=2)
-                return meta, load_file(str(weights))
-        except (json.JSONDecodeError, KeyError, OSError):
-            pass
-        damaged.append(weights.name)
-    return None
-
-
-def _split_state(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
-                      param_groups: list[dict]) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, value in _split_state(tensors, "opt.").items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 # --------------------------------------------------------------------------- training
@@ -295,7 +220,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
 
     folder = Path(folder)
     if tensorboard:
-        _summary_writer_class()  # a missing package is refused before the run starts
+        summary_writer_class()  # a missing package is refused before the run starts
     run = Run(folder)
     checkpoint = None
     rank, world = rank_and_world()
@@ -387,8 +312,8 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     start = 0
     if checkpoint is not None:
         meta, tensors = checkpoint
-        net.load_state_dict(_split_state(tensors, "model."))
-        ema.load_state_dict(_split_state(tensors, "ema."))
+        net.load_state_dict(split_state(tensors, "model."))
+        ema.load_state_dict(split_state(tensors, "ema."))
         restore_optimizer(optimizer, tensors, meta["param_groups"])
         torch.set_rng_state(tensors[mine + "rng.torch"])
         data_gen.set_state(tensors["rng.data"])
@@ -428,7 +353,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                       f"the learning rate reaches only {config.steps / config.warmup:.0%} of "
                       f"--lr {config.lr:g}; pass --warmup {config.steps // 10} (a tenth of "
                       "the run) for a run this short", stacklevel=2)
-    writer = _tensorboard_writer(folder, start) if tensorboard and rank == 0 else None
+    writer = tensorboard_writer(folder, start) if tensorboard and rank == 0 else None
     logged: list[StepMetrics] = []
     share = config.batch_size // world
     stream = BatchStream(images, target, config.batch_size, config.flip, data_gen,
@@ -476,7 +401,7 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                               f"every {config.log_every} steps)")
             if rank == 0 and config.sample_every and (done % config.sample_every == 0
                                                       or done == config.steps):
-                _progress_grid(ema, image_shape, folder / "progress" / f"step_{done}.png", device)
+                progress_grid(ema, image_shape, folder / "progress" / f"step_{done}.png", device)
             if progress and rank == 0:
                 progress({"step": done, "steps": config.steps, "loss": loss_value})
     if writer is not None:
@@ -484,25 +409,6 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     if world > 1:
         dist.barrier()  # every process returns once process 0 has written the last checkpoint
     return logged
-
-
-TENSORBOARD = "tensorboard"
-
-
-def _summary_writer_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise InputError("--tensorboard needs the tensorboard package: pip install "
-                         "'knnflow[tensorboard]'") from None
-    return SummaryWriter
-
-
-def _tensorboard_writer(folder: Path, start: int):
-    """A SummaryWriter on FOLDER/tensorboard; events past `start` (a resumed run's
-    checkpoint) are purged."""
-    return _summary_writer_class()(str(folder / TENSORBOARD),
-                                   purge_step=start if start else None)
 
 
 def _batch_means(values: Tensor, world: int) -> list[float]:
@@ -533,95 +439,6 @@ def _gather_rank_states(extra: dict, tensors: dict[str, Tensor], rank: int, worl
         tensors.update({f"rank{r}.{k}": v for k, v in gathered[r]["tensors"].items()})
         ranks[str(r)] = gathered[r]["state"]
     return {**extra, "ranks": ranks}, tensors
-
-
-class BatchStream:
-    """A run's training batches in order: x1 (random flips under --flip), x0, t from one CPU
-    generator, then the target, whose own draws come from `target_generator` (default: the
-    same generator).
-
-    With prefetch (on GPUs), the next batch and its target are computed in a background thread
-    while the current one trains, so a target computed on the CPU (knn-efm's certified search)
-    overlaps the network's step. The draws happen in the same order either way, so a run is the
-    same with and without prefetch. rows: under DDP, the rows of every batch this process
-    trains on (all processes draw the whole batch, so they stay in step); next() returns the
-    generators' states after the batch
-    ({"rng.data": ..., "rng.target": ...}, one entry when they are the same generator), which
-    is what a checkpoint taken after that batch must hold.
-    """
-
-    def __init__(self, images: Tensor, target, batch_size: int, flip: bool,
-                 generator: torch.Generator, prefetch: bool = False,
-                 target_generator: torch.Generator | None = None, rows: slice | None = None):
-        self.rows = rows
-        self.flat = images.reshape(len(images), -1)
-        self.image_shape = tuple(images.shape[1:])
-        self.target, self.batch_size, self.flip = target, batch_size, flip
-        self.generator = generator
-        self.target_generator = target_generator if target_generator is not None else generator
-        self.pool = None
-        self.pending = None
-        self.stream = None
-        if prefetch:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnflow-batch")
-            if target.device.type == "cuda":  # the target's GPU work on its own stream
-                self.stream = torch.cuda.Stream(target.device)
-
-    def _make(self):
-        gen = self.generator
-        ids = torch.randint(len(self.flat), (self.batch_size,), generator=gen)
-        x1 = self.flat[ids].reshape(-1, *self.image_shape).clone()
-        if self.flip:
-            flips = torch.rand(self.batch_size, generator=gen) < 0.5
-            x1[flips] = x1[flips].flip(-1)
-        x0 = torch.randn(x1.shape, generator=gen)
-        t = torch.rand(self.batch_size, generator=gen)
-        # This process's share of the batch (all draw all of it); a target over sharded data
-        # is computed for the whole batch on every process, then shared out.
-        whole = getattr(self.target, "whole_batch", False)
-        if self.rows is not None and not whole:
-            x1, x0, t = x1[self.rows], x0[self.rows], t[self.rows]
-        draws = self.target_generator
-        if self.stream is None:
-            batch = self.target(x0, x1, t, generator=draws)
-        else:
-            with torch.cuda.stream(self.stream):
-                batch = self.target(x0, x1, t, generator=draws)
-        if self.rows is not None and whole:
-            t = t[self.rows]
-            batch = replace(batch, x_t=batch.x_t[self.rows], target=batch.target[self.rows])
-        states = {"rng.data": gen.get_state()}
-        if draws is not gen:
-            states["rng.target"] = draws.get_state()
-        return t, batch, states
-
-    def next(self) -> tuple[Tensor, object, Tensor]:
-        """(t, TargetBatch, the generators' states after this batch)."""
-        if self.pool is None:
-            return self._make()
-        current = self.pending.result() if self.pending is not None else self._make()
-        if self.stream is not None:
-            # The training stream reads tensors made on the target's stream: wait for it
-            # (before the next batch queues work there), and keep the allocator from reusing
-            # their memory until the training stream is done with them.
-            main = torch.cuda.current_stream(self.stream.device)
-            main.wait_stream(self.stream)
-            for tensor in (current[1].x_t, current[1].target):
-                if tensor.is_cuda:
-                    tensor.record_stream(main)
-        self.pending = self.pool.submit(self._make)
-        return current
-
-    def __enter__(self) -> BatchStream:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            if self.pending is not None:
-                self.pending.cancel()
-            self.pool.shutdown(wait=True)
 
 
 def optimizer_step(model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
@@ -676,60 +493,6 @@ def default_run_folder(dataset: str, target: str) -> Path:
     return Path("runs") / f"{dataset_slug(dataset)}-{target}"
 
 
-def newest_checkpoint_step(folder: Path) -> int | None:
-    """The step of a run's newest complete checkpoint, or None."""
-    marks = complete_checkpoints(folder / CHECKPOINTS) if (folder / CHECKPOINTS).is_dir() else []
-    for mark in reversed(marks):
-        try:
-            return int(json.loads(mark.read_text())["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
-def plot_loss(metrics_path: Path, path: Path, title: str) -> None:
-    """The logged loss against step (log scale when positive) from metrics.jsonl, written
-    to `path` through a temporary file (a crash leaves the previous picture)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, losses = [], []
-    for line in metrics_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-            steps.append(int(entry["step"]))
-            losses.append(float(entry["loss"]))
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by a crash
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    ax.plot(steps, losses, marker="o" if len(steps) < 30 else None, ms=3, lw=1)
-    if losses and min(losses) > 0:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean squared error)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _progress_grid(model: nn.Module, image_shape: tuple[int, ...], path: Path,
-                   device: str) -> None:
-    """A 64-sample grid from the EMA model (Euler, 50 steps), without disturbing the RNGs."""
-
-    state = torch.get_rng_state()
-    samples = sample_model(model, 64, image_shape, seed=0, steps=50, device=device)
-    torch.set_rng_state(state)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(image_grid(samples), path, grid_scale(image_shape[1]) if len(image_shape) == 3
-               else 1)
-
-
 def load_run_model(folder: Path, use_ema: bool = True,
                    device: str = "cpu") -> tuple[nn.Module, dict]:
     """The network of a run's newest complete checkpoint (EMA weights by default)."""
@@ -742,7 +505,7 @@ def load_run_model(folder: Path, use_ema: bool = True,
         raise InputError(f"{folder} has no complete checkpoint in {Path(folder) / CHECKPOINTS}")
     meta, tensors = checkpoint
     model = build_model(record["preset"], tuple(record["image_shape"])).to(device)
-    model.load_state_dict(_split_state(tensors, "ema." if use_ema else "model."))
+    model.load_state_dict(split_state(tensors, "ema." if use_ema else "model."))
     model.eval()
     return model, {**record, "checkpoint_step": meta["step"]}
 

@@ -18,17 +18,11 @@ import pytest
 import torch
 from test_cli import assert_one_line_error, run
 
+from knnflow.checkpoints import CHECKPOINTS, complete_checkpoints, load_checkpoint
 from knnflow.data import load_dataset
 from knnflow.errors import InputError
 from knnflow.index import Index
-from knnflow.trainer import (
-    CHECKPOINTS,
-    TrainConfig,
-    complete_checkpoints,
-    load_checkpoint,
-    load_run_model,
-    train,
-)
+from knnflow.trainer import TrainConfig, load_run_model, train
 
 TRAIN = [sys.executable, "-m", "knnflow.cli.main", "train", "digits", "--preset", "tiny",
          "--batch-size", "32", "--steps", "40", "--checkpoint-every", "10", "--log-every", "1",
@@ -161,9 +155,9 @@ def test_knn_efm_with_flips_trains_on_a_flip_index(tmp_path):
 
 def test_prefetched_batches_equal_the_plain_stream():
     """The background thread draws in the same order: same batches, same generator states."""
+    from knnflow.batches import BatchStream
     from knnflow.data import load_dataset
     from knnflow.targets import make_target
-    from knnflow.trainer import BatchStream
 
     images = load_dataset("digits")
     target = make_target("efm", data=images.reshape(len(images), -1), m=16)
@@ -183,9 +177,9 @@ def test_prefetched_batches_equal_the_plain_stream():
 def test_targets_draw_apart_from_the_batches():
     """With one seed, cfm and efm train on the same (x0, x1, t): EFM's candidate draws come
     from the target's own generator, so they do not shift the next batches."""
+    from knnflow.batches import BatchStream
     from knnflow.data import load_dataset
     from knnflow.targets import make_target
-    from knnflow.trainer import BatchStream
 
     images = load_dataset("digits")
     flat = images.reshape(len(images), -1)
@@ -286,8 +280,8 @@ def test_a_process_share_of_the_batch_is_its_rows_of_the_whole_batch():
     """Under DDP every process draws the whole batch and keeps its rows: two streams with
     rows 0-7 and 8-15 give the halves of one stream's batch of 16 (x_t and target), and the
     generators stay in step."""
+    from knnflow.batches import BatchStream
     from knnflow.targets import make_target
-    from knnflow.trainer import BatchStream
 
     images = load_dataset("digits", limit=100)
     target = make_target("cfm")
@@ -404,7 +398,7 @@ def test_train_and_sample_take_threads_and_device_auto(tmp_path):
 def test_loss_plot_survives_a_line_cut_by_a_crash(tmp_path):
     from PIL import Image
 
-    from knnflow.trainer import plot_loss
+    from knnflow.run_logs import plot_loss
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
+from knnflow.batches import BatchStream
 from knnflow.bench.common import Progress, bench_index, faiss_device
 from knnflow.devices import resolve_device
 from knnflow.errors import InputError
 from knnflow.models import build_model, count_parameters
 from knnflow.targets import make_target
 from knnflow.timing import sync as _sync
-from knnflow.trainer import BatchStream, TrainConfig, lr_at, optimizer_step
+from knnflow.trainer import TrainConfig, lr_at, optimizer_step
 
 TRAIN_TARGETS = ("cfm", "efm-128", "knn-efm", "exact")
 

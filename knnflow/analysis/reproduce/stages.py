@@ -13,10 +13,10 @@ from pathlib import Path
 
 from knnflow.analysis.reproduce.budgets import Budget
 from knnflow.analysis.reproduce.common import MARKER
+from knnflow.checkpoints import CHECKPOINTS, complete_checkpoints
 from knnflow.data import dataset_sources
 from knnflow.errors import InputError
 from knnflow.files import refuse_inputs
-from knnflow.trainer import CHECKPOINTS, complete_checkpoints
 
 
 def digest(value) -> str:

@@ -10,9 +10,6 @@ import typer
 from rich.table import Table
 
 from knnflow.choices import MEMORIZATION_REFERENCE
-from knnflow.data import dataset_sources
-from knnflow.errors import InputError
-from knnflow.files import check_output_folder
 
 from .console import console, err_console, progress_bar
 
@@ -61,50 +58,24 @@ def memorization(
     """How close generated samples lie to the training set: d1, d2, the ratio test and a
     train-to-train reference, written to memorization.csv, summary.json, histogram.png and
     nearest.png."""
-    from knnflow.nearest import default_out, parse_threshold, run_memorization
-    from knnflow.training_sets import (
-        cached_index_folder,
-        open_index,
-        open_recorded_index,
-        recorded_training_set,
-    )
+    from knnflow.api import memorization as score
 
     def log(text: str) -> None:
         if not as_json:
             err_console.print(text, soft_wrap=True)
 
-    parse_threshold(threshold)  # options first, then the output folder
-    for option, value, least in (("--batch-size", batch_size, 1), ("--k", k, 2),
-                                 ("--reference-size", reference_size, 1)):
-        if value < least:
-            raise InputError(f"{option} must be at least {least}, got {value}"
-                             + (" (the ratio test needs d2)" if option == "--k" else ""))
-    cached = None if dataset is None else cached_index_folder(dataset,
-                                                             approximate=approximate)
-    target = check_output_folder(out if out is not None else default_out(samples), overwrite,
-                                 "memorization", [samples, index, cached,
-                                                  *dataset_sources(dataset, root)])
     with progress_bar() as progress:
-        if index is None and dataset is None:
-            opened, compared = open_recorded_index(recorded_training_set(samples),
-                                                   approximate, progress, log)
-        else:
-            opened = open_index(index, dataset, root, approximate, progress, log)
-            compared = f"{index}" if index is not None else f"{dataset}, as asked"
-        if approximate and opened.kind == "flat" and not as_json:
-            err_console.print("note: a flat index searches exactly; --approximate changes "
-                              "nothing")
-        summary, folder = run_memorization(
-            samples, opened, threshold=threshold, k=k, out=target, approximate=approximate,
-            resize=resize, reference_size=reference_size, batch_size=batch_size,
-            overwrite=overwrite, progress=progress)
+        summary = score(samples, index=index, dataset=dataset, root=root, threshold=threshold,
+                        k=k, out=out, approximate=approximate, resize=resize,
+                        reference_size=reference_size, batch_size=batch_size,
+                        overwrite=overwrite, progress=progress, log=log)
+    folder, compared = summary.pop("report"), summary["compared_against"]
     for grid in summary["skipped_grids"]:
         err_console.print(f"note: skipped {grid}, the grid picture knnflow sample writes "
                           "beside its samples", soft_wrap=True)
     if summary["skipped_files"]:
         err_console.print(f"warning: skipped {summary['skipped_files']} files that are not "
                           "images")
-    summary["compared_against"] = compared
     if index is None and dataset is None and not as_json:
         err_console.print(f"note: compared against {compared}; pass --index DIR or "
                           "--dataset NAME to pick another training set", soft_wrap=True)

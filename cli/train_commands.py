@@ -14,7 +14,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from knnflow.choices import EFM_POOLS, KNN_FALLBACKS, SOLVERS, TARGETS
 from knnflow.choices import ROUTES as KNN_ROUTES
 from knnflow.errors import InputError
-from knnflow.files import check_output_folder
 from knnflow.models.presets import PRESETS
 from knnflow.threads import cpu_threads
 
@@ -24,14 +23,8 @@ from .threads import ThreadsOption
 PRESET_LIST = "; ".join(f"{name}: {preset.summary}" for name, preset in PRESETS.items())
 
 
-def built_knn_index(dataset: str, root: Path | None, limit: int | None, flip: bool) -> Path:
-    """knn-efm's default index (training_sets.default_knn_index), built with a progress bar
-    and one line when missing."""
-    from knnflow.training_sets import default_knn_index
-
-    with progress_bar() as progress:
-        return default_knn_index(dataset, root, limit, flip, progress,
-                                 log=lambda text: err_console.print(text, soft_wrap=True))
+def note(text: str) -> None:
+    err_console.print(text, soft_wrap=True)
 
 
 def train_command(
@@ -119,24 +112,20 @@ def train_command(
     metrics.jsonl, checkpoints/, progress/). Under torchrun (torchrun --standalone
     --nproc_per_node N -m knnflow.cli.main train ...) the N processes share each batch (DDP;
     NCCL with --device cuda, one GPU each, gloo on CPUs)."""
+    from knnflow.api import training_config
     from knnflow.checkpoints import newest_checkpoint_step
     from knnflow.devices import resolve_device
     from knnflow.distributed import init_from_env, leave_group, rank_and_world
-    from knnflow.trainer import config_from_options, default_run_folder, train
+    from knnflow.trainer import TrainConfig, default_run_folder, train
 
-    options = {k: v for k, v in locals().items()
-               if k not in ("ctx", "threads", "as_json", "tensorboard")}
+    options = {f.name: ctx.params[f.name] for f in dataclasses.fields(TrainConfig)
+               if f.name not in ("dataset", "target")}
     # Options given on the command line (not defaults): on --resume the rest come from the run.
-    explicit = {k for k in options
+    explicit = {k for k in ctx.params
                 if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
-    options["root"] = str(root) if root else None
-    options["index"] = str(index) if index else None
-    config = config_from_options(**options)
-    if target == "knn-efm" and index is None and not resume:
-        config.resolved()  # bad options are refused before an index is built
-        config = dataclasses.replace(
-            config, index=str(built_knn_index(dataset, root, limit, flip)))
-        explicit.add("index")
+    with progress_bar() as progress:  # knn-efm's default index, when it is built
+        config, explicit = training_config(dataset, target, options, resume=resume,
+                                           explicit=explicit, progress=progress, log=note)
     folder = name or default_run_folder(dataset, target)
     device = init_from_env(resolve_device(device))
     first = rank_and_world()[0] == 0  # only the first process reports
@@ -233,34 +222,17 @@ def sample_command(
 ) -> None:
     """Sample by integrating dx/dt = v(x, t) from noise (torchdiffeq); writes one PNG per
     sample, grid.png and samples.npz."""
-    from knnflow.devices import resolve_device
-    from knnflow.index import Index
-    from knnflow.sampling import check_solver, sample_closed_form, sample_model, save_samples
-    from knnflow.trainer import load_run_model
-
-    check_solver(solver, steps, atol, rtol, n)  # options first, then the output folder
-    device = resolve_device(device)
+    from knnflow.api import sample
 
     if (run is None) == (closed_form is None):
         raise InputError("pass a RUN folder or --closed-form INDEX (one of them)")
-    meta = {"n": n, "solver": solver, "steps": steps, "atol": atol, "rtol": rtol, "seed": seed}
-    if closed_form is not None:
-        target = check_output_folder(
-            out or Path("runs") / f"closed-form-{closed_form.name}" / "samples", overwrite,
-            "samples", [closed_form])
-        index = Index.load(closed_form)
-        with progress_bar() as progress, cpu_threads(threads):
-            samples = sample_closed_form(index, n, seed, solver, steps, atol, rtol,
-                                         progress=progress, device=device)
-        meta["closed_form"] = str(closed_form)
-    else:
-        target = check_output_folder(out or run / "samples", overwrite, "samples", [run])
-        model, record = load_run_model(run, ema, device)
-        with progress_bar() as progress, cpu_threads(threads):
-            samples = sample_model(model, n, tuple(record["image_shape"]), seed, solver, steps,
-                                   atol, rtol, device=device, progress=progress)
-        meta.update({"run": str(run), "ema": ema, "checkpoint_step": record["checkpoint_step"]})
-    folder = save_samples(samples, target, overwrite, meta)
+    folder = out or (Path("runs") / f"closed-form-{closed_form.name}" / "samples"
+                     if closed_form is not None else run / "samples")
+    with progress_bar() as progress:
+        sample(run, closed_form=closed_form, n=n, solver=solver, steps=steps, atol=atol,
+               rtol=rtol, seed=seed, ema=ema, out=folder, overwrite=overwrite, device=device,
+               threads=threads, progress=progress)
+    meta = json.loads((folder / "sampling.json").read_text())
     if as_json:
         print(json.dumps({"folder": str(folder), "grid": str(folder / "grid.png"),
                           "array": str(folder / "samples.npz"), **meta}, indent=2))

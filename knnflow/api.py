@@ -16,6 +16,7 @@ command prints.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -25,6 +26,7 @@ import numpy as np
 from torch import Tensor
 
 from knnflow.choices import MEMORIZATION_REFERENCE
+from knnflow.data import dataset_sources
 from knnflow.devices import resolve_device
 from knnflow.distributed import init_from_env
 from knnflow.errors import InputError
@@ -36,6 +38,7 @@ from knnflow.threads import cpu_threads
 from knnflow.trainer import TrainConfig, default_run_folder, load_run_model
 from knnflow.trainer import train as run_training
 from knnflow.training_sets import (
+    cached_index_folder,
     default_knn_index,
     open_index,
     open_recorded_index,
@@ -60,6 +63,34 @@ class TrainResult:
         return self.metrics[-1].loss if self.metrics else None
 
 
+def training_config(dataset: str, target: str, options: dict, *, resume: bool = False,
+                    explicit: set[str] | None = None, progress: Progress | None = None,
+                    log: Log | None = None) -> tuple[TrainConfig, set[str]]:
+    """The TrainConfig of a run, and the options its user gave (on resume the others come
+    from the saved run; default: every key of `options`).
+
+    options: fields of TrainConfig (unknown ones are refused). knn-efm without an index gets
+    the data set's cached one, built when missing (progress, log) once the other options
+    have been checked.
+    """
+    known = {f.name for f in fields(TrainConfig)} - {"dataset", "target"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InputError(f"knnflow.train got unknown options {', '.join(unknown)}; valid: "
+                         f"{', '.join(sorted(known))}")
+    options = {key: str(value) if key in ("root", "index") and value is not None else value
+               for key, value in options.items()}
+    config = TrainConfig(dataset=dataset, target=target, **options)
+    explicit = {"dataset", "target", *options} if explicit is None else set(explicit)
+    if target == "knn-efm" and config.index is None and not resume:
+        config.resolved()  # bad options are refused before an index is built
+        built = default_knn_index(dataset, config.root, config.limit, config.flip, progress,
+                                  log)
+        config = replace(config, index=str(built))
+        explicit.add("index")
+    return config, explicit
+
+
 def train(dataset: str = "digits", target: str = "cfm", *, folder: str | Path | None = None,
           resume: bool = False, overwrite: bool = False, device: str = "cpu",
           threads: int | None = None, progress: Callable[[dict], None] | None = None,
@@ -72,24 +103,7 @@ def train(dataset: str = "digits", target: str = "cfm", *, folder: str | Path | 
     (default runs/<dataset>-<target>). progress(info) after each step, info holding step,
     steps and loss. tensorboard: also write TensorBoard scalars to FOLDER/tensorboard.
     """
-    import json
-
-
-    known = {f.name for f in fields(TrainConfig)} - {"dataset", "target"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise InputError(f"knnflow.train got unknown options {', '.join(unknown)}; valid: "
-                         f"{', '.join(sorted(known))}")
-    for key in ("root", "index"):
-        if options.get(key) is not None:
-            options[key] = str(options[key])
-    config = TrainConfig(dataset=dataset, target=target, **options)
-    explicit = {"dataset", "target", *options}
-    if target == "knn-efm" and config.index is None and not resume:
-        config.resolved()  # bad options are refused before an index is built
-        built = default_knn_index(dataset, config.root, config.limit, config.flip, log=log)
-        config = replace(config, index=str(built))
-        explicit.add("index")
+    config, explicit = training_config(dataset, target, options, resume=resume, log=log)
     run_folder = Path(folder) if folder is not None else default_run_folder(dataset, target)
     device = init_from_env(resolve_device(device))
     with cpu_threads(threads):
@@ -109,7 +123,6 @@ def sample(run: str | Path | None = None, *, closed_form: str | Path | None = No
     `knnflow sample`: an (n, C, H, W) float32 tensor in [-1, 1]. With `out`, also the samples
     folder the command writes (PNGs, grid.png, samples.npz and sampling.json, which
     knnflow.memorization reads to find the training set)."""
-
     if (run is None) == (closed_form is None):
         raise InputError("pass a run folder or closed_form=INDEX (one of them)")
     check_solver(solver, steps, atol, rtol, n)
@@ -147,14 +160,23 @@ def memorization(samples: str | Path | Tensor | np.ndarray, *,
     samples: a folder of images, an .npz/.npy file or a run's samples folder, or an
     (N, C, H, W) tensor or array in [-1, 1] (then `out` names the report folder). With
     neither index nor dataset: the training set the samples record (a samples folder of
-    knnflow.sample), else the default data set, digits.
+    knnflow.sample), else the default data set, digits. The options are checked, and the
+    report folder too (it must not hold the samples or the training data), before any work.
     """
-
     parse_threshold(threshold)
+    reference_size = MEMORIZATION_REFERENCE if reference_size is None else reference_size
+    for option, value, least in (("--batch-size", batch_size, 1), ("--k", k, 2),
+                                 ("--reference-size", reference_size, 1)):
+        if value < least:
+            raise InputError(f"{option} must be at least {least}, got {value}"
+                             + (" (the ratio test needs d2)" if option == "--k" else ""))
     given_array = isinstance(samples, (Tensor, np.ndarray))
     if given_array and out is None:
         raise InputError("samples given as an array need out=FOLDER for the report")
-    reference_size = MEMORIZATION_REFERENCE if reference_size is None else reference_size
+    cached = None if dataset is None else cached_index_folder(dataset, approximate=approximate)
+    out = check_output_folder(out if out is not None else default_out(samples), overwrite,
+                              "memorization", [None if given_array else samples, index, cached,
+                                               *dataset_sources(dataset, root)])
     with tempfile.TemporaryDirectory() as scratch:
         if given_array:
             array = samples.detach().cpu().numpy() if isinstance(samples, Tensor) else samples
@@ -170,9 +192,10 @@ def memorization(samples: str | Path | Tensor | np.ndarray, *,
                                 None if root is None else Path(root), approximate, progress,
                                 log)
             compared = f"{index}" if index is not None else f"{dataset}, as asked"
+        if approximate and opened.kind == "flat" and log:
+            log("note: a flat index searches exactly; --approximate changes nothing")
         summary, folder = run_memorization(
-            path, opened, threshold=threshold, k=k,
-            out=out if out is not None else default_out(path), approximate=approximate,
+            path, opened, threshold=threshold, k=k, out=out, approximate=approximate,
             resize=resize, reference_size=reference_size, batch_size=batch_size,
             overwrite=overwrite, progress=progress)
     return {**summary, "compared_against": compared, "report": str(folder)}

@@ -12,7 +12,9 @@ from torch import nn
 from knnflow.errors import InputError
 from knnflow.sampling import grid_scale, image_grid, sample_model, save_image
 
+LOSS_PLOT = "loss.png"
 TENSORBOARD = "tensorboard"
+
 
 def summary_writer_class():
     try:
@@ -22,11 +24,13 @@ def summary_writer_class():
                          "'knnflow[tensorboard]'") from None
     return SummaryWriter
 
+
 def tensorboard_writer(folder: Path, start: int):
     """A SummaryWriter on FOLDER/tensorboard; events past `start` (a resumed run's
     checkpoint) are purged."""
     return summary_writer_class()(str(folder / TENSORBOARD),
                                    purge_step=start if start else None)
+
 
 def plot_loss(metrics_path: Path, path: Path, title: str) -> None:
     """The logged loss against step (log scale when positive) from metrics.jsonl, written
@@ -57,6 +61,7 @@ def plot_loss(metrics_path: Path, path: Path, title: str) -> None:
     fig.savefig(tmp, format="png")
     plt.close(fig)
     os.replace(tmp, path)
+
 
 def progress_grid(model: nn.Module, image_shape: tuple[int, ...], path: Path,
                    device: str) -> None:

@@ -44,11 +44,16 @@ from knnflow.images import with_flips
 from knnflow.index import Index, points_sha256
 from knnflow.models.presets import PRESETS
 from knnflow.models.unet import build_model, count_parameters
-from knnflow.run_logs import plot_loss, progress_grid, summary_writer_class, tensorboard_writer
+from knnflow.run_logs import (
+    LOSS_PLOT,
+    plot_loss,
+    progress_grid,
+    summary_writer_class,
+    tensorboard_writer,
+)
 from knnflow.targets import make_target
 from knnflow.training_sets import dataset_slug
 
-LOSS_PLOT = "loss.png"
 # Seeds of process R's own draws (dropout, the target's) are offset by R times this.
 RANK_SEED_STRIDE = 7919
 # Fields that may differ when resuming: more steps, and how often things are written.
@@ -106,7 +111,6 @@ class TrainConfig:
             raise InputError(f"--lr must be positive, got {config.lr}")
         if not 0 <= config.ema_decay < 1:
             raise InputError(f"--ema-decay must lie in [0, 1), got {config.ema_decay}")
-
         if config.knn_route not in KNN_ROUTES:
             raise InputError(f"unknown --knn-route {config.knn_route!r}; choose one of: "
                              f"{', '.join(KNN_ROUTES)}")
@@ -508,8 +512,3 @@ def load_run_model(folder: Path, use_ema: bool = True,
     model.load_state_dict(split_state(tensors, "ema." if use_ema else "model."))
     model.eval()
     return model, {**record, "checkpoint_step": meta["step"]}
-
-
-def config_from_options(**options) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in options.items() if k in known})

@@ -255,6 +255,14 @@ ARRAY_KEYS = ("images", "x", "data", "arr_0", "samples")
 
 def read_array(path: Path, split: str | None = None) -> np.ndarray:
     """Images from an .npy or .npz file. An .npz may hold a `train`/`test` split."""
+    return read_array_and_labels(path, split)[0]
+
+
+def read_array_and_labels(path: Path, split: str | None = None
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images from an .npy or .npz file, and the integer class labels an .npz holds beside
+    them (None without): the split's own (y_train, train_labels, labels_train) beside split
+    arrays, else the first of LABEL_KEYS; there must be one per image."""
     if not path.is_file():
         raise MissingFileError(f"expected an array file at {path}")
     try:
@@ -264,9 +272,23 @@ def read_array(path: Path, split: str | None = None) -> np.ndarray:
     if isinstance(loaded, np.ndarray):
         if split == "test":
             raise InputError(f"{path} holds one array, so it has no test split")
-        return loaded
+        return loaded, None
     with loaded:
-        return loaded[_image_key(path, list(loaded.keys()), split)]
+        keys = list(loaded.keys())
+        image_key = _image_key(path, keys, split)
+        images = loaded[image_key]
+        names = ((f"y_{split}", f"{split}_labels", f"labels_{split}")
+                 if split is not None and image_key in _split_keys(split) else LABEL_KEYS)
+        key = next((name for name in names if name in keys), None)
+        if key is None:
+            return images, None
+        labels = loaded[key]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{path}: labels {key!r} must be one integer per image, got "
+                         f"{labels.dtype} of shape {labels.shape}")
+    if len(labels) != len(images):
+        raise InputError(f"{path}: {len(labels)} labels in {key!r} for {len(images)} images")
+    return images, labels
 
 
 def _split_keys(split: str) -> tuple[str, ...]:
@@ -293,29 +315,6 @@ def _image_key(path: Path, keys: list[str], split: str | None) -> str:
 
 
 LABEL_KEYS = ("labels", "y", "label", "targets")
-
-
-def read_labels(path: Path, split: str | None, count: int) -> np.ndarray | None:
-    """Integer class labels beside an .npz's images, or None: the split's own (y_train,
-    train_labels, labels_train) beside split arrays, else the first of LABEL_KEYS; there must
-    be one per image."""
-    if path.suffix != ".npz":
-        return None
-    with np.load(path, allow_pickle=False) as loaded:
-        keys = list(loaded.keys())
-        image_key = _image_key(path, keys, split)
-        names = ((f"y_{split}", f"{split}_labels", f"labels_{split}")
-                 if split is not None and image_key in _split_keys(split) else LABEL_KEYS)
-        key = next((name for name in names if name in keys), None)
-        if key is None:
-            return None
-        labels = loaded[key]
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(f"{path}: labels {key!r} must be one integer per image, got "
-                         f"{labels.dtype} of shape {labels.shape}")
-    if len(labels) != count:
-        raise InputError(f"{path}: {len(labels)} labels in {key!r} for {count} images")
-    return labels
 
 
 def has_test_split(name: str) -> bool:
@@ -364,8 +363,8 @@ def to_unit_range(array: np.ndarray, source: str) -> tuple[np.ndarray, str]:
 
 
 def _load_array(path: Path, split: str, limit: int | None):
-    images = read_array(path, split)
-    return images[:limit], read_labels(path, split, len(images))
+    images, labels = read_array_and_labels(path, split)
+    return images[:limit], None if labels is None else labels[:limit]
 
 
 # --------------------------------------------------------------------------- synthetic

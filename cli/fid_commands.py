@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -100,7 +101,7 @@ def fid(
     reference data set, with a bootstrap standard error. FID grows as n shrinks: compare
     values at equal n."""
     from knnflow.analysis import fid as fid_analysis
-    from knnflow.analysis.fid import parse_reference
+    from knnflow.analysis.fid import check_bootstrap, parse_reference
     from knnflow.data import check_size
     from knnflow.devices import resolve_device
     from knnflow.files import atomic_folder
@@ -109,8 +110,7 @@ def fid(
                           ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise InputError(f"{option} must be at least 1, got {value}")
-    if bootstrap is not None and bootstrap < 0:
-        raise InputError(f"--bootstrap must be at least 0, got {bootstrap}")
+    check_bootstrap(bootstrap)
     dataset, split = parse_reference(ref)
     size = check_size(dataset, size)
     device = resolve_device(device)
@@ -137,7 +137,7 @@ def fid(
     summary = {**asdict(result), "weights": extractor.source, "samples": str(samples),
                "samples_input": opened.detected, "reference": f"{dataset}:{split}",
                "image_shape": list(shape), "warning": warning}
-    if summary["se"] != summary["se"]:
+    if math.isnan(summary["se"]):
         summary["se"] = None  # JSON has no NaN: no bootstrap, or too few finite replicates
     if out is not None:
         with atomic_folder(out, overwrite, "fid") as tmp:
@@ -148,7 +148,7 @@ def fid(
         print(json.dumps(summary, indent=2))
         return
     spread = (f" ± {result.se:.2g} (bootstrap, {result.bootstrap} replicates)"
-              if result.se == result.se else "")
+              if not math.isnan(result.se) else "")
     rows = [("Fréchet distance", f"{result.fid:.6g}{spread}"),
             ("samples", f"{result.n_samples} ({samples}, {opened.detected})"),
             ("reference", f"{result.n_reference} ({dataset}, {split} split)"),

@@ -28,6 +28,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
+
 def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, rng_states: dict[str, Tensor],
                     keep: int, extra: dict | None = None) -> Path:
@@ -58,12 +59,14 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, ema: nn.Module,
         old.unlink(missing_ok=True)
     return weights
 
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """The JSON marks of checkpoints, oldest first (their tensors are checked on load)."""
     if not folder.is_dir():
         return []
     marks = [p for p in folder.glob("step_*.json") if p.stem[5:].isdigit()]
     return sorted(marks, key=lambda p: int(p.stem[5:]))
+
 
 def load_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]] | None:
     """The newest checkpoint whose tensors match its JSON's sha256, or None; a damaged newer
@@ -85,8 +88,10 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict[str, Tensor]] | None:
         damaged.append(weights.name)
     return None
 
+
 def split_state(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
                       param_groups: list[dict]) -> None:
@@ -95,6 +100,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tenso
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
 
 def newest_checkpoint_step(folder: Path) -> int | None:
     """The step of a run's newest complete checkpoint, or None."""

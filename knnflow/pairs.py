@@ -29,6 +29,7 @@ LIVE_NATS = 40.0
 # Values of width d per padded block of row_groups (16 MB of float64).
 GROUP_BLOCK_ELEMENTS = 1 << 21
 
+
 def DOT32_ERROR(dim: int, input_roundoff: float = 0.0) -> float:  # noqa: N802
     """c with |float32 ⟨fl(x), p⟩ - ⟨x, p⟩| ≤ c·‖x‖·‖p‖ for float64 x rounded to float32 and
     float32 p of length dim, in any summation order: each term is off by a factor

@@ -74,6 +74,7 @@ def screening_error_bound(x_norm: Tensor, t: Tensor, max_norm: float, dim: int,
     typical = (u + 2 * u_in) * (a_term + b_term)
     return proven, typical
 
+
 def output_dtype(x: Tensor) -> torch.dtype:
     """The dtype results come back in for queries x: x's own, but float32 for float16 and
     bfloat16 queries (rounding to those, 2^-11 and 2^-8 relative, would exceed the engine's

@@ -310,6 +310,11 @@ class FIDResult:
         return min(self.n_samples, self.n_reference) <= self.feature_dim
 
 
+def check_bootstrap(bootstrap: int | None) -> None:
+    if bootstrap is not None and bootstrap < 0:
+        raise InputError(f"--bootstrap must be at least 0, got {bootstrap}")
+
+
 def default_bootstrap(feature_dim: int) -> int:
     """Replicates of the FID bootstrap: 100, or 20 above 512 features (each replicate is an
     eigenvalue problem of feature_dim²: about 1.5 s at Inception's 2048 on 2 cores)."""
@@ -357,8 +362,7 @@ def fid(samples, reference, extractor: Callable[[Tensor], Tensor], batch_size: i
     bootstrap: replicates of the standard error (bootstrap_fid, seeded by `seed`); None:
     default_bootstrap(features); 0: none.
     """
-    if bootstrap is not None and bootstrap < 0:
-        raise InputError(f"--bootstrap must be at least 0, got {bootstrap}")
+    check_bootstrap(bootstrap)
     shape, ref_shape = _image_shape(samples), _image_shape(reference)
     if shape != ref_shape:
         raise InputError(f"samples are {_shape_text(shape)} images but the reference images "

@@ -32,7 +32,7 @@ from knnflow.distributed import init_from_env
 from knnflow.errors import InputError
 from knnflow.files import check_output_folder
 from knnflow.index import Index
-from knnflow.nearest import default_out, parse_threshold, run_memorization
+from knnflow.nearest import check_samples_path, default_out, parse_threshold, run_memorization
 from knnflow.sampling import check_solver, sample_closed_form, sample_model, save_samples
 from knnflow.threads import cpu_threads
 from knnflow.trainer import TrainConfig, default_run_folder, load_run_model
@@ -183,7 +183,7 @@ def memorization(samples: str | Path | Tensor | np.ndarray, *,
             path = Path(scratch) / "samples.npy"
             np.save(path, np.asarray(array, dtype=np.float32))
         else:
-            path = Path(samples)
+            path = check_samples_path(samples)  # before an index is opened or built
         if index is None and dataset is None:
             opened, compared = open_recorded_index(recorded_training_set(path), approximate,
                                                    progress, log)

@@ -150,6 +150,15 @@ def _array_samples(path: Path) -> tuple[np.ndarray, str, tuple[int, ...]]:
     return array, detected, tuple(first.shape[1:])
 
 
+def check_samples_path(path: str | Path) -> Path:
+    """SAMPLES as a path, refused in one line when nothing is there."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MissingFileError(f"no samples at {path} (expected a folder of images, an .npz or "
+                               "an .npy file)")
+    return path
+
+
 def load_samples(path: str | Path, image_shape: tuple[int, ...],
                  resize: bool = False) -> Samples:
     """Open SAMPLES: a folder of images (nested folders allowed), an .npz/.npy array, or a
@@ -158,10 +167,7 @@ def load_samples(path: str | Path, image_shape: tuple[int, ...],
 
     The samples must have the index's image shape unless resize=True.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise MissingFileError(f"no samples at {path} (expected a folder of images, an .npz or "
-                               "an .npy file)")
+    path = check_samples_path(path)
     if path.is_dir():
         # A run's samples folder: samples.npz holds the exact values its PNGs round.
         arrays = [path / name for name in SAMPLE_ARRAYS if (path / name).is_file()]

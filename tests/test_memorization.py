@@ -396,3 +396,9 @@ def test_nearest_png_shows_both_neighbours_and_says_when_none_is_memorized(tmp_p
     fig, _ = figure_of(torch.cat([train[:2], held_out[:4]]))  # two copies of training images
     assert fig._suptitle.get_text().startswith("The 2 memorized samples (d1/d2 < 1/3)")
     plt.close(fig)
+
+
+def test_missing_samples_are_refused_before_any_index_is_built(tmp_path):
+    result = run("memorization", "nothing.npy", cwd=tmp_path)
+    assert_one_line_error(result, "no samples at nothing.npy")
+    assert not (tmp_path / "indices").exists()

@@ -18,9 +18,26 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from knnflow.errors import InputError, OptionError
+
 # Piped output (logs, CI) gets a wide console so tables are not squeezed to 80 columns.
 console = Console() if Console().is_terminal else Console(width=160)
 err_console = Console(stderr=True)
+
+
+def flag(name: str) -> str:
+    """The flag of a library option name: batch_size → --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+@contextmanager
+def flags_named(spelling: dict[str, str]) -> Iterator[None]:
+    """Within a command: library OptionErrors name this command's flags, `spelling` giving
+    those that are not --NAME (knn-efm's `route` is train's --knn-route)."""
+    try:
+        yield
+    except OptionError as err:
+        raise InputError(err.render(lambda name: spelling.get(name, flag(name)))) from None
 
 
 # Where stderr is not a terminal (nohup, a log file), a stage that runs longer than this

@@ -8,8 +8,9 @@ import warnings
 
 import typer
 
-from knnflow.errors import KnnflowError
+from knnflow.errors import KnnflowError, OptionError
 
+from .console import flag
 from . import (
     bench_commands,
     collapse_command,
@@ -60,7 +61,8 @@ def run() -> None:
     except KnnflowError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        text = err.render(flag) if isinstance(err, OptionError) else str(err)
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
         if debug:

@@ -15,3 +15,29 @@ class MissingFileError(KnnflowError, FileNotFoundError):
 
 class IndexMismatchError(KnnflowError):
     """An index folder whose manifest does not match its files or this version of knnflow."""
+
+
+class OptionError(InputError):
+    """A bad value of a named option (or of several named together).
+
+    The message is a template in which "{name}" stands for each option's Python name, e.g.
+    OptionError("{batch_size} must be at least 1, got 0", "batch_size"); a template without
+    any placeholder reads as "<first option> <template>". str() names the options as a library
+    caller passes them (batch_size); `render` lets the command line name its flags instead
+    (--batch-size), so flag names live in cli/ only.
+    """
+
+    def __init__(self, template: str, *options: str):
+        if not options:
+            raise TypeError("OptionError needs at least one option name")
+        if not any("{" + name + "}" in template for name in options):
+            template = "{" + options[0] + "} " + template
+        self.template, self.options = template, options
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, spell) -> str:
+        """The message with each option spelled by spell(name)."""
+        text = self.template
+        for name in self.options:
+            text = text.replace("{" + name + "}", spell(name))
+        return text

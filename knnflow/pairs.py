@@ -89,6 +89,13 @@ def row_groups(rows: Tensor, batch: int, min_pairs: int, dim: int,
             yield row, order[begin + piece:stop][None]
 
 
+
+def dot_form_sq(x_sq: Tensor, dots: Tensor, t: Tensor | float, p_sq: Tensor) -> Tensor:
+    """‖x - t·p‖² from its dot form ‖x‖² - 2t⟨x, p⟩ + t²‖p‖²; the arguments broadcast
+    (x_sq and t per query, p_sq per point, dots per pair). Exact to float64 rounding only
+    where the terms do not cancel: callers use it where ExactPairs.dot_form holds."""
+    return x_sq - 2 * t * dots + t * t * p_sq
+
 @dataclass
 class PaddedPairs:
     """row_groups' blocks for the pairs (rows, cols): per block the query rows, the pairs'

@@ -48,9 +48,9 @@ def run_ranks(rank_main, world: int, *args) -> dict:
 
 def rank_main(rank: int, world: int, threads: int, n: int, folder: str) -> None:
     from knnflow.closed_form import closed_form_state
-    from knnflow.data import synthetic_images
     from knnflow.distributed import all_reduce_state_, shard_of
     from knnflow.estimators import ExactVelocity
+    from knnflow.synthetic import synthetic_images
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
@@ -77,8 +77,8 @@ def main() -> None:
     world = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     cores = torch.get_num_threads()
     from knnflow.bench.measure import relative_errors
-    from knnflow.data import synthetic_images
     from knnflow.estimators import ExactVelocity
+    from knnflow.synthetic import synthetic_images
 
     points = synthetic_images(n).reshape(n, -1)
     exact = ExactVelocity(points)

@@ -14,7 +14,7 @@ from knnflow.choices import QUICK_TS, UNIFORM_LABEL
 from knnflow.errors import InputError
 from knnflow.files import check_output_file
 
-from .console import console, human_bytes, progress_bar
+from .console import console, flags_named, human_bytes, progress_bar
 
 # Options every benchmark on a data set shares.
 RootOption = Annotated[Optional[Path], typer.Option(help="Folder of the data set's files.")]
@@ -36,7 +36,7 @@ OldTOption = Annotated[Optional[str], typer.Option(
 
 def _json_out(path: Path | None) -> Path | None:
     """--json-out is checked before any work: a bench's results are not lost at the end."""
-    return check_output_file(path, "--json-out")
+    return check_output_file(path, "json_out")
 
 
 JsonOutOption = Annotated[Optional[Path], typer.Option(help="Also write the results as JSON.",
@@ -75,6 +75,7 @@ def t_grid_of(t_grid: str, old_t: str | None, default: str | None) -> tuple[floa
 
 
 @app.command("exact")
+@flags_named({"dim": "--d", "ts": "--t-grid", "limit": "--n"})
 def exact(
     dataset: Annotated[str, typer.Option(
         help="Data set: train split as data, test split for queries; synthetic: --n generated "
@@ -141,6 +142,7 @@ def exact(
 
 
 @app.command("knn")
+@flags_named({"index_folder": "--index", "ts": "--t-grid"})
 def knn(
     dataset: DatasetOption = None,
     root: RootOption = None,
@@ -169,7 +171,7 @@ def knn(
     from knnflow.bench import bench_knn, save_json
 
     ts = t_grid_of(t_grid, old_t, DEFAULT_T_GRID)
-    check_output_file(json_out, "--json-out", [index, root])
+    check_output_file(json_out, "json_out", [index, root])
     with progress_bar() as progress:
         result = bench_knn(dataset=dataset, root=str(root) if root else None, limit=limit,
                            ts=ts, batch=batch, tol=tol, repeats=repeats, index_folder=index,
@@ -232,6 +234,7 @@ def knn(
 
 
 @app.command("memorization")
+@flags_named({"index_folder": "--index", "ts": "--t-grid"})
 def memorization(
     dataset: DatasetOption = None,
     root: RootOption = None,
@@ -256,7 +259,7 @@ def memorization(
     from knnflow.bench import bench_memorization, parse_t_grid, save_json
 
     ts = parse_t_grid(t_grid) if t_grid is not None else ()
-    check_output_file(json_out, "--json-out", [index, root])
+    check_output_file(json_out, "json_out", [index, root])
     with progress_bar() as progress:
         result = bench_memorization(dataset=dataset, root=str(root) if root else None,
                                     limit=limit, samples=samples, noise=noise, repeats=repeats,
@@ -303,6 +306,7 @@ def memorization(
 
 
 @app.command("targets")
+@flags_named({"index_folder": "--index"})
 def targets(
     dataset: Annotated[Optional[str], typer.Option(
         help=f"Data set: train split as data (default {DEFAULT_DATASET}; with --index, the "
@@ -321,7 +325,7 @@ def targets(
     efm-128, efm-1000, efm-128 (shared pool) and knn-efm, on the same (x0, x1, t)."""
     from knnflow.bench import bench_targets, save_json
 
-    check_output_file(json_out, "--json-out", [index, root])
+    check_output_file(json_out, "json_out", [index, root])
     with progress_bar() as progress:
         result = bench_targets(dataset=dataset, root=str(root) if root else None, limit=limit,
                                batch=batch, bins=bins, tol=tol, index_folder=index,
@@ -347,6 +351,7 @@ def targets(
 
 
 @app.command("train")
+@flags_named({"index_folder": "--index"})
 def train(
     dataset: Annotated[Optional[str], typer.Option(
         help=f"Data set: train split as data (default {DEFAULT_DATASET}; with --index, the "
@@ -383,7 +388,7 @@ def train(
     labels = tuple(part.strip() for part in targets.split(",") if part.strip())
     if not labels:
         raise InputError("--targets is empty")
-    check_output_file(json_out, "--json-out", [index, root])
+    check_output_file(json_out, "json_out", [index, root])
     with progress_bar() as progress:
         result = bench_train(dataset=dataset, root=str(root) if root else None, limit=limit,
                              preset=preset, targets=labels, batch=batch, steps=steps,

@@ -63,13 +63,9 @@ def collapse(
     """Cosine between û*(x_t, t) and x1 - x0 over t, and when the softmax collapses onto one
     training point: the first t from which 90% of pairs keep their largest weight above 0.9.
     Writes collapse.png, collapse.csv, collapse_histograms.csv and summary.json."""
-    from knnflow.analysis.collapse import (
-        compute_collapse,
-        format_t,
-        parse_sides,
-        parse_t_grid,
-        write_collapse_report,
-    )
+    from knnflow.analysis.collapse import compute_collapse, parse_sides
+    from knnflow.analysis.collapse_report import write_collapse_report
+    from knnflow.t_grid import format_t, parse_t_grid
 
     grid = parse_t_grid(t_grid)
     sides = parse_sides(dims)

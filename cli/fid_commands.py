@@ -16,8 +16,8 @@ from knnflow.errors import InputError
 from knnflow.files import check_output_folder
 
 if TYPE_CHECKING:
-    from knnflow.analysis.fid import FeatureExtractor
-    from knnflow.nearest import Samples
+    from knnflow.analysis.features import FeatureExtractor
+    from knnflow.samples import Samples
 
 from .console import console, err_console, key_value_table, progress_bar
 
@@ -35,7 +35,7 @@ def _shape_text(shape) -> str:
 
 def _open_samples(path: Path, shape: tuple[int, ...], reference: str) -> Samples:
     """SAMPLES, which must have the reference's image shape."""
-    from knnflow.nearest import load_samples
+    from knnflow.samples import load_samples
 
     try:
         return load_samples(path, shape)
@@ -50,11 +50,11 @@ def _open_samples(path: Path, shape: tuple[int, ...], reference: str) -> Samples
 
 def _extractor(features: str, weights: Optional[Path], dataset: str,
                device: str) -> FeatureExtractor:
-    from knnflow.analysis import fid as fid_analysis
+    from knnflow.analysis.features import feature_extractor
 
     if features == "classifier":
         features = f"classifier:{default_classifier_folder(dataset)}"
-    return fid_analysis.feature_extractor(features, weights, device)
+    return feature_extractor(features, weights, device)
 
 
 def fid(

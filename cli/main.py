@@ -8,9 +8,8 @@ import warnings
 
 import typer
 
-from knnflow.errors import KnnflowError, OptionError
+from knnflow.errors import KnnflowError, OptionError, OptionWarning
 
-from .console import flag
 from . import (
     bench_commands,
     collapse_command,
@@ -21,24 +20,33 @@ from . import (
     run_analysis_commands,
     train_commands,
 )
+from .console import flag, flags_named
 
 app = typer.Typer(
     help="knnflow: the closed-form optimal velocity of a training set, fast and with a stated "
          "error, for flow-matching research. Errors print as one line; set KNNFLOW_DEBUG=1 "
          "for the full traceback.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-app.command("datasets")(data_commands.datasets)
-app.command("build-index")(data_commands.build_index)
-app.command("index-info")(data_commands.index_info)
-app.command("train")(train_commands.train_command)
-app.command("sample")(train_commands.sample_command)
-app.command("memorization")(memorization_command.memorization)
-app.command("collapse")(collapse_command.collapse)
-app.command("velocity-error")(run_analysis_commands.velocity_error)
-app.command("hybrid")(run_analysis_commands.hybrid)
-app.command("fid")(fid_commands.fid)
-app.command("train-classifier")(fid_commands.train_classifier)
-app.command("reproduce")(reproduce_command.reproduce)
+
+
+def command(name: str, function, spelling: dict[str, str] | None = None) -> None:
+    """Register a command whose library OptionErrors name its flags (spelling: the option
+    names whose flag is not --NAME)."""
+    app.command(name)(flags_named(spelling or {})(function))
+
+
+command("datasets", data_commands.datasets)
+command("build-index", data_commands.build_index)
+command("index-info", data_commands.index_info)
+command("train", train_commands.train_command, train_commands.TARGET_FLAG_NAMES)
+command("sample", train_commands.sample_command)
+command("memorization", memorization_command.memorization)
+command("collapse", collapse_command.collapse, {"grid": "--t-grid"})
+command("velocity-error", run_analysis_commands.velocity_error)
+command("hybrid", run_analysis_commands.hybrid)
+command("fid", fid_commands.fid, {"limit": "--ref-limit"})
+command("train-classifier", fid_commands.train_classifier)
+command("reproduce", reproduce_command.reproduce)
 app.add_typer(bench_commands.app, name="bench")
 
 
@@ -54,8 +62,9 @@ def run() -> None:
     knnflow's errors and OSErrors through with their tracebacks, to report a bug."""
     debug = os.environ.get("KNNFLOW_DEBUG", "") not in ("", "0")
     # Library warnings (a clamped option, a doubtful classifier) as one line each.
-    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}",
-                                                                  file=sys.stderr)
+    warnings.showwarning = lambda message, *args, **kwargs: print(
+        f"warning: {message.render(flag) if isinstance(message, OptionWarning) else message}",
+        file=sys.stderr)
     try:
         code = app(standalone_mode=False, prog_name="knnflow")
     except KnnflowError as err:

@@ -159,7 +159,8 @@ def hybrid(
 ) -> None:
     """Follow û* on [0, τ], then the network on [τ, 1], from fixed noises (paper Figure 3);
     writes hybrid.png, grid.png, hybrid.csv, summary.json and samples.npz."""
-    from knnflow.analysis.hybrid import check_options, hybrid_of_run, solver_text, write_hybrid
+    from knnflow.analysis.hybrid import check_options, hybrid_of_run
+    from knnflow.analysis.hybrid_report import solver_text, write_hybrid
     from knnflow.devices import resolve_device
 
     values = check_options(taus, n, solver, steps, threshold, copy_fraction, reference_size,

@@ -11,16 +11,37 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from knnflow.choices import EFM_POOLS, KNN_FALLBACKS, SOLVERS, TARGETS
+from knnflow.choices import (
+    EFM_M,
+    EFM_POOLS,
+    KNN_BUDGET,
+    KNN_FALLBACKS,
+    KNN_TOL,
+    SOLVERS,
+    TARGETS,
+)
 from knnflow.choices import ROUTES as KNN_ROUTES
-from knnflow.errors import InputError
-from knnflow.models.presets import PRESETS
+from knnflow.errors import IndexMismatchError, InputError
+from knnflow.models.presets import PRESETS, preset_defaults
 from knnflow.threads import cpu_threads
 
-from .console import console, err_console, key_value_table, log_throttle, progress_bar
+from .console import (
+    console,
+    err_console,
+    key_value_table,
+    log_throttle,
+    progress_bar,
+)
 from .threads import ThreadsOption
 
 PRESET_LIST = "; ".join(f"{name}: {preset.summary}" for name, preset in PRESETS.items())
+# train's flags that set the target's own options (knnflow.targets: make_target), and the
+# flags of the option names that are not --NAME.
+TARGET_OPTION_FLAGS = {"m": "m", "efm_pool": "pool", "index": "index", "tol": "tol",
+                       "knn_budget": "budget", "knn_fallback": "fallback",
+                       "knn_route": "route", "shard_data": "shard"}
+TARGET_FLAG_NAMES = {option: "--" + flag.replace("_", "-")
+                     for flag, option in TARGET_OPTION_FLAGS.items() if flag != option}
 
 
 def note(text: str) -> None:
@@ -43,28 +64,28 @@ def train_command(
              "û* over M candidates; knn-efm: certified kNN û* (from --index, or the data set's "
              "default index, built when missing); exact: û* over "
              "all data.")] = "cfm",
-    m: Annotated[int, typer.Option("--m", help="efm: candidates per row (M).")] = 128,
+    m: Annotated[int, typer.Option("--m", help="efm: candidates per row (M).")] = EFM_M,
     efm_pool: Annotated[str, typer.Option(
         help=f"efm: {' or '.join(EFM_POOLS)}. independent: x1 + M-1 fresh draws per row (the "
              "paper's algorithm); shared: the batch's x1s + M draws for all rows (its code).")]
-    = "independent",
+    = EFM_POOLS[0],
     index: Annotated[Optional[Path], typer.Option(
         help="knn-efm: index folder of the training data (knnflow build-index DATASET); "
              "default indices/DATASET-train, built on first use.")]
     = None,
     tol: Annotated[float, typer.Option(help="knn-efm: error tolerance relative to ‖û*‖.")]
-    = 1e-4,
+    = KNN_TOL,
     knn_budget: Annotated[float, typer.Option(
         help="knn-efm: largest fraction of the data read in full dimension per row before "
-             "falling back.")] = 0.005,
+             "falling back.")] = KNN_BUDGET,
     knn_fallback: Annotated[str, typer.Option(
         help=f"knn-efm: what rows over budget get: {' or '.join(KNN_FALLBACKS)} (efm uses "
-             "--m and --efm-pool).")] = "exact",
+             "--m and --efm-pool).")] = KNN_FALLBACKS[0],
     knn_route: Annotated[str, typer.Option(
         help=f"knn-efm: {', '.join(KNN_ROUTES)}. certify: certify every row above the t where "
              "certifying stops succeeding; faster: rows at t where the exact engine is faster "
              "(timed once per run, kept in checkpoints) go to it; auto: faster on --device "
-             "cuda or for an index of n·d ≥ 10^7 values, else certify.")] = "auto",
+             "cuda or for an index of n·d ≥ 10^7 values, else certify.")] = KNN_ROUTES[0],
     shard_data: Annotated[bool, typer.Option(
         help="exact or knn-efm, under torchrun: each process's target holds (exact) or scans "
              "and weighs (knn-efm) 1/N of the training set on its device, and û* of the whole "
@@ -76,14 +97,14 @@ def train_command(
     batch_size: Annotated[int, typer.Option(help="Training pairs per step.")] = 128,
     steps: Annotated[int, typer.Option(help="Total optimiser steps.")] = 2000,
     lr: Annotated[Optional[float], typer.Option(
-        help="Adam learning rate after warm-up (default: 2e-4 cifar/celeba64, 1e-3 tiny/mlp).")]
+        help=f"Adam learning rate after warm-up (default: {preset_defaults('lr')}).")]
     = None,
     warmup: Annotated[Optional[int], typer.Option(
-        help="Linear warm-up steps (default: 5000 for cifar/celeba64, 200 tiny, 100 mlp).")]
+        help=f"Linear warm-up steps (default: {preset_defaults('warmup')}).")]
     = None,
     grad_clip: Annotated[float, typer.Option(help="Gradient norm clipping.")] = 1.0,
     ema_decay: Annotated[Optional[float], typer.Option(
-        help="EMA decay of the weights (default: 0.9999 cifar/celeba64, 0.999 tiny/mlp).")]
+        help=f"EMA decay of the weights (default: {preset_defaults('ema_decay')}).")]
     = None,
     seed: Annotated[int, typer.Option(help="Seed of the model and of every random draw.")] = 0,
     log_every: Annotated[int, typer.Option(help="Steps between metrics lines.")] = 50,
@@ -116,14 +137,19 @@ def train_command(
     from knnflow.checkpoints import newest_checkpoint_step
     from knnflow.devices import resolve_device
     from knnflow.distributed import init_from_env, leave_group, rank_and_world
-    from knnflow.trainer import TrainConfig, default_run_folder, train
+    from knnflow.runs import TrainConfig, default_run_folder
+    from knnflow.trainer import train
 
+    # Options given on the command line (not defaults): on --resume the rest come from the
+    # run, and the target gets only those (it fills in its own defaults).
+    given = {k for k in ctx.params
+             if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
     options = {f.name: ctx.params[f.name] for f in dataclasses.fields(TrainConfig)
-               if f.name not in ("dataset", "target")}
-    # Options given on the command line (not defaults): on --resume the rest come from the run.
-    explicit = {k for k in ctx.params
-                if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
-    with progress_bar() as progress:  # knn-efm's default index, when it is built
+               if f.name in ctx.params and f.name not in ("dataset", "target")}
+    options.update({option: ctx.params[flag] for flag, option in TARGET_OPTION_FLAGS.items()
+                    if flag in given})
+    explicit = {TARGET_OPTION_FLAGS.get(k, k) for k in given}
+    with progress_bar() as progress:
         config, explicit = training_config(dataset, target, options, resume=resume,
                                            explicit=explicit, progress=progress, log=note)
     folder = name or default_run_folder(dataset, target)
@@ -159,6 +185,12 @@ def train_command(
                 logged = train(config, folder, resume=resume, overwrite=overwrite,
                                progress=update, device=device, explicit=explicit,
                                tensorboard=tensorboard)
+        except IndexMismatchError as err:
+            index = config.target_options.get("index")
+            raise IndexMismatchError(
+                f"{err} (knnflow build-index {dataset} --out {index} --overwrite"
+                + (f" --limit {config.limit}" if config.limit else "")
+                + (" --flip" if config.flip else "") + ")") from None
         except KeyboardInterrupt:
             bar.stop()
             step = newest_checkpoint_step(Path(folder))
@@ -191,7 +223,7 @@ def train_command(
     console.print(key_value_table("Training finished", rows))
     if logged and logged[-1].fallback is not None:
         given = ("the exact û* (--knn-fallback exact): their target is û* all the same, only "
-                 "its cost differs" if record.get("knn_fallback", "exact") == "exact" else
+                 "its cost differs" if record["target_options"].get("fallback") == "exact" else
                  "the EFM estimate (--knn-fallback efm)")
         err_console.print(f"note: fallback rows are those at t below where certifying "
                           f"succeeds, or over --knn-budget; they got {given}", soft_wrap=True)

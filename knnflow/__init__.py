@@ -19,10 +19,12 @@ _HOMES = {
                             "score_from_velocity", "velocity_from_denoiser",
                             "velocity_from_score"),
     "knnflow.data": ("load_dataset",),
-    "knnflow.errors": ("IndexMismatchError", "InputError", "KnnflowError", "MissingFileError"),
+    "knnflow.errors": ("IndexMismatchError", "InputError", "KnnflowError", "MissingFileError",
+                       "OptionError"),
     "knnflow.estimators": ("ExactVelocity", "KNNVelocity", "SearchBudgets", "VelocityOutput"),
     "knnflow.index": ("Index",),
-    "knnflow.targets": ("TargetBatch", "make_target"),
+    "knnflow.target_base": ("TargetBatch",),
+    "knnflow.targets": ("make_target",),
     "knnflow.topk": ("TopKVelocity",),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}

@@ -32,10 +32,13 @@ from knnflow.distributed import init_from_env
 from knnflow.errors import InputError
 from knnflow.files import check_output_folder
 from knnflow.index import Index
-from knnflow.nearest import check_samples_path, default_out, parse_threshold, run_memorization
+from knnflow.memorization_report import default_out, run_memorization
+from knnflow.nearest import parse_threshold
+from knnflow.runs import TrainConfig, default_run_folder, load_run_model
+from knnflow.samples import check_samples_path
 from knnflow.sampling import check_solver, sample_closed_form, sample_model, save_samples
+from knnflow.targets import TARGET_CLASSES
 from knnflow.threads import cpu_threads
-from knnflow.trainer import TrainConfig, default_run_folder, load_run_model
 from knnflow.trainer import train as run_training
 from knnflow.training_sets import (
     cached_index_folder,
@@ -69,24 +72,30 @@ def training_config(dataset: str, target: str, options: dict, *, resume: bool = 
     """The TrainConfig of a run, and the options its user gave (on resume the others come
     from the saved run; default: every key of `options`).
 
-    options: fields of TrainConfig (unknown ones are refused). knn-efm without an index gets
-    the data set's cached one, built when missing (progress, log) once the other options
-    have been checked.
+    options: fields of TrainConfig, and the target's own options (make_target's: m, pool,
+    tol, index, ...), which go into target_options; other names are refused. knn-efm
+    without an index gets the data set's cached one, built when missing (progress, log),
+    once the other options have been checked.
     """
-    known = {f.name for f in fields(TrainConfig)} - {"dataset", "target"}
-    unknown = sorted(set(options) - known)
+    config_fields = {f.name for f in fields(TrainConfig)} - {"dataset", "target",
+                                                             "target_options"}
+    target_options = {name for cls in TARGET_CLASSES.values() for name in cls.OPTIONS}
+    unknown = sorted(set(options) - config_fields - target_options)
     if unknown:
         raise InputError(f"knnflow.train got unknown options {', '.join(unknown)}; valid: "
-                         f"{', '.join(sorted(known))}")
+                         f"{', '.join(sorted(config_fields | target_options))}")
     options = {key: str(value) if key in ("root", "index") and value is not None else value
                for key, value in options.items()}
-    config = TrainConfig(dataset=dataset, target=target, **options)
+    config = TrainConfig(dataset=dataset, target=target,
+                         target_options={k: v for k, v in options.items()
+                                         if k not in config_fields},
+                         **{k: v for k, v in options.items() if k in config_fields})
     explicit = {"dataset", "target", *options} if explicit is None else set(explicit)
-    if target == "knn-efm" and config.index is None and not resume:
+    if target == "knn-efm" and config.target_options.get("index") is None and not resume:
         config.resolved()  # bad options are refused before an index is built
         built = default_knn_index(dataset, config.root, config.limit, config.flip, progress,
                                   log)
-        config = replace(config, index=str(built))
+        config = replace(config, target_options={**config.target_options, "index": str(built)})
         explicit.add("index")
     return config, explicit
 
@@ -97,10 +106,11 @@ def train(dataset: str = "digits", target: str = "cfm", *, folder: str | Path | 
           log: Log | None = None, tensorboard: bool = False, **options) -> TrainResult:
     """Train a velocity network on a flow-matching target, as `knnflow train`.
 
-    options: the fields of knnflow.trainer.TrainConfig (steps, batch_size, preset, lr, m,
-    index, tol, flip, limit, root, seed, ...). target="knn-efm" without `index` uses the data
-    set's cached index (indices/<dataset>-train), built when missing. folder: the run folder
-    (default runs/<dataset>-<target>). progress(info) after each step, info holding step,
+    options: the fields of knnflow.runs.TrainConfig (steps, batch_size, preset, lr, flip,
+    limit, root, seed, ...) and the target's own (make_target's: m, pool, index, tol, ...).
+    target="knn-efm" without `index` uses the data set's cached index
+    (indices/<dataset>-train), built when missing. folder: the run folder (default
+    runs/<dataset>-<target>). progress(info) after each step, info holding step,
     steps and loss. tensorboard: also write TensorBoard scalars to FOLDER/tensorboard.
     """
     config, explicit = training_config(dataset, target, options, resume=resume, log=log)

@@ -12,8 +12,12 @@ DEFAULT_DATASET = "digits"
 
 # Training targets (knnflow.targets) and their options.
 TARGETS = ("cfm", "ot-cfm", "efm", "knn-efm", "exact")
+# The first of each tuple is the default.
 EFM_POOLS = ("independent", "shared")
+EFM_M = 128
 KNN_FALLBACKS = ("exact", "efm")
+KNN_TOL = 1e-4
+KNN_BUDGET = 0.005
 # KNNVelocity's routes (knnflow.estimators), knn-efm's --knn-route.
 ROUTES = ("auto", "certify", "faster")
 

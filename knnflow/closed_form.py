@@ -24,8 +24,9 @@ live weight exact. Rows with few live weights per chunk get exact weights direct
 
 The streaming pass, the one-pass path for small sets, the candidate heads and the dense sums
 are one algorithm sharing per-chunk state and one error budget, so they stay in this module;
-the mergeable state (softmax.py), the pair evaluation (pairs.py) and the rounding bounds
-(rounding.py) stand alone.
+the mergeable state (softmax.py), the pair evaluation (pairs.py), the rounding bounds
+(rounding.py) and the tuning knobs, one record per device kind (engine_settings.py), stand
+alone.
 """
 
 from __future__ import annotations
@@ -38,60 +39,43 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from knnflow.engine_settings import EngineSettings, engine_settings
 from knnflow.errors import InputError
 from knnflow.pairs import (
-    DOT_FORM_NATS,
-    GPU_PAIR_BLOCK_ELEMENTS,
     GROUP_MIN_PAIRS,
-    PAIR_BLOCK_ELEMENTS,
     batched_dots,
+    difference_sq,
+    dot_form_holds,
+    dot_form_sq,
     padded_pairs,
+    pair_block,
 )
 from knnflow.rounding import (
     FLOAT32_ROUNDOFF,
-    FLOAT64_ROUNDOFF,
     matmul_input_roundoff,
     output_dtype,
     screening_error_bound,
 )
 from knnflow.softmax import SoftmaxState, rescale
 
+# The engine's contracts: what a result promises, whatever the tuning knobs
+# (engine_settings.EngineSettings, one record per device kind) say.
 # Weights below exp(-margin) of the largest are dropped: with margin = log(n) + 36 the dropped
 # mass is below e^-36 ≈ 2e-16 of the total, under float64 rounding of the sums.
 DROPPED_MASS_NATS = 36.0
-# A chunk row with at most this many live weights per ROW_LIMIT_COLUMNS skips the second GEMM:
-# its live weights are summed by a sparse product instead (~0.25 µs a weight against ~45 µs
-# for a dense row of 2,048 × 3,072 here). Above it, the GEMM row is cheaper. A row with at
-# most EXACT_ROW_LIMIT keeps them for exact evaluation at the end, when the final maximum
-# prunes most of them (a sparse product costs ~3 ms a chunk however few its weights).
-ROW_LIMIT_COLUMNS = 2048
-SPARSE_ROW_LIMIT = 192
-EXACT_ROW_LIMIT = 4
-# When at least this share of a chunk's rows is dense, every row takes the GEMM.
-ALL_DENSE_SHARE = 0.85
 # The float32 rows' estimated relative error (_float32_error): above ACCURACY_TARGET their
-# largest screened weights (recorded within HEAD_NATS of the running top, at most HEAD_MAX per
-# row) are recomputed exactly; rows still above FLOAT64_TARGET are computed again with every
-# live weight exact. The estimate has stayed above 0.75× the measured error on photos (above
-# 0.3× on digits, where the errors are ~1e-8), so the targets keep the measured errors at
-# ≤ 6e-6 on photos (the contract: median ≤ 1e-5, max ≤ 1e-4 against float64). Tighter targets cost
-# more exact weights at t = 0.2-0.6.
+# largest screened weights (the recorded head) are recomputed exactly; rows still above
+# FLOAT64_TARGET are computed again with every live weight exact. The estimate stays above
+# 0.75× the measured error on photos (above 0.3× on digits, where the errors are ~1e-8), so
+# the targets keep the measured errors at ≤ 6e-6 on photos (the contract: median ≤ 1e-5,
+# max ≤ 1e-4 against float64). Tighter targets cost more exact weights at t = 0.2-0.6.
 ACCURACY_TARGET = 1e-5
 FLOAT64_TARGET = 3e-5
-HEAD_NATS = 10.0
-HEAD_GROWTH_NATS = 1e-3
-HEAD_MAX = 256
 # The head weights within this many nats of a row's largest screened one are always exact
 # where they hold at least NORMALISER_SHARE of the total each (the normaliser Z, for log Z
 # and max λ, then errs only by what stays screened).
 NORMALISER_NATS = 3.0
 NORMALISER_SHARE = 0.05
-# A row with more than this many weights within its margin in one chunk records only those
-# within HEAD_NEAR_NATS of its top there, and none if they too are more.
-HEAD_CHUNK_MAX = 64
-HEAD_NEAR_NATS = 3.0
-# ... and no weight below this share of the total (less for coarser screens).
-HEAD_SHARE_MIN = 0.05
 # Rows whose typical screening error is below this many nats record no head: their screened
 # weights are exact to ~1e-7 relative.
 HEAD_SKIP_NATS = 1e-7
@@ -108,36 +92,6 @@ DENSE_TYPICAL_MAX = 0.05
 # Rows whose screen magnitudes (2s·(‖x‖ + t·max‖x_j‖)²) reach this would overflow float32
 # (3.4e38): they are computed in float64.
 FLOAT32_SCREEN_MAX = 1e30
-# The dense sums' references trail the running top by up to this many nats (_DenseSums._raise_).
-REF_SLACK = 20.0
-# Dense float32 sums move into float64 once they hold this many terms (a float32 sum of K
-# terms of one sign errs by ~u·√K: _float32_error).
-FLUSH_TERMS = 8192
-# When every row of a chunk was dense, the next chunks skip the live-weight count (a dense row
-# is exact either way, just slower) and look again every this many chunks.
-RECHECK_DENSE_EVERY = 4
-# Training points per chunk: 8,192 on CPUs (6 chunks for n = 45,000: fewer per-chunk
-# operations; the chunk's B×8,192 logits still fit the L3 cache; against 2,048 it read 103% of
-# the two-GEMM limit on a U[0,1) batch of photos instead of 86%, and as fast or faster at most
-# grid t); 16,384 on GPUs, where each chunk costs ~100 kernel launches and a few host syncs
-# (at 2,048 columns: 50 ms of launches for 8 ms of kernels at n = 50,000 on an H200).
-DEFAULT_CHUNK = 8192
-GPU_CHUNK = 16384
-# Training sets of at most SMALL_SET_NUMBERS numbers (n·d) that fit one chunk take one pass
-# (_one_pass): at n·d ≈ 10^5 a call lasts about a millisecond and the streaming machinery's
-# ~200 small operations cost more than both GEMMs (digits: 0.1-0.6× the naive form). Weights
-# below e^-ONE_PASS_FLOOR_NATS of a row's top are held at that value (8.7e-27: their products
-# with pixel values stay far from float32's subnormals). A row whose estimated error exceeds
-# FLOAT64_TARGET, or whose float32 screen is too coarse for that floor, is made exact: with at
-# most ONE_PASS_PAIR_ROWS live weights from float64 differences, else by a float64 GEMM.
-SMALL_SET_NUMBERS = 1 << 21
-ONE_PASS_FLOOR_NATS = 60.0
-ONE_PASS_PAIR_ROWS = 96
-
-
-def default_chunk(device: torch.device) -> int:
-    """Training points per chunk of the streaming engine on `device`."""
-    return GPU_CHUNK if device.type == "cuda" else DEFAULT_CHUNK
 
 
 # --------------------------------------------------------------------------- validation
@@ -246,7 +200,7 @@ class TrainingSet:
             raise InputError("the training set is empty")
         if not points.is_floating_point():
             raise InputError(f"training points must be floating point, got {points.dtype}")
-        # Small chunks: their float64 copies stay in cache (16,384 rows of 3,072 took 3× longer).
+        # Small chunks: their float64 copies stay in cache (16,384 rows of 3,072 take 3× longer).
         norms, sums = [], torch.zeros(points.shape[1], dtype=torch.float64,
                                       device=points.device)
         for i in range(0, points.shape[0], chunk_size):
@@ -316,17 +270,18 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
                       compute_dtype: torch.dtype = torch.float32) -> SoftmaxState:
     """The softmax state of û* for queries x (B, d) at times t over all training points.
 
-    Streams the data in chunks of `chunk_size` (default: 8192 on CPUs, 16384 on GPUs). Per
-    chunk one GEMM screens the logits, and each row's live weights (within the dropped-mass
-    margin of its running maximum) are counted: a row with very few keeps them for exact
-    float64 evaluation at the end, when the final maximum prunes most of them; a row with
-    up to SPARSE_ROW_LIMIT per 2,048 points sums its screened weights by a sparse product
-    with the chunk; the others by the second GEMM, in float32. At the end each row's float32
-    error is estimated from its posterior spread (`_float32_error`); the largest screened
-    weights are made exact until the estimate meets ACCURACY_TARGET, and rows still above
-    FLOAT64_TARGET are computed again with every live weight exact. Rows at t = 0 take the
-    exact mean; rows whose float32 screen would overflow go to float64. Peak extra memory is
-    O(B·chunk + B·d) plus the recorded candidates (a few per row and chunk).
+    Streams the data in chunks of `chunk_size` (default: the device's EngineSettings.chunk,
+    8192 on CPUs and 16384 on GPUs). Per chunk one GEMM screens the logits, and each row's
+    live weights (within the dropped-mass margin of its running maximum) are counted: a row
+    with very few keeps them for exact float64 evaluation at the end, when the final maximum
+    prunes most of them; a row with up to EngineSettings.sparse_limit sums its screened
+    weights by a sparse product with the chunk; the others by the second GEMM, in float32.
+    At the end each row's float32 error is estimated from its posterior spread
+    (`_float32_error`); the largest screened weights are made exact until the estimate
+    meets ACCURACY_TARGET, and rows still above FLOAT64_TARGET are computed again with every
+    live weight exact. Rows at t = 0 take the exact mean; rows whose float32 screen would
+    overflow go to float64. Peak extra memory is O(B·chunk + B·d) plus the recorded
+    candidates (a few per row and chunk).
     """
     train = as_training_set(data)
     xf = flatten_queries(x, train.dim)
@@ -352,7 +307,8 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
     rows = (~flat).nonzero().squeeze(1)
     if rows.numel() == 0:
         return state
-    chunk_size = chunk_size or default_chunk(device)
+    settings = engine_settings(device)
+    chunk_size = chunk_size or settings.chunk
     overflow = torch.zeros(batch, dtype=torch.bool, device=device)
     if compute_dtype == torch.float32:
         # The screen's magnitudes must stay far inside float32's range (3.4e38).
@@ -365,29 +321,31 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
             overflow = ~(2 * s * reach * reach < FLOAT32_SCREEN_MAX) & ~flat
             rows = (~flat & ~overflow).nonzero().squeeze(1)
     if rows.numel() and compute_dtype == torch.float32 and train.n <= chunk_size and (
-            train.n * train.dim <= SMALL_SET_NUMBERS):
+            train.n * train.dim <= settings.small_set_numbers):
         if rows.numel() == batch:  # the usual case: no row to pick out or scatter back
-            state, rest = _one_pass(x64, t64, train)
+            state, rest = _one_pass(x64, t64, train, settings)
         else:
-            part, rest = _one_pass(x64[rows], t64[rows], train)
+            part, rest = _one_pass(x64[rows], t64[rows], train, settings)
             _scatter_state(state, rows, part)
         rows = rows[rest]
     if rows.numel():
-        part, inaccurate = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype)
+        part, inaccurate = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype,
+                                   settings)
         _scatter_state(state, rows, part)
         if bool(inaccurate.any()):  # again, with exact weights for every live point
             rows = rows[inaccurate]
             part, _ = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype,
-                              exact_only=True)
+                              settings, exact_only=True)
             _scatter_state(state, rows, part)
     if bool(overflow.any()):
         rows = overflow.nonzero().squeeze(1)
-        part, _ = _stream(x64[rows], t64[rows], train, chunk_size, torch.float64)
+        part, _ = _stream(x64[rows], t64[rows], train, chunk_size, torch.float64, settings)
         _scatter_state(state, rows, part)
     return state
 
 
-def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState, Tensor]:
+def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet,
+              settings: EngineSettings) -> tuple[SoftmaxState, Tensor]:
     """(state, rest) for a small training set in one chunk. One float32 GEMM screens the
     logits, the second sums their weights, and each row's error is estimated as in
     `_float32_error` (with no exact part: the largest screened weight is the top, 1/Z of the
@@ -408,7 +366,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
     # Weights below e^-floor of the top stay at e^-floor instead of 0: for rows whose bound
     # allows it, at most n·e^-(log n + 36) of the total, under the dropped mass; never
     # subnormal, nor their products with the points (those slow the second GEMM ~3×).
-    floor = ONE_PASS_FLOOR_NATS
+    floor = settings.one_pass_floor_nats
     coarse = proven > (floor - math.log(n) - DROPPED_MASS_NATS) / 2
     redo = coarse.clone()
     state = SoftmaxState.empty(batch, dim, device)
@@ -453,7 +411,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
         margin = (math.log(n) + DROPPED_MASS_NATS + 2 * proven[rows]
                   + 4 * FLOAT32_ROUNDOFF * top.abs())
         live = logits >= (top - margin).to(torch.float32)[:, None]
-        few = _row_counts(live) <= ONE_PASS_PAIR_ROWS
+        few = _row_counts(live) <= settings.one_pass_pair_rows
         _live_pairs_into(state, x64, t, s, train, rows[few], live[few])
         redo[rows[few]] = False
     rows = redo.nonzero().squeeze(1)
@@ -465,8 +423,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
     full = torch.mm(x64[rows], p64.T).mul_((2 * sr * tr)[:, None])
     full.addr_(-sr * tr * tr, train.sq_norms)  # the logits less s‖x‖², the same for every j
     best, first = full.max(dim=1)
-    reach = x_norm[rows] + tr * train.max_norm
-    direct = 4 * FLOAT64_ROUNDOFF * reach.square() * sr <= DOT_FORM_NATS
+    direct = dot_form_holds(x_norm[rows], tr, train.max_norm, sr)
     rest = torch.zeros(batch, dtype=torch.bool, device=device)
     if bool(direct.any()):
         every = bool(direct.all())
@@ -484,21 +441,40 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet) -> tuple[SoftmaxState,
                                      torch.float64, device)
     margin = math.log(n) + DROPPED_MASS_NATS + 2 * bound
     live = full[~direct] >= (best[~direct] - margin)[:, None]
-    few = _row_counts(live) <= ONE_PASS_PAIR_ROWS
+    few = _row_counts(live) <= settings.one_pass_pair_rows
     rest[screened[~few]] = True
     _live_pairs_into(state, x64, t, s, train, screened[few], live[few])
     return state, rest
 
 
+class _Screen:
+    """The screened logits ℓ_j + s‖x‖² = 2st⟨x, x_j⟩ - st²‖x_j‖² of a batch of queries in
+    `dtype`, chunk by chunk: the queries are scaled by 2st once, and each chunk takes one GEMM
+    whose bias is -st²‖x_j‖² (the rounding screening_error_bound bounds). shared_t: whether
+    every query has the same t (None: look)."""
+
+    def __init__(self, x64: Tensor, t: Tensor, s: Tensor, dtype: torch.dtype,
+                 shared_t: bool | None = None):
+        self.query = ((2 * s * t)[:, None] * x64).to(dtype)
+        self.b = (s * t * t).to(dtype)
+        self.shared_t = bool((t == t[0]).all()) if shared_t is None else shared_t
+
+    def __call__(self, points: Tensor, sq: Tensor) -> Tensor:
+        """(B, m) screened logits over points (m, d) and their squared norms sq (m,), both in
+        the screen's dtype."""
+        bias = (-self.b[0] * sq)[None, :] if self.shared_t else torch.outer(-self.b, sq)
+        return torch.addmm(bias, self.query, points.T)
+
+
 def screened_logits(x64: Tensor, t: Tensor, s: Tensor, points: Tensor, sq: Tensor) -> Tensor:
-    """float32 screened logits 2st⟨x, x_j⟩ - st²‖x_j‖² (B, n) over float32 points and norms;
-    with one t for the batch its scalars fold into the GEMM."""
+    """float32 screened logits 2st⟨x, x_j⟩ - st²‖x_j‖² (B, n) over float32 points and norms.
+    With one t for the batch its scalars fold into the GEMM (alpha, beta) and the queries
+    are only rounded to float32; else as `_Screen`."""
     if bool((t == t[0]).all()):
         t0, s0 = float(t[0]), float(s[0])
         return torch.addmm(sq[None, :], x64.to(torch.float32), points.T,
                            beta=-s0 * t0 * t0, alpha=2 * s0 * t0)
-    query = ((2 * s * t)[:, None] * x64).to(torch.float32)
-    return torch.addmm(torch.outer((-s * t * t).to(torch.float32), sq), query, points.T)
+    return _Screen(x64, t, s, torch.float32, shared_t=False)(points, sq)
 
 
 def _live_pairs_into(state: SoftmaxState, x64: Tensor, t: Tensor, s: Tensor,
@@ -528,7 +504,7 @@ def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor
     the new reference, its logit from float64 differences, so log Z and max λ carry no
     rounding of the top (analysis.collapse reads them)."""
     top = train.points[first].to(torch.float64)
-    exact = -s * (x64 - t[:, None] * top).square().sum(dim=1)
+    exact = -s * difference_sq(x64, t[:, None], top)
     scale = torch.exp(ref - exact)
     z.sub_(1.0).clamp_(min=0.0).mul_(scale).add_(1.0)
     sums.sub_(top).mul_(scale[:, None]).add_(top)
@@ -537,7 +513,7 @@ def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor
 
 def _row_counts(mask: Tensor) -> Tensor:
     """True entries per row of a 2-D bool mask: bytes summed into int32 (count_nonzero and
-    an int64 sum were 3-4× slower on a 256 × 8192 mask here)."""
+    an int64 sum are 3-4× slower on a 256 × 8192 mask here)."""
     return mask.view(torch.uint8).sum(dim=1, dtype=torch.int32)
 
 
@@ -545,8 +521,8 @@ def _scatter_state(state: SoftmaxState, rows: Tensor, part: SoftmaxState) -> Non
     state.ref[rows], state.z[rows], state.s[rows] = part.ref, part.z, part.s
 
 
-def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
-            cdt: torch.dtype, exact_only: bool = False) -> tuple[SoftmaxState, Tensor]:
+def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int, cdt: torch.dtype,
+            settings: EngineSettings, exact_only: bool = False) -> tuple[SoftmaxState, Tensor]:
     """(state, inaccurate): the engine over every chunk for rows with t > 0; `inaccurate`
     marks float32 rows whose estimated error stays above FLOAT64_TARGET. exact_only: no
     dense rows, every live weight exact."""
@@ -561,30 +537,27 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
     # recomputation if their estimated error turns out too large.
     # Coarser screens need more of the head at hand: the weight that may stay screened
     # shrinks like 1/σ² (_correct_heads).
-    head_margin = HEAD_NATS + 2 * torch.log(typical / HEAD_GROWTH_NATS).clamp(min=0) + 2 * typical
+    head_margin = (settings.head_nats
+                   + 2 * torch.log(typical / settings.head_growth_nats).clamp(min=0) + 2 * typical)
     record_head = dense_allowed & (typical > HEAD_SKIP_NATS)
-    query = ((2 * s * t)[:, None] * x64).to(cdt)
-    b = (s * t * t).to(cdt)
+    screen_of = _Screen(x64, t, s, cdt)
     # Screened logits omit -s‖x‖², the same for every j; `offset` converts to full logits.
     offset = s * x_sq
-    shared_t = bool((t == t[0]).all())
-    flush_every = max(1, FLUSH_TERMS // chunk_size)
-    # The row limits are per ROW_LIMIT_COLUMNS columns.
-    sparse_limit = SPARSE_ROW_LIMIT * chunk_size // ROW_LIMIT_COLUMNS
-    exact_limit = EXACT_ROW_LIMIT * chunk_size // ROW_LIMIT_COLUMNS
+    flush_every = settings.flush_every(chunk_size)
+    sparse_limit = settings.sparse_limit(chunk_size)
+    exact_limit = settings.exact_limit(chunk_size)
     dense_sums = _DenseSums(batch, dim, device, cdt, record_head, head_margin, typical,
-                            flush_every * chunk_size)
+                            flush_every * chunk_size, settings)
     top = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
     live_found = _Candidates(batch, device, max(1 << 18, 64 * batch), None)
     all_dense = False
     for index, start in enumerate(range(0, n, chunk_size)):
         chunk = train.points[start:start + chunk_size].to(device=device, dtype=cdt)
         norms = train.sq_norms[start:start + chunk_size].to(device=device, dtype=cdt)
-        bias = (-b[0] * norms)[None, :] if shared_t else torch.outer(-b, norms)
-        logits = torch.addmm(bias, query, chunk.T)
+        logits = screen_of(chunk, norms)
         chunk_top = logits.amax(dim=1).to(torch.float64)
         top = torch.maximum(top, chunk_top)
-        if all_dense and index % RECHECK_DENSE_EVERY:
+        if all_dense and index % settings.recheck_dense_every:
             dense = sparse = exact = None
         else:  # which rows have few enough live weights to skip the second GEMM
             live = logits >= (top - live_margin).to(cdt)[:, None]
@@ -593,7 +566,7 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
             # Mostly dense: all rows take the GEMM (one pass over the chunk's rows; picking
             # the few others out costs more than their share of the GEMM).
             all_dense = bool(dense_allowed.all()) and (
-                int(dense.sum()) >= ALL_DENSE_SHARE * batch)
+                int(dense.sum()) >= settings.all_dense_share * batch)
             if all_dense:
                 dense = sparse = exact = None
             else:
@@ -698,8 +671,8 @@ def _correct_heads(exact: _Sums, dense: _Sums, dense_sums: _DenseSums, fix: Tens
                    x64: Tensor, t: Tensor, s: Tensor, x_sq: Tensor, train: TrainingSet,
                    offset: Tensor, top: Tensor, typical: Tensor) -> Tensor:
     """Move the recorded screened weights of the rows in `fix` that are too large for the
-    screening estimate to meet ACCURACY_TARGET (at most HEAD_MAX per row, largest first)
-    from the dense sums to exact float64 ones. Returns
+    screening estimate to meet ACCURACY_TARGET (at most the settings' head_max per row,
+    largest first) from the dense sums to exact float64 ones. Returns
     each row's largest full logit left screened in the dense sums (an upper bound:
     unrecorded ones lie below top - head_margin)."""
     largest = dense_sums.dense_top - offset
@@ -729,7 +702,7 @@ def _correct_heads(exact: _Sums, dense: _Sums, dense_sums: _DenseSums, fix: Tens
     counts = torch.bincount(rows, minlength=fix.numel())
     rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0)
                                                               - counts)[rows]
-    take = (screened > threshold[rows]) & (rank < HEAD_MAX)
+    take = (screened > threshold[rows]) & (rank < dense_sums.settings.head_max)
     if bool(take.any()):
         _add_exact_pairs(exact, x64, t, s, x_sq, train, rows[take], cols[take],
                          remove=(dense, screened[take]))
@@ -790,27 +763,29 @@ class _DenseSums:
     (addmm with beta = 1, no extra pass over them), which move into float64 every
     `flush_every` chunks, so a float32 sum holds at most that many chunks' terms. Rows in
     `record` also keep the positions and screened logits of their weights within head_margin
-    of that top (`heads`).
+    of that top (`heads`), as `settings` bound them.
     """
 
     def __init__(self, batch: int, dim: int, device: torch.device, cdt: torch.dtype,
-                 record: Tensor, head_margin: Tensor, typical: Tensor, accumulated: int):
-        self.record, self.head_margin = record, head_margin
+                 record: Tensor, head_margin: Tensor, typical: Tensor, accumulated: int,
+                 settings: EngineSettings):
+        self.record, self.head_margin, self.settings = record, head_margin, settings
         # The smallest share of Z a recorded weight may hold: below it no correction is
         # needed while ‖D - x‖² ≥ V (_correct_heads' allowance).
         self.log_share_min = torch.log(torch.clamp(
-            (ACCURACY_TARGET / (SCREEN_SAFETY * typical)).square(), max=HEAD_SHARE_MIN))
+            (ACCURACY_TARGET / (SCREEN_SAFETY * typical)).square(), max=settings.head_share_min))
         self.any_record = bool(record.any())
         self.ref = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
         self.total = _Sums.empty(batch, dim, device)
         self.s32 = torch.zeros(batch, dim, dtype=cdt, device=device)
         self.pending = False
         self.paused_until = torch.zeros(batch, dtype=torch.long, device=device)
-        self.heads = _Candidates(batch, device, max(1 << 16, 4 * batch * HEAD_MAX), HEAD_MAX)
+        self.heads = _Candidates(batch, device, max(1 << 16, 4 * batch * settings.head_max),
+                                 settings.head_max)
         # The largest screened logit summed here, per row.
         self.dense_top = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
         self.used = False
-        # At most this many terms go into one float32 sum (flush_ every FLUSH_TERMS).
+        # At most this many terms go into one float32 sum (flush_ every flush_terms).
         self.accumulated = accumulated
 
     def add_(self, logits: Tensor, rows: Tensor | None, top: Tensor, chunk_top: Tensor,
@@ -845,11 +820,12 @@ class _DenseSums:
 
     def _raise_(self, rows: Tensor | None, top: Tensor) -> tuple[Tensor, Tensor]:
         """(lead, ref): the references of `rows` (None: all), raised to their running top
-        where it exceeds them by more than REF_SLACK nats (rescaling their sums), and how
-        far the top lies above them (0 ≤ lead ≤ REF_SLACK). Weights up to e^REF_SLACK then
-        enter the sums; rescaling every time the top rose a little cost 3% of the call."""
+        where it exceeds them by more than the settings' ref_slack nats (rescaling their
+        sums), and how far the top lies above them (0 ≤ lead ≤ ref_slack). Weights up to
+        e^ref_slack then enter the sums; rescaling every time the top rises a little costs
+        3% of a call."""
         old = self.ref if rows is None else self.ref[rows]
-        moved = (top - old > REF_SLACK).nonzero().squeeze(1)
+        moved = (top - old > self.settings.ref_slack).nonzero().squeeze(1)
         if moved.numel():
             target = moved if rows is None else rows[moved]
             scale = rescale(old[moved], top[moved])
@@ -897,10 +873,11 @@ class _DenseSums:
         """Record the chunk's head weights (weights: screened logits minus ref, per row of
         `rows`): those within head_margin of the running top that also hold at least
         `share_min` of the weight summed so far (smaller ones never need correcting, and
-        flat rows then record nothing). A row with more than HEAD_CHUNK_MAX of them records
-        those within HEAD_NEAR_NATS of its top instead, where few enough; a row with more
-        even there records nothing and pauses for RECHECK_DENSE_EVERY chunks.
+        flat rows then record nothing). A row with more than the settings' head_chunk_max of
+        them records those within head_near_nats of its top instead, where few enough; a row
+        with more even there records nothing and pauses for recheck_dense_every chunks.
         `heads.dropped` bounds the logits left out."""
+        settings = self.settings
         def full(local: Tensor) -> Tensor:
             return local if rows is None else rows[local]
 
@@ -921,15 +898,16 @@ class _DenseSums:
             return
         part = weights if act.numel() == weights.shape[0] else weights[act]
         head = part >= cut[act].to(part.dtype)[:, None]
-        crowded = (_row_counts(head) > HEAD_CHUNK_MAX).nonzero().squeeze(1)
+        crowded = (_row_counts(head) > settings.head_chunk_max).nonzero().squeeze(1)
         if crowded.numel():
-            near = part[crowded] >= (lead[act[crowded]] - HEAD_NEAR_NATS).to(part.dtype)[:, None]
-            few = _row_counts(near) <= HEAD_CHUNK_MAX
+            near_nats = settings.head_near_nats
+            near = part[crowded] >= (lead[act[crowded]] - near_nats).to(part.dtype)[:, None]
+            few = _row_counts(near) <= settings.head_chunk_max
             head[crowded] = near & few[:, None]
             which = full(act[crowded])
-            bound = torch.where(few, top[which] - HEAD_NEAR_NATS, chunk_top[which])
+            bound = torch.where(few, top[which] - near_nats, chunk_top[which])
             dropped[which] = torch.maximum(dropped[which], bound)
-            self.paused_until[which[~few]] = index + RECHECK_DENSE_EVERY
+            self.paused_until[which[~few]] = index + settings.recheck_dense_every
         r, c = head.nonzero().unbind(1)
         if r.numel():
             local = act[r]
@@ -951,7 +929,7 @@ class _DenseSums:
 
     def recorded(self, top: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(rows, cols, screened logits) of the recorded head weights within head_margin of
-        the final top, at most HEAD_MAX per row (the largest)."""
+        the final top, at most the settings' head_max per row (the largest)."""
         return self.heads.compact_(top - self.head_margin)
 
 
@@ -973,8 +951,7 @@ def _add_exact_pairs(sums: _Sums, x64: Tensor, t: Tensor, s: Tensor, x_sq: Tenso
         return
     batch, dim = x64.shape
     points, sq_norms = train.points, train.sq_norms
-    reach = x_sq.sqrt() + t * train.max_norm
-    dot_form = 4 * FLOAT64_ROUNDOFF * reach.square() * s <= DOT_FORM_NATS
+    dot_form = dot_form_holds(x_sq.sqrt(), t, train.max_norm, s)
     removed = None if remove is None else remove[1]
     on_cpu = rows.device.type == "cpu"
     grouped = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
@@ -992,9 +969,9 @@ def _add_exact_pairs(sums: _Sums, x64: Tensor, t: Tensor, s: Tensor, x_sq: Tenso
             p64 = p64.view(*idx.shape, dim)
             x, tt = x64[group], t[group, None]
             if bool(dot_form[group].all()):
-                sq = x_sq[group, None] - 2 * tt * batched_dots(p64, x) + tt * tt * sq_norms[idx]
+                sq = dot_form_sq(x_sq[group, None], batched_dots(p64, x), tt, sq_norms[idx])
             else:
-                sq = (tt[:, :, None] * p64 - x[:, None, :]).square().sum(2)
+                sq = difference_sq(x[:, None, :], tt[:, :, None], p64)
             logits = (-s[group, None] * sq).masked_fill(~valid, -math.inf)
             sums.raise_ref_(group, logits.amax(dim=1))
             weight = torch.exp(logits - sums.ref[group, None])
@@ -1010,17 +987,16 @@ def _add_exact_pairs(sums: _Sums, x64: Tensor, t: Tensor, s: Tensor, x_sq: Tenso
                 other.q[group] -= (gone * sq_p).sum(dim=1)
                 other.s[group] -= torch.bmm(gone[:, None, :], p64).squeeze(1)
     single = (~grouped).nonzero().squeeze(1)
-    elements = PAIR_BLOCK_ELEMENTS if on_cpu else GPU_PAIR_BLOCK_ELEMENTS
-    block = max(1, elements // dim)
+    block = pair_block(rows.device, dim)
     for i in range(0, single.numel(), block):
         which = single[i:i + block]
         r, c = rows[which], cols[which]
         p64 = points[c].to(torch.float64)
         tt = t[r]
         if bool(dot_form[r].all()):
-            sq = x_sq[r] - 2 * tt * (p64 * x64[r]).sum(dim=1) + tt * tt * sq_norms[c]
+            sq = dot_form_sq(x_sq[r], (p64 * x64[r]).sum(dim=1), tt, sq_norms[c])
         else:
-            sq = (x64[r] - tt[:, None] * p64).square().sum(dim=1)
+            sq = difference_sq(x64[r], tt[:, None], p64)
         logits = -s[r] * sq
         sums.raise_ref_(r, logits)
         weight = torch.exp(logits - sums.ref[r])

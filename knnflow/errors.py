@@ -17,20 +17,11 @@ class IndexMismatchError(KnnflowError):
     """An index folder whose manifest does not match its files or this version of knnflow."""
 
 
-class OptionError(InputError):
-    """A bad value of a named option (or of several named together).
-
-    The message is a template in which "{name}" stands for each option's Python name, e.g.
-    OptionError("{batch_size} must be at least 1, got 0", "batch_size"); a template without
-    any placeholder reads as "<first option> <template>". str() names the options as a library
-    caller passes them (batch_size); `render` lets the command line name its flags instead
-    (--batch-size), so flag names live in cli/ only.
-    """
+class _NamesOptions:
+    """A message template naming options by their Python names (see OptionError)."""
 
     def __init__(self, template: str, *options: str):
-        if not options:
-            raise TypeError("OptionError needs at least one option name")
-        if not any("{" + name + "}" in template for name in options):
+        if options and not any("{" + name + "}" in template for name in options):
             template = "{" + options[0] + "} " + template
         self.template, self.options = template, options
         super().__init__(self.render(lambda name: name))
@@ -41,3 +32,18 @@ class OptionError(InputError):
         for name in self.options:
             text = text.replace("{" + name + "}", spell(name))
         return text
+
+
+class OptionError(_NamesOptions, InputError):
+    """A bad value of a named option (or of several named together).
+
+    The message is a template in which "{name}" stands for each option's Python name, e.g.
+    OptionError("{batch_size} must be at least 1, got 0", "batch_size"); a template without
+    any placeholder reads as "<first option> <template>". str() names the options as a library
+    caller passes them (batch_size); `render` lets the command line name its flags instead
+    (--batch-size), so flag names live in cli/ only.
+    """
+
+
+class OptionWarning(_NamesOptions, UserWarning):
+    """A warning about a named option's value, spelled as OptionError's messages are."""

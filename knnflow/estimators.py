@@ -6,6 +6,10 @@
   it cannot certify cheaply fall back to the exact engine.
 
 The top-k truncation of published kNN estimators, with no bound, is topk.TopKVelocity.
+
+The module passes 400 lines because KNNVelocity is one algorithm of about 300 (seeds,
+threshold, scans, kept set, bound and the routing around them share one call's state); the
+output every estimator returns and the exact estimator it falls back to stay beside it.
 """
 
 from __future__ import annotations
@@ -26,9 +30,16 @@ from knnflow.closed_form import (
     velocity_from_denoiser,
 )
 from knnflow.distributed import all_reduce_state_, shard_range, total_points
-from knnflow.errors import InputError
+from knnflow.errors import InputError, OptionError
 from knnflow.index import Index, training_set_of
-from knnflow.pairs import DOT_FORM_NATS, LIVE_NATS, ExactPairs, batched_dots
+from knnflow.pairs import (
+    DOT_FORM_NATS,
+    LIVE_NATS,
+    ExactPairs,
+    batched_dots,
+    difference_sq,
+    dot_form_sq,
+)
 from knnflow.prune import SketchScanner
 from knnflow.rounding import FLOAT64_ROUNDOFF, output_dtype, unit_roundoff
 from knnflow.routing import MIN_INDEX_T, Router
@@ -120,7 +131,7 @@ class ExactVelocity:
 # real images the exact engine outruns certifying below t ≈ 0.85-0.9 (photos, n = 45,000,
 # d = 3,072); smaller data certifies every t above the floor (calls of a few ms time badly).
 AUTO_TIMED_SIZE = 10**7
-# The kept set's screen drops at least e^-LIVE_NATS_MIN of Z_K (closed_form.LIVE_NATS at most).
+# The kept set's screen drops at least e^-LIVE_NATS_MIN of Z_K (pairs.LIVE_NATS at most).
 LIVE_NATS_MIN = 20.0
 
 
@@ -211,11 +222,12 @@ class KNNVelocity:
         if not isinstance(index, Index):
             raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-            raise InputError(f"tol must be a positive number, got {tol!r}")
+            raise OptionError(f"must be a positive number, got {tol!r}", "tol")
         if fallback not in ("exact", "none"):
-            raise InputError(f"fallback must be 'exact' or 'none', got {fallback!r}")
+            raise OptionError(f"must be 'exact' or 'none', got {fallback!r}", "fallback")
         if route not in ROUTES:
-            raise InputError(f"unknown route {route!r}; choose one of: {', '.join(ROUTES)}")
+            raise OptionError(f"unknown {{route}} {route!r}; choose one of: {', '.join(ROUTES)}",
+                              "route")
         if data is not None:
             index.verify_points(data)
         if index.sketches is None:
@@ -377,13 +389,13 @@ class KNNVelocity:
             seed_points = torch.index_select(train.points, 0, seeds.reshape(-1)).to(
                 torch.float32).reshape(*seeds.shape, -1)
             dots = batched_dots(seed_points, x.to(torch.float32))
-            seed_sq = (pairs.x_sq[rows, None] - 2 * tt[:, None] * dots.to(torch.float64)
-                       + (tt * tt)[:, None] * train.sq_norms[seeds]) / (tt * tt)[:, None]
+            seed_sq = dot_form_sq(pairs.x_sq[rows, None], dots.to(torch.float64), tt[:, None],
+                                  train.sq_norms[seeds]) / (tt * tt)[:, None]
             best = seed_sq.argmin(dim=1)
             best_point = seed_points[torch.arange(len(tt), device=x.device), best].to(
                 torch.float64)
             # The best seed's own distance, exactly: the threshold must clear it (keep it in K).
-            best_sq = (x - tt[:, None] * best_point).square().sum(1) / (tt * tt)
+            best_sq = difference_sq(x, tt[:, None], best_point) / (tt * tt)
             speed = ((best_point - x).norm(dim=1) / (1 - tt)).clamp(min=1e-12)
             spread = 2 * sk.max_radius
             log_terms = math.log(n) + torch.log(
@@ -438,5 +450,3 @@ class KNNVelocity:
         velocity = torch.where(failed[:, None], torch.zeros_like(velocity), velocity)
         bound = torch.where(failed, torch.zeros_like(bound), bound)
         return velocity, bound, kept + self.all_seeds, failed
-
-    # ------------------------------------------------------------------ top-k path

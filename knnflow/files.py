@@ -11,10 +11,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from knnflow.errors import InputError
+from knnflow.errors import InputError, OptionError
 
 # Every folder knnflow writes holds this file, naming its kind (index, run, samples, ...):
-# --overwrite replaces only a folder of the command's own kind, or an empty one.
+# Overwriting replaces only a folder of the command's own kind, or an empty one.
 MARKER = ".knnflow.json"
 
 
@@ -46,28 +46,29 @@ def _writable_ancestor(path: Path) -> None:
 
 
 def check_output_folder(folder: str | Path, overwrite: bool, kind: str,
-                        inputs: Iterable[str | Path | None] = (), option: str = "--out") -> Path:
+                        inputs: Iterable[str | Path | None] = (), option: str = "out") -> Path:
     """Check, before any work, that `folder` can be written: it does not exist, or it does and
     overwrite is set, it holds knnflow's output of this `kind` (or nothing), it is no symbolic
-    link, and it neither is nor holds one of the command's `inputs` (which --overwrite would
-    delete)."""
+    link, and it neither is nor holds one of the command's `inputs` (which overwriting would
+    delete). Errors are OptionErrors naming `option`, the name of the folder's option."""
     folder = Path(folder)
     if folder.is_symlink():
-        raise InputError(f"{folder} is a symbolic link; give the folder it points to, or "
-                         f"another {option}")
+        raise OptionError(f"{folder} is a symbolic link; give the folder it points to, or "
+                          f"another {{{option}}}", option)
     if folder.exists():
         if not folder.is_dir():
-            raise InputError(f"{folder} is a file; {option} needs a folder path")
+            raise OptionError(f"{folder} is a file; {{{option}}} needs a folder path", option)
         if not overwrite:
-            raise InputError(f"{folder} already exists; pass --overwrite to replace it")
+            raise OptionError(f"{folder} already exists; pass {{overwrite}} to replace it",
+                              "overwrite")
         refuse_inputs(folder, inputs, option)
         found = folder_kind(folder)
         if found is None and any(folder.iterdir()):
-            raise InputError(f"{folder} is not a folder knnflow wrote; remove it yourself or "
-                             f"choose another {option}")
+            raise OptionError(f"{folder} is not a folder knnflow wrote; remove it yourself or "
+                              f"choose another {{{option}}}", option)
         if found is not None and found != kind:
-            raise InputError(f"{folder} holds a knnflow {found}, not {kind} output; "
-                             f"choose another {option}")
+            raise OptionError(f"{folder} holds a knnflow {found}, not {kind} output; "
+                              f"choose another {{{option}}}", option)
     _writable_ancestor(folder)
     return folder
 
@@ -75,29 +76,29 @@ def check_output_folder(folder: str | Path, overwrite: bool, kind: str,
 def refuse_inputs(target: Path, inputs: Iterable[str | Path | None], option: str,
                   inside: bool = False) -> None:
     """Refuse a target that is, or holds, one of the inputs (inside=True: or lies inside
-    one)."""
+    one), in an OptionError naming `option`."""
     resolved = target.resolve()
     for item in inputs:
         if item is None:
             continue
         source = Path(item).expanduser().resolve()
         if source == resolved or resolved in source.parents:
-            raise InputError(f"{target} holds the input {item}; writing there would destroy "
-                             f"it: choose another {option}")
+            raise OptionError(f"{target} holds the input {item}; writing there would destroy "
+                              f"it: choose another {{{option}}}", option)
         if inside and source in resolved.parents:
-            raise InputError(f"{option} {target} lies inside the input {item}; choose a path "
-                             "outside it")
+            raise OptionError(f"{{{option}}} {target} lies inside the input {item}; choose a "
+                              "path outside it", option)
 
 
 def check_output_file(path: str | Path | None, option: str,
                       inputs: Iterable[str | Path | None] = ()) -> Path | None:
     """Check, before any work, that a single output file can be written, and that it is not
-    one of the command's inputs nor inside one."""
+    one of the command's inputs nor inside one (errors name `option`, the file's option)."""
     if path is None:
         return None
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{option} {path} is a folder; give a file path")
+        raise OptionError(f"{{{option}}} {path} is a folder; give a file path", option)
     # A file written into an input folder may replace one of its files.
     refuse_inputs(path, inputs, option, inside=True)
     _writable_ancestor(path)
@@ -113,7 +114,8 @@ def atomic_folder(folder: str | Path, overwrite: bool = False,
     is removed."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
-        raise InputError(f"{folder} already exists; pass --overwrite to replace it")
+        raise OptionError(f"{folder} already exists; pass {{overwrite}} to replace it",
+                          "overwrite")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

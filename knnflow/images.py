@@ -15,7 +15,7 @@ LUMA = (0.299, 0.587, 0.114)
 
 def with_flips(images: Tensor) -> Tensor:
     """The data set with every image also flipped horizontally: the training set that
-    `--flip` implies, for the index that knn-efm and exact targets use."""
+    flip=True implies, for the index that knn-efm and exact targets use."""
     return torch.cat([images, images.flip(-1)])
 
 

@@ -1,8 +1,10 @@
 """A FAISS index together with the raw data it points to, saved as one folder.
 
-Folder layout: manifest.json (what was indexed, how, and checksums), data.npy (the points,
-float32 or float16, memory-mapped on load) and index.faiss. A folder is written under a
-temporary name and renamed when complete, so a killed build never leaves a folder that loads.
+Folder layout (index_folder.py, which checks a folder before it loads): manifest.json (what
+was indexed, how, and checksums), data.npy (the points, float32 or float16, memory-mapped on
+load) and index.faiss (faiss_backend.py builds, places and stores it). A folder is written
+under a temporary name and renamed when complete, so a killed build never leaves a folder
+that loads.
 
 `Index.search` is exact by default, by one of two routes. On large, high-dimensional data the
 band sketches (prune.py) rule out, with proof, every point that cannot be among the k nearest,
@@ -32,17 +34,32 @@ from torch import Tensor
 from knnflow.choices import DTYPE_NAMES, INDEX_KINDS
 from knnflow.closed_form import TrainingSet, as_training_set
 from knnflow.devices import resolve_device
-from knnflow.errors import IndexMismatchError, InputError, MissingFileError
+from knnflow.errors import IndexMismatchError, InputError, OptionError
+from knnflow.faiss_backend import (
+    build_faiss_index,
+    faiss_module,
+    open_faiss_index,
+    set_nprobe,
+    to_faiss_device,
+    write_faiss_index,
+)
 from knnflow.files import atomic_folder, sha256_file
+from knnflow.index_folder import (
+    DATA_FILE,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MANIFEST,
+    check_faiss_index,
+    check_files,
+    check_points,
+    read_manifest,
+)
 from knnflow.prune import SketchScanner, screened_knn, sketch_knn
 from knnflow.rounding import FLOAT32_ROUNDOFF
 from knnflow.sketch import Sketches
 
-FORMAT_VERSION = 1
 KINDS = INDEX_KINDS
 DTYPES = {name: np.dtype(name).type for name in DTYPE_NAMES}
-MANIFEST, DATA_FILE, INDEX_FILE = "manifest.json", "data.npy", "index.faiss"
-ADD_CHUNK = 8192
 SEARCH_METHODS = ("auto", "sketch", "faiss")
 # method="auto" prunes with the sketches from this size on; below it FAISS's scan is cheap.
 SKETCH_MIN_N, SKETCH_MIN_DIM = 4096, 256
@@ -50,12 +67,6 @@ SKETCH_MIN_N, SKETCH_MIN_DIM = 4096, 256
 BRUTE_FORCE_ROWS = 1024
 
 Progress = Callable[[str, int, int], None]
-
-
-def _faiss():
-    import faiss
-
-    return faiss
 
 
 def check_build_options(kind: str, dtype: str, nlist: int | None = None,
@@ -67,55 +78,16 @@ def check_build_options(kind: str, dtype: str, nlist: int | None = None,
     if dtype not in DTYPES:
         raise InputError(f"unknown data dtype {dtype!r}; choose {' or '.join(DTYPES)}")
     if kind == "flat" and (nlist is not None or nprobe is not None):
-        raise InputError("--nlist and --nprobe apply to --kind ivf only")
-    for option, value in (("--nlist", nlist), ("--nprobe", nprobe)):
+        raise OptionError("{nlist} and {nprobe} apply to {kind} ivf only", "nlist", "nprobe",
+                          "kind")
+    for option, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None and value < 1:
-            raise InputError(f"{option} must be at least 1, got {value}")
-
-
-def faiss_gpu_count() -> int:
-    faiss = _faiss()
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-def _to_faiss_device(index, device: str):
-    """For device cuda: the index on the GPU, sharded over all visible GPUs when several."""
-    if device != "cuda":
-        return index
-    faiss = _faiss()
-    gpus = faiss_gpu_count()
-    if gpus == 0:
-        raise InputError("this faiss build has no GPU support; install knnflow[gpu] (faiss-gpu) "
-                         "or use --device cpu")
-    if gpus == 1:
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    options = faiss.GpuMultipleClonerOptions()
-    options.shard = True
-    return faiss.index_cpu_to_all_gpus(index, co=options)
-
-
-def _to_cpu(index):
-    faiss = _faiss()
-    return faiss.index_gpu_to_cpu(index) if faiss_gpu_count() and "Gpu" in type(index).__name__ \
-        else index
-
-
-def _add_points(index, points: np.ndarray, progress: Progress | None = None) -> None:
-    n = points.shape[0]
-    for begin in range(0, n, ADD_CHUNK):
-        index.add(np.ascontiguousarray(points[begin:begin + ADD_CHUNK], dtype=np.float32))
-        if progress:
-            progress("adding points", min(begin + ADD_CHUNK, n), n)
+            raise OptionError(f"must be at least 1, got {value}", option)
 
 
 def points_sha256(points: np.ndarray) -> str:
     """Checksum of the raw point values (C order), independent of any file header."""
     return hashlib.sha256(np.ascontiguousarray(points).data).hexdigest()
-
-
-def default_ivf_lists(n: int) -> int:
-    """About 4·√n lists, but at least 39 training points per list, as FAISS asks."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 39))
 
 
 def l2_error_bound(query_sq_norms: Tensor, max_sq_norm: float, dim: int) -> Tensor:
@@ -175,26 +147,7 @@ class Index:
         n, dim = points.shape
         device = resolve_device(device)
         start = time.perf_counter()
-        faiss = _faiss()
-        params: dict = {"metric": "l2"}
-        if kind == "flat":
-            index = _to_faiss_device(faiss.IndexFlatL2(dim), device)
-        else:
-            nlist = default_ivf_lists(n) if nlist is None else nlist
-            if not 1 <= nlist <= n:
-                raise InputError(f"--nlist must lie in [1, {n}], got {nlist}")
-            nprobe = max(1, nlist // 16) if nprobe is None else nprobe
-            if not 1 <= nprobe <= nlist:
-                raise InputError(f"--nprobe must lie in [1, --nlist = {nlist}], got {nprobe}")
-            params.update(nlist=nlist, nprobe=nprobe)
-            index = _to_faiss_device(faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist), device)
-            if progress:
-                progress("training k-means", 0, 1)
-            sample = points[np.random.default_rng(0).permutation(n)[: 256 * nlist]]
-            index.train(sample.astype(np.float32))
-            if progress:
-                progress("training k-means", 1, 1)
-        _add_points(index, points, progress)
+        index, params = build_faiss_index(points, kind, device, nlist, nprobe, progress)
         sketches = Sketches.build(torch.from_numpy(points), tuple(image_shape), progress)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -204,7 +157,7 @@ class Index:
             "image_shape": image_shape,
             "dtype": dtype,
             "index": {"kind": kind, **params},
-            "faiss_version": faiss.__version__,
+            "faiss_version": faiss_module().__version__,
             "build_device": device,
             "build_seconds": round(time.perf_counter() - start, 3),
             "points_sha256": points_sha256(points),
@@ -222,7 +175,7 @@ class Index:
             # A flat index is a copy of data.npy: it is rebuilt on load instead of stored twice.
             index_file = None if self.kind == "flat" else INDEX_FILE
             if index_file:
-                _faiss().write_index(_to_cpu(self.faiss_index), str(tmp / index_file))
+                write_faiss_index(self.faiss_index, tmp / index_file)
             sketch_files = self.sketches.save(tmp) if self.sketches is not None else []
             if progress:
                 progress("checksumming", 0, 1)
@@ -242,42 +195,13 @@ class Index:
         """Open an index folder; data.npy is memory-mapped. Refuses any mismatch in one line."""
         folder = Path(folder)
         manifest = read_manifest(folder)
+        check_files(folder, manifest, verify)
+        points = np.load(folder / DATA_FILE, mmap_mode="c")
+        check_points(folder, manifest, points)
         index_file = manifest.get("index_file")
-        files = {DATA_FILE: ("the indexed data", manifest.get("data_sha256"))}
-        if index_file:
-            files[index_file] = ("the FAISS index", manifest.get("index_sha256"))
-        for name, checksum in manifest.get("sketch_sha256", {}).items():
-            files[name] = ("the certified-search sketch", checksum)
-        for name, (what, _) in files.items():
-            if not (folder / name).is_file():
-                raise MissingFileError(f"{folder}: expected {name} ({what})")
-        if verify:
-            for name, (_, checksum) in files.items():
-                if sha256_file(folder / name) != checksum:
-                    raise IndexMismatchError(f"{folder}: {name} does not match the checksum in "
-                                             "manifest.json (the file changed since the build)")
-        data_path = folder / DATA_FILE
-        points = np.load(data_path, mmap_mode="c")
-        expected = (manifest["n"], manifest["d"])
-        if points.shape != expected:
-            raise IndexMismatchError(f"{folder}: data.npy has shape {points.shape}, manifest says "
-                                     f"{expected}")
-        if str(points.dtype) != manifest["dtype"]:
-            raise IndexMismatchError(f"{folder}: data.npy has dtype {points.dtype}, manifest says "
-                                     f"{manifest['dtype']}")
-        if math.prod(manifest["image_shape"]) != manifest["d"]:
-            raise IndexMismatchError(f"{folder}: image shape {manifest['image_shape']} does not "
-                                     f"have d={manifest['d']} values")
-        if index_file:
-            index = _faiss().read_index(str(folder / index_file))
-        else:
-            index = _faiss().IndexFlatL2(manifest["d"])
-            _add_points(index, points)
-        if index.ntotal != manifest["n"] or index.d != manifest["d"]:
-            raise IndexMismatchError(f"{folder}: index.faiss holds {index.ntotal} points of "
-                                     f"d={index.d}, manifest says {manifest['n']} of "
-                                     f"d={manifest['d']}")
-        index = _to_faiss_device(index, resolve_device(device))
+        index = open_faiss_index(folder / index_file if index_file else None, points)
+        check_faiss_index(folder, manifest, index)
+        index = to_faiss_device(index, resolve_device(device))
         sketches = Sketches.load(folder) if manifest.get("sketch_sha256") else None
         return cls(torch.from_numpy(points), index, manifest, folder, sketches)
 
@@ -402,11 +326,8 @@ class Index:
         return SearchResult(out_d, out_i, exact=True)
 
     def set_nprobe(self, nprobe: int) -> None:
-        faiss = _faiss()
-        try:
-            faiss.extract_index_ivf(self.faiss_index).nprobe = nprobe
-        except (RuntimeError, AttributeError):
-            faiss.GpuParameterSpace().set_index_parameter(self.faiss_index, "nprobe", nprobe)
+        """The IVF lists searched per query in approximate mode."""
+        set_nprobe(self.faiss_index, nprobe)
 
     def _exact_search(self, q32: np.ndarray, q64: Tensor, k: int) -> SearchResult:
         if self.kind == "ivf":
@@ -445,27 +366,6 @@ class Index:
         by_id = torch.where(valid, safe, self.n).argsort(dim=1, stable=True)
         order = by_id.gather(1, dist.gather(1, by_id).argsort(dim=1, stable=True))[:, :k]
         return SearchResult(dist.gather(1, order), safe.gather(1, order), exact)
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of an index folder, checked for a known format version."""
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise MissingFileError(f"no index folder at {folder} (build one with knnflow build-index)")
-    if not path.is_file():
-        raise MissingFileError(f"{folder} is not an index folder: expected {path}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise IndexMismatchError(f"{path} is not valid JSON ({err.msg})") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise IndexMismatchError(f"{folder}: index format version {version}, this knnflow reads "
-                                 f"version {FORMAT_VERSION}; rebuild it with knnflow build-index")
-    missing = [key for key in ("n", "d", "image_shape", "dtype", "index") if key not in manifest]
-    if missing:
-        raise IndexMismatchError(f"{path} lacks {', '.join(missing)}")
-    return manifest
 
 
 def training_set_of(data_or_index: Tensor | TrainingSet | Index,

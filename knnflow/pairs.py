@@ -1,7 +1,9 @@
-"""Exact evaluation of chosen (query, training point) pairs in float64, in bounded memory:
-the logits from x - t·x_j (or the dot form where it is exact enough), grouped per query in
-padded blocks. The certified kNN path, the top-k truncation, EFM and the exact engine's head
-corrections all weigh their pairs here."""
+"""Evaluation of chosen (query, training point) pairs in bounded memory, grouped per query in
+padded blocks: exact float64 logits -s‖x - t·x_j‖² from the difference or, where it is exact
+enough, the dot form ‖x‖² - 2t⟨x, x_j⟩ + t²‖x_j‖² (ExactPairs); dot products and squared
+distances per pair (pair_dots, pair_sq_distances). The certified kNN path, the top-k
+truncation, EFM and the exact engine's head corrections weigh their pairs here; the sketch
+scans and the exact k-NN searches (prune.py) measure theirs."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def batched_dots(points: Tensor, queries: Tensor) -> Tensor:
     """(g, K) ⟨queries[i], points[i, k]⟩ for points (g, K, d) and queries (g, d).
 
     Taken as (g, 1, d) @ (g, d, K): on the CPU, MKL's batched product in the other
-    orientation, (g, K, d) @ (g, d, 1), was 8× slower for d = 3072 (g = 5, K = 133).
+    orientation, (g, K, d) @ (g, d, 1), is 8× slower for d = 3072 (g = 5, K = 133).
     """
     return torch.bmm(queries[:, None, :], points.transpose(1, 2)).squeeze(1)
 
@@ -89,12 +91,32 @@ def row_groups(rows: Tensor, batch: int, min_pairs: int, dim: int,
             yield row, order[begin + piece:stop][None]
 
 
-
 def dot_form_sq(x_sq: Tensor, dots: Tensor, t: Tensor | float, p_sq: Tensor) -> Tensor:
     """‖x - t·p‖² from its dot form ‖x‖² - 2t⟨x, p⟩ + t²‖p‖²; the arguments broadcast
     (x_sq and t per query, p_sq per point, dots per pair). Exact to float64 rounding only
-    where the terms do not cancel: callers use it where ExactPairs.dot_form holds."""
+    where the terms do not cancel: callers use it where `dot_form_holds`, or as a screen
+    whose rounding they bound."""
     return x_sq - 2 * t * dots + t * t * p_sq
+
+
+def difference_sq(x: Tensor, t: Tensor | float, p: Tensor) -> Tensor:
+    """‖x - t·p‖² from the difference itself, summed over the last dimension (the arguments
+    broadcast): no cancellation, one pass more over the points than the dot form."""
+    return (x - t * p).square().sum(dim=-1)
+
+
+def dot_form_holds(x_norm: Tensor, t: Tensor, max_norm: float, s: Tensor) -> Tensor:
+    """Per query: whether the float64 dot form of -s‖x - t·x_j‖² is exact enough for every
+    point, its rounding about 4u·(‖x‖ + t·max‖x_j‖)²·s nats staying below DOT_FORM_NATS."""
+    reach = x_norm + t * max_norm
+    return 4 * FLOAT64_ROUNDOFF * reach.square() * s <= DOT_FORM_NATS
+
+
+def pair_block(device: torch.device, width: int) -> int:
+    """Pairs per block of pair recomputation for values of this width on `device`."""
+    elements = GPU_PAIR_BLOCK_ELEMENTS if device.type == "cuda" else PAIR_BLOCK_ELEMENTS
+    return max(1, elements // max(1, width))
+
 
 @dataclass
 class PaddedPairs:
@@ -117,6 +139,91 @@ def padded_pairs(rows: Tensor, cols: Tensor, batch: int, min_pairs: int,
     return PaddedPairs(blocks, grouped, max((idx.numel() for *_, idx in blocks), default=0))
 
 
+def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
+              group_min: int = 32, block_values: int = PAIR_BLOCK_ELEMENTS,
+              dtype: torch.dtype = torch.float64) -> Tensor:
+    """⟨queries[row], points[col]⟩ per pair (queries float64, points any dtype), computed in
+    `dtype` (float32: the queries rounded to it, the points read as they are stored) and
+    returned as float64.
+
+    Rows with at least `group_min` pairs go in padded blocks (padded_pairs): their points are
+    read once into a reused buffer and multiplied by the queries as one batched product. The
+    other pairs go in blocks that copy their query row per pair. On a GPU every pair takes
+    those blocks, 64× larger (one kernel per block, no host loop).
+    """
+    out = torch.empty(rows.numel(), dtype=torch.float64, device=rows.device)
+    if rows.numel() == 0:
+        return out
+    width = points.shape[1]
+    queries = queries.to(dtype)
+    if rows.device.type != "cpu":
+        block = pair_block(rows.device, width)
+        for i in range(0, rows.numel(), block):
+            r, c = rows[i:i + block], cols[i:i + block]
+            out[i:i + block] = (queries[r] * points[c].to(dtype)).sum(1).to(torch.float64)
+        return out
+    plan = padded_pairs(rows, cols, queries.shape[0], group_min, width)
+    single = (~plan.grouped).nonzero().squeeze(1)
+    block = max(1, block_values // max(1, width))
+    for i in range(0, single.numel(), block):
+        pick = single[i:i + block]
+        r, c = rows[pick], cols[pick]
+        out[pick] = (queries[r] * points[c].to(dtype)).sum(1).to(torch.float64)
+    buffer = torch.empty(plan.largest, width, dtype=points.dtype)
+    converted = buffer if points.dtype == dtype else torch.empty(plan.largest, width,
+                                                                  dtype=dtype)
+    for group, pos, idx in plan.blocks:
+        size = idx.numel()
+        found = torch.index_select(points, 0, idx.reshape(-1), out=buffer[:size])
+        if converted is not buffer:
+            found = converted[:size].copy_(found)
+        dots = batched_dots(found.view(*pos.shape, width), queries[group])
+        out[pos[pos >= 0]] = dots[pos >= 0].to(torch.float64)
+    return out
+
+
+def pair_sq_distances(q64: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
+                      sq_norms: Tensor | None = None,
+                      block_values: int = PAIR_BLOCK_ELEMENTS) -> Tensor:
+    """‖q_row - x_col‖² in float64.
+
+    With the points' float64 sq_norms, rows with several pairs take the dot form
+    ‖q‖² - 2⟨q, x⟩ + ‖x‖² (dot_form_sq at t = 1) in padded per-row blocks (padded_pairs:
+    each point read once, one batched product; 3× faster here), and every pair whose value
+    lies within 10^6 times that form's rounding (4u·(‖q‖ + ‖x‖)²) of zero, a near copy, is
+    taken again from differences, so small distances keep their full relative accuracy (a
+    copy gives 0). Otherwise explicit differences, in small blocks (~4 MB of float64, which
+    the allocator reuses: fresh allocations of ~100 MB cost page faults, 4× slower).
+    """
+    out = torch.empty(rows.numel(), dtype=torch.float64)
+    if sq_norms is not None and rows.numel() and rows.device.type == "cpu":
+        dim = q64.shape[1]
+        q_sq = q64.square().sum(dim=1)
+        plan = padded_pairs(rows, cols, q64.shape[0], 4, dim)
+        buffer = torch.empty(plan.largest, dim, dtype=points.dtype)
+        buffer64 = buffer if points.dtype == torch.float64 else torch.empty(
+            plan.largest, dim, dtype=torch.float64)
+        for group, pos, idx in plan.blocks:
+            size = idx.numel()
+            found = torch.index_select(points, 0, idx.reshape(-1), out=buffer[:size])
+            found = found if found.dtype == torch.float64 else buffer64[:size].copy_(found)
+            dots = batched_dots(found.view(*idx.shape, dim), q64[group])
+            valid = pos >= 0
+            out[pos[valid]] = dot_form_sq(q_sq[group, None], dots, 1.0, sq_norms[idx])[valid]
+        near = plan.grouped & (out <= 4e6 * FLOAT64_ROUNDOFF * (
+            q_sq[rows].sqrt() + sq_norms[cols].sqrt()).square())
+        again = (~plan.grouped | near).nonzero().squeeze(1)
+        if again.numel():
+            out[again] = pair_sq_distances(q64, points, rows[again], cols[again])
+        return out
+    block = max(1, block_values // max(1, q64.shape[1]))
+    for i in range(0, rows.numel(), block):
+        diff = points[cols[i:i + block]].to(torch.float64)
+        diff -= q64[rows[i:i + block]]
+        out[i:i + block] = torch.einsum("ij,ij->i", diff, diff)
+    return out
+
+
 class ExactPairs:
     """Exact float64 logits ℓ = -s‖x - t·x_j‖² for (query, point) pairs, in bounded blocks.
 
@@ -127,12 +234,10 @@ class ExactPairs:
 
     def __init__(self, x64: Tensor, t: Tensor, s: Tensor, max_norm: float):
         self.x64, self.t, self.s = x64, t, s
-        elements = GPU_PAIR_BLOCK_ELEMENTS if x64.device.type == "cuda" else PAIR_BLOCK_ELEMENTS
-        self.block = max(1, elements // x64.shape[1])
+        self.block = pair_block(x64.device, x64.shape[1])
         self.x_sq = x64.square().sum(dim=1)
         self.x_norm, self.max_norm = x64.norm(dim=1), max_norm
-        reach = self.x_norm + t * max_norm
-        self.dot_form = 4 * FLOAT64_ROUNDOFF * reach.square() * s <= DOT_FORM_NATS
+        self.dot_form = dot_form_holds(self.x_norm, t, max_norm, s)
 
     def _blocks(self, rows: Tensor, chunk: Tensor, cols: Tensor):
         for i in range(0, rows.numel(), self.block):
@@ -140,10 +245,10 @@ class ExactPairs:
             points = chunk[c].to(torch.float64)
             t = self.t[r]
             if bool(self.dot_form[r].all()):
-                dot = (self.x64[r] * points).sum(dim=1)
-                sq = self.x_sq[r] - 2 * t * dot + t * t * points.square().sum(dim=1)
+                dots = (self.x64[r] * points).sum(dim=1)
+                sq = dot_form_sq(self.x_sq[r], dots, t, points.square().sum(dim=1))
             else:
-                sq = (self.x64[r] - t[:, None] * points).square().sum(dim=1)
+                sq = difference_sq(self.x64[r], t[:, None], points)
             yield i, r, points, -self.s[r] * sq
 
     def add_(self, state: SoftmaxState, rows: Tensor, chunk: Tensor, cols: Tensor) -> None:
@@ -165,10 +270,9 @@ class ExactPairs:
         others weigh below e^-live_nats of the total (default LIVE_NATS = 40: under float64
         resolution; the certified path passes less, per query row as a (B,) tensor, and adds
         e^-live_nats to its bound).
-        Otherwise the block's logits and weighted sums are batched float64 products. Against
-        `add_` on
-        every pair (which copies the query once per pair and makes ~8 passes over float64
-        blocks) this was 2-4× faster on the synthetic set's certified pairs. Other pairs, and
+        Otherwise the block's logits and weighted sums are batched float64 products: 2-4×
+        faster on the synthetic set's certified pairs than `add_` on every pair (which copies
+        the query once per pair and makes ~8 passes over float64 blocks). Other pairs, and
         other devices, take `add_`. sq_norms: float64 ‖x_j‖² of the chunk's points.
         """
         if chunk.device.type != "cpu":
@@ -200,8 +304,8 @@ class ExactPairs:
             sq_p = sq_norms[idx] if dot_form and sq_norms is not None else None
             if screen and dot_form:
                 dots = batched_dots(points.view(*idx.shape, dim), x.to(torch.float32))
-                logits = -s * (self.x_sq[group, None] - 2 * t * dots.to(torch.float64)
-                               + t * t * sq_p)
+                logits = -s * dot_form_sq(self.x_sq[group, None], dots.to(torch.float64), t,
+                                          sq_p)
                 logits = logits.masked_fill(~valid, -math.inf)
                 slack = 2 * s * t * dot_error * self.x_norm[group, None] * reach
                 # log of the row's whole pair count (a long row comes in several blocks), and
@@ -218,9 +322,9 @@ class ExactPairs:
             if dot_form:
                 if sq_p is None:
                     sq_p = torch.einsum("gkd,gkd->gk", points, points)
-                sq = self.x_sq[group, None] - 2 * t * batched_dots(points, x) + t * t * sq_p
+                sq = dot_form_sq(self.x_sq[group, None], batched_dots(points, x), t, sq_p)
             else:
-                sq = (t[:, :, None] * points - x[:, None, :]).square().sum(2)
+                sq = difference_sq(x[:, None, :], t[:, :, None], points)
             logits = (-s * sq).masked_fill(~valid, -math.inf)
             ref = logits.max(dim=1).values
             weights = torch.exp(logits - ref[:, None])

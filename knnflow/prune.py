@@ -13,6 +13,9 @@ search (`sketch_knn`, used by `Index.search` and `knnflow memorization`) are bui
 3. fine filter: the coarse survivors screened again with the fine sketch (~512 numbers).
 
 A point left out by stage 2 or 3 provably lies farther than the threshold (sketch.py).
+`screened_knn`, the brute force that settles what the sketches cannot, prunes the same way
+with a float32 screen of every distance and its proven margin. The per-pair products and
+distances these read come from pairs.py.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from knnflow.pairs import DOT32_ERROR, GPU_PAIR_BLOCK_ELEMENTS, batched_dots, padded_pairs
-from knnflow.rounding import FLOAT64_ROUNDOFF, matmul_input_roundoff
+from knnflow.pairs import DOT32_ERROR, pair_dots, pair_sq_distances
+from knnflow.rounding import matmul_input_roundoff
 from knnflow.sketch import Sketches
 
 SCAN_CHUNK = 8192
@@ -203,7 +206,7 @@ class SketchScanner:
         fine_norm = fine_q.norm(dim=1)
         slack = sk.query_slack(fine_norm, queries.norms)
         # float32 products (half the bytes of float64 ones, no conversion); their error,
-        # ≤ c·‖a‖·‖b‖ (closed_form.DOT32_ERROR), comes off the distance before the bound.
+        # ≤ c·‖a‖·‖b‖ (pairs.DOT32_ERROR), comes off the distance before the bound.
         # Rows with many survivors take one GEMM over every fine-sketched point instead of
         # gathered pairs (it reads the fine sketches once: ~0.1 µs a point against ~0.4 µs a
         # gathered pair here).
@@ -241,7 +244,7 @@ def chunk_seeds(dist: Tensor, count: int, block: int = 128) -> Tensor:
     threshold, so the seeds should be the chunk's nearest) topk. All columns when there are
     fewer than `count`.
 
-    torch's argmin over 8192 float32 columns took 25× longer than amin on this CPU, so the
+    torch's argmin over 8192 float32 columns takes 25× longer than amin on this CPU, so the
     argmin goes through blocks: amin per block of `block` columns, argmin over the blocks,
     then argmin inside the winning block (the same column as a plain argmin).
     """
@@ -273,90 +276,6 @@ def sparse_nonzero(mask: Tensor) -> tuple[Tensor, Tensor]:
     r, w = (as_bytes.view(torch.int64) != 0).nonzero().unbind(1)
     i, k = as_bytes.view(batch, columns // 8, 8)[r, w].nonzero().unbind(1)
     return r[i], w[i] * 8 + k
-
-
-def pair_dots(queries: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
-              group_min: int = 32, block_values: int = 1 << 19,
-              dtype: torch.dtype = torch.float64) -> Tensor:
-    """⟨queries[row], points[col]⟩ per pair (queries float64, points any dtype), computed in
-    `dtype` (float32: the queries rounded to it, the points read as they are stored) and
-    returned as float64.
-
-    Rows with at least `group_min` pairs go in padded blocks (closed_form.padded_pairs): their
-    points are read once into a reused buffer and multiplied by the queries as one batched
-    float64 product. The other pairs go in blocks that copy their query row per pair. On a
-    GPU every pair takes those blocks, 64× larger (one kernel per block, no host loop).
-    """
-    out = torch.empty(rows.numel(), dtype=torch.float64, device=rows.device)
-    if rows.numel() == 0:
-        return out
-    width = points.shape[1]
-    queries = queries.to(dtype)
-    if rows.device.type != "cpu":
-        block = max(1, GPU_PAIR_BLOCK_ELEMENTS // max(1, width))
-        for i in range(0, rows.numel(), block):
-            r, c = rows[i:i + block], cols[i:i + block]
-            out[i:i + block] = (queries[r] * points[c].to(dtype)).sum(1).to(torch.float64)
-        return out
-    plan = padded_pairs(rows, cols, queries.shape[0], group_min, width)
-    single = (~plan.grouped).nonzero().squeeze(1)
-    block = max(1, block_values // max(1, width))
-    for i in range(0, single.numel(), block):
-        pick = single[i:i + block]
-        r, c = rows[pick], cols[pick]
-        out[pick] = (queries[r] * points[c].to(dtype)).sum(1).to(torch.float64)
-    buffer = torch.empty(plan.largest, width, dtype=points.dtype)
-    converted = buffer if points.dtype == dtype else torch.empty(plan.largest, width,
-                                                                  dtype=dtype)
-    for group, pos, idx in plan.blocks:
-        size = idx.numel()
-        found = torch.index_select(points, 0, idx.reshape(-1), out=buffer[:size])
-        if converted is not buffer:
-            found = converted[:size].copy_(found)
-        dots = batched_dots(found.view(*pos.shape, width), queries[group])
-        out[pos[pos >= 0]] = dots[pos >= 0].to(torch.float64)
-    return out
-
-
-def pair_sq_distances(q64: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
-                      sq_norms: Tensor | None = None, block_values: int = 1 << 19) -> Tensor:
-    """‖q_row - x_col‖² in float64.
-
-    With the points' float64 sq_norms, rows with several pairs take the dot form
-    ‖q‖² - 2⟨q, x⟩ + ‖x‖² in padded per-row blocks (closed_form.padded_pairs: each point read
-    once, one batched product; 3× faster here), and every pair whose value lies within 10^6
-    times that form's rounding (4u·(‖q‖ + ‖x‖)²) of zero, a near copy, is taken again from
-    differences, so small distances keep their full relative accuracy (a copy gives 0).
-    Otherwise explicit differences, in small blocks (~4 MB of float64, which the allocator
-    reuses: fresh allocations of ~100 MB cost page faults that made this 4× slower).
-    """
-    out = torch.empty(rows.numel(), dtype=torch.float64)
-    if sq_norms is not None and rows.numel() and rows.device.type == "cpu":
-        dim = q64.shape[1]
-        q_sq = q64.square().sum(dim=1)
-        plan = padded_pairs(rows, cols, q64.shape[0], 4, dim)
-        buffer = torch.empty(plan.largest, dim, dtype=points.dtype)
-        buffer64 = buffer if points.dtype == torch.float64 else torch.empty(
-            plan.largest, dim, dtype=torch.float64)
-        for group, pos, idx in plan.blocks:
-            size = idx.numel()
-            found = torch.index_select(points, 0, idx.reshape(-1), out=buffer[:size])
-            found = found if found.dtype == torch.float64 else buffer64[:size].copy_(found)
-            dots = batched_dots(found.view(*idx.shape, dim), q64[group])
-            valid = pos >= 0
-            out[pos[valid]] = (q_sq[group, None] - 2 * dots + sq_norms[idx])[valid]
-        near = plan.grouped & (out <= 4e6 * FLOAT64_ROUNDOFF * (
-            q_sq[rows].sqrt() + sq_norms[cols].sqrt()).square())
-        again = (~plan.grouped | near).nonzero().squeeze(1)
-        if again.numel():
-            out[again] = pair_sq_distances(q64, points, rows[again], cols[again])
-        return out
-    block = max(1, block_values // max(1, q64.shape[1]))
-    for i in range(0, rows.numel(), block):
-        diff = points[cols[i:i + block]].to(torch.float64)
-        diff -= q64[rows[i:i + block]]
-        out[i:i + block] = torch.einsum("ij,ij->i", diff, diff)
-    return out
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from knnflow.choices import SOLVERS
-from knnflow.errors import InputError
+from knnflow.errors import InputError, OptionError
 from knnflow.estimators import ExactVelocity
 from knnflow.files import atomic_folder
 
@@ -28,16 +28,17 @@ Velocity = Callable[[Tensor, Tensor], Tensor]
 
 
 def check_solver(solver: str, steps: int, atol: float = 1e-5, rtol: float = 1e-5,
-                 count: int = 1) -> None:
-    """A one-line InputError unless the solver options (and `count` samples) are valid."""
+                 n: int = 1) -> None:
+    """An OptionError naming the option unless the solver options (and `n` samples, as
+    knnflow.sample calls it) are valid."""
     if solver not in SOLVERS:
         raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
     if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
+        raise OptionError(f"must be at least 1, got {steps}", "steps")
     if not (atol > 0 and rtol > 0):
-        raise InputError("--atol and --rtol must be positive")
-    if count < 1:
-        raise InputError(f"--n must be at least 1, got {count}")
+        raise OptionError("{atol} and {rtol} must be positive", "atol", "rtol")
+    if n < 1:
+        raise OptionError(f"must be at least 1, got {n}", "n")
 
 
 def integrate(velocity: Velocity, x0: Tensor, solver: str = "euler", steps: int = 100,
@@ -85,7 +86,7 @@ def sample_model(model: nn.Module, count: int, image_shape: tuple[int, ...], see
     """`count` samples of a velocity network, in [-1, 1] (clamped), float32 (N, C, H, W);
     progress(stage, done, total) after each batch when given."""
     if count < 1:
-        raise InputError(f"--n must be at least 1, got {count}")
+        raise OptionError(f"must be at least 1, got {count}", "count")
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(count, *image_shape, generator=gen)
     model.eval()
@@ -109,7 +110,7 @@ def sample_closed_form(index, count: int, seed: int = 0, solver: str = "euler",
     `device`; progress(stage, done, total) as the integration advances when given."""
 
     if count < 1:
-        raise InputError(f"--n must be at least 1, got {count}")
+        raise OptionError(f"must be at least 1, got {count}", "count")
     exact = ExactVelocity(index.training_set(), device=device)
     shape = index.image_shape
     # The same noises as sample_model with this seed (float32 draws), so `knnflow sample RUN`,

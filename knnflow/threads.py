@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from knnflow.errors import InputError
+from knnflow.errors import OptionError
 
 
 @contextmanager
@@ -16,7 +16,7 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         yield
         return
     if threads < 1:
-        raise InputError(f"--threads must be at least 1, got {threads}")
+        raise OptionError(f"must be at least 1, got {threads}", "threads")
     import torch
     from threadpoolctl import threadpool_limits
 

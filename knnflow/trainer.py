@@ -21,7 +21,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,14 +35,12 @@ from knnflow.checkpoints import (
     save_checkpoint,
     split_state,
 )
-from knnflow.choices import ROUTES as KNN_ROUTES
 from knnflow.data import dataset_sources, load_dataset
-from knnflow.distributed import rank_and_world, shard_of
-from knnflow.errors import IndexMismatchError, InputError
+from knnflow.distributed import rank_and_world
+from knnflow.errors import IndexMismatchError, InputError, OptionError, OptionWarning
 from knnflow.files import check_output_folder, write_marker
 from knnflow.images import with_flips
-from knnflow.index import Index, points_sha256
-from knnflow.models.presets import PRESETS
+from knnflow.index import points_sha256
 from knnflow.models.unet import build_model, count_parameters
 from knnflow.run_logs import (
     LOSS_PLOT,
@@ -51,86 +49,11 @@ from knnflow.run_logs import (
     summary_writer_class,
     tensorboard_writer,
 )
-from knnflow.targets import make_target
-from knnflow.training_sets import dataset_slug
+from knnflow.runs import Run, TrainConfig, config_differences, lr_at
+from knnflow.targets import make_target, target_class
 
 # Seeds of process R's own draws (dropout, the target's) are offset by R times this.
 RANK_SEED_STRIDE = 7919
-# Fields that may differ when resuming: more steps, and how often things are written.
-RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints"}
-
-
-@dataclass
-class TrainConfig:
-    dataset: str = "digits"
-    root: str | None = None
-    limit: int | None = None
-    target: str = "cfm"
-    m: int = 128
-    efm_pool: str = "independent"
-    tol: float = 1e-4
-    knn_budget: float = 0.005
-    knn_fallback: str = "exact"
-    knn_route: str = "auto"
-    shard_data: bool = False
-    index: str | None = None
-    flip: bool = False
-    preset: str = "tiny"
-    batch_size: int = 128
-    steps: int = 2000
-    lr: float | None = None
-    warmup: int | None = None
-    grad_clip: float = 1.0
-    ema_decay: float | None = None
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    sample_every: int = 0
-    keep_checkpoints: int = 2
-
-    def resolved(self) -> TrainConfig:
-        """Preset defaults filled in, and every value checked."""
-        if self.preset not in PRESETS:
-            raise InputError(f"unknown preset {self.preset!r}; choose one of: "
-                             f"{', '.join(PRESETS)}")
-        preset = PRESETS[self.preset]
-        defaults = {"lr": preset.lr, "warmup": preset.warmup, "ema_decay": preset.ema_decay}
-        values = asdict(self)
-        config = TrainConfig(**{**values, **{k: v for k, v in defaults.items()
-                                             if values[k] is None}})
-        for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(config, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got "
-                                 f"{getattr(config, name)}")
-        if config.sample_every < 0 or config.warmup < 0:
-            raise InputError("--sample-every and --warmup must be at least 0")
-        if config.target == "ot-cfm" and config.batch_size < 2:
-            raise InputError("--target ot-cfm pairs noise with images within a batch: "
-                             f"--batch-size must be at least 2, got {config.batch_size}")
-        if not (config.lr > 0 and math.isfinite(config.lr)):
-            raise InputError(f"--lr must be positive, got {config.lr}")
-        if not 0 <= config.ema_decay < 1:
-            raise InputError(f"--ema-decay must lie in [0, 1), got {config.ema_decay}")
-        if config.knn_route not in KNN_ROUTES:
-            raise InputError(f"unknown --knn-route {config.knn_route!r}; choose one of: "
-                             f"{', '.join(KNN_ROUTES)}")
-        if not config.grad_clip > 0:
-            raise InputError(f"--grad-clip must be positive, got {config.grad_clip}")
-        return config
-
-
-def config_differences(saved: dict, current: TrainConfig) -> list[str]:
-    """Fields (other than RESUMABLE_CHANGES) whose values differ, as 'name: old → new'. A
-    field missing from an older saved config counts as its default."""
-    now, default = asdict(current), asdict(TrainConfig())
-    return [f"{name}: {saved.get(name, default[name])!r} → {now[name]!r}" for name in now
-            if name not in RESUMABLE_CHANGES and saved.get(name, default[name]) != now[name]]
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-# --------------------------------------------------------------------------- training
 
 
 @dataclass
@@ -144,62 +67,12 @@ class StepMetrics:
     lr: float
 
 
-class Run:
-    """A training run on disk: runs/NAME."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    @property
-    def config_path(self) -> Path:
-        return self.folder / "config.json"
-
-    def read_config(self) -> dict:
-        if not self.config_path.is_file():
-            raise InputError(f"{self.folder} is not a run folder: expected "
-                             f"{self.config_path}")
-        try:
-            config = json.loads(self.config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{self.config_path} is not valid JSON ({err}); the run's config "
-                             "is damaged") from None
-        if not isinstance(config, dict):
-            raise InputError(f"{self.config_path} does not hold a run config")
-        return config
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to lr over `warmup` steps, then constant."""
-    if config.warmup == 0:
-        return config.lr
-    return config.lr * min(1.0, (step + 1) / config.warmup)
-
-
-def load_training_data(config: TrainConfig):
-    """The training images (with both flips under --flip), and the index for knn-efm."""
-
+def load_training_data(config: TrainConfig) -> tuple[Tensor, Tensor]:
+    """The training images, and the target's data: the images flattened (with both flips
+    under `flip`, as x1 is drawn)."""
     images = load_dataset(config.dataset, root=config.root, split="train", limit=config.limit)
     candidates = with_flips(images) if config.flip else images
-    index = None
-    if config.target == "knn-efm":
-
-        if config.index is None:
-            raise InputError("--target knn-efm needs --index DIR, the index of the training "
-                             f"data: build it with knnflow build-index {config.dataset}"
-                             + (" (on the data with both flips for --flip)" if config.flip
-                                else ""))
-        index = Index.load(config.index)
-        try:
-            index.verify_points(candidates)
-        except IndexMismatchError as err:
-            data = (f"{config.dataset}" + (f" (first {config.limit})" if config.limit else "")
-                    + (" with both flips" if config.flip else ""))
-            raise IndexMismatchError(
-                f"{config.index} is not the index of the training data {data}: {err}; rebuild "
-                f"it with knnflow build-index {config.dataset} --out {config.index} --overwrite"
-                + (f" --limit {config.limit}" if config.limit else "")
-                + (" --flip" if config.flip else "")) from None
-    return images, candidates, index
+    return images, candidates.reshape(len(candidates), -1)
 
 
 def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bool = False,
@@ -221,7 +94,6 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     """
     import torch.distributed as dist
 
-
     folder = Path(folder)
     if tensorboard:
         summary_writer_class()  # a missing package is refused before the run starts
@@ -229,13 +101,12 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     checkpoint = None
     rank, world = rank_and_world()
     if resume and overwrite:
-        raise InputError("--resume continues a run and --overwrite deletes it: pass one of them")
+        raise OptionError("{resume} continues a run and {overwrite} deletes it: pass one of "
+                          "them", "resume", "overwrite")
     if resume:
         saved = run.read_config()
         if explicit is not None:
-            known = {f.name for f in fields(TrainConfig)}
-            config = TrainConfig(**{**{k: v for k, v in saved.items() if k in known},
-                                    **{k: getattr(config, k) for k in explicit if k in known}})
+            config = TrainConfig.resumed(saved, config, explicit)
     try:
         config = config.resolved()
     except InputError:
@@ -245,60 +116,45 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
     if world > 1 and torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))  # its RNG state and DDP's device
     if config.batch_size % world:
-        raise InputError(f"--batch-size {config.batch_size} must be a multiple of the "
-                         f"{world} processes (each trains on an equal share of the batch)")
+        raise OptionError(f"{{batch_size}} {config.batch_size} must be a multiple of the "
+                          f"{world} processes (each trains on an equal share of the batch)",
+                          "batch_size")
     if resume:
         differences = config_differences(saved, config)
         if differences:
-            raise InputError("cannot resume with a different config: " + "; ".join(differences))
+            raise OptionError("cannot resume with a different config: "
+                              + "; ".join(text for _, text in differences),
+                              *(name for name, _ in differences))
         if saved.get("processes", 1) != world:
             raise InputError(f"{folder} was trained by {saved.get('processes', 1)} processes "
                              f"and this is {world}; resume it with as many (torchrun "
                              "--nproc_per_node), or its batches and random draws differ")
         checkpoint = load_checkpoint(folder / CHECKPOINTS)
         if checkpoint is not None and checkpoint[0]["step"] > config.steps:
-            raise InputError(f"{folder} has trained {checkpoint[0]['step']} steps, more than "
-                             f"the --steps {config.steps} asked for")
+            raise OptionError(f"{folder} has trained {checkpoint[0]['step']} steps, more than "
+                              f"the {{steps}} {config.steps} asked for", "steps")
     else:
-        if config.index is not None and config.target != "knn-efm":
-            raise InputError(f"--index is used by --target knn-efm only, not {config.target}")
         if folder.exists() and not overwrite:
-            raise InputError(f"{folder} already exists; pass --resume to continue it or "
-                             "--overwrite to start again")
+            raise OptionError(f"{folder} already exists; pass {{resume}} to continue it or "
+                              "{overwrite} to start again", "resume", "overwrite")
         # Only a run folder (or an empty one) is replaced, and only once the new run's data,
         # index and target have loaded: a mistake in them must not cost the old run.
-        check_output_folder(folder, overwrite, "run", [config.index, *dataset_sources(
-            config.dataset, config.root)], option="--name")
-    images, candidates, index = load_training_data(config)
-    target_data, group = candidates.reshape(len(candidates), -1), None
-    if config.shard_data:
-        if config.target not in ("exact", "knn-efm"):
-            raise InputError("--shard-data is for --target exact or knn-efm (it splits their "
-                             f"training set over the processes), not {config.target}")
-        if config.target == "knn-efm" and config.knn_fallback != "exact":
-            raise InputError("--shard-data with knn-efm needs --knn-fallback exact (EFM "
-                             "draws from the whole set)")
-        if world < 2:
-            raise InputError("--shard-data needs several processes: run under torchrun "
-                             "--nproc_per_node N")
-
-        # The target's all-reduces get their own group: with prefetch they run in a
-        # background thread while DDP's run in this one.
-        group = dist.new_group()
-        if config.target == "exact":  # knn-efm takes its shard of the index itself
-            target_data = shard_of(target_data, group)
+        check_output_folder(folder, overwrite, "run", [
+            *target_class(config.target).inputs(config.target_options),
+            *dataset_sources(config.dataset, config.root)], option="name")
+    images, target_data = load_training_data(config)
     data_sha256 = points_sha256(images.reshape(len(images), -1).numpy())
     if resume and saved.get("data_sha256", data_sha256) != data_sha256:
         raise InputError(f"the training data of {config.dataset} changed since {folder} "
                          "started (checksum differs); resuming would not continue the same run")
     image_shape = tuple(images.shape[1:])
-    # (knn-efm's index was checked against the training data in load_training_data)
-    target = make_target(config.target,
-                         data=None if config.target == "knn-efm" else target_data,
-                         index=index, m=config.m, pool=config.efm_pool, tol=config.tol,
-                         knn_budget=config.knn_budget, knn_fallback=config.knn_fallback,
-                         knn_route=config.knn_route, group=group,
-                         flip=False, image_shape=image_shape, device=device)
+    try:
+        target = make_target(config.target, data=target_data, image_shape=image_shape,
+                             device=device, **config.target_options)
+    except IndexMismatchError as err:
+        if not config.flip:
+            raise
+        raise IndexMismatchError(f"{err}, with both flips of each image (flip is on)") from None
 
     torch.manual_seed(config.seed)
     net = build_model(config.preset, image_shape).to(device)
@@ -353,10 +209,11 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
             net, device_ids=[torch.device(device).index or 0] if on_gpu else None)
 
     if config.steps < config.warmup and rank == 0 and start == 0:  # the run's checks passed
-        warnings.warn(f"--steps {config.steps} ends inside the {config.warmup}-step warm-up: "
-                      f"the learning rate reaches only {config.steps / config.warmup:.0%} of "
-                      f"--lr {config.lr:g}; pass --warmup {config.steps // 10} (a tenth of "
-                      "the run) for a run this short", stacklevel=2)
+        warnings.warn(OptionWarning(
+            f"{{steps}} {config.steps} ends inside the {config.warmup}-step warm-up: the "
+            f"learning rate reaches only {config.steps / config.warmup:.0%} of {{lr}} "
+            f"{config.lr:g}; pass {{warmup}} {config.steps // 10} (a tenth of the run) for a "
+            "run this short", "steps", "lr", "warmup"), stacklevel=2)
     writer = tensorboard_writer(folder, start) if tensorboard and rank == 0 else None
     logged: list[StepMetrics] = []
     share = config.batch_size // world
@@ -379,7 +236,8 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
                               math.nan if batch.fallback is None else batch.fallback],
                              dtype=torch.float64), world)
             if not math.isfinite(loss_value):
-                raise InputError(f"the loss became {loss_value} at step {done}; lower --lr")
+                raise OptionError(f"the loss became {loss_value} at step {done}; lower {{lr}}",
+                                  "lr")
             entry = StepMetrics(done, loss_value, variance,
                                 1e3 * (time.perf_counter() - began), 1e3 * batch.seconds,
                                 None if batch.fallback is None else fallback, lr)
@@ -451,7 +309,7 @@ def optimizer_step(model: nn.Module, ema: nn.Module, optimizer: torch.optim.Opti
     """One Adam step on the mean squared error to batch.target, clipped, then the EMA update.
 
     Returns the loss (a tensor on `device`; reading it synchronises). Out-of-memory errors
-    become one line naming --batch-size.
+    become one line naming the batch size.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -463,8 +321,9 @@ def optimizer_step(model: nn.Module, ema: nn.Module, optimizer: torch.optim.Opti
     except RuntimeError as err:  # torch.OutOfMemoryError on GPUs, a RuntimeError on CPU
         if "out of memory" not in str(err) and "can't allocate" not in str(err):
             raise
-        raise InputError(f"out of memory at --batch-size {config.batch_size} with "
-                         f"--preset {config.preset}; lower --batch-size") from None
+        raise OptionError(f"out of memory at {{batch_size}} {config.batch_size} with "
+                          f"{{preset}} {config.preset}; lower {{batch_size}}", "batch_size",
+                          "preset") from None
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     optimizer.step()
     # The EMA warms up as (1 + step)/(10 + step) so short runs get a usable average.
@@ -489,26 +348,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError):
             break
     path.write_text("".join(f"{line}\n" for line in kept))
-
-
-def default_run_folder(dataset: str, target: str) -> Path:
-    """runs/<dataset>-<target>."""
-
-    return Path("runs") / f"{dataset_slug(dataset)}-{target}"
-
-
-def load_run_model(folder: Path, use_ema: bool = True,
-                   device: str = "cpu") -> tuple[nn.Module, dict]:
-    """The network of a run's newest complete checkpoint (EMA weights by default)."""
-    run = Run(folder)
-    if not Path(folder).is_dir():
-        raise InputError(f"no run folder at {folder}")
-    record = run.read_config()
-    checkpoint = load_checkpoint(Path(folder) / CHECKPOINTS)
-    if checkpoint is None:
-        raise InputError(f"{folder} has no complete checkpoint in {Path(folder) / CHECKPOINTS}")
-    meta, tensors = checkpoint
-    model = build_model(record["preset"], tuple(record["image_shape"])).to(device)
-    model.load_state_dict(split_state(tensors, "ema." if use_ema else "model."))
-    model.eval()
-    return model, {**record, "checkpoint_step": meta["step"]}

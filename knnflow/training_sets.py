@@ -1,6 +1,6 @@
 """Which index stands for a training set.
 
-A data set named by the user (digits, photos --size 64, npz:PATH) has a cached index under
+A data set named by the user (digits, photos at size 64, npz:PATH) has a cached index under
 indices/: indices/<dataset>-train, with -limitN, -flip and -ivf for part of it, both flips or
 an IVF index. It is built on first use, and a cached one is used only when its points'
 checksum matches the data. Generated samples record where they came from (a run's samples
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from knnflow.choices import DEFAULT_DATASET
 from knnflow.data import check_size, load_dataset
-from knnflow.errors import IndexMismatchError, InputError
+from knnflow.errors import IndexMismatchError, OptionError
 from knnflow.images import with_flips
 from knnflow.index import Index
 
@@ -32,7 +32,7 @@ def _quiet(stage: str, done: int, total: int) -> None:
 
 def dataset_slug(dataset: str, size: int | None = None) -> str:
     """A folder-name form of a data set: its name, or for folder:/npz:/npy: paths the kind and
-    the file's stem; a --size other than the data set's default is appended (photos64,
+    the file's stem; a size other than the data set's default is appended (photos64,
     folder-imgs48; a dash goes between two numbers: folder-cifar10-48)."""
     kind, _, path = dataset.partition(":")
     name = f"{kind}-{Path(path).stem}" if path else dataset
@@ -44,7 +44,7 @@ def dataset_slug(dataset: str, size: int | None = None) -> str:
 
 def default_index_folder(dataset: str, split: str, size: int | None = None) -> Path:
     """indices/<dataset>-<split>, such as indices/photos-train, or indices/photos64-train
-    for photos --size 64."""
+    for photos at size 64."""
     return Path("indices") / f"{dataset_slug(dataset, size)}-{split}"
 
 
@@ -52,7 +52,7 @@ def cached_index_folder(dataset: str, limit: int | None = None, flip: bool = Fal
                         approximate: bool = False) -> Path:
     """Where train and memorization cache a data set's index when none is given:
     indices/<dataset>-train, with -limitN (its first N images), -flip (both flips) and -ivf
-    (an IVF index, for --approximate)."""
+    (an IVF index, for approximate search)."""
     split = "train" + (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
     folder = default_index_folder(dataset, split)
     return folder.with_name(folder.name + "-ivf") if approximate else folder
@@ -98,8 +98,9 @@ def recorded_training_set(samples: Path) -> dict:
         return {}
     if not isinstance(config, dict) or "dataset" not in config:
         return {}
-    if config.get("index"):
-        return {"index": config["index"], "from": f"the index run {run} trained with"}
+    index = (config.get("target_options") or {}).get("index")
+    if index:
+        return {"index": index, "from": f"the index run {run} trained with"}
     return {"dataset": config["dataset"], "root": config.get("root"),
             "limit": config.get("limit"), "flip": bool(config.get("flip")),
             "from": f"the training set of run {run}"}
@@ -107,7 +108,7 @@ def recorded_training_set(samples: Path) -> dict:
 
 def open_recorded_index(record: dict, approximate: bool = False, progress: Progress | None = None,
                         log: Log | None = None) -> tuple[Index, str]:
-    """The index for samples given with neither --index nor --dataset, and what it is."""
+    """The index for samples given with neither an index nor a data set, and what it is."""
     if not record:
         return (open_cached_index(DEFAULT_DATASET, None, progress, approximate=approximate,
                                   log=log),
@@ -116,8 +117,9 @@ def open_recorded_index(record: dict, approximate: bool = False, progress: Progr
     if "index" in record:
         folder = Path(record["index"])
         if not (folder / "manifest.json").is_file():
-            raise InputError(f"the samples were made with the index {folder} ({record['from']}), "
-                             "which is gone: pass --index DIR or --dataset NAME")
+            raise OptionError(f"the samples were made with the index {folder} "
+                              f"({record['from']}), which is gone: pass {{index}} DIR or "
+                              "{dataset} NAME", "index", "dataset")
         return Index.load(folder), f"{folder}, {record['from']}"
     root = Path(record["root"]) if record["root"] else None
     index = open_cached_index(record["dataset"], root, progress, limit=record["limit"],
@@ -129,9 +131,11 @@ def open_recorded_index(record: dict, approximate: bool = False, progress: Progr
 def open_index(index: Path | None, dataset: str | None, root: Path | None = None,
                approximate: bool = False, progress: Progress | None = None,
                log: Log | None = None) -> Index:
-    """--index DIR, or --dataset NAME: the cached index under indices/, built on first use."""
+    """The index folder `index`, or the cached index of data set `dataset` under indices/,
+    built on first use."""
     if index is not None and dataset is not None:
-        raise InputError("pass one of --index DIR or --dataset NAME, not both")
+        raise OptionError("pass one of {index} DIR or {dataset} NAME, not both", "index",
+                          "dataset")
     if index is not None:
         return Index.load(index)
     return open_cached_index(dataset, root, progress, approximate=approximate, log=log)
@@ -154,7 +158,8 @@ def open_cached_index(dataset: str, root: Path | None = None, progress: Progress
         return Index.load(folder)
     cached = Index.load(folder)
     made = cached.manifest.get("dataset") or {}
-    rebuild = (f"pass --index, or rebuild it with knnflow build-index {dataset} "
+    # The advice names a whole command line; only `index` is an option of the caller.
+    rebuild = (f"pass {{index}}, or rebuild it with knnflow build-index {dataset} "
                + (f"--root {root} " if root is not None else "")
                + (f"--limit {limit} " if limit else "") + ("--flip " if flip else "")
                + f"--out {folder} --overwrite")
@@ -163,18 +168,18 @@ def open_cached_index(dataset: str, root: Path | None = None, progress: Progress
         wanted = ("its whole training set" if not limit and not flip else
                   (f"its first {limit}" if limit else "its training set")
                   + (" with both flips" if flip else ""))
-        raise InputError(f"the cached index {folder} holds {which} images of {dataset}, "
-                         f"not {wanted}: {rebuild}")
+        raise OptionError(f"the cached index {folder} holds {which} images of {dataset}, "
+                          f"not {wanted}: {rebuild}", "index")
     progress(f"checking {folder} against {dataset}", 0, 1)
     images = load_dataset(dataset, root=root, split="train", limit=limit)
     try:
         cached.verify_points(with_flips(images) if flip else images)
     except IndexMismatchError:
         built = made.get("root") or "the default place"
-        raise InputError(
+        raise OptionError(
             f"the cached index {folder} was built from other images than {dataset} at "
             f"{root or 'the default place'} (points checksum differs; it was built from "
-            f"{built}): {rebuild}") from None
+            f"{built}): {rebuild}", "index") from None
     progress(f"checking {folder} against {dataset}", 1, 1)
     return cached
 
@@ -182,15 +187,16 @@ def open_cached_index(dataset: str, root: Path | None = None, progress: Progress
 def default_knn_index(dataset: str, root: Path | None = None, limit: int | None = None,
                       flip: bool = False, progress: Progress | None = None,
                       log: Log | None = None) -> Path:
-    """knn-efm's index when --index is not given: indices/<dataset>-train (-limitN for
-    --limit, -flip for --flip), built on first use with its progress bar and one line."""
+    """knn-efm's index when none is given: indices/<dataset>-train (-limitN for a limit,
+    -flip for flip), built on first use with its progress bar and one line."""
     folder = cached_index_folder(dataset, limit, flip)
     if folder.exists():
         return folder  # the target checks its points against the training data
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError(f"--target knn-efm: no index at {folder}; build it before torchrun "
-                         f"with knnflow build-index {dataset} --out {folder}"
-                         + (f" --limit {limit}" if limit else "") + (" --flip" if flip else ""))
+        raise OptionError(f"{{target}} knn-efm: no index at {folder}; build it before "
+                          f"torchrun with knnflow build-index {dataset} --out {folder}"
+                          + (f" --limit {limit}" if limit else "") + (" --flip" if flip else ""),
+                          "target")
     build_dataset_index(dataset, folder, progress, root=root, limit=limit, flip=flip)
     if log:
         log(f"built the index of {dataset} for knn-efm at {folder}")

@@ -69,7 +69,7 @@ def brute_force_knn(queries: torch.Tensor, points: torch.Tensor, k: int):
 @pytest.fixture(scope="session")
 def sketch_index():
     """Image-like data large enough for the sketches (d = 768), with exact duplicates."""
-    from knnflow.data import synthetic_images
+    from knnflow.synthetic import synthetic_images
 
     points = synthetic_images(3000, (3, 16, 16), seed=3)
     points[2990:] = points[:10]  # ten duplicated training images: ties at distance 0

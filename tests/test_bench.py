@@ -75,9 +75,9 @@ def test_bench_exact_defaults_to_photos_and_refuses_d_there():
     c = result.config
     assert (c["data"], c["n"], c["d"], c["size"]) == ("photos", 400, 3072, None)
     assert c["threads"] >= 1 and c["t_grid"] == [0.5] and len(result.rows) == 1
-    with pytest.raises(InputError, match="--d applies to --dataset synthetic only"):
+    with pytest.raises(InputError, match="dim applies to dataset synthetic only"):
         bench_exact(n=400, dim=192, ts=(0.5,))
-    with pytest.raises(InputError, match="--size"):
+    with pytest.raises(InputError, match="size"):
         bench_exact(dataset="synthetic", n=400, size=64, ts=(0.5,))
 
 
@@ -231,7 +231,7 @@ def test_bench_with_an_index_takes_its_data_set(tmp_path):
         bench_knn(limit=100, index_folder=tmp_path / "ix")
     assert_one_line_error(run("bench", "train", "--index", "ix", "--limit", "50", cwd=tmp_path),
                           "--limit 50 contradicts the index")
-    with pytest.raises(InputError, match="--size 16 contradicts the index, built on images at"):
+    with pytest.raises(InputError, match="size 16 contradicts the index, built on images at"):
         bench_knn(size=16, index_folder=tmp_path / "ix")
 
 
@@ -246,7 +246,7 @@ def test_bench_with_an_index_takes_its_size(tmp_path):
     source = bench_index(None, None, None, tmp_path / "ix64", None)
     assert (source.name, source.size, source.index.dim) == ("photos", 64, 3 * 64 * 64)
     assert bench_index(None, None, None, tmp_path / "ix64", None, size=64).size == 64
-    with pytest.raises(InputError, match="--size 32 contradicts the index, built on --size 64"):
+    with pytest.raises(InputError, match="size 32 contradicts the index, built on size 64"):
         bench_index(None, None, None, tmp_path / "ix64", None, size=32)
     # an index from before the size was recorded: its image shape tells
     Index.build(images[:, :, :32, :32], dataset={"name": "photos"}).save(tmp_path / "ix32")

@@ -140,6 +140,15 @@ def test_build_index_then_index_info(tmp_path):
     (("bench", "exact", "--t-grid", "0.5,1.2"), ("[0, 1)", "1.2")),
     (("bench", "exact", "--t", "0.5,1.2"), ("[0, 1)",)),  # --t: the old name, hidden
     (("bench", "knn", "--t-grid", "abc"), ("--t-grid", "not a number")),
+    # the target's own options: checked by the target, named by train's flags
+    (("train", "digits", "--target", "cfm", "--tol", "1e-3"),
+     ("the cfm target has no option --tol",)),
+    (("train", "digits", "--target", "knn-efm", "--knn-route", "zz"),
+     ("unknown --knn-route 'zz'", "auto, certify, faster")),
+    (("train", "digits", "--target", "efm", "--efm-pool", "global"),
+     ("unknown --efm-pool 'global'",)),
+    (("train", "digits", "--target", "knn-efm", "--knn-budget", "2"), ("--knn-budget", "(0, 1]")),
+    (("train", "digits", "--batch-size", "0"), ("--batch-size must be at least 1",)),
 ])
 def test_bad_input_is_one_line_with_nonzero_exit(tmp_path, args, fragments):
     assert_one_line_error(run(*args, cwd=tmp_path), *fragments)
@@ -246,7 +255,7 @@ def test_invalid_options_are_reported_before_an_existing_output_folder(tmp_path,
     (("build-index", "digits", "--kind", "flat", "--nlist", "3"), ("ivf only",)),
     (("build-index", "digits", "--kind", "ivf", "--nprobe", "-1"), ("--nprobe must be at least",)),
     (("collapse", "digits", "--t-grid", "0:0.9:10"), ("larger than the range", "0:0.9:0.1")),
-    (("train", "digits", "--index", "somewhere"), ("knn-efm only",)),
+    (("train", "digits", "--index", "somewhere"), ("no option --index", "knn-efm takes it")),
     (("train", "--target", "ot-cfm", "--batch-size", "1"), ("--batch-size must be at least 2",)),
     (("fid", "x", "--ref", "nosuch"), ("unknown reference data set",)),
     (("train-classifier", "digits", "--lr", "nan"), ("--lr",)),

@@ -20,7 +20,6 @@ from knnflow.closed_form import (
     velocity_from_denoiser,
     velocity_from_score,
 )
-from knnflow.pairs import ExactPairs
 from knnflow.softmax import SoftmaxState
 
 TS = (0.0, 0.1, 0.5, 0.7, 0.9, 0.99, 0.999)
@@ -240,58 +239,19 @@ def test_peak_memory_is_bounded_by_the_chunk_not_by_n():
 
 
 @pytest.mark.parametrize("t", [0.05, 0.3, 0.7, 0.97])
-def test_gpu_sized_chunks_match_float64(t):
-    """The GPU default (16384-point chunks, head cap and flush scaled with them) on the CPU: the
-    same accuracy against float64 brute force as the CPU default."""
-    from knnflow.closed_form import GPU_CHUNK
-    from knnflow.data import synthetic_images
+def test_gpu_settings_match_float64(t, monkeypatch):
+    """The GPU's engine settings (16384-point chunks, row limits and flush scaled with them)
+    on the CPU: the same accuracy against float64 brute force as the CPU's."""
+    from knnflow import closed_form
+    from knnflow.engine_settings import CPU_SETTINGS, CUDA_SETTINGS
+    from knnflow.synthetic import synthetic_images
 
     points = synthetic_images(20_000, (3, 4, 4), seed=2).reshape(20_000, -1)
     x = flow_queries(points, t, 24, seed=4)
     reference = brute_force_velocity(x, t, points)
-    for chunk in (None, GPU_CHUNK):
-        assert relative_error(closed_form_velocity(x, t, points, chunk_size=chunk),
-                              reference).max() < 1e-5
-
-
-@pytest.mark.parametrize("t", [0.3, 0.7, 0.9999])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("with_norms", [True, False])
-@pytest.mark.parametrize("block", [1 << 21, 40 * 50])
-def test_grouped_pairs_match_float64_brute_force(t, dtype, with_norms, block, monkeypatch):
-    """add_grouped_ (padded per-query blocks for rows with many pairs, add_ for the rest) gives
-    each query's softmax over exactly its own pairs, as explicit float64 differences do.
-    t = 0.9999 takes the difference form (dot_form false); block = 40·50 values splits rows
-    of more than 50 pairs into pieces."""
-    import knnflow.pairs as pairs
-
-    monkeypatch.setattr(pairs, "GROUP_BLOCK_ELEMENTS", block)
-    gen = torch.Generator().manual_seed(3)
-    points = torch.randn(300, 40, generator=gen).to(dtype)
-    train = TrainingSet.from_points(points)
-    batch = 6
-    x = torch.randn(batch, 40, generator=gen, dtype=torch.float64)
-    tt = torch.full((batch,), t, dtype=torch.float64)
-    s = 0.5 / (1 - tt) ** 2
-    # Rows with 0, 3, 31, 32, 150 and 300 pairs: both paths, and an empty row.
-    sizes = [0, 3, 31, 32, 150, 300]
-    rows = torch.cat([torch.full((k,), i) for i, k in enumerate(sizes)])
-    cols = torch.cat([torch.randperm(300, generator=gen)[:k] for k in sizes])
-    shuffle = torch.randperm(rows.numel(), generator=gen)
-    rows, cols = rows[shuffle], cols[shuffle]
-    pairs = ExactPairs(x, tt, s, train.max_norm)
-    assert bool(pairs.dot_form.all()) == (t < 0.999)
-    state = SoftmaxState.empty(batch, 40)
-    pairs.add_grouped_(state, rows, train.points, cols, train.sq_norms if with_norms else None)
-    denoiser = state.denoiser()
-    for i, k in enumerate(sizes):
-        if k == 0:
-            assert float(state.z[i]) == 0.0
-            continue
-        mine = points[cols[rows == i]].to(torch.float64)
-        logits = -s[i] * (x[i] - tt[i] * mine).square().sum(1)
-        expected = torch.softmax(logits, 0) @ mine
-        assert torch.allclose(denoiser[i], expected, rtol=0, atol=1e-11), (i, k)
+    for settings in (CPU_SETTINGS, CUDA_SETTINGS):
+        monkeypatch.setattr(closed_form, "engine_settings", lambda device, chosen=settings: chosen)
+        assert relative_error(closed_form_velocity(x, t, points), reference).max() < 1e-5
 
 
 def test_matmul_input_roundoff_reads_old_and_new_torch_settings():

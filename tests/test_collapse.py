@@ -17,12 +17,11 @@ from knnflow.analysis.collapse import (
     collapse_time,
     compute_collapse,
     draw_pairs,
-    format_t,
     parse_sides,
-    parse_t_grid,
     persistent_fraction,
 )
 from knnflow.errors import InputError, KnnflowError
+from knnflow.t_grid import format_t
 
 
 def brute_force_pairs(images: torch.Tensor, grid, pairs: int, seed: int = 0):
@@ -121,35 +120,14 @@ def test_collapse_time_rule_on_hand_made_arrays():
     assert collapse_time(np.ones((4, 10)), grid) == 0.0
 
 
-def test_format_t():
-    assert format_t(0.71) == "0.71" and format_t(0.0) == "0.00" and format_t(0.125) == "0.125"
-    assert format_t(None) == "never"
-
-
 # --------------------------------------------------------------------------- parsing
-
-
-def test_parse_t_grid():
-    default = parse_t_grid("0:0.99:0.01")
-    assert len(default) == 100 and default[-1] == 0.99 and default[30] == 0.3
-    np.testing.assert_array_equal(parse_t_grid("0.1:0.5:0.2"), [0.1, 0.3, 0.5])
-    np.testing.assert_array_equal(parse_t_grid("0.1:0.6:0.2"), [0.1, 0.3, 0.5])
-    np.testing.assert_array_equal(parse_t_grid("0.9, 0,0.5"), [0, 0.5, 0.9])
-    with pytest.raises(InputError, match=r"\[0, 1\).*1 - t"):
-        parse_t_grid("0:1:0.25")
-    for bad in ("1", "-0.1", "0,1.5"):
-        with pytest.raises(InputError, match=r"\[0, 1\)"):
-            parse_t_grid(bad)
-    for bad in ("0:0.5", "a,b", "0:0.5:0", "0.5:0.1:0.1", "", "0,,0.5", "nan", "0:x:0.1"):
-        with pytest.raises(InputError, match="--t-grid"):
-            parse_t_grid(bad)
 
 
 def test_parse_sides():
     assert parse_sides("8,16, 32,8") == [8, 16, 32]
     assert parse_sides(None) is None
     for bad in ("8,x", "0", "-4", "8.5", "8,,16", "4096"):
-        with pytest.raises(InputError, match="--dims"):
+        with pytest.raises(InputError, match="dims"):
             parse_sides(bad)
 
 
@@ -232,7 +210,7 @@ def test_the_figure_names_its_estimator_and_keeps_the_legend_off_the_bars(small_
                                                                           estimator, words):
     import matplotlib.pyplot as plt
 
-    from knnflow.analysis.collapse import collapse_figure
+    from knnflow.analysis.collapse_report import collapse_figure
 
     result = compute_collapse(small_digits, pairs=16, grid=np.array(GRID), estimator=estimator)
     fig = collapse_figure(result, "digits")

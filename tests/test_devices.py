@@ -1,4 +1,4 @@
-"""resolve_device: the --device values every command takes."""
+"""resolve_device: the device values every command takes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_auto_is_cuda_only_when_torch_sees_a_gpu():
 
 
 def test_bad_devices_are_one_line():
-    with pytest.raises(InputError, match="unknown --device 'tpu'; choose auto, cpu or cuda"):
+    with pytest.raises(InputError, match="unknown device 'tpu'; choose auto, cpu or cuda"):
         resolve_device("tpu")
     with pytest.raises(InputError, match="choose cpu or cuda"):
         resolve_device("auto", allow_auto=False)

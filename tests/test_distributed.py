@@ -101,7 +101,8 @@ def _train_rank(rank: int, rendezvous: str, jobs: list, route_timing=None) -> No
     replaces Router.time_routes, per job when it is a list."""
     from knnflow.errors import InputError
     from knnflow.routing import Router
-    from knnflow.trainer import TrainConfig, train
+    from knnflow.runs import TrainConfig
+    from knnflow.trainer import train
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=WORLD)
@@ -143,9 +144,10 @@ def test_ddp_training_matches_one_process_and_resumes_exactly(tmp_path):
     uninterrupted one bit for bit; resuming with another number of processes, and a batch
     that does not split evenly, are refused."""
     from knnflow.errors import InputError
-    from knnflow.trainer import TrainConfig, train
+    from knnflow.runs import TrainConfig
+    from knnflow.trainer import train
 
-    efm = {**DDP_RUN, "target": "efm", "m": 8}
+    efm = {**DDP_RUN, "target": "efm", "target_options": {"m": 8}}
     _spawn_training(tmp_path, [
         ({**DDP_RUN, "steps": 4}, tmp_path / "ddp", False),
         ({**efm, "steps": 4}, tmp_path / "whole", False),
@@ -192,13 +194,14 @@ def test_exact_target_over_sharded_data_trains_like_the_whole_set(tmp_path):
     batch comes from the all-reduced states, so training follows the run in which each
     process holds all of it (same batches, targets equal to float64 rounding)."""
     from knnflow.errors import InputError
-    from knnflow.trainer import TrainConfig, train
+    from knnflow.runs import TrainConfig
+    from knnflow.trainer import train
 
     exact = {**DDP_RUN, "target": "exact", "steps": 3}
-    _spawn_training(tmp_path, [({**exact, "shard_data": True}, tmp_path / "sharded", False),
+    shard = {"target_options": {"shard": True}}
+    _spawn_training(tmp_path, [({**exact, **shard}, tmp_path / "sharded", False),
                                (exact, tmp_path / "whole", False),
-                               ({**DDP_RUN, "steps": 1, "shard_data": True}, tmp_path / "cfm",
-                                False)])
+                               ({**DDP_RUN, "steps": 1, **shard}, tmp_path / "cfm", False)])
     sharded, whole = _checkpoint(tmp_path / "sharded", 3), _checkpoint(tmp_path / "whole", 3)
     for key in (k for k in whole if k.startswith("model.")):
         assert torch.allclose(sharded[key], whole[key], rtol=0, atol=1e-6), key
@@ -209,9 +212,10 @@ def test_exact_target_over_sharded_data_trains_like_the_whole_set(tmp_path):
     for a, b in zip(metrics, reference, strict=True):
         assert a["target_sq"] == pytest.approx(b["target_sq"], rel=1e-6)
     for rank in range(WORLD):
-        assert "--target exact or knn-efm" in (tmp_path / f"cfm.error.{rank}").read_text()
+        assert ("the cfm target has no option shard"
+                in (tmp_path / f"cfm.error.{rank}").read_text())
     with pytest.raises(InputError, match="several processes"):
-        train(TrainConfig(**{**exact, "shard_data": True}), tmp_path / "alone")
+        train(TrainConfig(**{**exact, **shard}), tmp_path / "alone")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
@@ -223,8 +227,8 @@ def test_ddp_knn_efm_keeps_each_process_route_floors(tmp_path):
     from knnflow.index import Index
 
     Index.build(load_dataset("digits", limit=200)).save(tmp_path / "idx")
-    knn = {**DDP_RUN, "target": "knn-efm", "index": str(tmp_path / "idx"),
-           "knn_route": "faster"}
+    knn = {**DDP_RUN, "target": "knn-efm",
+           "target_options": {"index": str(tmp_path / "idx"), "route": "faster"}}
     _spawn_training(tmp_path, [({**knn, "steps": 4}, tmp_path / "whole", False),
                                ({**knn, "steps": 2}, tmp_path / "parts", False),
                                ({**knn, "steps": 4}, tmp_path / "parts", True)],
@@ -335,13 +339,15 @@ def test_knn_efm_over_sharded_data_trains_like_the_whole_index(tmp_path):
     from knnflow.index import Index
 
     Index.build(load_dataset("digits", limit=200)).save(tmp_path / "idx")
-    knn = {**DDP_RUN, "target": "knn-efm", "index": str(tmp_path / "idx"), "steps": 3}
-    _spawn_training(tmp_path, [({**knn, "shard_data": True}, tmp_path / "sharded", False),
-                               (knn, tmp_path / "whole", False),
-                               ({**knn, "shard_data": True, "knn_fallback": "efm"},
-                                tmp_path / "efm", False)])
+    index = {"index": str(tmp_path / "idx")}
+    knn = {**DDP_RUN, "target": "knn-efm", "target_options": index, "steps": 3}
+    _spawn_training(tmp_path, [
+        ({**knn, "target_options": {**index, "shard": True}}, tmp_path / "sharded", False),
+        (knn, tmp_path / "whole", False),
+        ({**knn, "target_options": {**index, "shard": True, "fallback": "efm"}},
+         tmp_path / "efm", False)])
     sharded, whole = _checkpoint(tmp_path / "sharded", 3), _checkpoint(tmp_path / "whole", 3)
     for key in (k for k in whole if k.startswith("model.")):
         assert torch.allclose(sharded[key], whole[key], rtol=0, atol=1e-5), key
     for rank in range(WORLD):
-        assert "--knn-fallback exact" in (tmp_path / f"efm.error.{rank}").read_text()
+        assert "shard needs fallback exact" in (tmp_path / f"efm.error.{rank}").read_text()

@@ -153,7 +153,7 @@ def test_knn_on_image_sized_data_uses_both_sketches(precision):
     """Image-sized data (the DCT transform, coarse and fine sketches); with torch's float32
     matmul precision at "medium" the GEMMs may round their inputs to bf16, and the scan's and
     the screen's error bounds must widen to stay proven."""
-    from knnflow.data import synthetic_images
+    from knnflow.synthetic import synthetic_images
 
     images = synthetic_images(3000, (3, 32, 32), seed=0)
     held_out = synthetic_images(32, (3, 32, 32), seed=1)

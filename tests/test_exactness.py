@@ -559,8 +559,8 @@ def test_one_pass_makes_coarse_rows_exact(monkeypatch, t):
 
 def test_one_pass_leaves_many_live_near_copies_to_the_streaming_engine(monkeypatch):
     """200 copies of one image: a query next to it at t = 0.9999 keeps all 200 live, more
-    than one pass computes from differences (ONE_PASS_PAIR_ROWS), so those rows, and only
-    those, go to the streaming engine; the batch still meets the contract."""
+    than one pass computes from differences (EngineSettings.one_pass_pair_rows), so those
+    rows, and only those, go to the streaming engine; the batch still meets the contract."""
     calls = count_streaming_calls(monkeypatch)
     data = torch.cat([digits()[:300], digits()[:1].repeat(200, 1)])
     gen = torch.Generator().manual_seed(12)

@@ -21,10 +21,9 @@ from knnflow.analysis.classifier import (
     shift_augment,
     train_classifier,
 )
+from knnflow.analysis.features import extract_features, feature_extractor
 from knnflow.analysis.fid import (
     bootstrap_fid,
-    extract_features,
-    feature_extractor,
     feature_statistics,
     fid,
     frechet_distance,
@@ -445,13 +444,13 @@ def test_classifier_and_fid_on_cuda(tmp_path, digits_test):
 
 def test_a_classifier_near_chance_is_flagged(monkeypatch, tmp_path):
     """FID on the features of a classifier that barely beats chance means little: warned."""
-    import knnflow.analysis.fid as fid_module
-    from knnflow.analysis.fid import feature_extractor
+    import knnflow.analysis.features as features_module
+    from knnflow.analysis.features import feature_extractor
 
     record = {"test_accuracy": 0.11, "architecture": {"classes": 10}, "image_shape": [1, 8, 8]}
     stub = torch.nn.Identity()
     stub.features = lambda x: x
-    monkeypatch.setattr(fid_module, "load_classifier", lambda folder, device: (stub, record))
+    monkeypatch.setattr(features_module, "load_classifier", lambda folder, device: (stub, record))
     with pytest.warns(UserWarning, match="only 11% test accuracy"):
         feature_extractor(f"classifier:{tmp_path}")
     record["test_accuracy"] = 0.97

@@ -31,7 +31,7 @@ def test_a_crash_inside_leaves_no_folder_and_a_finished_one_is_marked(tmp_path):
 def test_overwrite_replaces_only_knnflow_output_of_the_same_kind(tmp_path):
     with atomic_folder(tmp_path / "s", kind="samples") as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(InputError, match="already exists; pass --overwrite"):
+    with pytest.raises(InputError, match="already exists; pass overwrite"):
         check_output_folder(tmp_path / "s", False, "samples")
     assert check_output_folder(tmp_path / "s", True, "samples") == tmp_path / "s"
     with pytest.raises(InputError, match="samples"):
@@ -48,7 +48,7 @@ def test_outputs_never_replace_their_inputs(tmp_path):
     with pytest.raises(InputError, match="holds the input"):
         check_output_folder(tmp_path, True, "samples", [tmp_path / "data"])
     with pytest.raises(InputError, match="lies inside the input"):
-        check_output_file(tmp_path / "data" / "r.json", "--json-out", [tmp_path / "data"])
+        check_output_file(tmp_path / "data" / "r.json", "json_out", [tmp_path / "data"])
     (tmp_path / "link").symlink_to(tmp_path / "data")
     with pytest.raises(InputError, match="symbolic link"):
         check_output_folder(tmp_path / "link", True, "samples")

@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import brute_force_velocity, flow_queries, relative_error
 
-from knnflow.data import load_dataset, synthetic_images
+from knnflow.data import load_dataset
 from knnflow.estimators import ExactVelocity, KNNVelocity
-from knnflow.index import Index, faiss_gpu_count
+from knnflow.faiss_backend import faiss_gpu_count
+from knnflow.index import Index
+from knnflow.synthetic import synthetic_images
 from knnflow.targets import make_target
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -104,8 +106,8 @@ def test_knn_efm_target_on_gpu(fallback, search_device, route):
     index = Index.build(images)
     gen = torch.Generator().manual_seed(0)
     x1, x0, t = data[:32], torch.randn(32, 64, generator=gen), torch.linspace(0, 0.99, 32)
-    out = make_target("knn-efm", index=index, data=data, device="cuda", knn_fallback=fallback,
-                      knn_search_device=search_device, knn_route=route)(
+    out = make_target("knn-efm", index=index, data=data, device="cuda", fallback=fallback,
+                      search_device=search_device, route=route)(
         x0, x1, t, generator=torch.Generator().manual_seed(1))
     assert out.target.is_cuda and bool(torch.isfinite(out.target).all())
     if fallback == "exact":
@@ -115,9 +117,11 @@ def test_knn_efm_target_on_gpu(fallback, search_device, route):
 
 
 def test_training_steps_on_gpu(tmp_path):
-    from knnflow.trainer import TrainConfig, train
+    from knnflow.runs import TrainConfig
+    from knnflow.trainer import train
 
-    config = TrainConfig(dataset="digits", target="efm", m=32, steps=3, log_every=1,
+    config = TrainConfig(dataset="digits", target="efm", target_options={"m": 32}, steps=3,
+                         log_every=1,
                          checkpoint_every=3)
     logged = train(config, tmp_path / "run", device="cuda")  # prefetches batches on GPUs
     assert len(logged) == 3 and all(entry.loss > 0 for entry in logged)
@@ -127,10 +131,12 @@ def test_resume_on_gpu_is_bit_exact(tmp_path):
     """A run stopped at step 4 and resumed (GPU dropout generator restored) ends as one run."""
     from safetensors.torch import load_file
 
-    from knnflow.trainer import TrainConfig, train
+    from knnflow.runs import TrainConfig
+    from knnflow.trainer import train
 
     def config(steps):
-        return TrainConfig(dataset="digits", target="efm", m=16, steps=steps, log_every=1,
+        return TrainConfig(dataset="digits", target="efm", target_options={"m": 16},
+                           steps=steps, log_every=1,
                            checkpoint_every=4, keep_checkpoints=5)
 
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False

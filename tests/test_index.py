@@ -101,7 +101,7 @@ def test_query_shape_mismatch_names_both(digit_images):
 def test_existing_folder_needs_overwrite(tmp_path, digit_images):
     index = Index.build(digit_images[:10])
     index.save(tmp_path / "x")
-    with pytest.raises(InputError, match="--overwrite"):
+    with pytest.raises(InputError, match="overwrite"):
         index.save(tmp_path / "x")
     Index.build(digit_images[:20]).save(tmp_path / "x", overwrite=True)
     assert Index.load(tmp_path / "x").n == 20
@@ -164,7 +164,7 @@ def test_unknown_kind_and_dtype(digit_images):
 
 
 def test_sketch_search_matches_float64_brute_force(sketch_index):
-    from knnflow.data import synthetic_images
+    from knnflow.synthetic import synthetic_images
 
     index, points = sketch_index
     flat = points.reshape(points.shape[0], -1)

@@ -13,14 +13,10 @@ from PIL import Image
 from test_cli import assert_one_line_error, run
 
 from knnflow.data import load_dataset
-from knnflow.errors import InputError, MissingFileError
+from knnflow.errors import InputError
 from knnflow.index import Index
-from knnflow.nearest import (
-    load_samples,
-    parse_threshold,
-    run_memorization,
-    train_reference,
-)
+from knnflow.memorization_report import run_memorization
+from knnflow.samples import load_samples
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +105,6 @@ def test_distances_equal_float64_brute_force(tmp_path, index, train, held_out):
         float(distances[:, 0].mean()) / 8, rel=1e-8)
 
 
-def test_reference_is_leave_one_out_against_brute_force(index, train):
-    ids, distances = train_reference(index, size=200)
-    assert len(ids) == 200 and len(set(ids.tolist())) == 200
-    flat = train.reshape(train.shape[0], -1).to(torch.float64)
-    for i, d in zip(ids.tolist()[:50], distances.tolist()[:50], strict=True):
-        sq = (flat - flat[i]).square().sum(1)
-        sq[i] = float("inf")
-        assert d == pytest.approx(float(sq.min().sqrt()), rel=1e-10, abs=1e-12)
-
-
 def test_folder_npz_npy_and_uint8_inputs_agree(tmp_path, index, train, held_out):
     u8, f32 = quantized(torch.cat([train[:6], held_out[:10]]))
     folder = tmp_path / "pngs" / "nested"
@@ -162,7 +148,7 @@ def test_resize_opt_in(tmp_path, index, train):
     big = np.repeat(np.repeat(quantized(train[:3])[0], 2, axis=2), 2, axis=3)  # 1×16×16
     rgb = np.repeat(big, 3, axis=1)
     np.save(tmp_path / "rgb.npy", rgb)
-    with pytest.raises(InputError, match=r"3×16×16.*1×8×8.*--resize"):
+    with pytest.raises(InputError, match=r"3×16×16.*1×8×8.*resize"):
         run_memorization(tmp_path / "rgb.npy", index, out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
     summary, _ = run_memorization(tmp_path / "rgb.npy", index, out=tmp_path / "r", resize=True)
@@ -170,50 +156,6 @@ def test_resize_opt_in(tmp_path, index, train):
 
 
 # --------------------------------------------------------------------------- bad input
-
-
-def test_bad_samples_are_refused_with_one_clear_message(tmp_path, index):
-    shape = index.image_shape
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(InputError, match="is empty"):
-        load_samples(empty, shape)
-    text_only = tmp_path / "text"
-    text_only.mkdir()
-    (text_only / "notes.txt").write_text("not an image")
-    with pytest.raises(InputError, match="1 other files skipped"):
-        load_samples(text_only, shape)
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(corrupt / "a.png")
-    (corrupt / "b.png").write_bytes(b"\x89PNG garbage")
-    samples = load_samples(corrupt, shape)
-    with pytest.raises(InputError, match="b.png"):
-        samples.batch(0, 2)
-    nan = np.zeros((2, 1, 8, 8), np.float32)
-    nan[1, 0, 3, 3] = np.nan
-    np.save(tmp_path / "nan.npy", nan)
-    with pytest.raises(InputError, match="NaN"):
-        load_samples(tmp_path / "nan.npy", shape)
-    with pytest.raises(MissingFileError, match="nowhere"):
-        load_samples(tmp_path / "nowhere", shape)
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(mixed / "a.png")
-    Image.fromarray(np.zeros((9, 9), np.uint8), mode="L").save(mixed / "b.png")
-    with pytest.raises(InputError, match=r"b.png has shape 1×9×9"):
-        load_samples(mixed, shape).batch(0, 2)
-
-
-@pytest.mark.parametrize("text", ["0", "1.5", "-0.1", "abc", "1/0", "nan"])
-def test_threshold_outside_unit_interval_is_refused(text):
-    with pytest.raises(InputError, match="threshold"):
-        parse_threshold(text)
-
-
-def test_threshold_accepts_fractions():
-    assert parse_threshold("1/3") == pytest.approx(1 / 3)
-    assert parse_threshold("1") == 1.0
 
 
 def test_cli_report_json_and_errors(tmp_path, index_folder, train):
@@ -266,7 +208,7 @@ def test_a_cached_index_of_other_files_is_refused(tmp_path):
     --dataset mnist --root OTHER. The cached index is checked against the data it stands
     for by the points' checksum: refused, in one line naming both; the right root passes."""
     from test_cli import assert_one_line_error, run
-    from test_data import _write_idx
+    from test_loaders import _write_idx
 
     rng = np.random.default_rng(7)
     for name in ("a", "b"):
@@ -358,18 +300,12 @@ def test_a_folder_of_knnflows_own_pngs_skips_its_grid_and_reads_grey_rgb(tmp_pat
         load_samples(tmp_path / "rgb", (1, 8, 8)).batch(0, 6)
 
 
-def test_the_threshold_reads_as_the_fraction_it_is():
-    from knnflow.nearest import threshold_text
-
-    assert threshold_text(1 / 3) == "1/3" and threshold_text(0.25) == "1/4"
-    assert threshold_text(0.123456) == "0.1235" and threshold_text(0.5) == "1/2"
-
-
 def test_nearest_png_shows_both_neighbours_and_says_when_none_is_memorized(tmp_path, index,
                                                                            train, held_out):
     import matplotlib.pyplot as plt
 
-    from knnflow.nearest import Scores, nearest_figure
+    from knnflow.memorization_report import nearest_figure
+    from knnflow.nearest import Scores
 
     def figure_of(images):
         np.save(tmp_path / "s.npy", images.numpy())

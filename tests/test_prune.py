@@ -1,5 +1,5 @@
-"""The sketch scanner, the pruned exact k-NN search and the screened brute force, against
-float64 brute force."""
+"""The sketch scanner and its helpers, the pruned exact k-NN search and the screened brute
+force, against float64 brute force and plain torch."""
 
 from __future__ import annotations
 
@@ -77,3 +77,37 @@ def test_dense_fine_filter_keeps_what_the_pairwise_one_keeps(sketch_index, monke
     inside = (true_sq <= threshold[:, None]).nonzero().unbind(1)
     survivors = set(zip(kept[0.0][0].tolist(), kept[0.0][1].tolist(), strict=True))
     assert set(zip(inside[0].tolist(), inside[1].tolist(), strict=True)) <= survivors
+
+
+@pytest.mark.parametrize("shape", [(7, 8192), (3, 4096), (5, 846), (4, 64)])
+def test_scan_helpers_match_plain_torch(shape):
+    """chunk_seeds' blocked argmin picks the columns a plain argmin of each slice picks;
+    sparse_nonzero lists the True entries of a mask as nonzero() does, in the same order."""
+    from knnflow.prune import chunk_seeds, sparse_nonzero
+
+    gen = torch.Generator().manual_seed(shape[1])
+    dist = torch.randn(shape, generator=gen)
+    for count in (1, 2):
+        width = shape[1] // count
+        slices = dist[:, :width * count].reshape(shape[0], count, width)
+        expected = slices.argmin(dim=2) + torch.arange(count) * width
+        assert torch.equal(chunk_seeds(dist, count), expected)
+    nearest = chunk_seeds(dist, 5)
+    assert torch.equal(dist.gather(1, nearest).sort(1).values, dist.sort(1).values[:, :5])
+    for level in (-3.0, -1.0, 0.5):
+        mask = dist <= level
+        rows, cols = sparse_nonzero(mask)
+        expected = mask.nonzero()
+        assert torch.equal(rows, expected[:, 0]) and torch.equal(cols, expected[:, 1])
+    assert sparse_nonzero(torch.zeros(shape, dtype=torch.bool))[0].numel() == 0
+
+
+def test_sparse_nonzero_on_a_view_with_an_odd_offset():
+    from knnflow.prune import sparse_nonzero
+
+    big = torch.rand(4, 40, generator=torch.Generator().manual_seed(0)) < 0.2
+    view = big[1:2, 3:11]
+    assert view.is_contiguous() and view.storage_offset() % 8
+    rows, cols = sparse_nonzero(view)
+    expected = view.nonzero()
+    assert torch.equal(rows, expected[:, 0]) and torch.equal(cols, expected[:, 1])

@@ -14,9 +14,9 @@ import torch
 from test_cli import assert_one_line_error, run
 from threadpoolctl import threadpool_limits
 
+from knnflow.analysis.features import feature_extractor
 from knnflow.analysis.fid import (
     bootstrap_fid,
-    feature_extractor,
     feature_statistics,
     fid,
     frechet_distance,
@@ -49,9 +49,11 @@ from knnflow.analysis.velocity_error import velocity_error_of_run
 from knnflow.data import load_dataset
 from knnflow.errors import InputError
 from knnflow.index import Index
-from knnflow.nearest import load_samples, nearest_training
+from knnflow.nearest import nearest_training
+from knnflow.runs import load_run_model
+from knnflow.samples import load_samples
 from knnflow.sampling import sample_model
-from knnflow.trainer import load_run_model, train
+from knnflow.trainer import train
 
 LIMIT = 150
 SHAPE = (1, 8, 8)
@@ -286,7 +288,7 @@ def test_budgets_and_work_folders():
         get_budget("celeba", "small")
     with pytest.raises(InputError, match="small, full"):
         get_budget("digits", "huge")
-    with pytest.raises(InputError, match="--steps"):
+    with pytest.raises(InputError, match="steps"):
         get_budget("digits", "small", steps=0)
 
 

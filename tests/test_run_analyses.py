@@ -36,8 +36,9 @@ from knnflow.data import load_dataset
 from knnflow.errors import InputError
 from knnflow.estimators import ExactVelocity
 from knnflow.index import Index
+from knnflow.runs import TrainConfig, load_run_model
 from knnflow.sampling import CLOSED_FORM_T_END, integrate, model_velocity, sample_model
-from knnflow.trainer import TrainConfig, load_run_model, train
+from knnflow.trainer import train
 
 LIMIT = 200
 
@@ -130,9 +131,9 @@ def test_one_training_image_has_an_analytic_error():
 def test_parse_taus():
     assert parse_taus("0:1:11") == [round(i / 10, 12) for i in range(11)]
     assert parse_taus(" 1, 0,0.5,0.5") == [0.0, 0.5, 1.0]
-    for bad, fragment in (("0,1.5", "[0, 1]"), ("-0.1", "[0, 1]"), ("a,b", "--taus"),
-                          ("", "--taus"), ("0:1", "--taus"), ("0:1:0", "--taus"),
-                          ("nan", "[0, 1]"), ("0,,1", "--taus")):
+    for bad, fragment in (("0,1.5", "[0, 1]"), ("-0.1", "[0, 1]"), ("a,b", "taus"),
+                          ("", "taus"), ("0:1", "taus"), ("0:1:0", "taus"),
+                          ("nan", "[0, 1]"), ("0,,1", "taus")):
         with pytest.raises(InputError, match=fragment.replace("[", r"\[")):
             parse_taus(bad)
 
@@ -143,7 +144,7 @@ def test_segment_steps_split_one_grid():
     assert segment_steps(1.0, 100) == (100, 0)
     assert segment_steps(0.9995, 100) == (100, 0)  # past 1 - 1e-3: closed form + denoiser
     assert segment_steps(0.25, 10) == (3, 8)
-    with pytest.raises(InputError, match="--steps"):
+    with pytest.raises(InputError, match="steps"):
         segment_steps(0.5, 0)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from knnflow.data import load_dataset
 from knnflow.index import Index
-from knnflow.nearest import run_memorization
+from knnflow.memorization_report import run_memorization
 from knnflow.sampling import integrate, sample_closed_form
 
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ from knnflow.checkpoints import CHECKPOINTS, complete_checkpoints, load_checkpoi
 from knnflow.data import load_dataset
 from knnflow.errors import InputError
 from knnflow.index import Index
-from knnflow.trainer import TrainConfig, load_run_model, train
+from knnflow.runs import TrainConfig, load_run_model
+from knnflow.trainer import train
 
 TRAIN = [sys.executable, "-m", "knnflow.cli.main", "train", "digits", "--preset", "tiny",
          "--batch-size", "32", "--steps", "40", "--checkpoint-every", "10", "--log-every", "1",
@@ -82,7 +84,7 @@ def test_resume_checks_the_config_and_continues(tmp_path):
     logged = train(more, tmp_path / "r", resume=True)
     assert [m.step for m in logged] == [7, 8, 9]
     assert [s for s, _, _ in _metrics(tmp_path / "r")] == list(range(1, 10))
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match="pass resume to continue it"):
         train(config, tmp_path / "r")
 
 
@@ -100,18 +102,19 @@ def test_a_damaged_newest_checkpoint_is_skipped(tmp_path):
 
 
 def test_bad_training_options_are_refused(tmp_path, digits):
-    for options, fragment in (({"batch_size": 0}, "--batch-size"), ({"steps": -1}, "--steps"),
+    for options, fragment in (({"batch_size": 0}, "batch_size"), ({"steps": -1}, "steps"),
                               ({"preset": "huge"}, "choose one of"),
                               ({"target": "ddpm"}, "choose one of: cfm, ot-cfm, efm, knn-efm, "
                                                    "exact"),
                               ({"target": "ot-cfm", "batch_size": 1}, "at least 2"),
-                              ({"target": "knn-efm"}, "build-index digits")):
+                              ({"target": "knn-efm"}, "build-index DATASET")):
         with pytest.raises(InputError, match=fragment):
             train(TrainConfig(**{"preset": "mlp", "steps": 2, **options}), tmp_path / "x")
     other = tmp_path / "other-index"
     Index.build(digits[:500]).save(other)
     with pytest.raises(Exception, match="build-index"):
-        train(TrainConfig(preset="mlp", steps=2, target="knn-efm", index=str(other)),
+        train(TrainConfig(preset="mlp", steps=2, target="knn-efm",
+                          target_options={"index": str(other)}),
               tmp_path / "y")
     result = run("train", "digits", "--target", "nope", "--name", str(tmp_path / "z"))
     assert_one_line_error(result, "cfm, ot-cfm, efm, knn-efm, exact")
@@ -144,13 +147,14 @@ def test_knn_efm_with_flips_trains_on_a_flip_index(tmp_path):
     assert result.returncode == 0, result.stderr
     assert Index.load(tmp_path / "idx").n == 400
     config = TrainConfig(preset="mlp", limit=200, flip=True, target="knn-efm",
-                         index=str(tmp_path / "idx"), batch_size=8, steps=2)
+                         target_options={"index": str(tmp_path / "idx")}, batch_size=8,
+                         steps=2)
     logged = train(config, tmp_path / "run")
     assert logged[-1].step == 2 and logged[-1].fallback is not None
     plain = tmp_path / "plain"
     Index.build(load_dataset("digits", limit=200)).save(plain)
     with pytest.raises(Exception, match="both flips"):
-        train(TrainConfig(**{**config.__dict__, "index": str(plain)}), tmp_path / "run2")
+        train(replace(config, target_options={"index": str(plain)}), tmp_path / "run2")
 
 
 def test_prefetched_batches_equal_the_plain_stream():
@@ -185,7 +189,8 @@ def test_targets_draw_apart_from_the_batches():
     flat = images.reshape(len(images), -1)
     batches = {}
     for name in ("cfm", "efm"):
-        with BatchStream(images, make_target(name, data=flat, m=16), 8, False,
+        options = {"m": 16} if name == "efm" else {}
+        with BatchStream(images, make_target(name, data=flat, **options), 8, False,
                          torch.Generator().manual_seed(3),
                          target_generator=torch.Generator().manual_seed(4)) as stream:
             batches[name] = [stream.next() for _ in range(3)]
@@ -203,9 +208,9 @@ def test_resume_refuses_what_would_not_continue_the_run(tmp_path):
                          checkpoint_every=2, log_every=1)
     train(config, tmp_path / "r")
     before = _metrics(tmp_path / "r")
-    with pytest.raises(InputError, match="--resume continues a run and --overwrite deletes"):
+    with pytest.raises(InputError, match="resume continues a run and overwrite deletes"):
         train(config, tmp_path / "r", resume=True, overwrite=True)
-    with pytest.raises(InputError, match="has trained 4 steps, more than the --steps 2"):
+    with pytest.raises(InputError, match="has trained 4 steps, more than the steps 2"):
         train(TrainConfig(**{**config.__dict__, "steps": 2}), tmp_path / "r", resume=True)
     np.save(data, np.random.default_rng(1).uniform(-1, 1, (40, 1, 4, 4)).astype(np.float32))
     with pytest.raises(InputError, match="training data of .* changed"):
@@ -224,7 +229,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(tmp_path):
 
     Index.build(torch.rand(30, 1, 8, 8) * 2 - 1).save(other)
     with pytest.raises(IndexMismatchError, match="index holds 30 points"):
-        train(TrainConfig(**{**config.__dict__, "target": "knn-efm", "index": str(other)}),
+        train(replace(config, target="knn-efm", target_options={"index": str(other)}),
               tmp_path / "r", overwrite=True)
     assert (tmp_path / "r" / "config.json").is_file()
     precious = tmp_path / "notes"
@@ -233,11 +238,10 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(tmp_path):
     with pytest.raises(InputError, match="not a folder knnflow wrote"):
         train(config, precious, overwrite=True)
     assert (precious / "thesis.txt").read_text() == "years of work"
-    # an older run that saved --index with another target still resumes
+    # a key the config does not know (written by another version) does not stop a resume
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     (tmp_path / "r" / "config.json").write_text(json.dumps({**saved, "index": "elsewhere"}))
-    train(TrainConfig(**{**config.__dict__, "steps": 3, "index": "elsewhere"}), tmp_path / "r",
-          resume=True)
+    train(replace(config, steps=3), tmp_path / "r", resume=True)
     (tmp_path / "r" / "config.json").write_text(json.dumps({**saved, "steps": "4"}))
     with pytest.raises(InputError, match="wrong type"):
         train(TrainConfig(**{**config.__dict__, "steps": "4"}), tmp_path / "r", resume=True,
@@ -255,8 +259,9 @@ def test_knn_route_floors_are_kept_in_checkpoints(tmp_path, monkeypatch):
 
     Index.build(load_dataset("digits", limit=200)).save(tmp_path / "idx")
     monkeypatch.setattr(Router, "time_routes", lambda self, floor: 0.85)
-    config = TrainConfig(preset="mlp", limit=200, target="knn-efm", index=str(tmp_path / "idx"),
-                         knn_route="faster", batch_size=8, steps=4, checkpoint_every=2)
+    config = TrainConfig(preset="mlp", limit=200, target="knn-efm",
+                         target_options={"index": str(tmp_path / "idx"), "route": "faster"},
+                         batch_size=8, steps=4, checkpoint_every=2)
     train(config, tmp_path / "run")
     first = json.loads((tmp_path / "run" / "checkpoints" / "step_4.json").read_text())
     low, high = first["knn_floors"]
@@ -269,11 +274,13 @@ def test_knn_route_floors_are_kept_in_checkpoints(tmp_path, monkeypatch):
     train(TrainConfig(**{**config.__dict__, "steps": 6}), tmp_path / "run", resume=True)
     again = json.loads((tmp_path / "run" / "checkpoints" / "step_6.json").read_text())
     assert again["knn_floors"] == [low, high]
-    with pytest.raises(InputError, match="knn_route: 'faster' → 'certify'"):
-        train(TrainConfig(**{**config.__dict__, "steps": 8, "knn_route": "certify"}),
+    with pytest.raises(InputError, match="route: 'faster' → 'certify'"):
+        train(replace(config, steps=8,
+                      target_options={**config.target_options, "route": "certify"}),
               tmp_path / "run", resume=True)
-    with pytest.raises(InputError, match="--knn-route"):
-        train(TrainConfig(**{**config.__dict__, "knn_route": "fastest"}), tmp_path / "bad")
+    with pytest.raises(InputError, match="unknown route 'fastest'"):
+        train(replace(config, target_options={**config.target_options, "route": "fastest"}),
+              tmp_path / "bad")
 
 
 def test_a_process_share_of_the_batch_is_its_rows_of_the_whole_batch():

@@ -8,8 +8,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from knnflow.data import synthetic_images
 from knnflow.estimators import ExactVelocity
+from knnflow.synthetic import synthetic_images
 
 points = synthetic_images(50_000).reshape(50_000, -1).cuda()
 exact = ExactVelocity(points, device="cuda")

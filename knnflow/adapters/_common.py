@@ -9,7 +9,8 @@ from torch import Tensor
 
 from knnflow.errors import InputError
 from knnflow.index import Index
-from knnflow.targets import TargetBatch, make_target
+from knnflow.target_base import TargetBatch
+from knnflow.targets import make_target
 
 ADAPTER_TARGETS = ("knn-efm", "efm", "exact")
 
@@ -20,7 +21,7 @@ class IndexTarget:
     data: the training images the caller draws x1 from, checked against the index (points
     checksum) so that the target and the batches stand for the same data. seed: EFM's
     candidate draws (knn-efm's EFM fallback too) come from their own seeded generator.
-    options: make_target's (tol, m, pool, knn_fallback, knn_route, device, ...).
+    options: make_target's (device, and the target's own: tol, m, pool, fallback, route, ...).
     """
 
     def __init__(self, index: Index, target: str = "knn-efm", *, data: Tensor | None = None,

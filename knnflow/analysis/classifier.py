@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from knnflow.choices import SMALL_DATASET
 from knnflow.data import has_test_split, load_dataset
-from knnflow.errors import InputError, MissingFileError
+from knnflow.errors import InputError, MissingFileError, OptionError
 from knnflow.files import atomic_folder, sha256_file
 
 Progress = Callable[[str, int, int], None]
@@ -122,14 +122,14 @@ def check_training_options(*, limit: int | None = None, epochs: int | None = Non
                            batch_size: int = 64, lr: float = 3e-3, width: int = 16,
                            feature_dim: int = 128, shift: int = 1) -> None:
     """A one-line InputError unless train_classifier's options are valid (before any work)."""
-    for name, value in (("--batch-size", batch_size), ("--width", width),
-                        ("--feature-dim", feature_dim), ("--limit", limit), ("--epochs", epochs)):
+    for name, value in (("batch_size", batch_size), ("width", width),
+                        ("feature_dim", feature_dim), ("limit", limit), ("epochs", epochs)):
         if value is not None and value < 1:
-            raise InputError(f"{name} must be at least 1, got {value}")
+            raise OptionError(f"must be at least 1, got {value}", name)
     if not lr > 0 or not math.isfinite(lr):
-        raise InputError(f"--lr must be a positive number, got {lr}")
+        raise OptionError(f"must be a positive number, got {lr}", "lr")
     if shift < 0:
-        raise InputError(f"--shift must be at least 0, got {shift}")
+        raise OptionError(f"must be at least 0, got {shift}", "shift")
 
 
 def train_classifier(dataset: str = "digits", root: str | Path | None = None,

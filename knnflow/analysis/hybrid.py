@@ -16,12 +16,11 @@ Per τ: the distance d1 of each sample to its nearest training image and the rat
 d1/d2 < threshold (1/3) of nearest.py, and the distance to the τ = 1 sample of the same
 noise. The copy onset is the smallest τ from which the memorized fraction stays at least
 `copy_fraction` (0.9) for every larger τ measured; None when the largest τ falls short.
+hybrid_report.py writes the figures and files of a result.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from collections.abc import Callable
@@ -33,27 +32,25 @@ import torch
 from torch import Tensor
 
 from knnflow.analysis.velocity_error import closed_form_estimator, training_images
-from knnflow.choices import COPY_FRACTION, GRID_ROWS
+from knnflow.choices import COPY_FRACTION
 from knnflow.choices import HYBRID_REFERENCE as REFERENCE_SIZE
 from knnflow.choices import HYBRID_TAUS as DEFAULT_TAUS
-from knnflow.errors import InputError
-from knnflow.files import atomic_folder
+from knnflow.errors import InputError, OptionError
 from knnflow.index import Index
-from knnflow.nearest import Samples, nearest_training, parse_threshold, train_reference
+from knnflow.nearest import nearest_training, parse_threshold, train_reference
+from knnflow.runs import load_run_model
+from knnflow.samples import Samples
 from knnflow.sampling import ADAPTIVE, CLOSED_FORM_T_END, SOLVERS, integrate, model_velocity
-from knnflow.trainer import load_run_model
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Progress = Callable[[str, int, int], None]
-CURVES_NAME, GRID_NAME, CSV_NAME = "hybrid.png", "grid.png", "hybrid.csv"
-SUMMARY_NAME, ARRAYS_NAME = "summary.json", "samples.npz"
 
 
 def parse_taus(text: str) -> list[float]:
     """Comma-separated numbers in [0, 1], or start:stop:count for `count` evenly spaced values
     from start to stop; returned sorted, without repeats."""
     raw = str(text).strip()
-    usage = (f"--taus takes numbers in [0, 1] like 0,0.5,1 or start:stop:count like 0:1:11, "
+    usage = (f"takes numbers in [0, 1] like 0,0.5,1 or start:stop:count like 0:1:11, "
              f"got {raw!r}")
     try:
         if ":" in raw:
@@ -67,17 +64,18 @@ def parse_taus(text: str) -> list[float]:
         else:
             values = [float(part) for part in raw.split(",")]
     except ValueError:
-        raise InputError(usage) from None
+        raise OptionError(usage, "taus") from None
     bad = [v for v in values if not (math.isfinite(v) and 0 <= v <= 1)]
     if bad:
-        raise InputError(f"every τ must lie in [0, 1]; got {bad[0]:g} in --taus {raw}")
+        raise OptionError(f"every τ must lie in [0, 1]; got {bad[0]:g} in {{taus}} {raw}",
+                          "taus")
     return sorted({round(v, 12) for v in values})
 
 
 def segment_steps(tau: float, steps: int) -> tuple[int, int]:
     """Fixed steps of the closed-form part [0, τ] and of the network part [τ, 1]."""
     if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
+        raise OptionError(f"must be at least 1, got {steps}", "steps")
     # 1e-9 keeps 0.3·100 = 30.000000000000004 at 30 steps.
     closed = 0 if tau == 0 else max(1, math.ceil(tau * steps - 1e-9))
     network = 0 if tau > CLOSED_FORM_T_END else max(1, math.ceil((1 - tau) * steps - 1e-9))
@@ -142,21 +140,21 @@ def check_options(taus: list[float] | str, n: int, solver: str, steps: int,
 
     values = parse_taus(taus) if isinstance(taus, str) else sorted(set(map(float, taus)))
     if not values:
-        raise InputError("--taus is empty")
+        raise OptionError("is empty", "taus")
     for tau in values:
         if not 0 <= tau <= 1:
             raise InputError(f"every τ must lie in [0, 1], got {tau:g}")
     if n < 1:
-        raise InputError(f"--n must be at least 1, got {n}")
+        raise OptionError(f"must be at least 1, got {n}", "n")
     if solver not in SOLVERS:
         raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
     segment_steps(0.0, steps)
     parse_threshold(threshold)
     if not 0 < copy_fraction <= 1:
-        raise InputError(f"--copy-fraction must lie in (0, 1], got {copy_fraction}")
-    for name, value in (("reference-size", reference_size), ("batch-size", batch_size)):
+        raise OptionError(f"must lie in (0, 1], got {copy_fraction}", "copy_fraction")
+    for name, value in (("reference_size", reference_size), ("batch_size", batch_size)):
         if value < 1:
-            raise InputError(f"--{name} must be at least 1, got {value}")
+            raise OptionError(f"must be at least 1, got {value}", name)
     return values
 
 
@@ -324,138 +322,3 @@ def hybrid_of_run(run: str | Path, *, taus: list[float] | str = DEFAULT_TAUS, n:
                "steps": None if solver in ADAPTIVE else steps, "atol": atol, "rtol": rtol,
                **result.summary()}
     return result, summary
-
-
-def solver_text(summary: dict) -> str:
-    if summary["solver"] in ADAPTIVE:
-        return f"{summary['solver']}, atol {summary['atol']:g}, rtol {summary['rtol']:g}"
-    return f"{summary['solver']}, {summary['steps']} steps"
-
-
-def plot_title(summary: dict) -> str:
-    if "run" not in summary:
-        return f"Hybrid sampling ({summary['n']} noises)"
-    return (f"Hybrid sampling of {summary['run']} (step {summary['checkpoint_step']}, "
-            f"{'EMA' if summary['weights'] == 'ema' else 'raw'} weights, "
-            f"{solver_text(summary)}, {summary['n']} noises)")
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _unit(image: np.ndarray) -> np.ndarray:
-    """C×H×W in [-1, 1] → H×W(×3) in [0, 1] for imshow."""
-    image = (np.clip(image, -1, 1) + 1) / 2
-    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-
-
-def plot_curves(path: Path, result: HybridResult, title: str) -> None:
-    """Mean d1, memorized fraction and distance to the τ = 1 sample against τ, the copy onset
-    marked in each panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result.rows()
-    taus = [r["tau"] for r in rows]
-    onset = result.copy_tau
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110)
-    panels = (
-        ("d1_mean", "mean L2 distance to the nearest\ntraining image (pixels in [-1, 1])",
-         "tab:blue", "samples: mean d1"),
-        ("memorized_fraction", f"memorized fraction (d1/d2 < {result.threshold:.3g})",
-         "tab:red", "samples: memorized fraction"),
-        ("to_closed_form_mean", "mean L2 distance to the pure û*\nsample of the same noise "
-         "(τ = 1)", "tab:green", "samples: mean distance to τ = 1"))
-    for ax, (key, ylabel, color, label) in zip(axes, panels, strict=True):
-        ax.plot(taus, [r[key] for r in rows], marker="o", ms=4, color=color, label=label)
-        if key == "d1_mean":
-            ax.axhline(rows[0]["train_to_train_mean"], color="grey", linestyle="--", lw=1,
-                       label="training → nearest other training image (mean)")
-        if key == "memorized_fraction":
-            ax.axhline(result.copy_fraction, color="grey", linestyle="--", lw=1,
-                       label=f"copy level {result.copy_fraction:g}")
-            ax.set_ylim(-0.03, 1.03)
-        if onset is not None:
-            ax.axvline(onset, color="black", linestyle=":", lw=1.2,
-                       label=f"copies from τ = {onset:g}")
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_xlabel("τ  (û* on [0, τ], network on [τ, 1]; t: 0 = noise, 1 = data)",
-                      fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_grid(path: Path, result: HybridResult, title: str, rows: int = GRID_ROWS) -> None:
-    """Rows: the first `rows` noises; columns: τ. Memorized samples get a red frame; the copy
-    onset's column title is red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = min(rows, result.samples.shape[1])
-    taus = result.taus
-    onset = result.copy_tau
-    memorized = result.memorized
-    grey = result.samples.shape[2] == 1
-    cell = 0.95
-    fig, axes = plt.subplots(rows, len(taus), figsize=(1.0 + cell * len(taus), 1.3 + cell * rows),
-                             dpi=110, squeeze=False)
-    for c, tau in enumerate(taus):
-        for r in range(rows):
-            ax = axes[r, c]
-            ax.imshow(_unit(result.samples[c, r].numpy()), cmap="gray" if grey else None,
-                      vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            copy = bool(memorized[c, r])
-            for spine in ax.spines.values():
-                spine.set_visible(copy)
-                spine.set_color("red")
-                spine.set_linewidth(2.0)
-            if c == 0:
-                ax.set_ylabel(f"noise {r}", fontsize=7)
-        top = axes[0, c]
-        is_onset = onset is not None and tau == onset
-        top.set_title(f"τ={tau:g}" + ("\ncopies from here" if is_onset else ""), fontsize=7,
-                      color="red" if is_onset else "black",
-                      fontweight="bold" if is_onset else "normal")
-    fig.suptitle(f"{title}\ncolumns: τ (û* on [0, τ], network on [τ, 1]); red frame: "
-                 f"memorized (d1/d2 < {result.threshold:.3g})", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_hybrid_csv(path: Path, result: HybridResult) -> None:
-    rows = result.rows()
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: f"{v:.9g}" if isinstance(v, float) else v
-                             for k, v in row.items()})
-
-
-def write_hybrid(out: str | Path, result: HybridResult, summary: dict, overwrite: bool = False,
-                 rows: int = GRID_ROWS) -> Path:
-    """hybrid.png, grid.png, hybrid.csv, summary.json and samples.npz (taus, noise, samples,
-    d1, d2, nearest_ids, memorized), written atomically."""
-    title = plot_title(summary)
-    with atomic_folder(out, overwrite, kind="hybrid") as tmp:
-        write_hybrid_csv(tmp / CSV_NAME, result)
-        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-        np.savez(tmp / ARRAYS_NAME, taus=np.array(result.taus), noise=result.noise.numpy(),
-                 samples=result.samples.numpy(), d1=result.d1.numpy(), d2=result.d2.numpy(),
-                 nearest_ids=result.nearest_ids.numpy(), memorized=result.memorized.numpy())
-        plot_curves(tmp / CURVES_NAME, result, title)
-        plot_grid(tmp / GRID_NAME, result, title, rows)
-    return Path(out)
-

@@ -5,8 +5,8 @@ For each of `t_bins` equal bins of [0, t_max] and n queries per bin (stratified,
 x1 a training image drawn uniformly, x0 ~ N(0, I), t uniform in the bin, x_t = (1-t)·x0 + t·x1,
 and the squared error ‖u_θ(x_t, t) - û*(x_t, t)‖² summed over the d pixel values. Every weight
 set sees the same queries, so their curves differ only by the network. The error is measured
-on the flow the network was trained on: x1 from the run's training set (both flips under
---flip) and û* of that same set.
+on the flow the network was trained on: x1 from the run's training set (both flips when it
+trained with flip) and û* of that same set.
 
 t_max = 1 - 1e-4: û* grows like 1/(1-t) off the data, and t must stay below 1 in float32 (the
 network's input). Queries are float32 (what the network sees); û* is evaluated at the same
@@ -30,13 +30,13 @@ from torch import Tensor
 
 from knnflow.choices import WEIGHT_LABELS, WEIGHT_SETS
 from knnflow.data import load_dataset
-from knnflow.errors import InputError
+from knnflow.errors import InputError, OptionError
 from knnflow.estimators import ExactVelocity, KNNVelocity
 from knnflow.files import atomic_folder
 from knnflow.images import with_flips
 from knnflow.index import Index
+from knnflow.runs import load_run_model
 from knnflow.sampling import model_velocity
-from knnflow.trainer import load_run_model
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Progress = Callable[[str, int, int], None]
@@ -47,7 +47,7 @@ PLOT_NAME, CSV_NAME, SUMMARY_NAME = "velocity_error.png", "velocity_error.csv", 
 
 def training_images(record: dict) -> Tensor:
     """The images a run was trained on, (N, C, H, W) in [-1, 1]: the training split of its
-    data set (first `limit`), and every image also flipped when it trained with --flip."""
+    data set (first `limit`), and every image also flipped when it trained with flip."""
 
     images = load_dataset(record["dataset"], root=record.get("root"), split="train",
                           limit=record.get("limit"))
@@ -77,9 +77,9 @@ class BinDraw:
 
 def check_counts(t_bins: int, n: int) -> None:
     if t_bins < 1:
-        raise InputError(f"--t-bins must be at least 1, got {t_bins}")
+        raise OptionError(f"must be at least 1, got {t_bins}", "t_bins")
     if n < 1:
-        raise InputError(f"--n must be at least 1, got {n}")
+        raise OptionError(f"must be at least 1, got {n}", "n")
 
 
 def bin_edges(t_bins: int, t_max: float = T_MAX) -> np.ndarray:
@@ -163,7 +163,7 @@ def velocity_error(velocities: Mapping[str, Velocity], images: Tensor, reference
     if not velocities:
         raise InputError("no velocity to measure")
     if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        raise OptionError(f"must be at least 1, got {batch_size}", "batch_size")
     began = time.perf_counter()
     sums = {name: np.zeros(t_bins) for name in velocities}
     squares = {name: np.zeros(t_bins) for name in velocities}

@@ -1,10 +1,11 @@
 """The parts every benchmark shares: the t grid and its U[0,1) row, the data and index a
-benchmark runs on, and writing its JSON."""
+benchmark runs on, the training target of a label, the result record and writing its JSON."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,29 +16,32 @@ from knnflow.analysis.collapse import parse_t_grid as parse_grid
 from knnflow.choices import BENCH_DATASET as DEFAULT_DATASET
 from knnflow.choices import BENCH_T_GRID as DEFAULT_T_GRID
 from knnflow.choices import UNIFORM_LABEL
-from knnflow.data import SIZED_LOADERS, load_dataset, synthetic_images
-from knnflow.errors import InputError
-from knnflow.index import Index, faiss_gpu_count
+from knnflow.data import SIZED_LOADERS, load_dataset
+from knnflow.errors import OptionError
+from knnflow.faiss_backend import faiss_gpu_count
+from knnflow.index import Index
+from knnflow.synthetic import synthetic_images
+from knnflow.targets import Target, make_target
 
 Progress = Callable[[str, int, int], None]
 
 
-
 def parse_t_grid(text: str) -> tuple[float, ...]:
-    """--t-grid: a comma list (0.1,0.5,0.9) or START:STOP:STEP (STOP included when it lands on
+    """A t grid: a comma list (0.1,0.5,0.9) or START:STOP:STEP (STOP included when it lands on
     the grid up to rounding), sorted, each t in [0, 1); anything else is an InputError."""
 
     return tuple(float(t) for t in parse_grid(text))
 
 
-def check_ts(ts: tuple[float, ...], option: str = "--t-grid") -> tuple[float, ...]:
+def check_ts(ts: tuple[float, ...]) -> tuple[float, ...]:
+    """The grid `ts` as floats, refused unless it holds at least one t and every t is in [0, 1)."""
     ts = tuple(float(t) for t in ts)
     if not ts:
-        raise InputError(f"{option} holds no t values")
+        raise OptionError("holds no t values", "ts")
     bad = [t for t in ts if not 0 <= t < 1]
     if bad:
-        raise InputError(f"{option}: every t must lie in [0, 1) (t = 1 is invalid: û* divides "
-                         f"by 1 - t); got {bad[0]:g}")
+        raise OptionError(f"{{ts}}: every t must lie in [0, 1) (t = 1 is invalid: û* divides "
+                          f"by 1 - t); got {bad[0]:g}", "ts")
     return ts
 
 
@@ -72,16 +76,16 @@ def bench_data(dataset: str, root: str | None, n: int | None, dim: int | None,
     train and test splits (n: a limit), or synthetic images of dimension dim (default 3072)."""
     if dataset == "synthetic":
         if size is not None:
-            raise InputError(f"--size applies to {', '.join(SIZED_LOADERS)} and folder:PATH; "
-                             "synthetic takes --d")
+            raise OptionError(f"{{size}} applies to {', '.join(SIZED_LOADERS)} and folder:PATH; "
+                              "synthetic takes {dim}", "size", "dim")
         shape = image_shape_for(3072 if dim is None else dim)
         points = synthetic_images(50_000 if n is None else n, shape, seed=seed)
         held_out = synthetic_images(batch, shape, seed=seed + 1)
         name = f"synthetic {'×'.join(map(str, shape))}"
     else:
         if dim is not None:
-            raise InputError(f"--d applies to --dataset synthetic only; {dataset} has its own "
-                             "dimension")
+            raise OptionError(f"{{dim}} applies to {{dataset}} synthetic only; {dataset} has its "
+                              "own dimension", "dim", "dataset")
         points = load_dataset(dataset, root=root, split="train", limit=n, size=size)
         held_out = load_dataset(dataset, root=root, split="test", limit=batch, size=size)
         name = dataset
@@ -110,13 +114,29 @@ def faiss_device(device: str) -> str:
     return "cuda" if device == "cuda" and faiss_gpu_count() > 0 else "cpu"
 
 
+@dataclass
+class BenchResult:
+    """What a benchmark returns: its config (data, options, machine) and, in each subclass,
+    its measurements; to_dict() is the JSON record a bench command writes."""
+
+    config: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 class BenchSource(NamedTuple):
-    """What a benchmark runs on: the index, the data set's name, root and --size."""
+    """What a benchmark runs on: the index, the data set's name, root and image size."""
 
     index: Index
     name: str
     root: str | None
     size: int | None
+
+    def described(self) -> dict:
+        """The first entries of a benchmark's config: the data set, its size, n and d."""
+        return {"data": self.name, "dataset": self.name, "size": self.size, "n": self.index.n,
+                "d": self.index.dim}
 
 
 def bench_index(dataset: str | None, root: str | None, limit: int | None,
@@ -126,7 +146,7 @@ def bench_index(dataset: str | None, root: str | None, limit: int | None,
     """The index a benchmark runs on: loaded from index_folder, or built in memory on the
     train split of `dataset` (None: `default`) at `size`. With an index, the data set, root,
     limit and size are the ones it was built on (its manifest's "dataset" record): a
-    --dataset, --limit or --size that contradicts them is refused (held-out queries come from
+    dataset, limit or size that contradicts them is refused (held-out queries come from
     that data set's test split, at that size). The FAISS index goes on the GPU for device
     cuda when FAISS has GPU support; with faiss-cpu it stays on the CPU (the torch work still
     runs on the GPU), which the results' config records as faiss_device."""
@@ -137,25 +157,28 @@ def bench_index(dataset: str | None, root: str | None, limit: int | None,
         name = described.get("name")
         if name in (None, "custom"):  # built from a tensor: the data set cannot be checked
             if dataset is None:
-                raise InputError(f"{index_folder} does not record its data set; pass "
-                                 "--dataset (the one it was built on)")
+                raise OptionError(f"{index_folder} does not record its data set; pass "
+                                  "{dataset} (the one it was built on)", "dataset")
             return BenchSource(index, dataset, root, size)
         if dataset is not None and dataset != name:
-            raise InputError(f"--dataset {dataset} contradicts the index, built on {name}; "
-                             "leave --dataset out with --index")
+            raise OptionError(f"{{dataset}} {dataset} contradicts the index, built on {name}; "
+                              "leave {dataset} out with {index_folder}", "dataset",
+                              "index_folder")
         if limit is not None and limit != described.get("limit"):
-            raise InputError(f"--limit {limit} contradicts the index, built on "
-                             + (f"the first {described['limit']} images"
-                                if described.get("limit") else "the whole train split")
-                             + "; leave --limit out with --index")
+            raise OptionError(f"{{limit}} {limit} contradicts the index, built on "
+                              + (f"the first {described['limit']} images"
+                                 if described.get("limit") else "the whole train split")
+                              + "; leave {limit} out with {index_folder}", "limit",
+                              "index_folder")
         recorded = described.get("size")
         if recorded is None and name in SIZED_LOADERS:  # the default size is kept as None
             recorded = index.image_shape[-1]
         if size is not None and size != recorded:
-            raise InputError(f"--size {size} contradicts the index, built on "
-                             + (f"--size {recorded}" if recorded is not None
-                                else "images at their own size")
-                             + "; leave --size out with --index")
+            raise OptionError(f"{{size}} {size} contradicts the index, built on "
+                              + (f"{{size}} {recorded}" if recorded is not None
+                                 else "images at their own size")
+                              + "; leave {size} out with {index_folder}", "size",
+                              "index_folder")
         return BenchSource(index, name, root if root is not None else described.get("root"),
                            recorded)
     dataset = dataset or default
@@ -165,11 +188,24 @@ def bench_index(dataset: str | None, root: str | None, limit: int | None,
     return BenchSource(index, dataset, root, size)
 
 
+def bench_target(spec: dict, index: Index, tol: float, search_device: str | None = None,
+                 **where) -> Target:
+    """The target of a benchmark's spec: {"name": NAME, its options..., "knn_route": knn-efm's
+    route}. knn-efm searches `index` with tolerance tol (on search_device); the other targets
+    take the spec's options only. where: make_target's data, image_shape and device."""
+    options = dict(spec)
+    name = options.pop("name")
+    if name == "knn-efm":
+        options.update(index=index, tol=tol, route=options.pop("knn_route", None),
+                       search_device=search_device)
+    return make_target(name, **where, **options)
+
+
 def held_out_images(source: BenchSource) -> Tensor:
     """The test split of the benchmark's data set, flattened to (N, d)."""
     held_out = load_dataset(source.name, root=source.root, split="test", size=source.size)
     held_out = held_out.reshape(held_out.shape[0], -1)
     if held_out.shape[1] != source.index.dim:
-        raise InputError(f"{source.name}'s test split has d={held_out.shape[1]} but the index "
-                         f"d={source.index.dim}; pass the --size it was built with")
+        raise OptionError(f"{source.name}'s test split has d={held_out.shape[1]} but the index "
+                          f"d={source.index.dim}; pass the {{size}} it was built with", "size")
     return held_out

@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from knnflow.bench.common import Progress, bench_data, check_ts, default_ts, per_query_t, t_cases
+from knnflow.bench.common import (
+    BenchResult,
+    Progress,
+    bench_data,
+    check_ts,
+    default_ts,
+    per_query_t,
+    t_cases,
+)
 from knnflow.bench.measure import peak_extra_bytes, relative_errors
 from knnflow.bench.references import float64_velocity, naive_velocity
 from knnflow.choices import BENCH_DATASET as DEFAULT_DATASET
-from knnflow.closed_form import DEFAULT_CHUNK, TrainingSet, closed_form_state
+from knnflow.closed_form import TrainingSet, closed_form_state
 from knnflow.devices import resolve_device
-from knnflow.errors import InputError
+from knnflow.engine_settings import engine_settings
+from knnflow.errors import OptionError
 from knnflow.timing import BENCH_SAMPLE_SECONDS, interleaved_seconds
 
 
@@ -39,14 +48,10 @@ class ExactRow:
 
 
 @dataclass
-class ExactBench:
-    config: dict
+class ExactBench(BenchResult):
     gemm_gflops: float
     limit_qps: float
     rows: list[ExactRow] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bench_exact(dataset: str = DEFAULT_DATASET, n: int | None = None, dim: int | None = None,
@@ -66,7 +71,8 @@ def bench_exact(dataset: str = DEFAULT_DATASET, n: int | None = None, dim: int |
     """
     ts = check_ts(default_ts() if ts is None else ts)
     if min(batch, repeats) < 1 or (n is not None and n < 1) or (dim is not None and dim < 1):
-        raise InputError("--n, --d, --batch and --repeats must be at least 1")
+        raise OptionError("{n}, {dim}, {batch} and {repeats} must be at least 1", "n", "dim",
+                          "batch", "repeats")
     dev = torch.device(resolve_device(device))
     points, held_out, name = bench_data(dataset, root, n, dim, size, batch, seed)
     n, dim = points.shape
@@ -97,10 +103,12 @@ def bench_exact(dataset: str = DEFAULT_DATASET, n: int | None = None, dim: int |
 
 
 def gemm_calls(queries: Tensor, points: Tensor, seed: int,
-               chunk_size: int = DEFAULT_CHUNK) -> dict[str, Callable[[], object]]:
+               chunk_size: int | None = None) -> dict[str, Callable[[], object]]:
     """(c): the exact computation's two GEMMs (B×d·d×n and B×n·n×d) on the full shapes, and
-    the same GEMMs on the engine's chunk shapes; the faster sets the two-GEMM limit."""
+    the same GEMMs on the engine's chunk shapes (its device's, unless chunk_size); the faster
+    sets the two-GEMM limit."""
     n = points.shape[0]
+    chunk_size = chunk_size or engine_settings(points.device).chunk
     weights = torch.rand(queries.shape[0], n,
                          generator=torch.Generator().manual_seed(seed)).to(points.device)
 

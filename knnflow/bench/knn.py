@@ -4,12 +4,13 @@ truncation (c), with the float64 oracle count of points that matter."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from knnflow.bench.common import (
+    BenchResult,
     Progress,
     bench_index,
     check_ts,
@@ -21,7 +22,7 @@ from knnflow.bench.common import (
 from knnflow.bench.measure import relative_errors
 from knnflow.bench.references import oracle_counts, oracle_window
 from knnflow.devices import resolve_device
-from knnflow.errors import InputError
+from knnflow.errors import OptionError
 from knnflow.timing import BENCH_SAMPLE_SECONDS, interleaved_seconds
 from knnflow.topk import TopKVelocity
 
@@ -47,12 +48,8 @@ class KnnRow:
 
 
 @dataclass
-class KnnBench:
-    config: dict
+class KnnBench(BenchResult):
     rows: list[KnnRow] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | None = None,
@@ -77,13 +74,14 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
 
     ts = check_ts(default_ts() if ts is None else ts)
     if not (math.isfinite(tol) and tol > 0):
-        raise InputError(f"tol must be a positive number, got {tol!r}")
+        raise OptionError(f"must be a positive number, got {tol!r}", "tol")
     if min(batch, repeats) < 1:
-        raise InputError("--batch and --repeats must be at least 1")
+        raise OptionError("{batch} and {repeats} must be at least 1", "batch", "repeats")
     if route not in ROUTES:
-        raise InputError(f"unknown --route {route!r}; choose one of: {', '.join(ROUTES)}")
+        raise OptionError(f"unknown {{route}} {route!r}; choose one of: {', '.join(ROUTES)}",
+                          "route")
     device = resolve_device(device)
-    search_device = resolve_device(search_device, "--search-device")
+    search_device = resolve_device(search_device, "search_device")
     source = bench_index(dataset, root, limit, index_folder, progress, device, size=size)
     index = source.index
     held_out = held_out_images(source)
@@ -93,8 +91,7 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
     certified = KNNVelocity(index, tol=tol, device=device, search_device=search_device,
                             route=route)
     topk = {f"top-{k}": TopKVelocity(index, k=min(k, index.n)) for k in ks}
-    result = KnnBench(config={"data": source.name, "dataset": source.name, "size": source.size,
-                              "n": index.n, "d": index.dim, "batch": batch, "t_grid": list(ts),
+    result = KnnBench(config={**source.described(), "batch": batch, "t_grid": list(ts),
                               "tol": tol, "repeats": repeats, "threads": torch.get_num_threads(),
                               "torch": torch.__version__, "device": device,
                               "search_device": search_device, "route": certified.route,

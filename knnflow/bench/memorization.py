@@ -4,15 +4,15 @@ ids checked against float64."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from knnflow.bench.common import Progress, bench_index, held_out_images
+from knnflow.bench.common import BenchResult, Progress, bench_index, held_out_images
 from knnflow.bench.measure import peak_extra_bytes
 from knnflow.bench.references import cdist_topk, float64_knn, id_mismatches
-from knnflow.errors import InputError
+from knnflow.errors import OptionError
 from knnflow.timing import BENCH_SAMPLE_SECONDS, interleaved_seconds
 
 
@@ -44,13 +44,9 @@ class MemorizationTRow:
 
 
 @dataclass
-class MemorizationBench:
-    config: dict
+class MemorizationBench(BenchResult):
     rows: list[MemorizationRow] = field(default_factory=list)
     t_rows: list[MemorizationTRow] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bench_memorization(dataset: str | None = None, root: str | None = None,
@@ -71,14 +67,14 @@ def bench_memorization(dataset: str | None = None, root: str | None = None,
     neighbours of x_t/t, x_t = (1-t)·x0 + t·x1 with x0 ~ N(0, I) and x1 held-out, by (a)
     and (b), each t in (0, 1)."""
     if min(samples, repeats) < 1:
-        raise InputError("--samples and --repeats must be at least 1")
+        raise OptionError("{samples} and {repeats} must be at least 1", "samples", "repeats")
     if not (math.isfinite(noise) and noise >= 0):
-        raise InputError(f"--noise must be a number ≥ 0, got {noise}")
+        raise OptionError(f"must be a number ≥ 0, got {noise}", "noise")
     ts = tuple(float(t) for t in ts)
     bad = [t for t in ts if not 0 < t < 1]
     if bad:
-        raise InputError(f"--t-grid: bench memorization searches x_t/t, so every t must lie in "
-                         f"(0, 1); got {bad[0]:g}")
+        raise OptionError(f"{{ts}}: bench memorization searches x_t/t, so every t must lie in "
+                          f"(0, 1); got {bad[0]:g}", "ts")
     source = bench_index(dataset, root, limit, index_folder, progress, size=size)
     index, points = source.index, source.index.points
     held_out = held_out_images(source)
@@ -113,8 +109,7 @@ def bench_memorization(dataset: str | None = None, root: str | None = None,
         "(c) FAISS flat + float64 rerank": (theirs.sq_distances[:, 0].sqrt(), theirs.ids),
     }
     bench = MemorizationBench(config={
-        "data": source.name, "dataset": source.name, "size": source.size, "n": index.n,
-        "d": index.dim, "samples": samples, "noise": noise, "k": 2, "t_grid": list(ts),
+        **source.described(), "samples": samples, "noise": noise, "k": 2, "t_grid": list(ts),
         "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "search": ours_stats.get("method"), "fallback": ours_stats.get("fallback"),
         "evaluated_median": ours_stats.get("evaluated_median")})

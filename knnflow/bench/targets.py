@@ -4,15 +4,14 @@ and its cost."""
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from knnflow.bench.common import Progress, bench_index
-from knnflow.errors import InputError
+from knnflow.bench.common import BenchResult, Progress, bench_index, bench_target
+from knnflow.errors import OptionError
 from knnflow.estimators import ExactVelocity
-from knnflow.targets import make_target
 
 TARGET_SPECS = {
     "cfm": {"name": "cfm"},
@@ -25,15 +24,11 @@ TARGET_SPECS = {
 
 
 @dataclass
-class TargetsBench:
-    config: dict
+class TargetsBench(BenchResult):
     bins: list[str]
     error: dict[str, list[float]]
     ms_per_batch: dict[str, float]
     fallback: list[float]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bench_targets(dataset: str | None = None, root: str | None = None, limit: int | None = None,
@@ -46,13 +41,12 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
     median time per batch. x1 are training images, as in training."""
 
     if min(batch, bins) < 1:
-        raise InputError("--batch and --bins must be at least 1")
+        raise OptionError("{batch} and {bins} must be at least 1", "batch", "bins")
     source = bench_index(dataset, root, limit, index_folder, progress, size=size)
-    index, name = source.index, source.name
+    index = source.index
     train = index.training_set()
     exact = ExactVelocity(train)
-    targets = {label: make_target(tol=tol, index=index if spec["name"] == "knn-efm" else None,
-                                  data=train, **spec)
+    targets = {label: bench_target(spec, index, tol, data=train)
                for label, spec in TARGET_SPECS.items()}
     gen = torch.Generator().manual_seed(seed)
     error = {label: [] for label in targets}
@@ -79,8 +73,7 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
     if progress:
         progress("bench targets", bins, bins)
     return TargetsBench(
-        config={"data": name, "dataset": name, "size": source.size, "n": index.n,
-                "d": index.dim, "batch": batch, "tol": tol,
+        config={**source.described(), "batch": batch, "tol": tol,
                 "threads": torch.get_num_threads(), "torch": torch.__version__},
         bins=labels, error=error,
         ms_per_batch={label: 1e3 * statistics.median(v) for label, v in seconds.items()},

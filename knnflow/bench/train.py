@@ -6,17 +6,16 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from knnflow.batches import BatchStream
-from knnflow.bench.common import Progress, bench_index, faiss_device
+from knnflow.bench.common import BenchResult, Progress, bench_index, bench_target, faiss_device
 from knnflow.devices import resolve_device
-from knnflow.errors import InputError
+from knnflow.errors import OptionError
 from knnflow.models import build_model, count_parameters
-from knnflow.targets import make_target
 from knnflow.timing import sync as _sync
 from knnflow.trainer import TrainConfig, lr_at, optimizer_step
 
@@ -25,7 +24,7 @@ TRAIN_TARGETS = ("cfm", "efm-128", "knn-efm", "exact")
 
 def parse_target_label(label: str, n: int) -> dict:
     """'cfm', 'exact', 'knn-efm', 'knn-efm-certify', 'knn-efm-faster', 'efm-M' or
-    'efm-M-shared' (M a number or 'n') → make_target options."""
+    'efm-M-shared' (M a number or 'n') → the target's spec (bench_target)."""
     if label in ("cfm", "ot-cfm", "exact", "knn-efm"):
         return {"name": label}
     if label in ("knn-efm-certify", "knn-efm-faster"):
@@ -35,9 +34,9 @@ def parse_target_label(label: str, n: int) -> dict:
         m = n if parts[1] == "n" else (int(parts[1]) if parts[1].isdigit() else 0)
         if m >= 1:
             return {"name": "efm", "m": m, "pool": "shared" if len(parts) == 3 else "independent"}
-    raise InputError(f"unknown target {label!r}; use cfm, ot-cfm, exact, knn-efm (or "
-                     "knn-efm-certify, knn-efm-faster: its --knn-route), efm-M or efm-M-shared "
-                     "(M a number or n)")
+    raise OptionError(f"unknown target {label!r}; use cfm, ot-cfm, exact, knn-efm (or "
+                      "knn-efm-certify, knn-efm-faster: its {knn_route}), efm-M or efm-M-shared "
+                      "(M a number or n)", "knn_route")
 
 
 @dataclass
@@ -50,12 +49,8 @@ class TrainRow:
 
 
 @dataclass
-class TrainBench:
-    config: dict
+class TrainBench(BenchResult):
     rows: list[TrainRow] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bench_train(dataset: str | None = None, root: str | None = None, limit: int | None = None,
@@ -74,9 +69,10 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
     ones."""
 
     if min(batch, steps) < 1 or warmup < 0:
-        raise InputError("--batch and --steps must be at least 1, --warmup at least 0")
+        raise OptionError("{batch} and {steps} must be at least 1, {warmup} at least 0",
+                          "batch", "steps", "warmup")
     device = resolve_device(device)
-    knn_search_device = resolve_device(knn_search_device, "--knn-search-device")
+    knn_search_device = resolve_device(knn_search_device, "knn_search_device")
     prefetch = device == "cuda" if prefetch is None else prefetch
     source = bench_index(dataset, root, limit, index_folder, progress, device, size=size)
     index, name = source.index, source.name
@@ -97,9 +93,8 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
         ema = build_model(preset, image_shape).to(device)
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
-        target = make_target(tol=tol, index=index if spec["name"] == "knn-efm" else None,
-                             data=train_set, device=device, image_shape=image_shape,
-                             knn_search_device=knn_search_device, **spec)
+        target = bench_target(spec, index, tol, knn_search_device, data=train_set,
+                              device=device, image_shape=image_shape)
         stream = BatchStream(images, target, batch, False, torch.Generator().manual_seed(seed),
                              prefetch=prefetch,
                              target_generator=torch.Generator().manual_seed(seed + 1))
@@ -148,8 +143,7 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
     if progress:
         progress("bench train", total, total)
     result = TrainBench(config={
-        "data": name, "dataset": name, "size": source.size, "n": index.n, "d": index.dim,
-        "preset": preset, "parameters": parameters,
+        **source.described(), "preset": preset, "parameters": parameters,
         "batch": batch, "steps": steps, "warmup": warmup, "device": device,
         "faiss_device": faiss_device(device), "prefetch": prefetch, "tol": tol,
         "knn_search_device": knn_search_device,

@@ -67,3 +67,11 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
     Preset("mlp", "MLP, 3 hidden layers of 256 (flat or toy data)", None,
            lr=1e-3, warmup=100, ema_decay=0.999),
 )}
+
+
+def preset_defaults(field: str) -> str:
+    """A field's default per preset, for help text: '2e-4 cifar/celeba64, 1e-3 tiny/mlp'."""
+    by_value: dict = {}
+    for preset in PRESETS.values():
+        by_value.setdefault(getattr(preset, field), []).append(preset.name)
+    return ", ".join(f"{value:g} {'/'.join(names)}" for value, names in by_value.items())

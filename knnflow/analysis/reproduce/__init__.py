@@ -23,8 +23,8 @@ record is redone.
 
 The parts: budgets (what a reproduction costs and where it writes), statistics (estimates
 with standard errors), claims (the verdicts), stages (the work folder's records), pipeline
-(the stages in order, and reproduce()), table, figures and page (the markdown, rendered from
-page.md.tmpl).
+(each stage, computed or reused), study (reproduce(): the stages in order, then the page),
+table, figures and page (the markdown, rendered from page.md.tmpl).
 """
 
 from knnflow.analysis.reproduce.budgets import (
@@ -45,7 +45,6 @@ from knnflow.analysis.reproduce.claims import (
     claim_knn_vs_cfm,
 )
 from knnflow.analysis.reproduce.common import HELD, INCONCLUSIVE, NOT_HELD
-from knnflow.analysis.reproduce.pipeline import reproduce
 from knnflow.analysis.reproduce.results import ReproduceResult, TargetRow
 from knnflow.analysis.reproduce.stages import prepare_work_folder
 from knnflow.analysis.reproduce.statistics import (
@@ -55,6 +54,7 @@ from knnflow.analysis.reproduce.statistics import (
     difference_verdict,
     final_loss,
 )
+from knnflow.analysis.reproduce.study import reproduce
 
 __all__ = ["BUDGETS", "DATASETS", "HELD", "INCONCLUSIVE", "NOT_HELD", "Budget", "Comparison",
            "Estimate", "ReproduceResult", "TargetRow", "TargetSpec", "Verdict", "check_dataset",

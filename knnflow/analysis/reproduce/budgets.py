@@ -8,7 +8,7 @@ from pathlib import Path
 
 from knnflow.choices import COLLAPSE_GRID as DEFAULT_GRID
 from knnflow.choices import REPRODUCE_DATASETS as DATASETS
-from knnflow.errors import InputError
+from knnflow.errors import InputError, OptionError
 
 REPRODUCE_TAUS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.85,0.9,0.925,0.95,0.975,1"
 
@@ -115,11 +115,12 @@ def get_budget(dataset: str, name: str, steps: int | None = None,
     count replaced where given."""
     budgets = BUDGETS[check_dataset(dataset)]
     if name not in budgets:
-        raise InputError(f"unknown --budget {name!r}; choose one of: {', '.join(budgets)}")
+        raise OptionError(f"unknown {{budget}} {name!r}; choose one of: {', '.join(budgets)}",
+                          "budget")
     budget = budgets[name]
-    for option, value in (("--steps", steps), ("--limit", limit), ("--threads", threads)):
+    for option, value in (("steps", steps), ("limit", limit), ("threads", threads)):
         if value is not None and value < 1:
-            raise InputError(f"{option} must be at least 1, got {value}")
+            raise OptionError(f"must be at least 1, got {value}", option)
     return replace(budget, steps=steps or budget.steps, limit=limit or budget.limit,
                    threads=threads or budget.threads)
 
@@ -152,14 +153,14 @@ def check_page_paths(md_path: Path, work: Path) -> None:
     made by this command, or holds the work folder."""
     figures = md_path.parent / md_path.stem
     if md_path.suffix != ".md":
-        raise InputError(f"--out-md must name a .md file, got {md_path}")
+        raise OptionError(f"must name a .md file, got {md_path}", "out_md")
     if figures.exists() and not (figures / FIGURES_MARK).is_file():
-        raise InputError(f"{figures} exists and holds no figures of knnflow reproduce (the "
-                         "page's figures go there); choose another --out-md")
+        raise OptionError(f"{figures} exists and holds no figures of knnflow reproduce (the "
+                          "page's figures go there); choose another {out_md}", "out_md")
     resolved = figures.resolve()
     if resolved == work.resolve() or resolved in work.resolve().parents:
-        raise InputError(f"the figures folder {figures} would hold the work folder {work}; "
-                         "choose another --out-md or --work")
+        raise OptionError(f"the figures folder {figures} would hold the work folder {work}; "
+                          "choose another {out_md} or {work}", "out_md", "work")
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,8 @@ def target_specs(n: int, budget: Budget) -> list[TargetSpec]:
     sums over (with flips, 2× images)."""
     large = n if budget.efm_large_max is None else min(n, budget.efm_large_max)
     if large == budget.efm_m:
-        raise InputError(f"the training set has {n} points, the M of efm-{budget.efm_m}: efm-n "
-                         "would repeat it; choose another --limit")
+        raise OptionError(f"the training set has {n} points, the M of efm-{budget.efm_m}: "
+                          "efm-n would repeat it; choose another {limit}", "limit")
     return [TargetSpec("cfm", "cfm"), TargetSpec("ot-cfm", "ot-cfm"),
             TargetSpec(f"efm-{budget.efm_m}", "efm", budget.efm_m),
             TargetSpec(f"efm-{large}", "efm", large), TargetSpec("knn-efm", "knn-efm")]
@@ -185,12 +186,14 @@ def target_specs(n: int, budget: Budget) -> list[TargetSpec]:
 
 def run_config(dataset: str, budget: Budget, spec: TargetSpec, seed: int,
                index_folder: Path, root: str | Path | None = None):
-    """The TrainConfig of one run: everything but target, m and index is the budget's."""
-    from knnflow.trainer import TrainConfig
+    """The TrainConfig of one run: everything but the target and its options (efm's m,
+    knn-efm's index) is the budget's."""
+    from knnflow.runs import TrainConfig
 
+    options = ({"m": spec.m} if spec.target == "efm" else
+               {"index": str(index_folder)} if spec.target == "knn-efm" else {})
     return TrainConfig(dataset=dataset, root=str(root) if root is not None else None,
-                       limit=budget.limit, target=spec.target, m=spec.m,
-                       index=str(index_folder) if spec.target == "knn-efm" else None,
+                       limit=budget.limit, target=spec.target, target_options=options,
                        flip=budget.flip, preset=budget.preset, batch_size=budget.batch_size,
                        steps=budget.steps, seed=seed, log_every=budget.log_every,
                        checkpoint_every=budget.checkpoint_every, sample_every=0)

@@ -1,6 +1,6 @@
 """The pipeline: each stage (index, classifier, collapse, training, sampling, FID, memorization,
-velocity error, hybrid sampling) run once, or reused when its record matches, and the
-entry point."""
+velocity error, hybrid sampling) run once, or reused when its record matches (study.py runs
+them in order and writes the page)."""
 
 from __future__ import annotations
 
@@ -15,49 +15,34 @@ import numpy as np
 import torch
 
 from knnflow.analysis.classifier import save_classifier, train_classifier
-from knnflow.analysis.collapse import (
-    compute_collapse,
-    parse_t_grid,
-    write_collapse_report,
-)
-from knnflow.analysis.fid import bootstrap_fid, extract_features, feature_extractor, fid
-from knnflow.analysis.hybrid import hybrid_of_run, write_hybrid
-from knnflow.analysis.reproduce.budgets import (
-    Budget,
-    TargetSpec,
-    check_dataset,
-    check_page_paths,
-    default_page,
-    default_work_folder,
-    run_config,
-    target_specs,
-)
-from knnflow.analysis.reproduce.claims import claim_collapse, claim_copy_onset, claim_knn_vs_cfm
+from knnflow.analysis.collapse import compute_collapse
+from knnflow.analysis.collapse_report import write_collapse_report
+from knnflow.analysis.features import extract_features, feature_extractor
+from knnflow.analysis.fid import bootstrap_fid, fid
+from knnflow.analysis.hybrid import hybrid_of_run
+from knnflow.analysis.hybrid_report import write_hybrid
+from knnflow.analysis.reproduce.budgets import Budget, TargetSpec, run_config
 from knnflow.analysis.reproduce.common import MEMORIZATION_THRESHOLD, Log, Progress
-from knnflow.analysis.reproduce.figures import write_figures
-from knnflow.analysis.reproduce.page import code_version, machine_text, write_markdown
-from knnflow.analysis.reproduce.results import ReproduceResult, StageTime
+from knnflow.analysis.reproduce.results import StageTime
 from knnflow.analysis.reproduce.stages import (
     digest,
     newest_checkpoint,
     now_text,
-    prepare_work_folder,
     read_json,
     write_atomic,
 )
-from knnflow.analysis.reproduce.statistics import Estimate, spread
-from knnflow.analysis.reproduce.table import comparisons, target_rows
 from knnflow.analysis.velocity_error import velocity_error_of_run, write_velocity_error
 from knnflow.data import load_dataset
-from knnflow.devices import resolve_device
-from knnflow.errors import InputError
+from knnflow.errors import OptionError
 from knnflow.files import atomic_folder
 from knnflow.images import with_flips
 from knnflow.index import Index, points_sha256
-from knnflow.nearest import load_samples, run_memorization
+from knnflow.memorization_report import run_memorization
+from knnflow.runs import config_differences, load_run_model
+from knnflow.samples import load_samples
 from knnflow.sampling import sample_model, save_samples
-from knnflow.threads import cpu_threads
-from knnflow.trainer import config_differences, load_run_model, train
+from knnflow.t_grid import parse_t_grid
+from knnflow.trainer import train
 
 # --------------------------------------------------------------------------- the pipeline
 
@@ -207,21 +192,25 @@ class Pipeline:
                 saved = json.loads((folder / "config.json").read_text())
                 # The index is the work folder's own (its points are checked by their
                 # checksum); its path changes when the work folder is moved or named anew.
-                differences = [text for text in config_differences(saved, resolved)
-                               if not text.startswith("index:")]
-                if resolved.index is not None and saved.get("index") != resolved.index:
-                    saved["index"] = resolved.index  # so that train() resumes it
+                # Each difference names its setting as a template token, spelled here as the
+                # config's field: this command has no flag of that name.
+                differences = [text.replace("{" + name + "}", name) for name, text
+                               in config_differences(saved, resolved) if name != "index"]
+                index = resolved.target_options.get("index")
+                saved_options = saved.get("target_options") or {}
+                if index is not None and saved_options.get("index") != index:
+                    saved["target_options"] = {**saved_options, "index": index}  # for train()
                     (folder / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
                 if differences:
-                    raise InputError(f"{folder} was trained with other settings "
-                                     f"({'; '.join(differences)}); pass --overwrite to start "
-                                     "the reproduction again")
+                    raise OptionError(f"{folder} was trained with other settings "
+                                      f"({'; '.join(differences)}); pass {{overwrite}} to "
+                                      "start the reproduction again", "overwrite")
                 mark = newest_checkpoint(folder)
                 resumed_from = mark["step"] if mark is not None else 0
                 if resumed_from > config.steps:
-                    raise InputError(f"{folder} has trained {resumed_from} steps, more than "
-                                     f"the {config.steps} asked for; pass --overwrite to start "
-                                     "again")
+                    raise OptionError(f"{folder} has trained {resumed_from} steps, more than "
+                                      f"the {config.steps} asked for; pass {{overwrite}} to "
+                                      "start again", "overwrite")
                 if resumed_from:
                     self.log(f"resuming {spec.label} (seed {seed}) from step {resumed_from}")
             stage = f"training {spec.label}"
@@ -232,7 +221,10 @@ class Pipeline:
             return {"checkpoint_step": mark["step"], "checkpoint_sha256": mark["sha256"],
                     "resumed_from": resumed_from}
 
-        key = {**asdict(resolved), "index": None if resolved.index is None else "work/index"}
+        options = dict(resolved.target_options)
+        if options.get("index") is not None:
+            options["index"] = "work/index"
+        key = {**asdict(resolved), "target_options": options}
         record = self.stage(f"train-{spec.label}-seed{seed}", label, key, compute, done)
         return folder, record
 
@@ -358,99 +350,3 @@ class Pipeline:
                "classifier": self.classifier["result"]["sha256"]}
         return self.stage("fid-bootstrap", f"FID bootstrap ({budget.bootstrap} replicates)",
                           key, compute)
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def reproduce(dataset: str, budget: Budget, *, root: str | Path | None = None,
-              work: str | Path | None = None, out_md: str | Path | None = None,
-              device: str = "cpu", overwrite: bool = False, command: str | None = None,
-              log: Log | None = None, progress: Progress | None = None) -> ReproduceResult:
-    """Run (or resume) the reproduction of `dataset` at `budget` and write the markdown page
-    (default docs/results/DATASET.md) and its figures (a folder of the page's name beside it).
-    """
-
-    check_dataset(dataset)
-    device = resolve_device(device, allow_auto=False)
-    # The thread limit covers numpy's and scipy's BLAS too: on the shared 2-core machine,
-    # scipy's sqrtm of a 128×128 covariance product (FID) took 1.2 s with two OpenBLAS
-    # threads and 5 ms with one.
-    with cpu_threads(budget.threads or None):
-        return _reproduce(dataset, budget, root=root, work=work, out_md=out_md,
-                          device=device, overwrite=overwrite, command=command, log=log,
-                          progress=progress)
-
-
-def _reproduce(dataset: str, budget: Budget, *, root, work, out_md, device: str,
-               overwrite: bool, command: str | None, log: Log | None,
-               progress: Progress | None) -> ReproduceResult:
-    began = time.perf_counter()
-    work = Path(work) if work is not None else default_work_folder(dataset, budget)
-    md_path = Path(out_md) if out_md is not None else default_page(dataset, budget)
-    check_page_paths(md_path, work)
-    pipeline = Pipeline(dataset, budget, root, work, device,
-                         log or (lambda text: None), progress or (lambda *args: None))
-    # The data come first: missing files fail in one line before anything is written.
-    pipeline.load_data()
-    specs = target_specs(len(pipeline.candidates), budget)
-    pipeline.total = 4 + 6 * len(specs) * len(budget.seeds)
-    prepare_work_folder(pipeline.work, dataset, budget, overwrite, root)
-    pipeline.build_index()
-    pipeline.train_classifier()
-    pipeline.collapse()
-    runs = {}
-    for seed in budget.seeds:
-        for spec in specs:
-            folder, trained = pipeline.train_run(spec, seed)
-            runs[f"{spec.label}-seed{seed}"] = pipeline.analyse_run(spec, seed, folder,
-                                                                    trained)
-    boot = pipeline.bootstrap(runs)
-    replicates = {name: np.array(values, dtype=np.float64)
-                  for name, values in boot["result"]["replicates"].items()}
-    rows = target_rows(specs, budget.seeds, runs, replicates, budget.steps)
-    collapse = pipeline.collapse_record["result"]
-    fid_cmp, velocity_cmp, loss_cmp = comparisons(budget.seeds, runs, replicates,
-                                                  budget.steps)
-    many = len(budget.seeds) > 1
-    onsets, fractions, distances = {}, {}, {}
-    for name, run in runs.items():
-        label = name if many else name.rsplit("-seed", 1)[0]
-        result = run["hybrid"]["result"]
-        onsets[label] = result["copy_tau"]
-        fractions[label] = dict(zip(result["taus"], result["memorized_fraction"],
-                                    strict=True))
-        summary = json.loads((run["folder"] / "hybrid" / "summary.json").read_text())
-        distances[label] = {row["tau"]: row["d1_mean"] for row in summary["per_tau"]}
-        train_to_train = summary["train_to_train_mean"]
-    floor = boot["result"]["floor"]
-    floor_fid = Estimate(floor["fid"], spread(replicates["floor"]))
-    verdicts = [claim_collapse(collapse["sizes"], collapse["headline_size"]),
-                claim_knn_vs_cfm(fid_cmp, velocity_cmp, loss_cmp, floor_fid),
-                claim_copy_onset(onsets, fractions, budget.hybrid_n,
-                                 collapse["collapse_time"], distances=distances,
-                                 reference=train_to_train)]
-
-    first = runs[f"{specs[0].label}-seed{budget.seeds[0]}"]
-    config = json.loads((first["folder"] / "config.json").read_text())
-    memo = json.loads((first["folder"] / "memorization" / "summary.json").read_text())
-    figures = write_figures(md_path.parent / md_path.stem, specs, budget, runs,
-                            pipeline, collapse["collapse_time"])
-    seconds = time.perf_counter() - began
-    info = {
-        "command": command or f"knnflow reproduce {dataset} --budget {budget.name}",
-        "date": now_text(), "machine": machine_text(device), "device": device,
-        "code": code_version(), "config": config, "parameters": config["parameters"],
-        "n_train": len(pipeline.images), "d": int(np.prod(pipeline.image_shape)),
-        "image_shape": list(pipeline.image_shape), "n_reference": len(pipeline.reference),
-        "classifier_accuracy": pipeline.classifier["result"]["test_accuracy"],
-        "floor": floor_fid,
-        "floor_n": floor["n"], "train_to_train": memo["reference"]["mean"],
-        "collapse_pairs": collapse["pairs"], "work": str(pipeline.work),
-        "seconds": seconds,
-    }
-    write_markdown(md_path, dataset=dataset, budget=budget, rows=rows, verdicts=verdicts,
-                   figures=figures, info=info, stages=pipeline.times)
-    return ReproduceResult(md_path, list(figures.values()), rows, verdicts, pipeline.times,
-                           pipeline.work, {name: run["folder"] for name, run in runs.items()},
-                           pipeline.records, collapse["collapse_time"], seconds)

@@ -15,7 +15,7 @@ from knnflow.analysis.reproduce.budgets import Budget
 from knnflow.analysis.reproduce.common import MARKER
 from knnflow.checkpoints import CHECKPOINTS, complete_checkpoints
 from knnflow.data import dataset_sources
-from knnflow.errors import InputError
+from knnflow.errors import OptionError
 from knnflow.files import refuse_inputs
 
 
@@ -60,15 +60,16 @@ def prepare_work_folder(work: Path, dataset: str, budget: Budget, overwrite: boo
     if work.exists() and any(work.iterdir()):
         saved = read_json(marker)
         if saved is None:
-            raise InputError(f"{work} exists and is not a knnflow reproduce work folder (no "
-                             f"{MARKER}); choose another --work")
+            raise OptionError(f"{work} exists and is not a knnflow reproduce work folder (no "
+                              f"{MARKER}); choose another {{work}}", "work")
         if overwrite:
 
-            refuse_inputs(work, dataset_sources(dataset, root), "--work")
+            refuse_inputs(work, dataset_sources(dataset, root), "work")
             shutil.rmtree(work)
         elif saved.get("dataset") != dataset:
-            raise InputError(f"{work} holds a reproduction of {saved.get('dataset')}, not "
-                             f"{dataset}; choose another --work or pass --overwrite")
+            raise OptionError(f"{work} holds a reproduction of {saved.get('dataset')}, not "
+                              f"{dataset}; choose another {{work}} or pass {{overwrite}}", "work",
+                              "overwrite")
     work.mkdir(parents=True, exist_ok=True)
     write_atomic(marker, json.dumps({"dataset": dataset, "budget": asdict(budget)}, indent=2)
                   + "\n")

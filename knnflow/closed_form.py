@@ -477,6 +477,41 @@ def screened_logits(x64: Tensor, t: Tensor, s: Tensor, points: Tensor, sq: Tenso
     return _Screen(x64, t, s, torch.float32, shared_t=False)(points, sq)
 
 
+def largest_logits(x: Tensor, t: float, data: Tensor | TrainingSet) -> Tensor:
+    """max_j ℓ_j = -min_j ‖x - t·x_j‖² / (2(1-t)²) per query (B,), exact in float64 (what
+    the largest weight max λ = exp(ℓ_max - log Z) needs, with log Z from closed_form_state).
+
+    One pass in the engine's chunks: the float32 screen (`screened_logits`) with its proven
+    error E keeps every point within 2E of its chunk's screened maximum, and those logits
+    are recomputed from x - t·x_j in float64.
+    """
+    train = as_training_set(data)
+    x64 = flatten_queries(x, train.dim).to(torch.float64)
+    batch, dim = x64.shape
+    s = 0.5 / (1 - t) ** 2
+    if t == 0:  # every logit is -‖x‖²/2
+        return -s * x64.square().sum(dim=1)
+    t64 = torch.full((batch,), t, dtype=torch.float64, device=x64.device)
+    proven, _ = screening_error_bound(x64.norm(dim=1), t64, train.max_norm, dim, torch.float32,
+                                      x64.device)
+    s64 = torch.full((batch,), s, dtype=torch.float64, device=x64.device)
+    best = torch.full((batch,), -math.inf, dtype=torch.float64, device=x64.device)
+    chunk_size = engine_settings(x64.device).chunk
+    block = pair_block(x64.device, dim)
+    for start in range(0, train.n, chunk_size):
+        chunk = train.points[start:start + chunk_size]
+        norms = train.sq_norms[start:start + chunk_size].to(torch.float32)
+        screened = screened_logits(x64, t64, s64, chunk.to(torch.float32), norms)
+        top = screened.amax(dim=1).to(torch.float64)
+        live = screened.to(torch.float64) >= (top - 2 * proven)[:, None]
+        rows, cols = live.nonzero().unbind(1)
+        for i in range(0, rows.numel(), block):
+            r, c = rows[i:i + block], cols[i:i + block]
+            exact = -s * difference_sq(x64[r], t, chunk[c].to(torch.float64))
+            best = best.scatter_reduce(0, r, exact, reduce="amax")
+    return best
+
+
 def _live_pairs_into(state: SoftmaxState, x64: Tensor, t: Tensor, s: Tensor,
                      train: TrainingSet, done: Tensor, live: Tensor) -> None:
     """Set the states of rows `done` from the exact weights of their live points (one row

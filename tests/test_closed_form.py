@@ -15,6 +15,7 @@ from knnflow.closed_form import (
     closed_form_velocity,
     denoiser_from_score,
     denoiser_from_velocity,
+    largest_logits,
     score_from_denoiser,
     score_from_velocity,
     velocity_from_denoiser,
@@ -297,3 +298,21 @@ def test_a_raw_tensor_is_prepared_once_and_again_after_an_in_place_change(digits
     assert relative_error(after, brute_force_velocity(x, 0.5, data)).max() < 1e-5
     assert relative_error(before, brute_force_velocity(x, 0.5, digits)).max() < 1e-5
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.7, 0.95, 0.999])
+def test_largest_logits_are_the_float64_maximum(t):
+    """largest_logits over two chunks of 8,192 points equals the float64 brute-force maximum
+    of -‖x - t·x_j‖² / (2(1-t)²), queries near training points and far from them."""
+    from knnflow.synthetic import synthetic_images
+
+    points = synthetic_images(10_000, (3, 8, 8), seed=3).reshape(10_000, -1)
+    gen = torch.Generator().manual_seed(1)
+    near = points[torch.randint(10_000, (16,), generator=gen)].double() * t
+    x = torch.cat([near + 1e-3 * torch.randn(near.shape, generator=gen, dtype=torch.float64),
+                   torch.randn(16, points.shape[1], generator=gen, dtype=torch.float64)])
+    p64 = points.double()
+    expected = (-(x[:, None, :] - t * p64[None]).square().sum(-1) / (2 * (1 - t) ** 2)).amax(1)
+    got = largest_logits(x, t, points)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)

@@ -3,7 +3,8 @@ batch of queries, from the exact engine or from the certified kNN estimator.
 
 max λ = max_j softmax_j(ℓ_j) with ℓ_j = -‖x_t - t·x_j‖² / (2(1-t)²). The exact engine
 (closed_form.py) gives û* and the log-normaliser log Z = m + log z of its softmax state, and
-max λ = exp(ℓ_max - log Z) with the largest logit ℓ_max recomputed in float64 (`max_logits`).
+max λ = exp(ℓ_max - log Z) with the largest logit ℓ_max, exact in float64, from the engine's
+`largest_logits`.
 With the engine's float32 screening, Z may be off by up to ~1e-4 relative on rows with many
 comparable weights (max λ far below 0.9 there); compute_dtype=float64 makes every number
 float64-exact. On large data sets the certified KNNVelocity gives û* (within tol·‖û*‖) and the
@@ -24,14 +25,12 @@ from knnflow.choices import COLLAPSE_ESTIMATORS as ESTIMATORS
 from knnflow.closed_form import (
     TrainingSet,
     closed_form_state,
-    screened_logits,
+    largest_logits,
     velocity_from_denoiser,
 )
-from knnflow.engine_settings import engine_settings
 from knnflow.errors import InputError
 from knnflow.estimators import KNNVelocity
 from knnflow.index import Index
-from knnflow.rounding import screening_error_bound
 
 Progress = Callable[[str, int, int], None]
 
@@ -42,41 +41,8 @@ AUTO_EXACT_WORK = 2**31
 # be (relative) for the upper one to stand as the value.
 KNN_NEIGHBOURS = 16
 KNN_WEIGHT_GAP = 1e-9
-# Elements per float64 block when recomputing candidate logits (32 MB).
+# Elements per float64 block when gathering the nearest neighbours (32 MB).
 RERANK_BLOCK = 1 << 22
-
-
-def max_logits(x64: Tensor, t: float, train: TrainingSet,
-               chunk_size: int | None = None) -> Tensor:
-    """max_j ℓ_j = -min_j ‖x - t·x_j‖² / (2(1-t)²) per query, exact in float64.
-
-    Screens with the engine's float32 GEMM form ℓ_j + s‖x‖² = 2st⟨x, x_j⟩ - st²‖x_j‖², whose
-    proven error E comes from `screening_error_bound`; every point within 2E of its chunk's
-    screened maximum may be the argmax and gets its logit recomputed from x - t·x_j in float64.
-    """
-    batch, dim = x64.shape
-    chunk_size = chunk_size or engine_settings(x64.device).chunk
-    s = 0.5 / (1 - t) ** 2
-    if t == 0:  # every logit is -‖x‖²/2
-        return -s * x64.square().sum(dim=1)
-    t64 = torch.full((batch,), t, dtype=torch.float64)
-    proven, _ = screening_error_bound(x64.norm(dim=1), t64, train.max_norm, dim, torch.float32,
-                                      x64.device)
-    s64 = torch.full((batch,), s, dtype=torch.float64)
-    best = torch.full((batch,), -math.inf, dtype=torch.float64)
-    for start in range(0, train.n, chunk_size):
-        chunk = train.points[start:start + chunk_size]
-        norms = train.sq_norms[start:start + chunk_size].to(torch.float32)
-        screened = screened_logits(x64, t64, s64, chunk.to(torch.float32), norms)
-        top = screened.amax(dim=1).to(torch.float64)
-        live = screened.to(torch.float64) >= (top - 2 * proven)[:, None]
-        rows, cols = live.nonzero().unbind(1)
-        block = max(1, RERANK_BLOCK // dim)
-        for i in range(0, rows.numel(), block):
-            r, c = rows[i:i + block], cols[i:i + block]
-            exact = -s * (x64[r] - t * chunk[c].to(torch.float64)).square().sum(dim=1)
-            best = best.scatter_reduce(0, r, exact, reduce="amax")
-    return best
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -99,7 +65,7 @@ def exact_step(x64: Tensor, t: float, train: TrainingSet,
     state = closed_form_state(x64, t, train, compute_dtype=compute_dtype)
     velocity = velocity_from_denoiser(state.denoiser(), x64, t)
     log_z = state.ref + torch.log(state.z)
-    weight = torch.exp(max_logits(x64, t, train) - log_z).clamp(max=1.0)
+    weight = torch.exp(largest_logits(x64, t, train) - log_z).clamp(max=1.0)
     return velocity, weight
 
 

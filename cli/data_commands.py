@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -99,14 +100,27 @@ def build_index(
                                     limit=limit, size=size, flip=flip, kind=kind, device=device,
                                     dtype=dtype, nlist=nlist, nprobe=nprobe, overwrite=overwrite)
     m = index.manifest
+    peak = peak_memory_bytes()
     if as_json:
-        print(json.dumps({"folder": str(folder), "bytes": folder_bytes(folder), **m}, indent=2))
+        print(json.dumps({"folder": str(folder), "bytes": folder_bytes(folder),
+                          "peak_memory_bytes": peak, **m}, indent=2))
         return
     console.print(key_value_table(f"Index written to {folder}", [
         ("n", m["n"]), ("d", m["d"]), ("image shape", "×".join(map(str, m["image_shape"]))),
         ("kind", m["index"]["kind"]), ("bytes on disk", human_bytes(folder_bytes(folder))),
         ("build seconds", f"{m['build_seconds']:.2f}"),
+        ("peak memory", human_bytes(peak)),
     ]))
+
+
+def peak_memory_bytes() -> int | None:
+    """This process's peak resident memory (None where the platform does not report it)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def _flatten(prefix: str, value: object) -> list[tuple[str, object]]:

@@ -32,15 +32,20 @@ def faiss_gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def check_faiss_device(device: str) -> None:
+    """Refuse device cuda when this faiss build cannot use a GPU."""
+    if device == "cuda" and faiss_gpu_count() == 0:
+        raise OptionError("this faiss build has no GPU support; install knnflow[gpu] "
+                          "(faiss-gpu) or use {device} cpu", "device")
+
+
 def to_faiss_device(index, device: str):
     """For device cuda: the index on the GPU, sharded over all visible GPUs when several."""
     if device != "cuda":
         return index
+    check_faiss_device(device)
     faiss = faiss_module()
     gpus = faiss_gpu_count()
-    if gpus == 0:
-        raise OptionError("this faiss build has no GPU support; install knnflow[gpu] "
-                          "(faiss-gpu) or use {device} cpu", "device")
     if gpus == 1:
         return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     options = faiss.GpuMultipleClonerOptions()
@@ -82,7 +87,7 @@ def build_faiss_index(points: np.ndarray, kind: str, device: str, nlist: int | N
     faiss = faiss_module()
     params: dict = {"metric": "l2"}
     if kind == "flat":
-        index = to_faiss_device(faiss.IndexFlatL2(dim), device)
+        return flat_faiss_index(points, device, progress), params
     else:
         nlist = default_ivf_lists(n) if nlist is None else nlist
         if not 1 <= nlist <= n:
@@ -117,11 +122,14 @@ def write_faiss_index(index, path: Path) -> None:
     faiss_module().write_index(to_cpu(index), str(path))
 
 
-def open_faiss_index(path: Path | None, points: np.ndarray):
-    """The CPU index saved at `path`, or for None a flat index rebuilt from the points (a
-    flat index is a copy of the data, so a folder does not store it twice)."""
-    if path is not None:
-        return faiss_module().read_index(str(path))
-    index = faiss_module().IndexFlatL2(points.shape[1])
-    add_points(index, points)
+def flat_faiss_index(points: np.ndarray, device: str, progress: Progress | None = None):
+    """A flat (exact brute-force) index holding `points` on `device`. It is a float32 copy of
+    the data, so an index folder does not store it and Index builds it on first use."""
+    index = to_faiss_device(faiss_module().IndexFlatL2(points.shape[1]), device)
+    add_points(index, points, progress)
     return index
+
+
+def read_faiss_index(path: Path):
+    """The CPU index saved at `path`."""
+    return faiss_module().read_index(str(path))

@@ -37,8 +37,10 @@ from knnflow.devices import resolve_device
 from knnflow.errors import IndexMismatchError, InputError, OptionError
 from knnflow.faiss_backend import (
     build_faiss_index,
+    check_faiss_device,
     faiss_module,
-    open_faiss_index,
+    flat_faiss_index,
+    read_faiss_index,
     set_nprobe,
     to_faiss_device,
     write_faiss_index,
@@ -113,16 +115,22 @@ class SearchResult:
 
 @dataclass
 class Index:
-    """Training points (n, d) with a FAISS index over them and a manifest describing both."""
+    """Training points (n, d) with a FAISS index over them and a manifest describing both.
+
+    faiss_index: the FAISS index, or None for a flat one until its first use (`faiss()`): a
+    flat index is a float32 copy of the points that the sketch-pruned search never needs, so
+    building, saving and loading a flat index hold the points once.
+    """
 
     points: Tensor
-    faiss_index: object
+    faiss_index: object | None
     manifest: dict
     folder: Path | None = None
     sketches: Sketches | None = field(default=None, repr=False)
     _train: TrainingSet | None = field(default=None, repr=False)
     _scanner: SketchScanner | None = field(default=None, repr=False)
     last_stats: dict = field(default_factory=dict, repr=False)
+    faiss_device: str = "cpu"
 
     # ------------------------------------------------------------------ build / save / load
 
@@ -147,7 +155,11 @@ class Index:
         n, dim = points.shape
         device = resolve_device(device)
         start = time.perf_counter()
-        index, params = build_faiss_index(points, kind, device, nlist, nprobe, progress)
+        if kind == "flat":
+            check_faiss_device(device)
+            index, params = None, {"metric": "l2"}
+        else:
+            index, params = build_faiss_index(points, kind, device, nlist, nprobe, progress)
         sketches = Sketches.build(torch.from_numpy(points), tuple(image_shape), progress)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -162,7 +174,8 @@ class Index:
             "build_seconds": round(time.perf_counter() - start, 3),
             "points_sha256": points_sha256(points),
         }
-        return cls(torch.from_numpy(points), index, manifest, sketches=sketches)
+        return cls(torch.from_numpy(points), index, manifest, sketches=sketches,
+                   faiss_device=device)
 
     def save(self, folder: str | Path, overwrite: bool = False,
              progress: Progress | None = None) -> Path:
@@ -172,7 +185,7 @@ class Index:
             if progress:
                 progress("writing data", 0, 1)
             np.save(tmp / DATA_FILE, self.points.numpy())
-            # A flat index is a copy of data.npy: it is rebuilt on load instead of stored twice.
+            # A flat index is a copy of data.npy: built from it on first use, never stored.
             index_file = None if self.kind == "flat" else INDEX_FILE
             if index_file:
                 write_faiss_index(self.faiss_index, tmp / index_file)
@@ -199,11 +212,23 @@ class Index:
         points = np.load(folder / DATA_FILE, mmap_mode="c")
         check_points(folder, manifest, points)
         index_file = manifest.get("index_file")
-        index = open_faiss_index(folder / index_file if index_file else None, points)
-        check_faiss_index(folder, manifest, index)
-        index = to_faiss_device(index, resolve_device(device))
+        device = resolve_device(device)
+        index = None
+        if index_file:
+            index = read_faiss_index(folder / index_file)
+            check_faiss_index(folder, manifest, index)
+            index = to_faiss_device(index, device)
+        else:
+            check_faiss_device(device)
         sketches = Sketches.load(folder) if manifest.get("sketch_sha256") else None
-        return cls(torch.from_numpy(points), index, manifest, folder, sketches)
+        return cls(torch.from_numpy(points), index, manifest, folder, sketches,
+                   faiss_device=device)
+
+    def faiss(self):
+        """The FAISS index (a flat one is built from the points on first use)."""
+        if self.faiss_index is None:
+            self.faiss_index = flat_faiss_index(self.points.numpy(), self.faiss_device)
+        return self.faiss_index
 
     # ------------------------------------------------------------------ properties
 
@@ -286,13 +311,13 @@ class Index:
                                 torch.empty(0, k, dtype=torch.int64), exact=not approximate)
         if approximate and self.kind == "ivf":
             self.set_nprobe(self.manifest["index"]["nprobe"])
-            _, ids = self.faiss_index.search(q32, k)
+            _, ids = self.faiss().search(q32, k)
             self.last_stats = {"method": "faiss-approximate", "queries": len(q32)}
             return self._rerank(q64, torch.from_numpy(ids), k, exact=False)
         use_sketch = method == "sketch" or (
             method == "auto" and self.sketches is not None and self.n >= SKETCH_MIN_N
             and self.dim >= SKETCH_MIN_DIM)
-        if not use_sketch and (method == "faiss" or "Gpu" in type(self.faiss_index).__name__):
+        if not use_sketch and (method == "faiss" or self.faiss_device == "cuda"):
             self.last_stats = {"method": "faiss", "queries": len(q32), "fallback": len(q32)}
             return self._exact_search(q32, q64, k)
         train = self.training_set()
@@ -327,7 +352,7 @@ class Index:
 
     def set_nprobe(self, nprobe: int) -> None:
         """The IVF lists searched per query in approximate mode."""
-        set_nprobe(self.faiss_index, nprobe)
+        set_nprobe(self.faiss(), nprobe)
 
     def _exact_search(self, q32: np.ndarray, q64: Tensor, k: int) -> SearchResult:
         if self.kind == "ivf":
@@ -338,7 +363,7 @@ class Index:
         todo = torch.arange(q64.shape[0])
         depth = min(self.n, max(2 * k, k + 16))
         while todo.numel():
-            screened, ids = self.faiss_index.search(q32[todo.numpy()], depth)
+            screened, ids = self.faiss().search(q32[todo.numpy()], depth)
             result = self._rerank(q64[todo], torch.from_numpy(ids), k, exact=True)
             out_d[todo], out_i[todo] = result.sq_distances, result.ids
             if depth >= self.n:

@@ -1,8 +1,8 @@
 """An index folder on disk and its checks: manifest.json (what was indexed, how, and the
-sha256 of every file), data.npy (the points), index.faiss (IVF only: a flat index is rebuilt
-from data.npy) and the sketches' files. Before an Index is loaded, each file must be present,
-match its checksum and agree with the manifest, so a changed or partial folder is refused in
-one line instead of giving wrong neighbours.
+sha256 of every file), data.npy (the points), index.faiss (IVF only: a flat index is a copy
+of data.npy, built from it on first use) and the sketches' files. Before an Index is loaded,
+each file must be present, match its checksum and agree with the manifest, so a changed or
+partial folder is refused in one line instead of giving wrong neighbours.
 """
 
 from __future__ import annotations

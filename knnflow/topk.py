@@ -77,7 +77,7 @@ class TopKVelocity:
         q = (x64 / t[:, None]).to(torch.float32).numpy()
         if self.index.kind == "ivf":
             self.index.set_nprobe(self.index.manifest["index"]["nprobe"])
-        _, ids = self.index.faiss_index.search(q, k)
+        _, ids = self.index.faiss().search(q, k)
         ids = torch.from_numpy(ids).clamp(min=0)
         # Exact float64 weights over those k, in bounded blocks (never a B×k×d tensor).
         rows = torch.arange(len(t)).repeat_interleave(k)

@@ -118,7 +118,7 @@ def test_build_index_then_index_info(tmp_path):
     result = run("build-index", "digits", "--limit", "100", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "indices" / "digits-train"
-    for text in ("100", "64", "1×8×8", "flat", "build seconds", "bytes on disk"):
+    for text in ("100", "64", "1×8×8", "flat", "build seconds", "bytes on disk", "peak memory"):
         assert text in result.stdout
     info = run("index-info", str(folder), "--json")
     assert json.loads(info.stdout)["n"] == 100

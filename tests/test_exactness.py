@@ -439,7 +439,7 @@ def test_duplicates_come_in_id_order_whatever_faiss_does_with_ties(k):
     """method="faiss" with a FAISS stand-in that lists ties in descending id order: the ids
     must still be each query's k lowest copies (the rerank must break ties by id itself)."""
     case = duplicates()
-    index = dataclasses.replace(case.index, faiss_index=TiesReversed(case.index.faiss_index))
+    index = dataclasses.replace(case.index, faiss_index=TiesReversed(case.index.faiss()))
     result = index.search(case.queries[:32], k, method="faiss")
     wrong = (result.ids != case.copies[:32, :k]).any(dim=1)
     assert not bool(wrong.any()), (

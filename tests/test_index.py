@@ -68,7 +68,7 @@ def test_search_resolves_near_ties_that_float32_gets_wrong(faiss_blas_distances)
     points = points[torch.randperm(points.shape[0], generator=gen)]
     index = Index.build(points)
     queries = base.repeat(32, 1)
-    _, faiss_ids = index.faiss_index.search(queries.numpy(), 10)
+    _, faiss_ids = index.faiss().search(queries.numpy(), 10)
     distances, ids = brute_force_knn(queries, points, 10)
     assert not np.array_equal(faiss_ids, ids.numpy())  # the trap is real
     result = index.search(queries, k=10)
@@ -202,3 +202,20 @@ def test_search_method_is_checked(sketch_index, digit_images):
     no_sketch.sketches = None
     with pytest.raises(InputError, match="no sketches"):
         no_sketch.search(digit_images[:1], k=1, method="sketch")
+
+
+def test_a_flat_faiss_index_is_built_on_first_use_only(tmp_path, digit_images):
+    """Building, saving and loading a flat index hold the points once: its FAISS copy exists
+    only after a search that uses FAISS, and that search agrees with float64 brute force."""
+    index = Index.build(digit_images)
+    assert index.faiss_index is None
+    index.save(tmp_path / "idx")
+    loaded = Index.load(tmp_path / "idx")
+    assert loaded.faiss_index is None
+    queries = digit_images[:20].reshape(20, -1) + 0.01
+    sketched = loaded.search(queries, k=3)
+    assert loaded.faiss_index is None  # the sketch-pruned search needs no FAISS copy
+    with_faiss = loaded.search(queries, k=3, method="faiss")
+    assert loaded.faiss_index is not None and loaded.faiss_index.ntotal == loaded.n
+    _, expected = brute_force_knn(queries, digit_images.reshape(len(digit_images), -1), 3)
+    assert torch.equal(with_faiss.ids, expected) and torch.equal(sketched.ids, expected)

@@ -14,10 +14,11 @@ from knnflow.choices import EFM_M, EFM_POOLS, KNN_BUDGET, KNN_FALLBACKS, KNN_TOL
 from knnflow.closed_form import TrainingSet, closed_form_state, velocity_from_denoiser
 from knnflow.errors import IndexMismatchError, InputError, OptionError
 from knnflow.estimators import KNNVelocity, SearchBudgets
+from knnflow.images import flip_images
 from knnflow.index import Index, training_set_of
 from knnflow.pairs import ExactPairs, dot_form_sq
 from knnflow.softmax import SoftmaxState
-from knnflow.target_base import Target, flip_images, needs_data, shard_group
+from knnflow.target_base import Target, needs_data, shard_group
 
 # EFM's independent pools become one dense GEMM per batch when the draws of a row are at least
 # n / DENSE_DRAW_RATIO (a GEMM element costs far less than a gathered draw) and neither the

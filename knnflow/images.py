@@ -1,5 +1,5 @@
-"""Operations on batches of images (N, C, H, W) in [-1, 1]: horizontal flips, and resizing
-with channel conversion."""
+"""Operations on batches of images (N, C, H, W) in [-1, 1]: horizontal flips, resizing with
+channel conversion, and one image as matplotlib shows it."""
 
 from __future__ import annotations
 
@@ -17,6 +17,22 @@ def with_flips(images: Tensor) -> Tensor:
     """The data set with every image also flipped horizontally: the training set that
     flip=True implies, for the index that knn-efm and exact targets use."""
     return torch.cat([images, images.flip(-1)])
+
+
+def flip_images(flat: Tensor, image_shape: tuple[int, ...]) -> Tensor:
+    """Horizontal flips of flattened images (B, d)."""
+    return flat.reshape(-1, *image_shape).flip(-1).reshape(flat.shape[0], -1)
+
+
+def shape_text(shape) -> str:
+    """An image shape as printed: 1×8×8."""
+    return "×".join(map(str, shape))
+
+
+def displayable(image: np.ndarray) -> np.ndarray:
+    """C×H×W in [-1, 1] → H×W(×3) in [0, 1] for imshow."""
+    image = (np.clip(image, -1, 1) + 1) / 2
+    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
 def resize_images(values: np.ndarray, target: tuple[int, ...]) -> np.ndarray:

@@ -20,6 +20,7 @@ from torch import Tensor
 from knnflow.choices import MEMORIZATION_REFERENCE as REFERENCE_SIZE
 from knnflow.errors import OptionError
 from knnflow.files import atomic_folder
+from knnflow.images import displayable
 from knnflow.index import Index
 from knnflow.nearest import (
     Progress,
@@ -33,12 +34,6 @@ from knnflow.nearest import (
 from knnflow.samples import Samples, load_samples
 
 NEAREST_PAIRS = 16
-
-
-def _unit(image: np.ndarray) -> np.ndarray:
-    """C×H×W in [-1, 1] → H×W(×3) in [0, 1] for imshow."""
-    image = (np.clip(image, -1, 1) + 1) / 2
-    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
 def plot_histogram(path: Path, d1: Tensor, reference: Tensor, threshold: float) -> None:
@@ -101,7 +96,7 @@ def nearest_figure(samples: Samples, index: Index, scores: Scores, threshold: fl
     for slot, sample in enumerate(order):
         r, c = divmod(slot, cols)
         panels = axes[r, 3 * c:3 * c + 3]
-        panels[0].imshow(_unit(pictures[slot]), cmap=cmap, vmin=0, vmax=1,
+        panels[0].imshow(displayable(pictures[slot]), cmap=cmap, vmin=0, vmax=1,
                          interpolation="nearest")
         panels[0].set_title(f"sample {sample}", fontsize=6)
         panels[0].text(0.5, -0.06, f"d1/d2={float(ratio[sample]):.3f}",
@@ -109,7 +104,7 @@ def nearest_figure(samples: Samples, index: Index, scores: Scores, threshold: fl
         for rank, ax in enumerate(panels[1:]):
             train_id = int(scores.ids[sample, rank])
             train = index.points[train_id].to(torch.float32).reshape(shape).numpy()
-            ax.imshow(_unit(train), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(displayable(train), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(f"{('1st', '2nd')[rank]}: train {train_id}", fontsize=6)
             ax.text(0.5, -0.06, f"d{rank + 1}={float(scores.distances[sample, rank]):.3g}",
                     transform=ax.transAxes, ha="center", va="top", fontsize=6)

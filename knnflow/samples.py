@@ -13,7 +13,7 @@ import numpy as np
 
 from knnflow.errors import InputError, MissingFileError, OptionError
 from knnflow.image_files import IMAGE_SUFFIXES, read_array, to_unit_range
-from knnflow.images import resize_images
+from knnflow.images import resize_images, shape_text
 
 SAMPLE_ARRAYS = ("samples.npz", "samples.npy")
 
@@ -53,8 +53,8 @@ class Samples:
                 image = _read_image(file, self._target if self._resize else None,
                                     self._grey_rgb)
                 if image.shape != self.shape and not self._resize:
-                    raise OptionError(f"{file} has shape {_shape_text(image.shape)} but the "
-                                      f"index holds {_shape_text(self.shape)} images; pass "
+                    raise OptionError(f"{file} has shape {shape_text(image.shape)} but the "
+                                      f"index holds {shape_text(self.shape)} images; pass "
                                       "{resize} to resize them", "resize")
                 images.append(image)
             values = np.stack(images).astype(np.float32) / 127.5 - 1.0
@@ -64,10 +64,6 @@ class Samples:
 
     def take(self, ids: list[int]) -> np.ndarray:
         return np.concatenate([self.batch(i, i + 1) for i in ids]) if ids else np.empty(0)
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return "×".join(map(str, shape))
 
 
 def _read_image(path: Path, target: tuple[int, ...] | None,
@@ -178,12 +174,12 @@ def load_samples(path: str | Path, image_shape: tuple[int, ...],
     target = tuple(image_shape)
     if samples.shape != target:
         if not resize:
-            raise OptionError(f"samples have shape {_shape_text(samples.shape)} (from "
+            raise OptionError(f"samples have shape {shape_text(samples.shape)} (from "
                               f"{samples.names[0]}) but the index holds "
-                              f"{_shape_text(target)} images; pass {{resize}} to resize them",
+                              f"{shape_text(target)} images; pass {{resize}} to resize them",
                               "resize")
         if samples.shape[0] != target[0] and {samples.shape[0], target[0]} != {1, 3}:
             raise InputError(f"cannot convert samples of {samples.shape[0]} channels to "
-                             f"{target[0]} (index images are {_shape_text(target)})")
+                             f"{target[0]} (index images are {shape_text(target)})")
     samples._target, samples._resize = target, resize
     return samples

@@ -37,11 +37,6 @@ def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     return (1 - tb) * x0 + tb * x1
 
 
-def flip_images(flat: Tensor, image_shape: tuple[int, ...]) -> Tensor:
-    """Horizontal flips of flattened images (B, d)."""
-    return flat.reshape(-1, *image_shape).flip(-1).reshape(flat.shape[0], -1)
-
-
 class Target:
     """Base: subclasses compute the velocity target from float64 x_t.
 

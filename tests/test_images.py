@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from knnflow.errors import InputError
-from knnflow.images import LUMA, resize_images, with_flips
+from knnflow.images import LUMA, displayable, flip_images, resize_images, shape_text, with_flips
 
 
 def test_with_flips_appends_the_mirror_images():
@@ -30,3 +30,19 @@ def test_resize_converts_channels_and_keeps_constant_images():
     assert resize_images(np.full((1, 1, 4, 4), 1.0, np.float32), (1, 2, 2)).max() <= 1.0
     with pytest.raises(InputError, match="cannot convert 2 channels to 3"):
         resize_images(np.zeros((1, 2, 4, 4), np.float32), (3, 4, 4))
+
+
+def test_flip_images_of_flattened_rows_is_the_image_flip():
+    images = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    flat = flip_images(images.reshape(2, -1), (3, 4, 5))
+    assert torch.equal(flat, images.flip(-1).reshape(2, -1))
+    assert torch.equal(flip_images(flat, (3, 4, 5)), images.reshape(2, -1))  # an involution
+
+
+def test_displayable_maps_the_unit_range_to_imshow_layout():
+    grey = np.array([[[-1.0, 0.0], [1.0, 2.0]]])  # 1×2×2, one value outside [-1, 1]
+    assert np.array_equal(displayable(grey), np.array([[0.0, 0.5], [1.0, 1.0]]))
+    rgb = np.stack([np.full((2, 3), -1.0), np.zeros((2, 3)), np.ones((2, 3))])  # 3×2×3
+    shown = displayable(rgb)
+    assert shown.shape == (2, 3, 3) and np.array_equal(shown[0, 0], [0.0, 0.5, 1.0])
+    assert shape_text((1, 8, 8)) == "1×8×8"

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from knnflow.analysis.classifier import load_classifier
 from knnflow.choices import DINOV2_FILE, INCEPTION_FILE
 from knnflow.errors import InputError, MissingFileError, OptionError
+from knnflow.images import shape_text
 
 Progress = Callable[[str, int, int], None]
 FEATURES = ("inception", "dinov2", "classifier:PATH")
@@ -66,11 +67,6 @@ class FeatureExtractor:
             raise InputError(f"{self.source} returned {shape} for {len(images)} images; "
                              "expected a (batch, features) tensor")
         return out.to(torch.float64).cpu()
-
-
-def shape_text(shape) -> str:
-    """An image shape as printed: 1×8×8."""
-    return "×".join(map(str, shape))
 
 
 def default_weights(features: str) -> Path:

@@ -21,9 +21,10 @@ import numpy as np
 import scipy.linalg
 from torch import Tensor
 
-from knnflow.analysis.features import extract_features, shape_text
+from knnflow.analysis.features import extract_features
 from knnflow.data import SPLITS, dataset_names, has_test_split
 from knnflow.errors import InputError, OptionError
+from knnflow.images import shape_text
 
 Progress = Callable[[str, int, int], None]
 BOOTSTRAP_REPLICATES, BOOTSTRAP_REPLICATES_WIDE, BOOTSTRAP_WIDE = 100, 20, 512

@@ -14,6 +14,7 @@ import numpy as np
 from knnflow.analysis.hybrid import HybridResult
 from knnflow.choices import GRID_ROWS
 from knnflow.files import atomic_folder
+from knnflow.images import displayable
 from knnflow.sampling import ADAPTIVE
 
 CURVES_NAME, GRID_NAME, CSV_NAME = "hybrid.png", "grid.png", "hybrid.csv"
@@ -35,12 +36,6 @@ def plot_title(summary: dict) -> str:
     return (f"Hybrid sampling of {summary['run']} (step {summary['checkpoint_step']}, "
             f"{'EMA' if summary['weights'] == 'ema' else 'raw'} weights, "
             f"{solver_text(summary)}, {summary['n']} noises)")
-
-
-def _unit(image: np.ndarray) -> np.ndarray:
-    """C×H×W in [-1, 1] → H×W(×3) in [0, 1] for imshow."""
-    image = (np.clip(image, -1, 1) + 1) / 2
-    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
 def plot_curves(path: Path, result: HybridResult, title: str) -> None:
@@ -105,7 +100,7 @@ def plot_grid(path: Path, result: HybridResult, title: str, rows: int = GRID_ROW
     for c, tau in enumerate(taus):
         for r in range(rows):
             ax = axes[r, c]
-            ax.imshow(_unit(result.samples[c, r].numpy()), cmap="gray" if grey else None,
+            ax.imshow(displayable(result.samples[c, r].numpy()), cmap="gray" if grey else None,
                       vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])

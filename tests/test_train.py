@@ -367,7 +367,9 @@ def test_train_sample_and_build_index_print_json(tmp_path):
     manifest = json.loads(built.stdout)
     assert manifest["n"] == 50 and manifest["folder"] == "ix"
     assert manifest == {**json.loads((tmp_path / "ix" / "manifest.json").read_text()),
-                        "folder": "ix", "bytes": manifest["bytes"]}
+                        "folder": "ix", "bytes": manifest["bytes"],
+                        "peak_memory_bytes": manifest["peak_memory_bytes"]}
+    assert manifest["peak_memory_bytes"] > 0
     trained = run("train", "--preset", "mlp", "--steps", "3", "--batch-size", "8", "--warmup",
                   "1", "--log-every", "1", "--json", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr

@@ -34,13 +34,14 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from knnflow.engine_settings import EngineSettings, engine_settings
 from knnflow.errors import InputError
+from knnflow.int_screen import Digits, IntScreen, data_digits, int_screen_available
 from knnflow.pairs import (
     GROUP_MIN_PAIRS,
     batched_dots,
@@ -189,6 +190,8 @@ class TrainingSet:
     sq_norms: Tensor
     max_norm: float
     sums: Tensor
+    # What the engine derives from the points on first use (the int8 digits of int_screen).
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_points(cls, points: Tensor, chunk_size: int = 1024) -> TrainingSet:
@@ -219,6 +222,12 @@ class TrainingSet:
     @property
     def dim(self) -> int:
         return self.points.shape[1]
+
+    def digits(self) -> Digits:
+        """The points' int8 digits (int_screen.data_digits), made on first use and kept."""
+        if "digits" not in self.derived:
+            self.derived["digits"] = data_digits(self.points)
+        return self.derived["digits"]
 
     def to(self, device: torch.device | str) -> TrainingSet:
         """The same training set with its tensors on `device`."""
@@ -327,6 +336,13 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
         else:
             part, rest = _one_pass(x64[rows], t64[rows], train, settings)
             _scatter_state(state, rows, part)
+        rows = rows[rest]
+    if rows.numel() and compute_dtype == torch.float32 and _int_screen_fits(train, settings,
+                                                                             device):
+        part, rest = _int_pass(x64[rows], t64[rows], train, chunk_size, settings)
+        done = (~rest).nonzero().squeeze(1)
+        _scatter_state(state, rows[done], SoftmaxState(part.ref[done], part.z[done],
+                                                       part.s[done]))
         rows = rows[rest]
     if rows.numel():
         part, inaccurate = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype,
@@ -544,6 +560,61 @@ def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor
     z.sub_(1.0).clamp_(min=0.0).mul_(scale).add_(1.0)
     sums.sub_(top).mul_(scale[:, None]).add_(top)
     return exact
+
+
+def _int_screen_fits(train: TrainingSet, settings: EngineSettings, device: torch.device) -> bool:
+    """Whether rows first try the int8 screen (_int_pass) on this data and device."""
+    return (settings.int_screen and train.n * train.dim * 2 <= settings.int_screen_max_bytes
+            and int_screen_available(device, train.dim))
+
+
+def _int_pass(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
+              settings: EngineSettings) -> tuple[SoftmaxState, Tensor]:
+    """(state, rest): the rows whose live weights stay few in every chunk under the int8
+    screen (int_screen.IntScreen, a proven bound) get their state from the exact float64
+    weights of those live points; `rest` marks the others, whose state is left empty.
+
+    A row leaves as soon as one chunk holds more than EngineSettings.int_limit live weights
+    (within the dropped-mass margin, widened by twice the screen's proven error, of its
+    running top) and takes the float32 stream instead; the rows left are screened by three
+    int8 GEMMs per chunk in place of one float32 GEMM.
+    """
+    batch, dim = x64.shape
+    device, n = x64.device, train.n
+    s = 0.5 / (1 - t) ** 2
+    screen = IntScreen(x64, t, s, train.digits(), train.max_norm)
+    live_margin = math.log(n) + DROPPED_MASS_NATS + 2 * screen.proven
+    top = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
+    active = torch.arange(batch, device=device)
+    found = _Candidates(batch, device, max(1 << 18, 64 * batch), None)
+    # The first chunk is a short probe: rows dense there leave after little work.
+    probe = min(chunk_size, settings.row_limit_columns)
+    for start in [0, *range(probe, n, chunk_size)]:
+        stop = min(start + (probe if start == 0 else chunk_size), n)
+        norms = train.sq_norms[start:stop].to(device=device, dtype=torch.float32)
+        every = active.numel() == batch
+        logits = screen(start, stop, norms, None if every else active)
+        top[active] = torch.maximum(top[active], logits.amax(dim=1).to(torch.float64))
+        floor = top - live_margin
+        live = logits >= floor[active].to(torch.float32)[:, None]
+        few = _row_counts(live) <= settings.int_limit(stop - start)
+        if start == 0 and not bool(few.all()) and int(few.sum()) < settings.int_min_rows:
+            # The float32 stream runs anyway: a few more rows cost it less than the int8
+            # GEMMs' pass over the data for them.
+            few.zero_()
+        if not bool(few.all()):
+            active, live, logits = active[few], live[few], logits[few]
+            if active.numel() == 0:
+                break
+        r, c = live.nonzero().unbind(1)
+        found.add_(active[r], c + start, logits[r, c].to(torch.float64), floor)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    done[active] = True
+    state = _Sums.empty(batch, dim, device)
+    rows, cols, _ = found.compact_(top - live_margin)
+    kept = done[rows]
+    _add_exact_pairs(state, x64, t, s, x64.square().sum(dim=1), train, rows[kept], cols[kept])
+    return SoftmaxState(state.ref, state.z, state.s), ~done
 
 
 def _row_counts(mask: Tensor) -> Tensor:

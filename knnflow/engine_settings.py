@@ -76,6 +76,10 @@ class EngineSettings:
     small_set_numbers: int = 1 << 21
     one_pass_floor_nats: float = 60.0
     one_pass_pair_rows: int = 96
+    int_screen: bool = True
+    int_row_limit: int = 16
+    int_min_rows: int = 64
+    int_screen_max_bytes: int = 8 << 30
 
     def sparse_limit(self, chunk_size: int) -> int:
         """Live weights per row of a chunk of chunk_size points up to which the row's weights
@@ -86,6 +90,11 @@ class EngineSettings:
         """Live weights per row of a chunk of chunk_size points up to which they are kept for
         exact evaluation at the end."""
         return self.exact_row_limit * chunk_size // self.row_limit_columns
+
+    def int_limit(self, chunk_size: int) -> int:
+        """Live weights per row of a chunk of chunk_size points up to which a row stays on
+        the int8 screen (closed_form._int_pass)."""
+        return self.int_row_limit * chunk_size // self.row_limit_columns
 
     def flush_every(self, chunk_size: int) -> int:
         """Chunks of chunk_size points per float32 sum before it moves into float64."""
@@ -98,7 +107,7 @@ class EngineSettings:
 # launches and a few host syncs: at 2,048 points a chunk, n = 50,000 spends 50 ms in launches
 # for 8 ms of kernels (H200).
 CPU_SETTINGS = EngineSettings(chunk=8192)
-CUDA_SETTINGS = EngineSettings(chunk=16384)
+CUDA_SETTINGS = EngineSettings(chunk=16384, int_screen=False)
 
 
 def engine_settings(device: torch.device) -> EngineSettings:

@@ -1,0 +1,158 @@
+"""The int8-digit screen (int_screen.py) and the exact engine's pass through it.
+
+The screen's bound is a proof, so the tests hold it against float64 logits on data built to
+stress it (wide dynamic range, t near 1, zero vectors); the engine's results through the int8
+pass are held against the float64 brute force of conftest."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import brute_force_velocity, flow_queries, relative_error
+
+import knnflow
+import knnflow.closed_form as closed_form
+from knnflow import int_screen
+from knnflow.engine_settings import engine_settings
+from knnflow.int_screen import BASE, IntScreen, data_digits, query_digits
+
+
+@pytest.fixture(autouse=True)
+def int_screen_on(monkeypatch):
+    """The int8 pass whatever this machine's timing says (it decides speed, not results)."""
+    monkeypatch.setitem(int_screen._AVAILABLE, "cpu", True)
+
+
+def exact_screened(x: torch.Tensor, t: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """2st⟨x, p⟩ - st²‖p‖² in float64."""
+    x64, p64, t64 = x.double(), points.double(), t.double()
+    s = 0.5 / (1 - t64) ** 2
+    return (2 * s * t64)[:, None] * (x64 @ p64.T) - (s * t64 * t64)[:, None] * p64.square().sum(1)
+
+
+def screen(x: torch.Tensor, t: torch.Tensor,
+           points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    train = closed_form.as_training_set(points)
+    t64 = t.double()
+    s = 0.5 / (1 - t64) ** 2
+    result = IntScreen(x.double(), t64, s, train.digits(), train.max_norm)
+    logits = result(0, train.n, train.sq_norms.to(torch.float32))
+    return logits.double(), result.proven
+
+
+def test_digits_reconstruct_the_values():
+    gen = torch.Generator().manual_seed(0)
+    points = torch.randn(300, 40, generator=gen) * torch.logspace(-3, 2, 40)
+    digits = data_digits(points, block=64)
+    high, low = digits.high.T.double(), digits.low.T.double()
+    assert high.abs().max() <= 127 and low.abs().max() <= 127
+    rest = points.double() / digits.scale - high - low / BASE
+    assert float(rest.abs().max()) <= 0.5 / BASE * (1 + 1e-9)
+    assert float(rest.norm(dim=1).max()) <= digits.rest_norm * (1 + 1e-9)
+    queries = query_digits(points[:7].double())
+    again = queries.scale[:, None] * (queries.high.double() + queries.low.double() / BASE)
+    remainder = points[:7].double() / queries.scale[:, None] - again / queries.scale[:, None]
+    assert torch.allclose(remainder.norm(dim=1), queries.rest_norm, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("t", [0.05, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("kind", ["images", "wide range", "zeros"])
+def test_screen_error_stays_within_its_proven_bound(t, kind):
+    gen = torch.Generator().manual_seed(1)
+    points = torch.rand(500, 96, generator=gen) * 2 - 1
+    if kind == "wide range":  # a few huge coordinates next to tiny ones
+        points = points * torch.logspace(-4, 3, 96)
+    if kind == "zeros":
+        points[:, :10] = 0
+        points[:5] = 0
+    x = flow_queries(points, t, 64, seed=2)
+    if kind == "zeros":
+        x[0] = 0
+    tt = torch.full((64,), t)
+    logits, proven = screen(x, tt, points)
+    error = (logits - exact_screened(x, tt, points)).abs().amax(dim=1)
+    assert bool((error <= proven).all()), float((error / proven).max())
+    assert float(error.max()) > 0  # the screen does round: the check has something to hold
+
+
+def test_the_bound_is_tight_enough_to_prune():
+    """The proven bound stays within a small factor of the measured error (images, d = 768),
+    so its live sets are not much larger than the float32 screen's."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.rand(20, 768, generator=gen) * 2 - 1
+    points = (base[torch.randint(20, (2000,), generator=gen)]
+              + 0.3 * torch.randn(2000, 768, generator=gen)).clamp(-1, 1)
+    tt = torch.full((128,), 0.9)
+    x = flow_queries(points, 0.9, 128, seed=4)
+    logits, proven = screen(x, tt, points)
+    error = (logits - exact_screened(x, tt, points)).abs().amax(dim=1)
+    assert float((proven / error).median()) < 30
+
+
+def images_like(n: int = 3000, dim: int = 768, seed: int = 5) -> torch.Tensor:
+    """Points in [-1, 1] clustered around 40 prototypes: more than the one-pass size limit
+    (n·d > 2^21), so the streaming engine and its int8 pass run."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.rand(40, dim, generator=gen) * 2 - 1
+    points = base[torch.randint(40, (n,), generator=gen)] + 0.4 * torch.randn(n, dim,
+                                                                               generator=gen)
+    return points.clamp(-1, 1)
+
+
+def counting_int_pass(monkeypatch) -> dict:
+    """Count the rows the int8 pass sees and finishes; every row that the probe chunk keeps
+    goes on (no minimum: the minimum is a speed rule for large batches)."""
+    settings = dataclasses.replace(engine_settings(torch.device("cpu")), int_min_rows=0)
+    monkeypatch.setattr(closed_form, "engine_settings", lambda device: settings)
+    seen = {"rows": 0, "done": 0}
+    original = closed_form._int_pass
+
+    def counted(x64, *args):
+        state, rest = original(x64, *args)
+        seen["rows"] += x64.shape[0]
+        seen["done"] += int((~rest).sum())
+        return state, rest
+
+    monkeypatch.setattr(closed_form, "_int_pass", counted)
+    return seen
+
+
+@pytest.mark.parametrize("t", [0.6, 0.8, 0.9, 0.99])
+def test_engine_through_the_int8_pass_matches_float64(t, monkeypatch):
+    points = images_like()
+    seen = counting_int_pass(monkeypatch)
+    x = flow_queries(points, t, 96, seed=6)
+    velocity = knnflow.closed_form_velocity(x, t, points, chunk_size=1024)
+    errors = relative_error(velocity, brute_force_velocity(x, t, points))
+    assert seen["done"] > 0  # the pass finished rows itself
+    assert float(errors.median()) <= 1e-5 and float(errors.max()) <= 1e-4
+
+
+def test_rows_that_leave_the_int8_pass_are_exact_too(monkeypatch):
+    """A U[0,1) batch: dense rows leave after the probe chunk, the rest finish there."""
+    points = images_like(seed=7)
+    seen = counting_int_pass(monkeypatch)
+    gen = torch.Generator().manual_seed(8)
+    t = torch.rand(128, generator=gen)
+    x1 = points[torch.randint(points.shape[0], (128,), generator=gen)]
+    x = (1 - t[:, None]) * torch.randn(x1.shape, generator=gen) + t[:, None] * x1
+    velocity = knnflow.closed_form_velocity(x, t, points, chunk_size=1024)
+    errors = relative_error(velocity, brute_force_velocity(x, t, points))
+    assert 0 < seen["done"] < seen["rows"]
+    assert float(errors.median()) <= 1e-5 and float(errors.max()) <= 1e-4
+
+
+def test_same_result_with_and_without_the_int8_pass(monkeypatch):
+    points = images_like(seed=9)
+    x = flow_queries(points, 0.9, 64, seed=10)
+    with_int = knnflow.closed_form_velocity(x, 0.9, points, chunk_size=1024)
+    monkeypatch.setitem(int_screen._AVAILABLE, "cpu", False)
+    without = knnflow.closed_form_velocity(x, 0.9, points, chunk_size=1024)
+    assert float(relative_error(with_int, without).max()) <= 1e-5
+
+
+def test_off_where_int32_sums_could_overflow():
+    assert not int_screen.int_screen_available(torch.device("cpu"), int_screen.MAX_DIM + 1)
+    assert int_screen.MAX_DIM * 2 * 127 * 127 < 2**31

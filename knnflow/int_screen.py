@@ -21,6 +21,7 @@ the machine at hand is measured once per process (`int_screen_available`).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -58,8 +59,8 @@ class Digits:
 
 
 def _split(scaled: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(V0, V1, e, ‖V1‖ per row) of float64 values already divided by σ (|v| ≤ 127);
-    `scaled` becomes e."""
+    """(V0, V1, e, ‖V1‖ per row) of values already divided by σ (|v| ≤ 127); `scaled`
+    becomes e."""
     high = scaled.round()
     rest = scaled.sub_(high)
     low = (rest * BASE).round_()
@@ -89,13 +90,21 @@ def data_digits(points: Tensor, block: int = 2048) -> Digits:
 
 
 def query_digits(x64: Tensor) -> Digits:
-    """The digits of float64 queries (B, d), one σ per query."""
+    """The digits of float64 queries (B, d), one σ per query.
+
+    The split runs in float32 (half the bytes of float64): v = fl32(x/σ) is within
+    |x/σ|·2^-24 ≤ 127·2^-24 of x/σ, and v - V0 and the remainder of v are exact or err by
+    u·|remainder|, so the true remainder's norm exceeds the computed one by at most
+    √d·129·2^-24, which rest_norm adds."""
     largest = x64.abs().amax(dim=1)
     scale = torch.where(largest > 0, largest / DIGIT_MAX, torch.ones_like(largest))
-    scaled = x64 / scale[:, None]
-    scaled_norm = torch.linalg.vector_norm(scaled, dim=1)
+    scaled = (x64 / scale[:, None]).to(torch.float32)
+    scaled_norm = torch.linalg.vector_norm(scaled, dim=1, dtype=torch.float64)
     v0, v1, rest, v1_norm = _split(scaled)
-    return Digits(v0, v1, scale, v1_norm, torch.linalg.vector_norm(rest, dim=1), scaled_norm)
+    slack = math.sqrt(x64.shape[1]) * (DIGIT_MAX + 2) * FLOAT32_ROUNDOFF
+    rest_norm = torch.linalg.vector_norm(rest, dim=1, dtype=torch.float64) + slack
+    return Digits(v0, v1, scale, v1_norm.to(torch.float64), rest_norm,
+                  scaled_norm * (1 + 2 * FLOAT32_ROUNDOFF) + slack)
 
 
 def dot_error(query: Digits, data: Digits) -> Tensor:
@@ -149,8 +158,8 @@ _AVAILABLE: dict[str, bool] = {}
 
 def int_screen_available(device: torch.device, dim: int) -> bool:
     """Whether the int8 screen runs here and is faster than the float32 screen: timed once
-    per process and device kind on a GEMM of the engine's shape (128 queries, 2048 points,
-    d = 1024; ~20 ms). Off for dimensions whose int32 sums could overflow."""
+    per process and device kind on the engine's shapes (256 queries, 2048 points, d = 3072;
+    ~0.1 s). Off for dimensions whose int32 sums could overflow."""
     if dim > MAX_DIM or not hasattr(torch, "_int_mm"):
         return False
     key = device.type
@@ -159,19 +168,21 @@ def int_screen_available(device: torch.device, dim: int) -> bool:
     return _AVAILABLE[key]
 
 
-def _measured_faster(device: torch.device, ratio: float = 0.6) -> bool:
-    """Time three int8 GEMMs against one float32 GEMM (median of 5 after a warm-up)."""
+def _measured_faster(device: torch.device, ratio: float = 0.6, batch: int = 256,
+                     dim: int = 3072, points: int = 2048) -> bool:
+    """Time the screen's two int8 GEMMs (2B and B rows) against one float32 GEMM of B rows
+    (medians of 5 after a warm-up); cpu-2 (AMX) measures 0.33."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        a8 = torch.randint(-127, 128, (256, 1024), generator=gen, dtype=torch.int8,
+        a8 = torch.randint(-127, 128, (2 * batch, dim), generator=gen, dtype=torch.int8,
                            device=device)
-        b8 = torch.randint(-127, 128, (1024, 2048), generator=gen, dtype=torch.int8,
+        b8 = torch.randint(-127, 128, (dim, points), generator=gen, dtype=torch.int8,
                            device=device)
-        a32, b32 = a8[:128].to(torch.float32), b8.to(torch.float32)
+        a32, b32 = a8[:batch].to(torch.float32), b8.to(torch.float32)
 
         def ints() -> None:
             torch._int_mm(a8, b8)
-            torch._int_mm(a8[:128], b8)
+            torch._int_mm(a8[:batch], b8)
 
         def floats() -> None:
             torch.mm(a32, b32)

@@ -7,6 +7,7 @@ pass are held against the float64 brute force of conftest."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -54,7 +55,10 @@ def test_digits_reconstruct_the_values():
     queries = query_digits(points[:7].double())
     again = queries.scale[:, None] * (queries.high.double() + queries.low.double() / BASE)
     remainder = points[:7].double() / queries.scale[:, None] - again / queries.scale[:, None]
-    assert torch.allclose(remainder.norm(dim=1), queries.rest_norm, rtol=1e-6, atol=1e-12)
+    # rest_norm bounds the remainder's norm, loose by at most the float32 split's rounding
+    true_norm = remainder.norm(dim=1)
+    assert bool((true_norm <= queries.rest_norm).all())
+    assert float((queries.rest_norm - true_norm).max()) <= math.sqrt(40) * 130 * 2.0**-24
 
 
 @pytest.mark.parametrize("t", [0.05, 0.5, 0.9, 0.999])

@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from knnflow.errors import InputError, OptionError
+from knnflow.files import human_bytes  # noqa: F401  (re-exported for the commands)
 
 # Piped output (logs, CI) gets a wide console so tables are not squeezed to 80 columns.
 console = Console() if Console().is_terminal else Console(width=160)
@@ -105,12 +106,3 @@ def key_value_table(title: str, rows: list[tuple[str, object]]) -> Table:
     return table
 
 
-def human_bytes(count: int | None) -> str:
-    if count is None:
-        return "n/a"
-    value = float(count)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(value) < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"

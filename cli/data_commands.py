@@ -107,7 +107,10 @@ def build_index(
         return
     console.print(key_value_table(f"Index written to {folder}", [
         ("n", m["n"]), ("d", m["d"]), ("image shape", "×".join(map(str, m["image_shape"]))),
-        ("kind", m["index"]["kind"]), ("bytes on disk", human_bytes(folder_bytes(folder))),
+        ("kind", m["index"]["kind"]), ("data dtype", m["dtype"]),
+        *([("storage rounding", f"≤ {m['storage_rounding']:.2e} per image (L2)")]
+          if m.get("storage_rounding") else []),
+        ("bytes on disk", human_bytes(folder_bytes(folder))),
         ("build seconds", f"{m['build_seconds']:.2f}"),
         ("peak memory", human_bytes(peak)),
     ]))

@@ -12,7 +12,7 @@ the readers' libraries, so it serves the command line's help.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,21 +176,10 @@ def check_size(name: str, size: int | None) -> int | None:
                       f"not to {name}", "size")
 
 
-def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
-                 limit: int | None = None, size: int | None = None,
-                 with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
-    """Images of a data set as a float32 (N, C, H, W) tensor in [-1, 1].
-
-    name: digits, mnist, cifar10, celeba (celeba64), photos, synthetic, folder:PATH, npz:PATH or
-    npy:PATH.
-    root: the folder holding the data set's files (default data/NAME, or $KNNFLOW_DATA/NAME).
-    size: resize folder images to size×size; photos: the patch side (32 or 64); celeba: the
-    side (64, 32 or 128).
-    with_labels: also return the labels (or None).
-    """
-    split = check_split(split)
-    check_limit(limit)
-    size = check_size(name, size)
+def _raw_images(name: str, root: str | Path | None, split: str, limit: int | None,
+                size: int | None) -> tuple[object, np.ndarray | None]:
+    """The first `limit` images of a split as the reader gives them (uint8 or float, an
+    array, a memory map or LazyImages) and their labels, checked to be non-empty."""
     root_path = Path(root).expanduser() if root is not None else None
     kind, _, path = name.partition(":")
     if kind in _PATH_KINDS and path:
@@ -211,6 +200,25 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     raw = raw[:limit]
     if len(raw) == 0:
         raise InputError(f"data set {name!r} ({split}) has no images")
+    return raw, labels
+
+
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train",
+                 limit: int | None = None, size: int | None = None,
+                 with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+    """Images of a data set as a float32 (N, C, H, W) tensor in [-1, 1].
+
+    name: digits, mnist, cifar10, celeba (celeba64), photos, synthetic, folder:PATH, npz:PATH or
+    npy:PATH.
+    root: the folder holding the data set's files (default data/NAME, or $KNNFLOW_DATA/NAME).
+    size: resize folder images to size×size; photos: the patch side (32 or 64); celeba: the
+    side (64, 32 or 128).
+    with_labels: also return the labels (or None).
+    """
+    split = check_split(split)
+    check_limit(limit)
+    size = check_size(name, size)
+    raw, labels = _raw_images(name, root, split, limit, size)
     images, _ = to_unit_range(np.asarray(raw), name)
     import torch
 
@@ -218,3 +226,43 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     if with_labels:
         return tensor, None if labels is None else torch.as_tensor(np.array(labels)[:limit])
     return tensor
+
+
+# Images per batch when a data set is streamed (build-index): 4096 × 3×64×64 float32 is 200 MB.
+SOURCE_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A data set read in batches instead of at once: `batches()` yields float32
+    (b, C, H, W) arrays in [-1, 1], in load_dataset's order (with flip: every image, then
+    every image flipped horizontally, as images.with_flips orders them)."""
+
+    name: str
+    raw: object
+    image_shape: tuple[int, ...]
+    flip: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.raw) * (2 if self.flip else 1)
+
+    def batches(self, size: int = SOURCE_BATCH) -> Iterator[np.ndarray]:
+        for flipped in ((False, True) if self.flip else (False,)):
+            for start in range(0, len(self.raw), size):
+                images, _ = to_unit_range(np.asarray(self.raw[start:start + size]), self.name)
+                yield np.ascontiguousarray(images[..., ::-1]) if flipped else images
+
+
+def image_source(name: str, root: str | Path | None = None, split: str = "train",
+                 limit: int | None = None, size: int | None = None,
+                 flip: bool = False) -> ImageSource:
+    """A data set as load_dataset would give it (with flip: with_flips of it), read in
+    batches: npy files are memory-mapped, folders and synthetic images read or made per
+    batch, so the float32 images never exist all at once."""
+    split = check_split(split)
+    check_limit(limit)
+    size = check_size(name, size)
+    raw, _ = _raw_images(name, root, split, limit, size)
+    first, _ = to_unit_range(np.asarray(raw[:1]), name)
+    return ImageSource(name, raw, tuple(first.shape[1:]), flip)

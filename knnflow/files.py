@@ -146,3 +146,15 @@ def sha256_file(path: str | Path, block: int = 1 << 24) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def human_bytes(count: int | None) -> str:
+    """A byte count as 512 B, 3.4 MB or 6.0 GB (n/a for None)."""
+    if count is None:
+        return "n/a"
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"

@@ -45,11 +45,44 @@ def read_image(path: Path, size: int | None, channels: int | None) -> np.ndarray
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
+class LazyImages:
+    """An array-like of N images read on demand: len, shape and dtype as an array's, a slice
+    is a view that reads nothing, and np.asarray(view) reads it. `read(start, stop)` returns
+    images start..stop as an array; build-index streams large data sets through it."""
+
+    def __init__(self, n: int, item_shape: tuple[int, ...], dtype, read, offset: int = 0):
+        self.n, self.item_shape, self.dtype = n, tuple(item_shape), np.dtype(dtype)
+        self._read, self._offset = read, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n, *self.item_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.item_shape)
+
+    def __getitem__(self, key: slice) -> LazyImages:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("lazy images take contiguous slices only")
+        start, stop, _ = key.indices(self.n)
+        return LazyImages(max(0, stop - start), self.item_shape, self.dtype, self._read,
+                          self._offset + start)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self._read(self._offset, self._offset + self.n)
+        return array if dtype is None else array.astype(dtype)
+
+
 def read_folder(path: Path, split: str, limit: int | None, size: int | None
-                ) -> tuple[np.ndarray, None]:
-    """The first `limit` images of a folder as uint8 (N, C, H, W): PATH/train or PATH/test
-    where present (a folder without test/ has no test split), else every image under PATH.
-    All must share the first image's shape, or be resized to size×size; no labels."""
+                ) -> tuple[LazyImages, None]:
+    """The first `limit` images of a folder as uint8 (N, C, H, W), read when used: PATH/train
+    or PATH/test where present (a folder without test/ has no test split), else every image
+    under PATH. All must share the first image's shape, or be resized to size×size; no
+    labels."""
     if not path.is_dir():
         raise MissingFileError(f"folder: expected a folder of images at {path}")
     split_dir = path / split
@@ -61,15 +94,18 @@ def read_folder(path: Path, split: str, limit: int | None, size: int | None
     if not files:
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {path}")
     first = read_image(files[0], size, None)
-    images = np.empty((len(files), *first.shape), dtype=np.uint8)
-    images[0] = first
-    for i, file in enumerate(files[1:], start=1):
-        image = read_image(file, size, first.shape[0])
-        if image.shape != first.shape:
-            raise OptionError(f"{file} has shape {image.shape} but {files[0]} has {first.shape}; "
-                              "pass {size} to resize all images", "size")
-        images[i] = image
-    return images, None
+
+    def read(start: int, stop: int) -> np.ndarray:
+        images = np.empty((stop - start, *first.shape), dtype=np.uint8)
+        for i, file in enumerate(files[start:stop]):
+            image = read_image(file, size, first.shape[0])
+            if image.shape != first.shape:
+                raise OptionError(f"{file} has shape {image.shape} but {files[0]} has "
+                                  f"{first.shape}; pass {{size}} to resize all images", "size")
+            images[i] = image
+        return images
+
+    return LazyImages(len(files), first.shape, np.uint8, read), None
 
 
 def read_array(path: Path, split: str | None = None) -> np.ndarray:
@@ -84,8 +120,9 @@ def read_array_and_labels(path: Path, split: str | None = None
     arrays, else the first of LABEL_KEYS; there must be one per image."""
     if not path.is_file():
         raise MissingFileError(f"expected an array file at {path}")
-    try:
-        loaded = np.load(path, allow_pickle=False)
+    try:  # an .npy is memory-mapped: build-index reads it in batches
+        loaded = np.load(path, allow_pickle=False,
+                         mmap_mode="r" if path.suffix.lower() == ".npy" else None)
     except (ValueError, OSError) as err:
         raise InputError(f"cannot read {path} as a numpy array: {err}") from None
     if isinstance(loaded, np.ndarray):

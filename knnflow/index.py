@@ -19,8 +19,6 @@ distances proves that no point outside it is nearer.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -36,21 +34,22 @@ from knnflow.closed_form import TrainingSet, as_training_set
 from knnflow.devices import resolve_device
 from knnflow.errors import IndexMismatchError, InputError, OptionError
 from knnflow.faiss_backend import (
-    build_faiss_index,
     check_faiss_device,
-    faiss_module,
     flat_faiss_index,
     read_faiss_index,
     set_nprobe,
     to_faiss_device,
-    write_faiss_index,
 )
-from knnflow.files import atomic_folder, sha256_file
+from knnflow.files import atomic_folder
+from knnflow.index_build import (
+    index_parts,
+    new_manifest,
+    points_sha256,
+    storage_rounding,
+    write_folder_files,
+)
 from knnflow.index_folder import (
     DATA_FILE,
-    FORMAT_VERSION,
-    INDEX_FILE,
-    MANIFEST,
     check_faiss_index,
     check_files,
     check_points,
@@ -85,11 +84,6 @@ def check_build_options(kind: str, dtype: str, nlist: int | None = None,
     for option, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None and value < 1:
             raise OptionError(f"must be at least 1, got {value}", option)
-
-
-def points_sha256(points: np.ndarray) -> str:
-    """Checksum of the raw point values (C order), independent of any file header."""
-    return hashlib.sha256(np.ascontiguousarray(points).data).hexdigest()
 
 
 def l2_error_bound(query_sq_norms: Tensor, max_sq_norm: float, dim: int) -> Tensor:
@@ -152,28 +146,13 @@ class Index:
         points = np.ascontiguousarray(array.reshape(array.shape[0], -1), dtype=DTYPES[dtype])
         if not np.isfinite(points).all():
             raise InputError("the data contains NaN or infinite values")
-        n, dim = points.shape
         device = resolve_device(device)
         start = time.perf_counter()
-        if kind == "flat":
-            check_faiss_device(device)
-            index, params = None, {"metric": "l2"}
-        else:
-            index, params = build_faiss_index(points, kind, device, nlist, nprobe, progress)
-        sketches = Sketches.build(torch.from_numpy(points), tuple(image_shape), progress)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "dataset": dataset or {"name": "custom"},
-            "n": n,
-            "d": dim,
-            "image_shape": image_shape,
-            "dtype": dtype,
-            "index": {"kind": kind, **params},
-            "faiss_version": faiss_module().__version__,
-            "build_device": device,
-            "build_seconds": round(time.perf_counter() - start, 3),
-            "points_sha256": points_sha256(points),
-        }
+        index, sketches, params = index_parts(points, tuple(image_shape), kind, device, nlist,
+                                              nprobe, progress)
+        manifest = new_manifest(points.shape, image_shape, dtype, kind, params, device,
+                                dataset, time.perf_counter() - start, points_sha256(points),
+                                storage_rounding(array.reshape(points.shape), points))
         return cls(torch.from_numpy(points), index, manifest, sketches=sketches,
                    faiss_device=device)
 
@@ -185,21 +164,8 @@ class Index:
             if progress:
                 progress("writing data", 0, 1)
             np.save(tmp / DATA_FILE, self.points.numpy())
-            # A flat index is a copy of data.npy: built from it on first use, never stored.
-            index_file = None if self.kind == "flat" else INDEX_FILE
-            if index_file:
-                write_faiss_index(self.faiss_index, tmp / index_file)
-            sketch_files = self.sketches.save(tmp) if self.sketches is not None else []
-            if progress:
-                progress("checksumming", 0, 1)
-            manifest = dict(self.manifest, data_file=DATA_FILE, index_file=index_file,
-                            data_sha256=sha256_file(tmp / DATA_FILE),
-                            index_sha256=sha256_file(tmp / index_file) if index_file else None,
-                            sketch_sha256={name: sha256_file(tmp / name)
-                                           for name in sketch_files})
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if progress:
-            progress("checksumming", 1, 1)
+            manifest = write_folder_files(tmp, self.manifest, self.faiss_index, self.sketches,
+                                          progress)
         self.manifest, self.folder = manifest, folder
         return folder
 

@@ -32,6 +32,8 @@ PCA_MAX_DIM = 1024
 SKETCH_FILE, TRANSFORM_FILE, COARSE_FILE, FINE_FILE = (
     "sketch.json", "transform.npz", "sketch_coarse.npy", "sketch_fine.npy")
 BUILD_CHUNK = 4096
+# Points the transform is fitted on (a seeded sample of larger sets).
+FIT_SAMPLE = 65_536
 
 
 def dct_matrix(size: int) -> Tensor:
@@ -200,23 +202,31 @@ class Sketches:
     point_rounding: float
 
     @classmethod
-    def build(cls, points: Tensor, image_shape: tuple[int, ...], progress=None) -> Sketches:
+    def build(cls, points: Tensor, image_shape: tuple[int, ...], progress=None,
+              fit_sample: int = FIT_SAMPLE) -> Sketches:
+        """Sketch every point; the transform is fitted on at most `fit_sample` of them (a
+        seeded sample: the bounds hold for any orthonormal transform, its fit only decides
+        how tight they are)."""
         n, dim = points.shape
-        transform = Transform.fit(points, image_shape)
+        fit_points = points
+        if n > fit_sample:
+            chosen = np.sort(np.random.default_rng(0).choice(n, fit_sample, replace=False))
+            fit_points = points[torch.from_numpy(chosen)]
+        transform = Transform.fit(fit_points, image_shape)
         coarse, fine = default_sketches(dim)
         coarse_points = torch.empty(n, coarse.width, dtype=torch.float32)
         fine_points = torch.empty(n, fine.width, dtype=torch.float32) if fine else None
-        radius = 0.0
+        radius = max_norm = 0.0
         for start in range(0, n, BUILD_CHUNK):
             chunk = points[start:start + BUILD_CHUNK].to(torch.float64)
             coords = transform.apply(chunk)
             radius = max(radius, float((chunk - transform.mean).norm(dim=1).max()))
+            max_norm = max(max_norm, float(chunk.norm(dim=1).max()))
             coarse_points[start:start + BUILD_CHUNK] = coarse.embed(coords).to(torch.float32)
             if fine:
                 fine_points[start:start + BUILD_CHUNK] = fine.embed(coords).to(torch.float32)
             if progress:
                 progress("sketching", min(start + BUILD_CHUNK, n), n)
-        max_norm = float(points.to(torch.float64).norm(dim=1).max()) if n else 0.0
         # float32 storage rounds each coordinate by ≤ u relative; the float64 transform adds
         # its own rounding. Both are bounded for the largest point.
         rounding = 1.01 * (FLOAT32_ROUNDOFF * radius

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from knnflow.choices import DEFAULT_DATASET
-from knnflow.data import check_size, load_dataset
+from knnflow.data import check_size, image_source, load_dataset
 from knnflow.errors import IndexMismatchError, OptionError
 from knnflow.images import with_flips
 from knnflow.index import Index
@@ -63,20 +63,25 @@ def build_dataset_index(dataset: str, folder: Path, progress: Progress | None = 
                         size: int | None = None, flip: bool = False, kind: str = "flat",
                         device: str = "auto", dtype: str = "float32", nlist: int | None = None,
                         nprobe: int | None = None, overwrite: bool = False) -> Index:
-    """Load a data set, index it (with both flips if asked) and save the index folder."""
+    """Index a data set (with both flips if asked) into `folder`, reading it in batches
+    (index_build.write_index: the float32 images never sit in memory at once), and open the
+    index written."""
+    from knnflow.devices import resolve_device
+    from knnflow.index import check_build_options
+    from knnflow.index_build import write_index
+
     progress = progress or _quiet
     size = check_size(dataset, size)
-    progress(f"loading {dataset}", 0, 1)
-    images = load_dataset(dataset, root=root, split=split, limit=limit, size=size)
-    if flip:
-        images = with_flips(images)
-    progress(f"loading {dataset}", 1, 1)
+    check_build_options(kind, dtype, nlist, nprobe)
+    device = resolve_device(device)
+    progress(f"opening {dataset}", 0, 1)
+    source = image_source(dataset, root=root, split=split, limit=limit, size=size, flip=flip)
+    progress(f"opening {dataset}", 1, 1)
     described = {"name": dataset, "split": split, "limit": limit, "size": size,
                  "root": str(root) if root else None, "flip": flip}
-    index = Index.build(images, kind=kind, device=device, dtype=dtype, nlist=nlist,
-                        nprobe=nprobe, dataset=described, progress=progress)
-    index.save(folder, overwrite=overwrite, progress=progress)
-    return index
+    write_index(source, folder, kind=kind, device=device, dtype=dtype, nlist=nlist,
+                nprobe=nprobe, dataset=described, progress=progress, overwrite=overwrite)
+    return Index.load(folder, device=device, verify=False)
 
 
 def recorded_training_set(samples: Path) -> dict:

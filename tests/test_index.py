@@ -150,7 +150,7 @@ def test_a_failed_save_leaves_no_folder(tmp_path, digit_images, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("knnflow.index.sha256_file", crash)
+    monkeypatch.setattr("knnflow.index_build.sha256_file", crash)
     with pytest.raises(KeyboardInterrupt):
         index.save(tmp_path / "x")
     assert list(tmp_path.iterdir()) == []

@@ -19,6 +19,7 @@ from knnflow.data import (
     dataset_infos,
     dataset_sources,
 )
+from knnflow.errors import OptionError
 from knnflow.files import check_output_folder
 
 from .console import console, human_bytes, key_value_table, progress_bar
@@ -50,7 +51,8 @@ def datasets() -> None:
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    """Bytes of the files under `folder` (shards included)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def build_index(
@@ -79,15 +81,22 @@ def build_index(
         help="Replace an existing index folder at --out.")] = False,
     flip: Annotated[bool, typer.Option(
         help="Index every image and its horizontal flip (for knnflow train --flip).")] = False,
+    shards: Annotated[int, typer.Option(
+        help="Write N shard folders (shard-000, ...) of contiguous ranges under one top "
+             "manifest: under torchrun with N processes each opens its own; memorization "
+             "merges them exactly.")] = 1,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the summary as JSON on stdout, for scripts.")] = False,
 ) -> None:
-    """Build and save an index folder: FAISS index, raw data and a manifest with checksums."""
+    """Build and save an index folder: FAISS index, raw data and a manifest with checksums.
+    The data set is read in batches, so it may be larger than memory."""
     from knnflow.devices import resolve_device
     from knnflow.index import check_build_options
     from knnflow.training_sets import build_dataset_index, default_index_folder
 
     check_build_options(kind, dtype, nlist, nprobe)  # options first, then the output folder
+    if shards < 1:
+        raise OptionError(f"must be at least 1, got {shards}", "shards")
     check_limit(limit)
     check_split(split)
     resolve_device(device)
@@ -98,7 +107,8 @@ def build_index(
     with progress_bar() as progress:
         index = build_dataset_index(dataset, folder, progress, root=root, split=split,
                                     limit=limit, size=size, flip=flip, kind=kind, device=device,
-                                    dtype=dtype, nlist=nlist, nprobe=nprobe, overwrite=overwrite)
+                                    dtype=dtype, nlist=nlist, nprobe=nprobe, overwrite=overwrite,
+                                    shards=shards)
     m = index.manifest
     peak = peak_memory_bytes()
     if as_json:
@@ -108,6 +118,7 @@ def build_index(
     console.print(key_value_table(f"Index written to {folder}", [
         ("n", m["n"]), ("d", m["d"]), ("image shape", "×".join(map(str, m["image_shape"]))),
         ("kind", m["index"]["kind"]), ("data dtype", m["dtype"]),
+        *([("shards", len(m["shards"]))] if "shards" in m else []),
         *([("storage rounding", f"≤ {m['storage_rounding']:.2e} per image (L2)")]
           if m.get("storage_rounding") else []),
         ("bytes on disk", human_bytes(folder_bytes(folder))),

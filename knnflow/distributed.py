@@ -27,6 +27,7 @@ from torch import Tensor
 
 from knnflow.errors import InputError
 from knnflow.index import Index
+from knnflow.sharded_index import ShardedIndex
 from knnflow.softmax import SoftmaxState, rescale
 
 
@@ -85,9 +86,12 @@ def shard_range(n: int, rank: int, world: int) -> slice:
 
 def shard_of(data: Tensor | np.ndarray | Index, group=None) -> Tensor:
     """This rank's rows of the whole training set (an Index's memory-mapped data are read
-    only for these rows), for `ExactVelocity(shard, group=group)`."""
+    only for these rows; a sharded index built with as many shards as ranks gives rank r its
+    shard r), for `ExactVelocity(shard, group=group)`."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if isinstance(data, Index):
+    if isinstance(data, ShardedIndex) and len(data.shards) == world:
+        return data.shards[rank].points  # built for this world: shard r is rank r's rows
+    if isinstance(data, (Index, ShardedIndex)):
         data = data.points
     elif isinstance(data, np.ndarray):
         data = torch.from_numpy(data)

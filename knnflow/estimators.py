@@ -43,6 +43,7 @@ from knnflow.pairs import (
 from knnflow.prune import SketchScanner
 from knnflow.rounding import FLOAT64_ROUNDOFF, output_dtype, unit_roundoff
 from knnflow.routing import MIN_INDEX_T, Router
+from knnflow.sharded_index import ShardedIndex
 from knnflow.softmax import SoftmaxState
 
 
@@ -220,7 +221,7 @@ class KNNVelocity:
                  search_device: torch.device | str | None = None, route: str = "auto",
                  floors: tuple[float, float] | None = None, group=None):
         if not isinstance(index, Index):
-            raise InputError("KNNVelocity needs a knnflow.Index (see Index.build / Index.load)")
+            raise InputError(_not_one_index("KNNVelocity", index))
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
             raise OptionError(f"must be a positive number, got {tol!r}", "tol")
         if fallback not in ("exact", "none"):
@@ -450,3 +451,11 @@ class KNNVelocity:
         velocity = torch.where(failed[:, None], torch.zeros_like(velocity), velocity)
         bound = torch.where(failed, torch.zeros_like(bound), bound)
         return velocity, bound, kept + self.all_seeds, failed
+
+
+def _not_one_index(who: str, index) -> str:
+    """Why `index` cannot serve `who`, in one line."""
+    if isinstance(index, ShardedIndex):
+        return (f"{who} takes one index folder, and {index.folder} is sharded: open one of its "
+                "shards (Index.load(FOLDER/shard-000)), or build the index without --shards")
+    return f"{who} needs a knnflow.Index (see Index.build / Index.load)"

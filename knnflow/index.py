@@ -57,6 +57,7 @@ from knnflow.index_folder import (
 )
 from knnflow.prune import SketchScanner, screened_knn, sketch_knn
 from knnflow.rounding import FLOAT32_ROUNDOFF
+from knnflow.sharded_index import ShardedIndex
 from knnflow.sketch import Sketches
 
 KINDS = INDEX_KINDS
@@ -171,9 +172,12 @@ class Index:
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu", verify: bool = True) -> Index:
-        """Open an index folder; data.npy is memory-mapped. Refuses any mismatch in one line."""
+        """Open an index folder; data.npy is memory-mapped. Refuses any mismatch in one line.
+        A sharded folder (build-index --shards) opens as a sharded_index.ShardedIndex."""
         folder = Path(folder)
         manifest = read_manifest(folder)
+        if "shards" in manifest:  # build-index --shards: one Index per shard
+            return ShardedIndex.load(folder, device, verify)
         check_files(folder, manifest, verify)
         points = np.load(folder / DATA_FILE, mmap_mode="c")
         check_points(folder, manifest, points)
@@ -361,8 +365,9 @@ class Index:
 
 def training_set_of(data_or_index: Tensor | TrainingSet | Index,
                     device: torch.device | str | None = None) -> TrainingSet:
-    """The TrainingSet behind a tensor, a TrainingSet or an Index, on `device` when given."""
-    if isinstance(data_or_index, Index):
+    """The TrainingSet behind a tensor, a TrainingSet or an Index (a sharded one: all its
+    shards), on `device` when given."""
+    if isinstance(data_or_index, (Index, ShardedIndex)):
         train = data_or_index.training_set()
     elif isinstance(data_or_index, TrainingSet) or torch.is_tensor(data_or_index):
         train = as_training_set(data_or_index)

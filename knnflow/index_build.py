@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnflow.errors import InputError
+from knnflow.errors import InputError, OptionError
 from knnflow.faiss_backend import (
     build_faiss_index,
     check_faiss_device,
@@ -157,39 +157,87 @@ def check_capacity(folder: Path, n: int, dim: int, dtype: str, kind: str) -> Non
 # --------------------------------------------------------------------------- streaming build
 
 
+def check_shards(shards: int, n: int) -> None:
+    """A one-line InputError unless `shards` lies in [1, n]."""
+    if shards < 1:
+        raise OptionError(f"must be at least 1, got {shards}", "shards")
+    if shards > n:
+        raise OptionError(f"{{shards}} {shards} exceeds the {n} images to index: every shard "
+                          "needs at least one", "shards")
+
+
 def write_index(source, folder: Path, *, kind: str = "flat", device: str = "cpu",
                 dtype: str = "float32", nlist: int | None = None, nprobe: int | None = None,
                 dataset: dict | None = None, progress: Progress | None = None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, shards: int = 1) -> dict:
     """Index the images of `source` (data.ImageSource) into `folder`, batch by batch;
     returns the manifest written. Peak memory: one batch, the sketches' points and, for
-    IVF, FAISS's copy of the data (build_bytes), not the data set."""
+    IVF, FAISS's copy of the data (build_bytes), not the data set.
+
+    shards > 1: `folder` holds shard-000.. (sharded_index.py), complete index folders of
+    the ranges distributed.shard_range(n, r, shards), and a top manifest.json recording each
+    shard's range and checksums; the data are still read once."""
+    from knnflow.distributed import shard_range
+    from knnflow.sharded_index import shard_name
+
     n, dim = source.n, math.prod(source.image_shape)
+    check_shards(shards, n)
     check_capacity(folder, n, dim, dtype, kind)
     start = time.perf_counter()
+    ranges = [shard_range(n, rank, shards) for rank in range(shards)]
     with atomic_folder(folder, overwrite, kind="index") as tmp:
-        data = np.lib.format.open_memmap(tmp / DATA_FILE, mode="w+", dtype=dtype,
-                                         shape=(n, dim))
-        digest = hashlib.sha256()
-        done, rounding = 0, 0.0
+        roots = [tmp / shard_name(rank) for rank in range(shards)] if shards > 1 else [tmp]
+        for root in roots:
+            root.mkdir(exist_ok=True)
+        files = [np.lib.format.open_memmap(root / DATA_FILE, mode="w+", dtype=dtype,
+                                           shape=(part.stop - part.start, dim))
+                 for root, part in zip(roots, ranges, strict=True)]
+        digests = [hashlib.sha256() for _ in ranges]
+        whole = hashlib.sha256()
+        rounding = [0.0] * shards
+        done = 0
         for batch in source.batches():
             flat = np.ascontiguousarray(batch.reshape(batch.shape[0], dim), dtype=dtype)
             if not np.isfinite(flat).all():
                 raise InputError(f"{source.name} contains NaN or infinite values (or values "
                                  f"beyond {dtype}'s range) in images {done}..{done + len(flat)}")
-            data[done:done + len(flat)] = flat
-            digest.update(flat.data)
-            rounding = max(rounding, storage_rounding(batch.reshape(len(flat), dim), flat))
+            whole.update(flat.data)
+            original = batch.reshape(len(flat), dim)
+            for rank, part in enumerate(ranges):  # the rows of this batch in each shard
+                first, last = max(done, part.start), min(done + len(flat), part.stop)
+                if first < last:
+                    rows = slice(first - done, last - done)
+                    files[rank][first - part.start:last - part.start] = flat[rows]
+                    digests[rank].update(flat[rows].data)
+                    rounding[rank] = max(rounding[rank],
+                                         storage_rounding(original[rows], flat[rows]))
             done += len(flat)
             if progress:
                 progress("reading images", done, n)
-        data.flush()
-        del data
-        points = np.load(tmp / DATA_FILE, mmap_mode="c")
-        index, sketches, params = index_parts(points, tuple(source.image_shape), kind, device,
-                                              nlist, nprobe, progress)
-        manifest = new_manifest((n, dim), source.image_shape, dtype, kind, params, device,
-                                dataset, time.perf_counter() - start, digest.hexdigest(),
-                                rounding)
-        del points
-        return write_folder_files(tmp, manifest, index, sketches, progress)
+        for data in files:
+            data.flush()
+        del files, data
+        manifests = []
+        for rank, (root, part) in enumerate(zip(roots, ranges, strict=True)):
+            points = np.load(root / DATA_FILE, mmap_mode="c")
+            index, sketches, params = index_parts(points, tuple(source.image_shape), kind,
+                                                  device, nlist, nprobe, progress)
+            described = dataset if shards == 1 else dict(
+                dataset or {"name": "custom"}, shard={"rank": rank, "of": shards,
+                                                      "start": part.start})
+            manifest = new_manifest(points.shape, source.image_shape, dtype, kind, params,
+                                    device, described, time.perf_counter() - start,
+                                    digests[rank].hexdigest(), rounding[rank])
+            del points
+            manifests.append(write_folder_files(root, manifest, index, sketches, progress))
+        if shards == 1:
+            return manifests[0]
+        top = new_manifest((n, dim), source.image_shape, dtype, kind,
+                           {k: v for k, v in manifests[0]["index"].items() if k != "kind"},
+                           device, dataset, time.perf_counter() - start, whole.hexdigest(),
+                           max(rounding))
+        top["shards"] = [{"folder": root.name, "start": part.start, "n": m["n"],
+                          "points_sha256": m["points_sha256"], "data_sha256": m["data_sha256"]}
+                         for root, part, m in zip(roots, ranges, manifests, strict=True)]
+        (tmp / MANIFEST).write_text(json.dumps(top, indent=2) + "\n")
+        return top

@@ -62,7 +62,8 @@ def build_dataset_index(dataset: str, folder: Path, progress: Progress | None = 
                         root: Path | None = None, split: str = "train", limit: int | None = None,
                         size: int | None = None, flip: bool = False, kind: str = "flat",
                         device: str = "auto", dtype: str = "float32", nlist: int | None = None,
-                        nprobe: int | None = None, overwrite: bool = False) -> Index:
+                        nprobe: int | None = None, overwrite: bool = False,
+                        shards: int = 1) -> Index:
     """Index a data set (with both flips if asked) into `folder`, reading it in batches
     (index_build.write_index: the float32 images never sit in memory at once), and open the
     index written."""
@@ -80,7 +81,8 @@ def build_dataset_index(dataset: str, folder: Path, progress: Progress | None = 
     described = {"name": dataset, "split": split, "limit": limit, "size": size,
                  "root": str(root) if root else None, "flip": flip}
     write_index(source, folder, kind=kind, device=device, dtype=dtype, nlist=nlist,
-                nprobe=nprobe, dataset=described, progress=progress, overwrite=overwrite)
+                nprobe=nprobe, dataset=described, progress=progress, overwrite=overwrite,
+                shards=shards)
     return Index.load(folder, device=device, verify=False)
 
 

@@ -411,3 +411,62 @@ def train(
                      if c["prefetch"] else "."))
     if json_out:
         save_json(result.to_dict(), json_out)
+
+
+@app.command("scale")
+@flags_named({"ts": "--t-grid"})
+def scale(
+    ns: Annotated[str, typer.Option(
+        help="Training set sizes n, a comma list: synthetic images of 3×32×32 stored in "
+             "float16 (n = 1,000,000 takes 6 GB of disk and about 17 GB of memory).")]
+    = "10000,100000,1000000",
+    t_grid: Annotated[str, typer.Option(help=T_GRID_HELP)] = "0.3,0.5,0.7,0.9",
+    uniform: Annotated[bool, typer.Option(
+        help=f"Add the {UNIFORM_LABEL} row: one seeded t per query, as training draws them.")]
+    = True,
+    batch: Annotated[int, typer.Option(help="Queries per call.")] = 256,
+    tol: Annotated[float, typer.Option(help="KNNVelocity's relative tolerance.")] = 1e-4,
+    repeats: Annotated[int, typer.Option(help="Timed calls per measurement (median taken).")]
+    = 3,
+    work: Annotated[Path, typer.Option(
+        help="Folder for the indices of each n (built once, reused by later runs).")]
+    = Path("indices/scale"),
+    json_out: JsonOutOption = None,
+) -> None:
+    """Scale sweep: exact engine, certified kNN and exact search at each n, with fitted
+    exponents of time against n."""
+    from knnflow.bench import parse_t_grid, save_json
+    from knnflow.bench.scale import bench_scale
+
+    try:
+        sizes = tuple(int(part.replace("_", "")) for part in ns.split(","))
+    except ValueError:
+        raise InputError(f"--ns takes a comma list of integers, got {ns!r}") from None
+    with progress_bar() as progress:
+        result = bench_scale(ns=sizes, ts=parse_t_grid(t_grid), uniform=uniform, batch=batch,
+                             tol=tol, repeats=repeats, work=work, progress=progress)
+    c = result.config
+    table = Table(title=(f"Scale: synthetic 3×32×32 in float16, batch {c['batch']}, tol "
+                         f"{c['tol']:g}, cpu ({c['threads']} threads); ms per batch"),
+                  title_justify="left")
+    for column in ("n", "t", "exact ms", "certified ms", "certified/exact speed", "fallback",
+                   "routed", "violations"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in result.rows:
+        table.add_row(f"{row.n:,}", row.label, f"{row.exact_ms:.0f}", f"{row.certified_ms:.0f}",
+                      f"{row.speedup:.2f}×", f"{row.fallback:.0%}", f"{row.routed:.0%}",
+                      f"{row.violations} of {row.certified_rows}")
+    console.print(table)
+    search = Table(title=f"Exact search, k = 2, {c['batch']} held-out images",
+                   title_justify="left")
+    for column in ("n", "cdist + topk ms", "Index.search ms", "speed-up", "ids ≠ float64"):
+        search.add_column(column, justify="right", no_wrap=True)
+    for row in result.search:
+        search.add_row(f"{row.n:,}", f"{row.cdist_ms:.0f}", f"{row.search_ms:.0f}",
+                       f"{row.speedup:.2f}×", str(row.id_mismatches))
+    console.print(search)
+    if result.exponents:
+        console.print("time ∝ n^b, fitted b: " + "; ".join(
+            f"{name} {value:.2f}" for name, value in result.exponents.items()))
+    if json_out:
+        save_json(result.to_dict(), json_out)

@@ -15,8 +15,8 @@ not an estimate; at the engine's scale (images in [-1, 1], d = 3072) it is a few
 nat at t = 0.7 and a few nats at t = 0.9, below the float32 screen's proven bound.
 
 The screen only decides which weights are live; every live weight is then computed exactly
-in float64 (closed_form._int_pass). Whether this path is faster than the float32 screen on
-the machine at hand is measured once per process (`int_screen_available`).
+in float64 (closed_form._int_pass). It runs on CPUs with AMX int8 units, and elsewhere where
+a one-off timing shows it faster than the float32 screen (`int_screen_available`).
 """
 
 from __future__ import annotations
@@ -157,15 +157,34 @@ _AVAILABLE: dict[str, bool] = {}
 
 
 def int_screen_available(device: torch.device, dim: int) -> bool:
-    """Whether the int8 screen runs here and is faster than the float32 screen: timed once
-    per process and device kind on the engine's shapes (256 queries, 2048 points, d = 3072;
-    ~0.1 s). Off for dimensions whose int32 sums could overflow."""
+    """Whether the int8 screen runs here and is faster than the float32 screen: on CPUs with
+    AMX int8 units (their flag in /proc/cpuinfo), else timed once per process on the
+    engine's shapes (256 queries, 2048 points, d = 3072; ~0.1 s). Off on GPUs until measured
+    there, and for dimensions whose int32 sums could overflow."""
     if dim > MAX_DIM or not hasattr(torch, "_int_mm"):
         return False
     key = device.type
     if key not in _AVAILABLE:
-        _AVAILABLE[key] = device.type == "cpu" and _measured_faster(device)
+        flags = cpu_flags()
+        if device.type != "cpu":
+            _AVAILABLE[key] = False
+        elif flags is not None and "amx_int8" in flags:  # int8 matrix units: no timing, so
+            _AVAILABLE[key] = True  # every process on this machine makes the same choice
+        else:
+            _AVAILABLE[key] = _measured_faster(device)
     return _AVAILABLE[key]
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
 
 
 def _measured_faster(device: torch.device, ratio: float = 0.6, batch: int = 256,

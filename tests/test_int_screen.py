@@ -160,3 +160,17 @@ def test_same_result_with_and_without_the_int8_pass(monkeypatch):
 def test_off_where_int32_sums_could_overflow():
     assert not int_screen.int_screen_available(torch.device("cpu"), int_screen.MAX_DIM + 1)
     assert int_screen.MAX_DIM * 2 * 127 * 127 < 2**31
+
+
+def test_availability_follows_the_amx_flag_else_a_timing(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(int_screen, "_AVAILABLE", {})
+    monkeypatch.setattr(int_screen, "cpu_flags", lambda: {"avx512f", "amx_int8"})
+    monkeypatch.setattr(int_screen, "_measured_faster",
+                        lambda device: pytest.fail("timed despite the flag"))
+    assert int_screen.int_screen_available(cpu, 3072)
+    monkeypatch.setattr(int_screen, "_AVAILABLE", {})
+    monkeypatch.setattr(int_screen, "cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(int_screen, "_measured_faster", lambda device: False)
+    assert not int_screen.int_screen_available(cpu, 3072)
+    assert not int_screen.int_screen_available(torch.device("cuda"), 3072)

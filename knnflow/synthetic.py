@@ -14,8 +14,8 @@ if TYPE_CHECKING:  # torch is imported where the images are made (the catalogue 
 SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
 
 
-# Images per generator: block b of a seed draws from its own generator, so any range of
-# images is made without the ones before it (build-index streams a million of them).
+# Images per generator: block b of a seed draws from its own generator (seed·2^20 + b), so
+# any range of images is made without the ones before it (build-index streams a million).
 BLOCK = 4096
 
 
@@ -31,7 +31,7 @@ def synthetic_images(n: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0
     held-out sets of one distribution. On 3×32×32 this gives CIFAR-10-like statistics: pixel
     standard deviation 0.48, 90% of the variance in the top 100 principal components, nearest
     training image of a held-out one at about 0.43 of the typical distance. Images are made in
-    blocks of BLOCK, each from a generator seeded by (seed, block).
+    blocks of BLOCK, each from a generator seeded by seed·2^20 + block.
     """
     import torch
 
@@ -50,7 +50,9 @@ def synthetic_images(n: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0
     out = torch.empty(n, centers.shape[1])
     stop = start + n
     for block in range(start // BLOCK, -(-stop // BLOCK)):
-        gen = torch.Generator().manual_seed((seed << 32) + block)
+        # torch's CPU generator keeps 32 bits of a seed: seeds < 4096 and blocks < 2^20
+        # (4·10^9 images) give distinct streams.
+        gen = torch.Generator().manual_seed((seed * 2**20 + block) % 2**32)
         label = torch.randint(clusters, (BLOCK,), generator=gen)
         image = (centers[label] + fields(BLOCK, 8, 0.25, gen) + fields(BLOCK, 4, 0.2, gen)
                  + fields(BLOCK, 2, 0.12, gen) + 0.04 * torch.randn(BLOCK, centers.shape[1],

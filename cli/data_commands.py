@@ -19,7 +19,6 @@ from knnflow.data import (
     dataset_infos,
     dataset_sources,
 )
-from knnflow.errors import OptionError
 from knnflow.files import check_output_folder
 
 from .console import console, human_bytes, key_value_table, progress_bar
@@ -92,11 +91,11 @@ def build_index(
     The data set is read in batches, so it may be larger than memory."""
     from knnflow.devices import resolve_device
     from knnflow.index import check_build_options
+    from knnflow.index_build import check_shards
     from knnflow.training_sets import build_dataset_index, default_index_folder
 
     check_build_options(kind, dtype, nlist, nprobe)  # options first, then the output folder
-    if shards < 1:
-        raise OptionError(f"must be at least 1, got {shards}", "shards")
+    check_shards(shards)
     check_limit(limit)
     check_split(split)
     resolve_device(device)

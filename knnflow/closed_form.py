@@ -50,6 +50,7 @@ from knnflow.pairs import (
     dot_form_sq,
     padded_pairs,
     pair_block,
+    row_sq_norms,
 )
 from knnflow.rounding import (
     FLOAT32_ROUNDOFF,
@@ -204,16 +205,8 @@ class TrainingSet:
         if not points.is_floating_point():
             raise InputError(f"training points must be floating point, got {points.dtype}")
         # Small chunks: their float64 copies stay in cache (16,384 rows of 3,072 take 3× longer).
-        # One reused buffer: a fresh float64 chunk per step left the allocator's heap growing
-        # by about a chunk a step (2.4 GB over 10^5 points of 3,072; 10^6 ran out of memory).
-        n, dim = points.shape
-        f64 = dict(dtype=torch.float64, device=points.device)
-        norms, sums = torch.empty(n, **f64), torch.zeros(dim, **f64)
-        buffer = torch.empty(min(chunk_size, n), dim, **f64)
-        for i in range(0, n, chunk_size):
-            chunk = buffer[:min(chunk_size, n - i)].copy_(points[i:i + chunk_size])
-            sums += chunk.sum(0)
-            torch.sum(chunk.square_(), dim=1, out=norms[i:i + chunk_size])
+        sums = torch.zeros(points.shape[1], dtype=torch.float64, device=points.device)
+        norms = row_sq_norms(points, chunk_size, sums)
         if not bool(torch.isfinite(norms).all()):
             raise InputError("the training set contains NaN or infinite values")
         return cls(points, norms, float(norms.max().sqrt()), sums)

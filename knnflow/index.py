@@ -32,7 +32,7 @@ from torch import Tensor
 from knnflow.choices import DTYPE_NAMES, INDEX_KINDS
 from knnflow.closed_form import TrainingSet, as_training_set
 from knnflow.devices import resolve_device
-from knnflow.errors import IndexMismatchError, InputError, OptionError
+from knnflow.errors import InputError, OptionError
 from knnflow.faiss_backend import (
     check_faiss_device,
     flat_faiss_index,
@@ -41,18 +41,14 @@ from knnflow.faiss_backend import (
     to_faiss_device,
 )
 from knnflow.files import atomic_folder
-from knnflow.index_build import (
-    index_parts,
-    new_manifest,
-    points_sha256,
-    storage_rounding,
-    write_folder_files,
-)
+from knnflow.index_build import index_parts, new_manifest, storage_rounding, write_folder_files
 from knnflow.index_folder import (
     DATA_FILE,
+    ManifestView,
     check_faiss_index,
     check_files,
     check_points,
+    points_sha256,
     read_manifest,
 )
 from knnflow.prune import SketchScanner, screened_knn, sketch_knn
@@ -109,7 +105,7 @@ class SearchResult:
 
 
 @dataclass
-class Index:
+class Index(ManifestView):
     """Training points (n, d) with a FAISS index over them and a manifest describing both.
 
     faiss_index: the FAISS index, or None for a flat one until its first use (`faiss()`): a
@@ -199,36 +195,6 @@ class Index:
         if self.faiss_index is None:
             self.faiss_index = flat_faiss_index(self.points.numpy(), self.faiss_device)
         return self.faiss_index
-
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def n(self) -> int:
-        return self.manifest["n"]
-
-    @property
-    def dim(self) -> int:
-        return self.manifest["d"]
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["image_shape"])
-
-    @property
-    def kind(self) -> str:
-        return self.manifest["index"]["kind"]
-
-    def verify_points(self, points: Tensor | np.ndarray) -> None:
-        """Refuse, in one line, training points that are not the ones this index was built on."""
-        array = points.detach().cpu().numpy() if torch.is_tensor(points) else np.asarray(points)
-        array = np.ascontiguousarray(array.reshape(array.shape[0], -1), dtype=DTYPES[
-            self.manifest["dtype"]])
-        if array.shape != (self.n, self.dim):
-            raise IndexMismatchError(f"the index holds {self.n} points of d={self.dim}, the data "
-                                     f"passed has shape {array.shape}")
-        if points_sha256(array) != self.manifest.get("points_sha256"):
-            raise IndexMismatchError("the index was built on other data than the data passed "
-                                     "(points checksum differs); rebuild it with build-index")
 
     def training_set(self) -> TrainingSet:
         """The points with their float64 norms, computed once."""

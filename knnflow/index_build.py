@@ -37,11 +37,6 @@ from knnflow.sketch import Sketches, default_sketches
 Progress = Callable[[str, int, int], None]
 
 
-def points_sha256(points: np.ndarray) -> str:
-    """Checksum of the raw point values (C order), independent of any file header."""
-    return hashlib.sha256(np.ascontiguousarray(points).data).hexdigest()
-
-
 def index_parts(points: np.ndarray, image_shape: tuple[int, ...], kind: str, device: str,
                 nlist: int | None, nprobe: int | None, progress: Progress | None = None,
                 ) -> tuple[object | None, Sketches, dict]:
@@ -157,11 +152,11 @@ def check_capacity(folder: Path, n: int, dim: int, dtype: str, kind: str) -> Non
 # --------------------------------------------------------------------------- streaming build
 
 
-def check_shards(shards: int, n: int) -> None:
-    """A one-line InputError unless `shards` lies in [1, n]."""
+def check_shards(shards: int, n: int | None = None) -> None:
+    """A one-line OptionError unless `shards` is at least 1 and, when n is given, at most n."""
     if shards < 1:
         raise OptionError(f"must be at least 1, got {shards}", "shards")
-    if shards > n:
+    if n is not None and shards > n:
         raise OptionError(f"{{shards}} {shards} exceeds the {n} images to index: every shard "
                           "needs at least one", "shards")
 

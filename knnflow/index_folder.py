@@ -7,6 +7,7 @@ partial folder is refused in one line instead of giving wrong neighbours.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -79,3 +80,44 @@ def check_faiss_index(folder: Path, manifest: dict, index) -> None:
         raise IndexMismatchError(f"{folder}: index.faiss holds {index.ntotal} points of "
                                  f"d={index.d}, manifest says {manifest['n']} of "
                                  f"d={manifest['d']}")
+
+
+def points_sha256(points: np.ndarray) -> str:
+    """Checksum of the raw point values (C order), independent of any file header."""
+    return hashlib.sha256(np.ascontiguousarray(points).data).hexdigest()
+
+
+class ManifestView:
+    """What an opened index (index.Index, sharded_index.ShardedIndex: each holds `manifest`)
+    reads from its manifest: n, d, image shape, kind, and the check of data passed to it."""
+
+    @property
+    def n(self) -> int:
+        return self.manifest["n"]
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["d"]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["image_shape"])
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["index"]["kind"]
+
+    def verify_points(self, points) -> None:
+        """Refuse, in one line, training points (a tensor or an array) that are not the ones
+        this index was built on."""
+        if hasattr(points, "detach"):  # a torch tensor
+            points = points.detach().cpu().numpy()
+        array = np.asarray(points)
+        array = np.ascontiguousarray(array.reshape(array.shape[0], -1),
+                                     dtype=np.dtype(self.manifest["dtype"]))
+        if array.shape != (self.n, self.dim):
+            raise IndexMismatchError(f"the index holds {self.n} points of d={self.dim}, the data "
+                                     f"passed has shape {array.shape}")
+        if points_sha256(array) != self.manifest.get("points_sha256"):
+            raise IndexMismatchError("the index was built on other data than the data passed "
+                                     "(points checksum differs); rebuild it with build-index")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from knnflow.pairs import DOT32_ERROR, pair_dots, pair_sq_distances
+from knnflow.pairs import DOT32_ERROR, pair_dots, pair_sq_distances, row_sq_norms
 from knnflow.rounding import matmul_input_roundoff
 from knnflow.sketch import Sketches
 
@@ -78,16 +78,6 @@ class ScanResult:
     seeds: Tensor
 
 
-def _squared_norms(points: Tensor, block: int = 1 << 14) -> Tensor:
-    """float64 ‖p‖² of each row, a block of rows at a time (a float64 copy of every fine
-    sketch would take 4 GB at n = 10^6)."""
-    out = torch.empty(points.shape[0], dtype=torch.float64)
-    for start in range(0, points.shape[0], block):
-        part = points[start:start + block].to(torch.float64)
-        torch.sum(part.square_(), dim=1, out=out[start:start + block])
-    return out
-
-
 class SketchScanner:
     """The sketched training points of one index, ready for scans, on `device` (default: the
     CPU; queries passed to the scans must live there too)."""
@@ -108,7 +98,7 @@ class SketchScanner:
         # float32, as fine_filter's error bound assumes (Sketches stores them so).
         self.fine_points = (sketches.fine_points.to(self.device, torch.float32)
                             if sketches.fine is not None else None)
-        self.fine_sq = (_squared_norms(sketches.fine_points).to(self.device)
+        self.fine_sq = (row_sq_norms(sketches.fine_points, 1 << 14).to(self.device)
                         if sketches.fine is not None else None)
 
     def sketch(self, q: Tensor) -> SketchedQueries:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from knnflow.closed_form import TrainingSet
 from knnflow.errors import IndexMismatchError, InputError, MissingFileError
-from knnflow.index_folder import read_manifest
+from knnflow.index_folder import ManifestView, read_manifest
 
 
 def shard_name(rank: int) -> str:
@@ -59,8 +59,9 @@ class ShardedPoints:
 
 
 @dataclass
-class ShardedIndex:
-    """The shards of a sharded index folder (each an `Index`) and the top manifest."""
+class ShardedIndex(ManifestView):
+    """The shards of a sharded index folder (each an `Index`) and the top manifest (n, d,
+    image shape, kind and verify_points read it, as for one Index)."""
 
     shards: list
     manifest: dict
@@ -101,24 +102,6 @@ class ShardedIndex:
                                      f"manifest says {top['n']}")
         return cls(shards, top, folder)
 
-    # ------------------------------------------------------------------ what an Index has
-
-    @property
-    def n(self) -> int:
-        return self.manifest["n"]
-
-    @property
-    def dim(self) -> int:
-        return self.manifest["d"]
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["image_shape"])
-
-    @property
-    def kind(self) -> str:
-        return self.manifest["index"]["kind"]
-
     @property
     def starts(self) -> list[int]:
         return [record["start"] for record in self.manifest["shards"]]
@@ -126,11 +109,6 @@ class ShardedIndex:
     @property
     def points(self) -> ShardedPoints:
         return ShardedPoints(self.shards, self.starts, self.n, self.dim)
-
-    def verify_points(self, points) -> None:
-        from knnflow.index import Index
-
-        Index.verify_points(self, points)  # uses only manifest, n and dim
 
     def training_set(self) -> TrainingSet:
         """All shards' points as one training set in memory (for the estimators on one

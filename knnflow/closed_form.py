@@ -41,7 +41,14 @@ from torch import Tensor
 
 from knnflow.engine_settings import EngineSettings, engine_settings
 from knnflow.errors import InputError
-from knnflow.int_screen import Digits, IntScreen, data_digits, int_screen_available
+from knnflow.grid_digits import Grid, GridScreen, grid_fits, grid_of, grid_sums
+from knnflow.int_screen import (
+    Digits,
+    IntScreen,
+    data_digits,
+    grid_gemms_available,
+    int_screen_available,
+)
 from knnflow.pairs import (
     GROUP_MIN_PAIRS,
     batched_dots,
@@ -191,7 +198,8 @@ class TrainingSet:
     sq_norms: Tensor
     max_norm: float
     sums: Tensor
-    # What the engine derives from the points on first use (the int8 digits of int_screen).
+    # What the engine derives from the points on first use (the int8 digits of int_screen,
+    # the 8-bit grid of grid_digits).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -224,6 +232,13 @@ class TrainingSet:
         if "digits" not in self.derived:
             self.derived["digits"] = data_digits(self.points)
         return self.derived["digits"]
+
+    def grid(self) -> Grid | None:
+        """The 8-bit grid the points lie on (grid_digits.grid_of), or None; found on first
+        use and kept."""
+        if "grid" not in self.derived:
+            self.derived["grid"] = grid_of(self.points)
+        return self.derived["grid"]
 
     def to(self, device: torch.device | str) -> TrainingSet:
         """The same training set with its tensors on `device`."""
@@ -333,21 +348,23 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
             part, rest = _one_pass(x64[rows], t64[rows], train, settings)
             _scatter_state(state, rows, part)
         rows = rows[rest]
-    if rows.numel() and compute_dtype == torch.float32 and _int_screen_fits(train, settings,
-                                                                             device):
-        part, rest = _int_pass(x64[rows], t64[rows], train, chunk_size, settings)
+    grid = _grid_for(train, settings, device, chunk_size) if (
+        rows.numel() and compute_dtype == torch.float32) else None
+    if rows.numel() and compute_dtype == torch.float32 and (
+            grid is not None or _int_screen_fits(train, settings, device)):
+        part, rest = _int_pass(x64[rows], t64[rows], train, chunk_size, settings, grid)
         done = (~rest).nonzero().squeeze(1)
         _scatter_state(state, rows[done], SoftmaxState(part.ref[done], part.z[done],
                                                        part.s[done]))
         rows = rows[rest]
     if rows.numel():
         part, inaccurate = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype,
-                                   settings)
+                                   settings, grid=grid)
         _scatter_state(state, rows, part)
         if bool(inaccurate.any()):  # again, with exact weights for every live point
             rows = rows[inaccurate]
             part, _ = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype,
-                              settings, exact_only=True)
+                              settings, exact_only=True, grid=grid)
             _scatter_state(state, rows, part)
     if bool(overflow.any()):
         rows = overflow.nonzero().squeeze(1)
@@ -564,8 +581,21 @@ def _int_screen_fits(train: TrainingSet, settings: EngineSettings, device: torch
             and int_screen_available(device, train.dim))
 
 
+def _grid_for(train: TrainingSet, settings: EngineSettings, device: torch.device,
+              chunk_size: int) -> Grid | None:
+    """The training set's 8-bit grid where its int8 GEMMs run here (grid_digits): the int8
+    pass then screens with two digits per query against the grid's codes, and the dense
+    rows of the stream take GridScreen and grid_sums in place of both float32 GEMMs."""
+    if not (settings.int_screen and settings.grid_gemms
+            and train.n * train.dim <= settings.int_screen_max_bytes
+            and grid_fits(train.dim, chunk_size) and grid_gemms_available(device)):
+        return None
+    return train.grid()
+
+
 def _int_pass(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
-              settings: EngineSettings) -> tuple[SoftmaxState, Tensor]:
+              settings: EngineSettings, grid: Grid | None = None
+              ) -> tuple[SoftmaxState, Tensor]:
     """(state, rest): the rows whose live weights stay few in every chunk under the int8
     screen (int_screen.IntScreen, a proven bound) get their state from the exact float64
     weights of those live points; `rest` marks the others, whose state is left empty.
@@ -573,12 +603,14 @@ def _int_pass(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int,
     A row leaves as soon as one chunk holds more than EngineSettings.int_limit live weights
     (within the dropped-mass margin, widened by twice the screen's proven error, of its
     running top) and takes the float32 stream instead; the rows left are screened by three
-    int8 GEMMs per chunk in place of one float32 GEMM.
+    int8 GEMMs per chunk in place of one float32 GEMM (over a grid, one GEMM of two digits
+    per query by the grid's codes).
     """
     batch, dim = x64.shape
     device, n = x64.device, train.n
     s = 0.5 / (1 - t) ** 2
-    screen = IntScreen(x64, t, s, train.digits(), train.max_norm)
+    screen = (IntScreen(x64, t, s, train.digits(), train.max_norm) if grid is None
+              else GridScreen(x64, t, s, grid, train.max_norm, count=2))
     live_margin = math.log(n) + DROPPED_MASS_NATS + 2 * screen.proven
     top = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
     active = torch.arange(batch, device=device)
@@ -624,15 +656,24 @@ def _scatter_state(state: SoftmaxState, rows: Tensor, part: SoftmaxState) -> Non
 
 
 def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int, cdt: torch.dtype,
-            settings: EngineSettings, exact_only: bool = False) -> tuple[SoftmaxState, Tensor]:
+            settings: EngineSettings, exact_only: bool = False,
+            grid: Grid | None = None) -> tuple[SoftmaxState, Tensor]:
     """(state, inaccurate): the engine over every chunk for rows with t > 0; `inaccurate`
     marks float32 rows whose estimated error stays above FLOAT64_TARGET. exact_only: no
-    dense rows, every live weight exact."""
+    dense rows, every live weight exact. grid (float32 only): screen with three int8 digits
+    per query and sum the dense rows' weights in int8 digits (grid_digits), at the float32
+    screen's accuracy."""
     batch, dim = x64.shape
     device, n = x64.device, train.n
     s = 0.5 / (1 - t) ** 2
     x_sq = x64.square().sum(dim=1)
-    proven, typical = screening_error_bound(x_sq.sqrt(), t, train.max_norm, dim, cdt, device)
+    if grid is None:
+        proven, typical = screening_error_bound(x_sq.sqrt(), t, train.max_norm, dim, cdt,
+                                                device)
+        screen_of = _Screen(x64, t, s, cdt)
+    else:
+        grid_screen = GridScreen(x64, t, s, grid, train.max_norm, count=3)
+        proven, typical = grid_screen.proven, grid_screen.typical
     live_margin = math.log(n) + DROPPED_MASS_NATS + 2 * proven
     dense_allowed = (t <= DENSE_T_MAX) & (typical <= DENSE_TYPICAL_MAX) & (not exact_only)
     # Dense rows record the screened weights near their top: the candidates for exact
@@ -642,21 +683,21 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int, cdt: to
     head_margin = (settings.head_nats
                    + 2 * torch.log(typical / settings.head_growth_nats).clamp(min=0) + 2 * typical)
     record_head = dense_allowed & (typical > HEAD_SKIP_NATS)
-    screen_of = _Screen(x64, t, s, cdt)
     # Screened logits omit -s‖x‖², the same for every j; `offset` converts to full logits.
     offset = s * x_sq
     flush_every = settings.flush_every(chunk_size)
     sparse_limit = settings.sparse_limit(chunk_size)
     exact_limit = settings.exact_limit(chunk_size)
     dense_sums = _DenseSums(batch, dim, device, cdt, record_head, head_margin, typical,
-                            flush_every * chunk_size, settings)
+                            flush_every * chunk_size, settings, grid)
     top = torch.full((batch,), -math.inf, dtype=torch.float64, device=device)
     live_found = _Candidates(batch, device, max(1 << 18, 64 * batch), None)
     all_dense = False
     for index, start in enumerate(range(0, n, chunk_size)):
-        chunk = train.points[start:start + chunk_size].to(device=device, dtype=cdt)
-        norms = train.sq_norms[start:start + chunk_size].to(device=device, dtype=cdt)
-        logits = screen_of(chunk, norms)
+        stop = min(start + chunk_size, n)
+        chunk = train.points[start:stop].to(device=device, dtype=cdt)
+        norms = train.sq_norms[start:stop].to(device=device, dtype=cdt)
+        logits = screen_of(chunk, norms) if grid is None else grid_screen(start, stop, norms)
         chunk_top = logits.amax(dim=1).to(torch.float64)
         top = torch.maximum(top, chunk_top)
         if all_dense and index % settings.recheck_dense_every:
@@ -697,7 +738,7 @@ def _stream(x64: Tensor, t: Tensor, train: TrainingSet, chunk_size: int, cdt: to
     if cdt == torch.float32 and dense_sums.used:
         largest = dense_sums.dense_top - offset
         screen, sums = _float32_error(exact, dense, x64, typical, dense_sums.accumulated,
-                                      largest)
+                                      largest, dense_sums.digit_error(train.max_norm))
         # Exact weights for the largest screened ones shrink the screening error; the float32
         # sums' rounding is already made, so that part stays (rows over the target are
         # computed again with exact weights only).
@@ -740,7 +781,8 @@ class _Sums(SoftmaxState):
 
 
 def _float32_error(exact: _Sums, dense: _Sums, x64: Tensor, typical: Tensor,
-                   accumulated: int, largest: Tensor) -> tuple[Tensor, Tensor]:
+                   accumulated: int, largest: Tensor,
+                   digit_error: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(screening, summation): estimated relative errors of each row's velocity from its
     float32 parts, the screened weights and the float32 sums of the dense rows (the exact
     part is exact).
@@ -752,8 +794,11 @@ def _float32_error(exact: _Sums, dense: _Sums, x64: Tensor, typical: Tensor,
     (`largest`: its full logit) and V = E_λ‖x_j‖² - ‖D‖² the posterior spread; SCREEN_SAFETY
     covers the distribution's tail. A float32 sum of K terms of one sign errs by about u·√K
     of its value (measured with MKL: 1.0-1.1×), terms of both signs by about u of their
-    magnitude √(Σ λ_j‖x_j‖²) (0.7× measured); here over the dense share. Both are relative
-    to ‖D - x‖ = (1-t)·‖û*‖.
+    magnitude √(Σ λ_j‖x_j‖²) (0.7× measured); here over the dense share. Over a grid
+    (grid_digits) the dense sums are exact int32 sums of weights rounded to int8 digits:
+    `digit_error` (_DenseSums.digit_error) bounds the weights' rounding, √(Σ_j δ_j²)·R in
+    the dense sums' units, which moves D by about that over Z (independent roundings). All
+    are relative to ‖D - x‖ = (1-t)·‖û*‖.
     """
     total = exact.merged(dense)
     denoiser = total.s / total.z[:, None]
@@ -766,6 +811,8 @@ def _float32_error(exact: _Sums, dense: _Sums, x64: Tensor, typical: Tensor,
     value = dense.s.norm(dim=1) * scale
     magnitude = (dense.q.clamp(min=0) * scale).sqrt()
     sums = FLOAT32_ROUNDOFF * (math.sqrt(accumulated) * value + magnitude) / gap
+    if digit_error is not None:
+        sums = sums + digit_error * scale / gap
     return screen, sums
 
 
@@ -870,8 +917,11 @@ class _DenseSums:
 
     def __init__(self, batch: int, dim: int, device: torch.device, cdt: torch.dtype,
                  record: Tensor, head_margin: Tensor, typical: Tensor, accumulated: int,
-                 settings: EngineSettings):
+                 settings: EngineSettings, grid: Grid | None = None):
         self.record, self.head_margin, self.settings = record, head_margin, settings
+        self.grid = grid
+        # Over a grid: Σ_j (ŵ_j - w_j)² of the weights' int8 rounding, in the sums' units.
+        self.rounded_sq = torch.zeros(batch, dtype=torch.float64, device=device)
         # The smallest share of Z a recorded weight may hold: below it no correction is
         # needed while ‖D - x‖² ≥ V (_correct_heads' allowance).
         self.log_share_min = torch.log(torch.clamp(
@@ -910,6 +960,20 @@ class _DenseSums:
         # Clamping at -80 nats keeps exp out of denormals (slow on CPUs); a weight of e^-80 per
         # point is far below the dropped-mass margin.
         weights.clamp_(min=-80.0).exp_()
+        if self.grid is not None:
+            q = weights @ norms
+            sums, z, rounded_sq = grid_sums(weights, self.grid, start, start + weights.shape[1])
+            if rows is None:
+                self.total.z += z
+                self.total.s += sums
+                self.total.q += q
+                self.rounded_sq += rounded_sq
+            else:
+                self.total.z[rows] += z
+                self.total.s[rows] += sums
+                self.total.q[rows] += q
+                self.rounded_sq[rows] += rounded_sq
+            return
         self.pending = True
         if rows is None:
             self.total.z += weights.sum(dim=1)
@@ -934,6 +998,7 @@ class _DenseSums:
             self.total.z[target] *= scale
             self.total.s[target] *= scale[:, None]
             self.total.q[target] *= scale
+            self.rounded_sq[target] *= scale.square()
             self.s32[target] *= scale.to(self.s32.dtype)[:, None]
             self.ref[target] = top[moved]
         ref = self.ref if rows is None else self.ref[rows]
@@ -1016,6 +1081,13 @@ class _DenseSums:
             self.heads.add_(full(local), c + start,
                             part[r, c].to(torch.float64) + ref64[local],
                             top - self.head_margin)
+
+    def digit_error(self, max_norm: float) -> Tensor | None:
+        """Over a grid, √(Σ_j δ_j²)·2R per row (R the data's largest norm, bounding
+        ‖x_j - D‖), in the sums' units: the size of the weights' int8 rounding in S."""
+        if self.grid is None:
+            return None
+        return self.rounded_sq.sqrt() * (2 * max_norm)
 
     def flush_(self) -> None:
         """Move the float32 sums into the float64 ones."""

@@ -49,6 +49,13 @@ class EngineSettings:
     away from float32 subnormals; a row made exact from float64 differences has at most
     one_pass_pair_rows live weights, others take a float64 GEMM.
 
+    The int8 digits (int_screen.py, grid_digits.py), where int_screen is on and int8 GEMMs
+    run fast here: rows first take the int8 screen (closed_form._int_pass) and leave it once
+    a chunk holds more than int_row_limit live weights per row_limit_columns (all leave when
+    fewer than int_min_rows stay after the first chunk, a probe); it keeps 2 bytes per
+    number of the data, or 1 over a grid, up to int_screen_max_bytes. grid_gemms: over data
+    on an 8-bit grid, the dense rows take int8 GEMMs for both products too.
+
     The engine's contracts stay module constants of closed_form.py, because changing them
     changes what a result promises rather than how fast it comes: ACCURACY_TARGET and
     FLOAT64_TARGET (the accuracy every row meets), DROPPED_MASS_NATS (dropped weights hold
@@ -80,6 +87,7 @@ class EngineSettings:
     int_row_limit: int = 16
     int_min_rows: int = 64
     int_screen_max_bytes: int = 8 << 30
+    grid_gemms: bool = True
 
     def sparse_limit(self, chunk_size: int) -> int:
         """Live weights per row of a chunk of chunk_size points up to which the row's weights

@@ -16,7 +16,8 @@ nat at t = 0.7 and a few nats at t = 0.9, below the float32 screen's proven boun
 
 The screen only decides which weights are live; every live weight is then computed exactly
 in float64 (closed_form._int_pass). It runs on CPUs with AMX int8 units, and elsewhere where
-a one-off timing shows it faster than the float32 screen (`int_screen_available`).
+a one-off timing shows it faster than the float32 screen (`int8_gemm_ratio`, one measured
+ratio for this pass and for the grid's int8 GEMMs of grid_digits.py).
 """
 
 from __future__ import annotations
@@ -153,26 +154,46 @@ class IntScreen:
 # --------------------------------------------------------------------------- availability
 
 
-_AVAILABLE: dict[str, bool] = {}
+# The int8 GEMM of 3B rows against the float32 GEMM of B rows (the same d and points), as a
+# ratio of times, below which each int8 path pays: the int8 pass's three digit products
+# (3B rows in all) replace one float32 GEMM, and over a grid (grid_digits) the dense rows'
+# two 3B-row products replace two, with a few passes over the B × m weights on top.
+SCREEN_RATIO_MAX = 0.6
+GRID_RATIO_MAX = 0.85
+# What CPUs with AMX int8 units measure (cpu-2: 0.33), taken there without a timing so
+# that every process on such a machine makes the same choice.
+AMX_RATIO = 0.33
+
+_RATIOS: dict[str, float] = {}
+
+
+def int8_gemm_ratio(device: torch.device) -> float:
+    """The time of an int8 GEMM of 3B rows over that of a float32 GEMM of B rows here: AMX_RATIO
+    on CPUs whose /proc/cpuinfo has amx_int8, else timed once per process on the engine's
+    shapes (256 queries, 2048 points, d = 3072; ~0.2 s); inf on GPUs (not measured there) and
+    where torch has no int8 GEMM."""
+    key = device.type
+    if key not in _RATIOS:
+        flags = cpu_flags()
+        if device.type != "cpu" or not hasattr(torch, "_int_mm"):
+            _RATIOS[key] = math.inf
+        elif flags is not None and "amx_int8" in flags:
+            _RATIOS[key] = AMX_RATIO
+        else:
+            _RATIOS[key] = _measured_ratio(device)
+    return _RATIOS[key]
 
 
 def int_screen_available(device: torch.device, dim: int) -> bool:
-    """Whether the int8 screen runs here and is faster than the float32 screen: on CPUs with
-    AMX int8 units (their flag in /proc/cpuinfo), else timed once per process on the
-    engine's shapes (256 queries, 2048 points, d = 3072; ~0.1 s). Off on GPUs until measured
-    there, and for dimensions whose int32 sums could overflow."""
-    if dim > MAX_DIM or not hasattr(torch, "_int_mm"):
-        return False
-    key = device.type
-    if key not in _AVAILABLE:
-        flags = cpu_flags()
-        if device.type != "cpu":
-            _AVAILABLE[key] = False
-        elif flags is not None and "amx_int8" in flags:  # int8 matrix units: no timing, so
-            _AVAILABLE[key] = True  # every process on this machine makes the same choice
-        else:
-            _AVAILABLE[key] = _measured_faster(device)
-    return _AVAILABLE[key]
+    """Whether the int8 screen runs here and is faster than the float32 screen (off for
+    dimensions whose int32 sums could overflow)."""
+    return dim <= MAX_DIM and int8_gemm_ratio(device) < SCREEN_RATIO_MAX
+
+
+def grid_gemms_available(device: torch.device) -> bool:
+    """Whether the int8 GEMMs over an 8-bit grid (grid_digits) are faster here than the
+    float32 GEMMs they replace."""
+    return int8_gemm_ratio(device) < GRID_RATIO_MAX
 
 
 def cpu_flags() -> set[str] | None:
@@ -187,28 +208,21 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
-def _measured_faster(device: torch.device, ratio: float = 0.6, batch: int = 256,
-                     dim: int = 3072, points: int = 2048) -> bool:
-    """Time the screen's two int8 GEMMs (2B and B rows) against one float32 GEMM of B rows
-    (medians of 5 after a warm-up); cpu-2 (AMX) measures 0.33."""
+def _measured_ratio(device: torch.device, batch: int = 256, dim: int = 3072,
+                    points: int = 2048) -> float:
+    """Time one int8 GEMM of 3B rows against one float32 GEMM of B rows (medians of 5 after
+    a warm-up); inf where torch has no int8 GEMM kernel for the device or build."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        a8 = torch.randint(-127, 128, (2 * batch, dim), generator=gen, dtype=torch.int8,
+        a8 = torch.randint(-127, 128, (3 * batch, dim), generator=gen, dtype=torch.int8,
                            device=device)
         b8 = torch.randint(-127, 128, (dim, points), generator=gen, dtype=torch.int8,
                            device=device)
         a32, b32 = a8[:batch].to(torch.float32), b8.to(torch.float32)
-
-        def ints() -> None:
-            torch._int_mm(a8, b8)
-            torch._int_mm(a8[:batch], b8)
-
-        def floats() -> None:
-            torch.mm(a32, b32)
-
-        return _median_time(ints) < ratio * _median_time(floats)
-    except RuntimeError:  # no int8 GEMM kernel for this device or build
-        return False
+        return (_median_time(lambda: torch._int_mm(a8, b8))
+                / _median_time(lambda: torch.mm(a32, b32)))
+    except RuntimeError:
+        return math.inf
 
 
 def _median_time(fn, repeats: int = 5) -> float:

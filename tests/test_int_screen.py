@@ -23,7 +23,7 @@ from knnflow.int_screen import BASE, IntScreen, data_digits, query_digits
 @pytest.fixture(autouse=True)
 def int_screen_on(monkeypatch):
     """The int8 pass whatever this machine's timing says (it decides speed, not results)."""
-    monkeypatch.setitem(int_screen._AVAILABLE, "cpu", True)
+    monkeypatch.setitem(int_screen._RATIOS, "cpu", 0.0)
 
 
 def exact_screened(x: torch.Tensor, t: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def test_same_result_with_and_without_the_int8_pass(monkeypatch):
     points = images_like(seed=9)
     x = flow_queries(points, 0.9, 64, seed=10)
     with_int = knnflow.closed_form_velocity(x, 0.9, points, chunk_size=1024)
-    monkeypatch.setitem(int_screen._AVAILABLE, "cpu", False)
+    monkeypatch.setitem(int_screen._RATIOS, "cpu", math.inf)
     without = knnflow.closed_form_velocity(x, 0.9, points, chunk_size=1024)
     assert float(relative_error(with_int, without).max()) <= 1e-5
 
@@ -164,13 +164,25 @@ def test_off_where_int32_sums_could_overflow():
 
 def test_availability_follows_the_amx_flag_else_a_timing(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(int_screen, "_AVAILABLE", {})
+    monkeypatch.setattr(int_screen, "_RATIOS", {})
     monkeypatch.setattr(int_screen, "cpu_flags", lambda: {"avx512f", "amx_int8"})
-    monkeypatch.setattr(int_screen, "_measured_faster",
+    monkeypatch.setattr(int_screen, "_measured_ratio",
                         lambda device: pytest.fail("timed despite the flag"))
     assert int_screen.int_screen_available(cpu, 3072)
-    monkeypatch.setattr(int_screen, "_AVAILABLE", {})
+    assert int_screen.grid_gemms_available(cpu)
+    # Without the flag the timing decides, each path by its own threshold.
     monkeypatch.setattr(int_screen, "cpu_flags", lambda: {"avx512f"})
-    monkeypatch.setattr(int_screen, "_measured_faster", lambda device: False)
-    assert not int_screen.int_screen_available(cpu, 3072)
+    between = (int_screen.SCREEN_RATIO_MAX + int_screen.GRID_RATIO_MAX) / 2
+    for ratio, screen_on, grid_on in [(0.1, True, True), (between, False, True),
+                                      (1.5, False, False)]:
+        monkeypatch.setattr(int_screen, "_RATIOS", {})
+        monkeypatch.setattr(int_screen, "_measured_ratio", lambda device, r=ratio: r)
+        assert int_screen.int_screen_available(cpu, 3072) is screen_on
+        assert int_screen.grid_gemms_available(cpu) is grid_on
     assert not int_screen.int_screen_available(torch.device("cuda"), 3072)
+    assert not int_screen.grid_gemms_available(torch.device("cuda"))
+
+
+def test_the_timing_measures_a_finite_ratio():
+    ratio = int_screen._measured_ratio(torch.device("cpu"), batch=16, dim=64, points=64)
+    assert 0 < ratio < math.inf

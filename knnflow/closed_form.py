@@ -348,15 +348,15 @@ def closed_form_state(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, 
             part, rest = _one_pass(x64[rows], t64[rows], train, settings)
             _scatter_state(state, rows, part)
         rows = rows[rest]
-    grid = _grid_for(train, settings, device, chunk_size) if (
-        rows.numel() and compute_dtype == torch.float32) else None
-    if rows.numel() and compute_dtype == torch.float32 and (
-            grid is not None or _int_screen_fits(train, settings, device)):
-        part, rest = _int_pass(x64[rows], t64[rows], train, chunk_size, settings, grid)
-        done = (~rest).nonzero().squeeze(1)
-        _scatter_state(state, rows[done], SoftmaxState(part.ref[done], part.z[done],
-                                                       part.s[done]))
-        rows = rows[rest]
+    grid = None
+    if rows.numel() and compute_dtype == torch.float32:
+        grid = _grid_for(train, settings, device, chunk_size)
+        if grid is not None or _int_screen_fits(train, settings, device):
+            part, rest = _int_pass(x64[rows], t64[rows], train, chunk_size, settings, grid)
+            done = (~rest).nonzero().squeeze(1)
+            _scatter_state(state, rows[done], SoftmaxState(part.ref[done], part.z[done],
+                                                           part.s[done]))
+            rows = rows[rest]
     if rows.numel():
         part, inaccurate = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype,
                                    settings, grid=grid)
@@ -963,16 +963,11 @@ class _DenseSums:
         if self.grid is not None:
             q = weights @ norms
             sums, z, rounded_sq = grid_sums(weights, self.grid, start, start + weights.shape[1])
-            if rows is None:
-                self.total.z += z
-                self.total.s += sums
-                self.total.q += q
-                self.rounded_sq += rounded_sq
-            else:
-                self.total.z[rows] += z
-                self.total.s[rows] += sums
-                self.total.q[rows] += q
-                self.rounded_sq[rows] += rounded_sq
+            at = slice(None) if rows is None else rows
+            self.total.z[at] += z
+            self.total.s[at] += sums
+            self.total.q[at] += q
+            self.rounded_sq[at] += rounded_sq
             return
         self.pending = True
         if rows is None:

@@ -109,6 +109,21 @@ def _codes(points: Tensor, center: float, step: float, tolerance: float,
     return codes, rest_norm, code_norm
 
 
+def _split_digits(values: Tensor, count: int) -> Tensor:
+    """`count` int8 digits of values already divided by their row's σ (|v| ≤ 127), stacked
+    as (count·rows, columns), digit k of row i in row k·rows + i: v = Σ_k V_k/β^k + rest.
+    `values` becomes the rest, in units of β^-(count-1)."""
+    rows = values.shape[0]
+    digits = torch.empty(count * rows, values.shape[1], dtype=torch.int8, device=values.device)
+    for k in range(count):
+        digit = values.round()
+        digits[k * rows:(k + 1) * rows] = digit
+        values.sub_(digit)
+        if k < count - 1:
+            values.mul_(BASE)
+    return digits
+
+
 def _query_digits(x64: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
     """(digits, σ, ‖e_x‖): `count` int8 digits per query stacked as (count·B, d), digit k of
     query i in row k·B + i, with x = σ·Σ_k X_k/β^k + e_x. The split runs in float64, where
@@ -116,17 +131,11 @@ def _query_digits(x64: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
     largest = x64.abs().amax(dim=1)
     scale = torch.where(largest > 0, largest / DIGIT_MAX, torch.ones_like(largest))
     rest = x64 / scale[:, None]
-    digits = []
-    for k in range(count):
-        digit = rest.round()
-        digits.append(digit)
-        rest.sub_(digit)
-        if k < count - 1:
-            rest.mul_(BASE)
+    digits = _split_digits(rest, count)
     # rest is e_x / σ in units of β^-(count-1); float64 rounding of the steps adds ~1e-13.
     rest_norm = (torch.linalg.vector_norm(rest, dim=1) / BASE ** (count - 1)
                  + math.sqrt(x64.shape[1]) * 1e-13) * scale
-    return torch.cat(digits).to(torch.int8), scale, rest_norm
+    return digits, scale, rest_norm
 
 
 class GridScreen:
@@ -190,13 +199,7 @@ def grid_sums(weights: Tensor, grid: Grid, start: int, stop: int
     scale = scale32.to(torch.float64)
     values = weights.div_(scale32[:, None])
     value_norm = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64)
-    digits = torch.empty(3 * count, points, dtype=torch.int8, device=weights.device)
-    for k in range(3):
-        digit = values.round()
-        digits[k * count:(k + 1) * count] = digit
-        values.sub_(digit)
-        if k < 2:
-            values.mul_(BASE)
+    digits = _split_digits(values, 3)
     left_out = torch.linalg.vector_norm(values, dim=1, dtype=torch.float64) / BASE**2
     rounding = 1.01 * FLOAT32_ROUNDOFF * (value_norm + 2 * DIGIT_MAX / BASE * math.sqrt(points))
     error = ((left_out + rounding) * scale).square_()

@@ -210,7 +210,11 @@ def pair_sq_distances(q64: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
     lies within 10^6 times that form's rounding (4u·(‖q‖ + ‖x‖)²) of zero, a near copy, is
     taken again from differences, so small distances keep their full relative accuracy (a
     copy gives 0). Otherwise explicit differences, in small blocks (~4 MB of float64, which
-    the allocator reuses: fresh allocations of ~100 MB cost page faults, 4× slower).
+    the allocator reuses: fresh allocations of ~100 MB cost page faults, 4× slower). The
+    difference form sums each pair's squares in one order whatever its position (as Index's
+    reranking does), so copies of a point get bit-equal distances, and so do pairs whose
+    dot-form values lie within its rounding of each other (_near_ties), whose order the dot
+    form cannot settle.
     """
     out = torch.empty(rows.numel(), dtype=torch.float64)
     if sq_norms is not None and rows.numel() and rows.device.type == "cpu":
@@ -227,8 +231,9 @@ def pair_sq_distances(q64: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
             dots = batched_dots(found.view(*idx.shape, dim), q64[group])
             valid = pos >= 0
             out[pos[valid]] = dot_form_sq(q_sq[group, None], dots, 1.0, sq_norms[idx])[valid]
-        near = plan.grouped & (out <= 4e6 * FLOAT64_ROUNDOFF * (
-            q_sq[rows].sqrt() + sq_norms[cols].sqrt()).square())
+        scale = (q_sq[rows].sqrt() + sq_norms[cols].sqrt()).square()
+        near = plan.grouped & (out <= 4e6 * FLOAT64_ROUNDOFF * scale)
+        near |= _near_ties(rows, out, (dim + 2) * FLOAT64_ROUNDOFF * scale, plan.grouped)
         again = (~plan.grouped | near).nonzero().squeeze(1)
         if again.numel():
             out[again] = pair_sq_distances(q64, points, rows[again], cols[again])
@@ -237,7 +242,28 @@ def pair_sq_distances(q64: Tensor, points: Tensor, rows: Tensor, cols: Tensor,
     for i in range(0, rows.numel(), block):
         diff = points[cols[i:i + block]].to(torch.float64)
         diff -= q64[rows[i:i + block]]
-        out[i:i + block] = torch.einsum("ij,ij->i", diff, diff)
+        out[i:i + block] = diff.square_().sum(dim=1)
+    return out
+
+
+def _near_ties(rows: Tensor, values: Tensor, error: Tensor, among: Tensor) -> Tensor:
+    """The pairs of `among` whose value lies within the two rounding bounds (`error`, each
+    pair's) of another pair of the same row: their order is not settled by these values.
+
+    The dot form's rounding depends on where a point sits in its padded block, so two copies
+    of one image can come out a few ulps of ‖q‖² apart; recomputed from differences they
+    are equal, and the lower id comes first.
+    """
+    out = torch.zeros(rows.numel(), dtype=torch.bool)
+    pick = among.nonzero().squeeze(1)
+    if pick.numel() < 2:
+        return out
+    order = pick[torch.argsort(values[pick], stable=True)]
+    order = order[torch.argsort(rows[order], stable=True)]
+    r, v, e = rows[order], values[order], error[order]
+    close = (r[1:] == r[:-1]) & (v[1:] - v[:-1] <= e[1:] + e[:-1])
+    out[order[1:][close]] = True
+    out[order[:-1][close]] = True
     return out
 
 

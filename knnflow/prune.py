@@ -341,8 +341,22 @@ def screened_knn(points: Tensor, sq_norms: Tensor, q64: Tensor, k: int,
     limit = (best[:, -1].to(torch.float64) + margin).to(torch.float32)
     keep = values <= limit[rows]
     rows, cols = rows[keep], cols[keep]
-    return top_k_pairs(rows, cols, pair_sq_distances(q64, points, rows, cols, sq_norms), batch,
-                       k)
+    found = top_k_pairs(rows, cols, pair_sq_distances(q64, points, rows, cols, sq_norms), batch,
+                        k)
+    return settled(q64, points, *found)
+
+
+def settled(q64: Tensor, points: Tensor, out_d: Tensor, out_i: Tensor) -> tuple[Tensor, Tensor]:
+    """The returned k distances of each row taken again from differences: the same value for
+    a point whichever block, shard or route found it, so merged results (ShardedIndex,
+    FAISS's reranking) break ties between copies by id alone. The k are already in order:
+    pairs the dot form left within its rounding of each other were recomputed the same way
+    (pairs.pair_sq_distances)."""
+    valid = out_i >= 0
+    rows = torch.arange(out_i.shape[0]).repeat_interleave(valid.sum(1))
+    out_d = out_d.clone()
+    out_d[valid] = pair_sq_distances(q64, points, rows, out_i[valid])
+    return out_d, out_i
 
 
 def sketch_knn(scanner: SketchScanner, points: Tensor, q64: Tensor, k: int,
@@ -373,6 +387,6 @@ def sketch_knn(scanner: SketchScanner, points: Tensor, q64: Tensor, k: int,
     keep = done[rows]
     rows, cols = rows[keep], cols[keep]
     sq = pair_sq_distances(q64, points, rows, cols, sq_norms)
-    out_d, out_i = top_k_pairs(rows, cols, sq, batch, k, done)
+    out_d, out_i = settled(q64, points, *top_k_pairs(rows, cols, sq, batch, k, done))
     counts = torch.bincount(rows, minlength=batch)
     return PrunedSearch(out_d, out_i, done, counts + scan.seeds.shape[1])

@@ -88,3 +88,36 @@ def test_dot_form_and_difference_agree():
     sq = dot_form_sq(x.square().sum(-1), dots, t, p.square().sum(-1))
     assert torch.allclose(sq, difference_sq(x, t[:, :, None], p), rtol=1e-12)
     assert torch.allclose(sq, ((x - t[:, :, None] * p) ** 2).sum(-1), rtol=1e-12)
+
+
+def test_copies_of_a_point_get_equal_distances_wherever_the_product_puts_them(monkeypatch):
+    """pair_sq_distances: a batched product may round a dot differently by where the point
+    sits in its block (AMD EPYC's bmm does, by a few ulps of ‖q‖²). Copies of one point, and
+    pairs whose dot-form values lie within its rounding of each other, are recomputed from
+    differences: copies come out bit-equal, so the lower id wins the tie (issue 14 §5)."""
+    import knnflow.pairs as pairs
+    from knnflow.pairs import pair_sq_distances
+    from knnflow.prune import top_k_pairs
+
+    real = pairs.batched_dots
+
+    def position_dependent(points, queries):  # one ulp more per position in the block
+        dots = real(points, queries)
+        steps = torch.arange(dots.shape[1], dtype=torch.float64)
+        return dots + steps * torch.finfo(torch.float64).eps * dots.abs()
+
+    monkeypatch.setattr(pairs, "batched_dots", position_dependent)
+    gen = torch.Generator().manual_seed(6)
+    points = torch.rand(60, 256, generator=gen) * 2 - 1
+    points[50:] = points[:10]  # ten copies
+    sq_norms = points.double().square().sum(1)
+    queries = points[:4].double() + 0.01 * torch.randn(4, 256, generator=gen, dtype=torch.float64)
+    rows = torch.arange(4).repeat_interleave(60)
+    cols = torch.arange(60).repeat(4).flip(0)  # the copy (higher id) sits first in each block
+    got = pair_sq_distances(queries, points, rows, cols, sq_norms)
+    truth = (points.double()[cols] - queries[rows]).square().sum(1)
+    assert torch.allclose(got, truth, rtol=1e-12)
+    for j in range(4):
+        assert got[(rows == j) & (cols == j)] == got[(rows == j) & (cols == 50 + j)]
+    _, ids = top_k_pairs(rows, cols, got, 4, 2)
+    assert torch.equal(ids, torch.tensor([[j, 50 + j] for j in range(4)]))

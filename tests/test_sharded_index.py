@@ -49,7 +49,18 @@ def test_shards_cover_the_ranks_ranges_and_the_same_points(built):
 
 
 @pytest.mark.parametrize("k", [2, 5])
-def test_merged_search_is_exact_with_lower_ids_first(built, k):
+@pytest.mark.parametrize("rounding", ["native", "by-position"])
+def test_merged_search_is_exact_with_lower_ids_first(built, k, rounding, monkeypatch):
+    """by-position: the batched product rounds each dot one ulp more per position in its
+    block, as some CPUs' kernels do (AMD EPYC's bmm): copies in other blocks or shards still
+    tie, and the lower id wins."""
+    if rounding == "by-position":
+        import knnflow.pairs as pairs
+
+        real = pairs.batched_dots
+        monkeypatch.setattr(pairs, "batched_dots", lambda points, queries: real(
+            points, queries) * (1 + torch.finfo(torch.float64).eps * torch.arange(
+                points.shape[1], dtype=torch.float64)))
     whole, sharded = built
     points = whole.points.to(torch.float64)
     gen = torch.Generator().manual_seed(1)

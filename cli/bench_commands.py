@@ -417,9 +417,13 @@ def train(
 @flags_named({"ts": "--t-grid"})
 def scale(
     ns: Annotated[str, typer.Option(
-        help="Training set sizes n, a comma list: synthetic images of 3×32×32 stored in "
-             "float16 (n = 1,000,000 takes 6 GB of disk and about 17 GB of memory).")]
+        help="Training set sizes n, a comma list, stored in float16 (n = 1,000,000 at "
+             "3×32×32 takes 6 GB of disk and about 17 GB of memory).")]
     = "10000,100000,1000000",
+    dataset: Annotated[str, typer.Option(
+        help="Training images: synthetic (made for any n), or a real set such as "
+             "photos-dense (705,515 photo patches; past that, the first n/2 and their mirror "
+             "images). Queries come from its test split.")] = "synthetic",
     t_grid: Annotated[str, typer.Option(help=T_GRID_HELP)] = "0.3,0.5,0.7,0.9",
     uniform: Annotated[bool, typer.Option(
         help=f"Add the {UNIFORM_LABEL} row: one seeded t per query, as training draws them.")]
@@ -444,9 +448,10 @@ def scale(
         raise InputError(f"--ns takes a comma list of integers, got {ns!r}") from None
     with progress_bar() as progress:
         result = bench_scale(ns=sizes, ts=parse_t_grid(t_grid), uniform=uniform, batch=batch,
-                             tol=tol, repeats=repeats, work=work, progress=progress)
+                             tol=tol, repeats=repeats, work=work, progress=progress,
+                             dataset=dataset)
     c = result.config
-    table = Table(title=(f"Scale: synthetic 3×32×32 in float16, batch {c['batch']}, tol "
+    table = Table(title=(f"Scale: {c['data']} (d = {c['d']}) in float16, batch {c['batch']}, tol "
                          f"{c['tol']:g}, cpu ({c['threads']} threads); ms per batch"),
                   title_justify="left")
     for column in ("n", "t", "exact ms", "certified ms", "certified/exact speed", "fallback",

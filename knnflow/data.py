@@ -29,7 +29,13 @@ from knnflow.loaders import (
     load_digits,
     load_mnist,
 )
-from knnflow.photos import PHOTO_SIZES, PHOTO_SPLITS, load_photos
+from knnflow.photos import (
+    DENSE_COUNTS,
+    PHOTO_SIZES,
+    PHOTO_SPLITS,
+    load_photos,
+    load_photos_dense,
+)
 from knnflow.synthetic import load_synthetic
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the catalogue (names, sizes,
@@ -95,6 +101,11 @@ _LOADERS: dict[str, _Loader] = {
         f"{PHOTO_SPLITS[32]} (64: {PHOTO_SPLITS[64]})",
         "cut on first use from the photographs scikit-image ships (installed with knnflow); "
         "cached as data/photos/photos-{32,64}.npy"), load_photos, "photos"),
+    "photos-dense": _Loader(DatasetInfo(
+        "photos-dense", "3×32×32", f"{DENSE_COUNTS[0]} / {DENSE_COUNTS[1]}",
+        "photos cut every 3 pixels, for scale on real images (the test split is each "
+        "photograph's bottom strip); cached as data/photos/photos-dense-32.npy (2.3 GB)"),
+        load_photos_dense, "photos"),
     "synthetic": _Loader(DatasetInfo("synthetic", "3×32×32", "50000 / 10000",
                                      "generated: seeded CIFAR-like mixture of smooth random "
                                      "images; --limit N makes N training images, also "
@@ -208,8 +219,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
                  with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
     """Images of a data set as a float32 (N, C, H, W) tensor in [-1, 1].
 
-    name: digits, mnist, cifar10, celeba (celeba64), photos, synthetic, folder:PATH, npz:PATH or
-    npy:PATH.
+    name: digits, mnist, cifar10, celeba (celeba64), photos, photos-dense, synthetic,
+    folder:PATH, npz:PATH or npy:PATH.
     root: the folder holding the data set's files (default data/NAME, or $KNNFLOW_DATA/NAME).
     size: resize folder images to size×size; photos: the patch side (32 or 64); celeba: the
     side (64, 32 or 128).

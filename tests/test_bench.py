@@ -263,3 +263,39 @@ def test_target_labels_name_the_knn_route():
     assert parse_target_label("efm-n-shared", 10) == {"name": "efm", "m": 10, "pool": "shared"}
     with pytest.raises(InputError, match="knn-efm-certify"):
         parse_target_label("knn-efm-fastest", 10)
+
+
+def test_bench_scale_on_a_real_set_takes_mirror_images_past_its_size(tmp_path):
+    """bench scale on a named array: the first n training images (n = 200), then the 300
+    images and their mirror images (n = 600); queries from its test split; 0 violations
+    and exact ids against float64; an n the set cannot give is one line."""
+    import numpy as np
+
+    from knnflow.bench.scale import bench_scale
+    from knnflow.index import Index
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "small.npz"
+    train = rng.integers(0, 256, (300, 3, 8, 8), dtype=np.uint8)
+    np.savez(path, train=train, test=rng.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8))
+    dataset, work = f"npz:{path}", tmp_path / "work"
+    result = bench_scale(ns=(200, 600), ts=(0.5, 0.9), batch=16, repeats=1, work=work,
+                         dataset=dataset)
+    assert result.config["data"] == dataset and result.config["d"] == 192
+    assert [(row.n, row.label) for row in result.rows] == [
+        (n, label) for n in (200, 600) for label in ("0.5", "0.9", "U[0,1)")]
+    assert all(row.violations == 0 for row in result.rows)
+    assert [(row.n, row.id_mismatches) for row in result.search] == [(200, 0), (600, 0)]
+    unit = torch.from_numpy(train).float() / 127.5 - 1
+    mirrored = torch.cat([unit, unit.flip(-1)]).reshape(600, -1)
+    points = Index.load(work / "npz-small-600-float16", verify=False).points
+    assert torch.equal(points.float(), mirrored.half().float())
+    assert torch.equal(Index.load(work / "npz-small-200-float16", verify=False).points.float(),
+                       unit[:200].reshape(200, -1).half().float())
+    for n in (601, 700):  # odd past the split; more than twice the split
+        with pytest.raises(InputError, match="300 training images") as info:
+            bench_scale(ns=(n,), ts=(0.5,), batch=16, repeats=1,
+                        work=work, dataset=dataset, uniform=False)
+        assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="test split has 40 images"):
+        bench_scale(ns=(200,), ts=(0.5,), batch=64, work=work, dataset=dataset)

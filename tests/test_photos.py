@@ -153,3 +153,64 @@ def test_build_index_photos_64_records_the_size(photos_data, tmp_path):
     again = load_dataset(described["name"], root=photos_data / "photos", split=described["split"],
                          limit=described["limit"], size=described["size"])
     assert again.shape == (40, 3, 64, 64)
+
+
+def _small_photographs() -> list[np.ndarray]:
+    """Two seeded uint8 (H, W, 3) 'photographs' with a flat band, small enough to cut here."""
+    rng = np.random.default_rng(5)
+    first = rng.integers(0, 256, (110, 75, 3), dtype=np.uint8)
+    first[:, 40:] = 128  # windows inside this band are flat and must be dropped
+    return [first, rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)]
+
+
+def _window_places(photographs: list[np.ndarray]) -> dict[bytes, tuple[int, int, int]]:
+    """Every 32×32 window of every photograph, as (3, 32, 32) bytes → (photograph, row,
+    column); random photographs have no two windows alike."""
+    places = {}
+    for k, photo in enumerate(photographs):
+        for y in range(photo.shape[0] - 31):
+            for x in range(photo.shape[1] - 31):
+                window = np.ascontiguousarray(photo[y:y + 32, x:x + 32].transpose(2, 0, 1))
+                places.setdefault(window.tobytes(), []).append((k, y, x))
+    return {key: spots[0] for key, spots in places.items() if len(spots) == 1}
+
+
+def test_photos_dense_split_shares_no_pixel_and_keeps_every_window(monkeypatch, tmp_path):
+    photographs = _small_photographs()
+    monkeypatch.setattr(photos, "_scaled_photos", lambda: iter(photographs))
+    # The expected windows, enumerated independently: left columns on the 3-pixel grid,
+    # not flat; train rows on the grid from 0 ending above the strip, test rows on the grid
+    # from the strip's first row.
+    expected = {"train": set(), "test": set()}
+    for k, photo in enumerate(photographs):
+        height, width = photo.shape[:2]
+        strip = max(32, height // 10)
+        for y in range(height - 31):
+            for x in range(0, width - 31, 3):
+                if photo[y:y + 32, x:x + 32].std() <= photos.PHOTO_MIN_STD:
+                    continue
+                if y % 3 == 0 and y + 32 <= height - strip:
+                    expected["train"].add((k, y, x))
+                elif y >= height - strip and (y - (height - strip)) % 3 == 0:
+                    expected["test"].add((k, y, x))
+    monkeypatch.setattr(photos, "DENSE_COUNTS", (len(expected["train"]), len(expected["test"])))
+    assert expected["train"] and expected["test"]
+    where, found = _window_places(photographs), {}
+    for split in ("train", "test"):
+        patches, _ = photos.load_photos_dense(tmp_path, split, None)
+        places = {where[np.ascontiguousarray(patch).tobytes()] for patch in patches}
+        assert len(places) == len(patches)  # no window twice
+        found[split] = places
+    assert found == expected
+    # No pixel row of a photograph lies in both splits.
+    for k in range(len(photographs)):
+        train_rows = {y + r for j, y, _ in found["train"] if j == k for r in range(32)}
+        test_rows = {y + r for j, y, _ in found["test"] if j == k for r in range(32)}
+        assert not train_rows & test_rows
+    # The cache holds train then test, and a second load reads it instead of cutting again.
+    monkeypatch.setattr(photos, "_scaled_photos", _no_cutting)
+    again, _ = photos.load_photos_dense(tmp_path, "test", 4)
+    cached = np.load(tmp_path / "photos-dense-32.npy")
+    assert np.array_equal(again, cached[len(expected["train"]):][:4])
+    info = next(info for info in dataset_infos() if info.name == "photos-dense")
+    assert "3×32×32" in info.shape

@@ -1,8 +1,10 @@
 """knnflow bench scale: how the exact engine, the certified kNN velocity and the exact search
-grow with n, on synthetic images stored in float16 (6 GB at n = 10⁶, d = 3072).
+grow with n, on training sets stored in float16: synthetic images (6 GB at n = 10⁶, d = 3072)
+or a real set such as photos-dense (705,515 photo patches; with their mirror images past that).
 
 For each n the index is built once by the streaming build (index_build.write_index) into a
-work folder and reused while its points match. Per n and per t (a grid and a U[0,1) batch):
+work folder and reused while its points match. The held-out queries are the data set's first
+test images (synthetic: a seeded batch of its own). Per n and per t (a grid and a U[0,1) batch):
 time per batch of B queries of ExactVelocity and KNNVelocity (tol, default route), the
 certified rows' bound violations against the float64 engine, and for the exact search
 (Index.search, k = 2) of B held-out images against chunked torch.cdist + topk (the published
@@ -78,27 +80,61 @@ def slope(ns: list[int], values: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
-def scale_index(n: int, work: Path, progress: Progress | None):
-    """The float16 synthetic index of n images under `work`, built on first use."""
+def scale_source(dataset: str, n: int):
+    """The first n training images of `dataset` as an ImageSource, and how the manifest
+    describes them. Past the split's size the first n/2 images and their mirror images are
+    taken (n must then be even and at most twice the split); synthetic makes n images."""
     from knnflow.data import image_source
+
+    if dataset == "synthetic":
+        return image_source(dataset, limit=n), {"name": dataset, "limit": n}
+    available = image_source(dataset).n
+    if n <= available:
+        return image_source(dataset, limit=n), {"name": dataset, "limit": n}
+    if n > 2 * available or n % 2:
+        raise OptionError(f"{dataset} has {available:,} training images ({2 * available:,} "
+                          f"with mirror images, for even n); {{ns}} asks for {n:,}", "ns")
+    return (image_source(dataset, limit=n // 2, flip=True),
+            {"name": dataset, "limit": n // 2, "flip": True})
+
+
+def scale_index(n: int, work: Path, progress: Progress | None, dataset: str = "synthetic"):
+    """The float16 index of the first n training images of `dataset` under `work`, built on
+    first use."""
     from knnflow.index import Index
     from knnflow.index_build import write_index
+    from knnflow.training_sets import dataset_slug
 
-    folder = work / f"synthetic-{n}-float16"
+    folder = work / f"{dataset_slug(dataset)}-{n}-float16"
     if not (folder / "manifest.json").is_file():
-        write_index(image_source("synthetic", limit=n), folder, dtype="float16",
-                    dataset={"name": "synthetic", "limit": n}, progress=progress)
+        source, described = scale_source(dataset, n)
+        write_index(source, folder, dtype="float16", dataset=described, progress=progress)
     return Index.load(folder, verify=False)
+
+
+def held_out(dataset: str, batch: int) -> Tensor:
+    """The sweep's B queries' images, flattened: the first test images of `dataset`
+    (synthetic: a seeded batch apart from the training images)."""
+    from knnflow.data import load_dataset
+    from knnflow.synthetic import synthetic_images
+
+    if dataset == "synthetic":
+        return synthetic_images(batch, seed=1).reshape(batch, -1)
+    images = load_dataset(dataset, split="test", limit=batch)
+    if len(images) < batch:
+        raise OptionError(f"{dataset}'s test split has {len(images)} images, fewer than "
+                          f"{{batch}} = {batch}", "batch")
+    return images.reshape(batch, -1)
 
 
 def bench_scale(ns: tuple[int, ...] = (10_000, 100_000, 1_000_000),
                 ts: tuple[float, ...] = SCALE_TS, uniform: bool = True, batch: int = 256,
                 tol: float = 1e-4, repeats: int = 3, work: str | Path = "indices/scale",
-                seed: int = 0, progress: Progress | None = None) -> ScaleBench:
+                seed: int = 0, progress: Progress | None = None,
+                dataset: str = "synthetic") -> ScaleBench:
     """The scale sweep (see the module docstring); `work` keeps the indices between runs."""
     from knnflow.bench.references import float64_knn, id_mismatches
     from knnflow.estimators import ExactVelocity, KNNVelocity
-    from knnflow.synthetic import synthetic_images
 
     ts = check_ts(tuple(ts))
     if not ns or min(ns) < 2:
@@ -106,14 +142,14 @@ def bench_scale(ns: tuple[int, ...] = (10_000, 100_000, 1_000_000),
     if min(batch, repeats) < 1:
         raise OptionError("{batch} and {repeats} must be at least 1", "batch", "repeats")
     work = Path(work)
-    held = synthetic_images(batch, seed=1).reshape(batch, -1)
-    result = ScaleBench(config={"data": "synthetic", "dtype": "float16", "d": held.shape[1],
+    held = held_out(dataset, batch)
+    result = ScaleBench(config={"data": dataset, "dtype": "float16", "d": held.shape[1],
                                 "ns": list(ns), "t_grid": list(ts), "uniform": uniform,
                                 "batch": batch, "tol": tol, "repeats": repeats,
                                 "threads": torch.get_num_threads(), "torch": torch.__version__,
                                 "device": "cpu"})
     for n in sorted(ns):
-        index = scale_index(n, work, progress)
+        index = scale_index(n, work, progress, dataset)
         exact = ExactVelocity(index)
         reference = ExactVelocity(index, compute_dtype=torch.float64)
         certified = KNNVelocity(index, tol=tol)

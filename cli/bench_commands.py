@@ -208,9 +208,11 @@ def knn(
                                     for name in topk_names])
     console.print(errors)
     if routed and c.get("route_timings"):
-        routes = Table(title=(f"(b)'s route table: t below {c['floors'][0]:g} falls back, "
-                              f"t in [{c['floors'][0]:g}, {c['floors'][1]:g}) goes to the exact "
-                              "engine (probe timings, median of interleaved rounds)"),
+        low, high = c["floors"][0], c["floors"][1]
+        exact_band = (f"t in [{low:g}, {high:g}) goes to the exact engine" if high > low
+                      else "no t goes to the exact engine")
+        routes = Table(title=(f"(b)'s route table: t below {low:g} falls back, {exact_band} "
+                              "(probe timings, median of interleaved rounds)"),
                        title_justify="left")
         for column in ("t bin", "exact ms", "certified ms", "certified/exact", "route"):
             routes.add_column(column, justify="right", no_wrap=True)

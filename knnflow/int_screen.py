@@ -165,12 +165,17 @@ GRID_RATIO_MAX = 0.85
 AMX_RATIO = 0.33
 
 _RATIOS: dict[str, float] = {}
+# The probe's shapes (8 queries, 128 points: ~20 MFLOP) and the ratio above which it decides
+# alone: far past both thresholds, beyond what small shapes' overheads add on fast kernels.
+PROBE_SHAPE = {"batch": 8, "points": 128}
+PROBE_SLOW = 4.0
 
 
 def int8_gemm_ratio(device: torch.device) -> float:
     """The time of an int8 GEMM of 3B rows over that of a float32 GEMM of B rows here: AMX_RATIO
-    on CPUs whose /proc/cpuinfo has amx_int8, else timed once per process on the engine's
-    shapes (256 queries, 2048 points, d = 3072; ~0.2 s); inf on GPUs (not measured there) and
+    on CPUs whose /proc/cpuinfo has amx_int8, else timed once per process: a probe of
+    PROBE_SHAPE, then, unless it is above PROBE_SLOW, the engine's shapes (256 queries, 2048
+    points, d = 3072; ~0.2 s where int8 GEMMs are fast); inf on GPUs (not measured there) and
     where torch has no int8 GEMM."""
     key = device.type
     if key not in _RATIOS:
@@ -180,7 +185,10 @@ def int8_gemm_ratio(device: torch.device) -> float:
         elif flags is not None and "amx_int8" in flags:
             _RATIOS[key] = AMX_RATIO
         else:
-            _RATIOS[key] = _measured_ratio(device)
+            # A small probe first: where int8 GEMMs have no fast kernel (AMD Zen 1 and 2 run
+            # them ~200× slower than float32), the full timing would take minutes.
+            probe = _measured_ratio(device, **PROBE_SHAPE)
+            _RATIOS[key] = probe if probe > PROBE_SLOW else _measured_ratio(device)
     return _RATIOS[key]
 
 
@@ -210,8 +218,9 @@ def cpu_flags() -> set[str] | None:
 
 def _measured_ratio(device: torch.device, batch: int = 256, dim: int = 3072,
                     points: int = 2048) -> float:
-    """Time one int8 GEMM of 3B rows against one float32 GEMM of B rows (medians of 5 after
-    a warm-up); inf where torch has no int8 GEMM kernel for the device or build."""
+    """Time one int8 GEMM of 3B rows against one float32 GEMM of B rows (the fastest of 5
+    after a warm-up: other processes only ever add time, and a call of 0.1 ms can lose a
+    scheduler slice); inf where torch has no int8 GEMM kernel for the device or build."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
         a8 = torch.randint(-127, 128, (3 * batch, dim), generator=gen, dtype=torch.int8,
@@ -219,18 +228,18 @@ def _measured_ratio(device: torch.device, batch: int = 256, dim: int = 3072,
         b8 = torch.randint(-127, 128, (dim, points), generator=gen, dtype=torch.int8,
                            device=device)
         a32, b32 = a8[:batch].to(torch.float32), b8.to(torch.float32)
-        return (_median_time(lambda: torch._int_mm(a8, b8))
-                / _median_time(lambda: torch.mm(a32, b32)))
+        return (_fastest_time(lambda: torch._int_mm(a8, b8))
+                / _fastest_time(lambda: torch.mm(a32, b32)))
     except RuntimeError:
         return math.inf
 
 
-def _median_time(fn, repeats: int = 5) -> float:
+def _fastest_time(fn, repeats: int = 5) -> float:
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 

@@ -167,7 +167,7 @@ def test_availability_follows_the_amx_flag_else_a_timing(monkeypatch):
     monkeypatch.setattr(int_screen, "_RATIOS", {})
     monkeypatch.setattr(int_screen, "cpu_flags", lambda: {"avx512f", "amx_int8"})
     monkeypatch.setattr(int_screen, "_measured_ratio",
-                        lambda device: pytest.fail("timed despite the flag"))
+                        lambda device, **shape: pytest.fail("timed despite the flag"))
     assert int_screen.int_screen_available(cpu, 3072)
     assert int_screen.grid_gemms_available(cpu)
     # Without the flag the timing decides, each path by its own threshold.
@@ -176,11 +176,32 @@ def test_availability_follows_the_amx_flag_else_a_timing(monkeypatch):
     for ratio, screen_on, grid_on in [(0.1, True, True), (between, False, True),
                                       (1.5, False, False)]:
         monkeypatch.setattr(int_screen, "_RATIOS", {})
-        monkeypatch.setattr(int_screen, "_measured_ratio", lambda device, r=ratio: r)
+        monkeypatch.setattr(int_screen, "_measured_ratio", lambda device, r=ratio, **shape: r)
         assert int_screen.int_screen_available(cpu, 3072) is screen_on
         assert int_screen.grid_gemms_available(cpu) is grid_on
     assert not int_screen.int_screen_available(torch.device("cuda"), 3072)
     assert not int_screen.grid_gemms_available(torch.device("cuda"))
+
+
+def test_a_slow_probe_decides_alone_and_a_fast_one_asks_for_the_full_timing(monkeypatch):
+    """Where int8 GEMMs are hundreds of times slower the small probe is the answer (the full
+    timing would take minutes); elsewhere the engine's shapes are timed."""
+    cpu, calls = torch.device("cpu"), []
+    monkeypatch.setattr(int_screen, "cpu_flags", lambda: {"avx2"})
+    for probe, full, expected in [(190.0, 0.5, 190.0), (0.9, 0.5, 0.5),
+                                  (int_screen.PROBE_SLOW, 1.2, 1.2)]:
+        calls.clear()
+        monkeypatch.setattr(int_screen, "_RATIOS", {})
+
+        def timed(device, p=probe, f=full, **shape):
+            calls.append(shape)
+            return p if shape else f
+
+        monkeypatch.setattr(int_screen, "_measured_ratio", timed)
+        assert int_screen.int8_gemm_ratio(cpu) == expected
+        assert calls == [int_screen.PROBE_SHAPE] + ([{}] if probe <= int_screen.PROBE_SLOW
+                                                    else [])
+        assert int_screen.int8_gemm_ratio(cpu) == expected and len(calls) <= 2  # once
 
 
 def test_the_timing_measures_a_finite_ratio():

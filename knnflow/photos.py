@@ -137,7 +137,8 @@ def dense_patches() -> np.ndarray:
     The photographs are scaled as for photos and cut into 32×32 windows every 3 pixels (16×
     as many as photos). Overlapping windows share pixels, so the split is by place: in each
     scaled photograph, windows starting in its last dense_strip(H) rows are the test split,
-    and the training windows end above that strip, so no pixel is in both. Flat windows are
+    and the training windows end above that strip, so within a scaled photograph no pixel is
+    in both (another scale of the photograph may show the same region). Flat windows are
     dropped as for photos: 705,515 train and 30,718 test patches.
     """
     size, stride = DENSE_SIZE, DENSE_STRIDE

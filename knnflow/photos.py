@@ -95,15 +95,17 @@ def _windows(scaled: np.ndarray, size: int, stride: int, rows: range) -> list[np
     return kept
 
 
-def _checked(patches: list[np.ndarray], expected: int, what: str) -> np.ndarray:
-    """The patches stacked and permuted by numpy's default_rng(0), once their count is the
+def _checked(patches: list[np.ndarray], expected: int, what: str,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """The patches permuted by numpy's default_rng(0) and stacked (into `out` where given: one
+    copy of the views, not a stack and a permuted copy of it), once their count is the
     recipe's."""
     if len(patches) != expected:
         raise InputError(f"photos: cut {len(patches)} {what} from the photographs in "
                          f"{_photos_folder()}, expected {expected} (another scikit-image's "
                          "photographs?)")
-    stacked = np.stack(patches)
-    return stacked[np.random.default_rng(0).permutation(len(stacked))]
+    order = np.random.default_rng(0).permutation(len(patches))
+    return np.stack([patches[i] for i in order], out=out)
 
 
 def photo_patches(size: int = 32) -> np.ndarray:
@@ -147,8 +149,11 @@ def dense_patches() -> np.ndarray:
         cut = scaled.shape[0] - dense_strip(scaled.shape[0])
         train += _windows(scaled, size, stride, range(0, cut - size + 1, stride))
         test += _windows(scaled, size, stride, range(cut, scaled.shape[0] - size + 1, stride))
-    return np.concatenate([_checked(train, DENSE_COUNTS[0], "photos-dense training patches"),
-                           _checked(test, DENSE_COUNTS[1], "photos-dense test patches")])
+    patches = np.empty((sum(DENSE_COUNTS), 3, size, size), dtype=np.uint8)
+    _checked(train, DENSE_COUNTS[0], "photos-dense training patches",
+             out=patches[:DENSE_COUNTS[0]])
+    _checked(test, DENSE_COUNTS[1], "photos-dense test patches", out=patches[DENSE_COUNTS[0]:])
+    return patches
 
 
 def photos_cache(root: Path, size: int) -> Path:
@@ -202,15 +207,20 @@ def _cached_patches(cache: Path, shape: tuple[int, ...], cut) -> np.ndarray:
     return patches
 
 
+def _split(patches: np.ndarray, train: int, split: str, limit: int | None):
+    """The first `train` patches (split "train") or the rest, the first `limit` of them, and
+    no labels."""
+    chosen = patches[:train] if split == "train" else patches[train:]
+    return np.asarray(chosen[:limit]), None
+
+
 def load_photos(root: Path, split: str, limit: int | None, size: int | None = None):
     """The photos split of side `size` (default 32) as uint8 patches: the first
     PHOTO_SIZES[size][1] of the seeded order are train, the rest test."""
     size = size or next(iter(PHOTO_SIZES))
     patches = _cached_patches(photos_cache(root, size), (PHOTO_COUNTS[size], 3, size, size),
                               lambda: photo_patches(size))
-    train = PHOTO_SIZES[size][1]
-    chosen = patches[:train] if split == "train" else patches[train:]
-    return np.asarray(chosen[:limit]), None
+    return _split(patches, PHOTO_SIZES[size][1], split, limit)
 
 
 def load_photos_dense(root: Path, split: str, limit: int | None):
@@ -218,6 +228,4 @@ def load_photos_dense(root: Path, split: str, limit: int | None):
     (2.3 GB, cut on first use in under a minute)."""
     shape = (sum(DENSE_COUNTS), 3, DENSE_SIZE, DENSE_SIZE)
     patches = _cached_patches(root / f"photos-dense-{DENSE_SIZE}.npy", shape, dense_patches)
-    train = DENSE_COUNTS[0]
-    chosen = patches[:train] if split == "train" else patches[train:]
-    return np.asarray(chosen[:limit]), None
+    return _split(patches, DENSE_COUNTS[0], split, limit)

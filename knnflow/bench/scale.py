@@ -86,10 +86,8 @@ def scale_source(dataset: str, n: int):
     taken (n must then be even and at most twice the split); synthetic makes n images."""
     from knnflow.data import image_source
 
-    if dataset == "synthetic":
-        return image_source(dataset, limit=n), {"name": dataset, "limit": n}
-    available = image_source(dataset).n
-    if n <= available:
+    available = None if dataset == "synthetic" else image_source(dataset).n
+    if available is None or n <= available:
         return image_source(dataset, limit=n), {"name": dataset, "limit": n}
     if n > 2 * available or n % 2:
         raise OptionError(f"{dataset} has {available:,} training images ({2 * available:,} "

@@ -24,6 +24,7 @@ from torch import Tensor
 from knnflow.choices import ROUTES
 from knnflow.closed_form import (
     TrainingSet,
+    _closed_form_state,
     check_t,
     closed_form_state,
     flatten_queries,
@@ -117,9 +118,16 @@ class ExactVelocity:
 
     def __call__(self, x: Tensor, t: float | Tensor) -> VelocityOutput:
         flat = flatten_queries(x, self.train.dim).to(self.train.points.device)
-        denoiser = self.denoiser(flat, t)
-        t64 = check_t(t, flat.shape[0], flat.device)
-        velocity = velocity_from_denoiser(denoiser, flat.to(torch.float64), t64)
+        return self._velocity(x, flat, check_t(t, flat.shape[0], flat.device))
+
+    def _velocity(self, x: Tensor, flat: Tensor, t64: Tensor) -> VelocityOutput:
+        """û* for x, whose checked (B, d) form is `flat` on the data's device, at checked t64
+        ((B,) float64 on that device)."""
+        state = _closed_form_state(flat, t64, self.train, chunk_size=self.chunk_size,
+                                   compute_dtype=self.compute_dtype)
+        if self.group is not None:
+            all_reduce_state_(state, self.group)
+        velocity = velocity_from_denoiser(state.denoiser(), flat.to(torch.float64), t64)
         batch = x.shape[0]
         return VelocityOutput(
             velocity=velocity.to(dtype=output_dtype(x), device=x.device).reshape(x.shape),
@@ -330,7 +338,9 @@ class KNNVelocity:
             self.last_stats = {"queries": batch, "fallback": int(fallback.sum()),
                                "routed": int(routed.sum()), "evaluated_median": float(self.index.n)}
             return VelocityOutput(
-                velocity=self.exact(x, t64.to(flat.device)).velocity,
+                velocity=self.exact._velocity(
+                    x, flat.to(self.train.points.device),
+                    t64.to(self.train.points.device)).velocity,
                 error_bound=bound, evaluated=evaluated,
                 certified=True, fallback=fallback, routed=routed)
         x64 = flat.detach().cpu().to(torch.float64)
@@ -346,7 +356,9 @@ class KNNVelocity:
         exact_rows = routed | fallback if self.fallback == "exact" else routed
         if bool(exact_rows.any()):  # one call of the exact engine for all of them
             rows = exact_rows.nonzero().squeeze(1)
-            velocity[rows] = self.exact(flat[rows], t64[rows]).velocity.to(
+            device = self.train.points.device
+            velocity[rows] = self.exact._velocity(
+                flat[rows], flat[rows].to(device), t64[rows].to(device)).velocity.to(
                 device="cpu", dtype=torch.float64)
             bound[rows], evaluated[rows] = 0.0, self.index.n
         if self.fallback == "none" and bool(fallback.any()):

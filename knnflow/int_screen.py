@@ -234,12 +234,20 @@ def _measured_ratio(device: torch.device, batch: int = 256, dim: int = 3072,
         return math.inf
 
 
-def _fastest_time(fn, repeats: int = 5) -> float:
-    fn()
+def _fastest_time(fn, repeats: int = 5, warm_calls: int = 20,
+                  warm_seconds: float = 0.1) -> float:
+    """The fastest of `repeats` timed calls, after a warm-up of `warm_calls` calls or
+    `warm_seconds`, whichever ends first: on a cold start (AMD Zen 5: the first ~15 int8
+    GEMMs of a process run 2-6× slower than the rest) one warm-up call left the probe reading
+    the cold calls, over PROBE_SLOW, and turned the int8 paths off for the whole process."""
+    start = time.perf_counter()
+    for _ in range(warm_calls):
+        fn()
+        if time.perf_counter() - start > warm_seconds:
+            break
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import pytest
 import torch
@@ -207,3 +208,20 @@ def test_a_slow_probe_decides_alone_and_a_fast_one_asks_for_the_full_timing(monk
 def test_the_timing_measures_a_finite_ratio():
     ratio = int_screen._measured_ratio(torch.device("cpu"), batch=16, dim=64, points=64)
     assert 0 < ratio < math.inf
+
+
+def test_the_timing_warms_up_past_a_cold_start():
+    """A kernel whose first calls are slow (Zen 5's first ~15 int8 GEMMs of a process) is
+    timed at its warm speed, so a cold start cannot turn the int8 paths off."""
+    calls = []
+
+    def kernel():
+        calls.append(None)
+        if len(calls) <= 12:  # cold: 4 ms a call
+            time.sleep(0.004)
+
+    assert int_screen._fastest_time(kernel) < 0.002
+    # A kernel slow on every call is read as slow, and the warm-up stops at its time limit.
+    calls.clear()
+    assert int_screen._fastest_time(lambda: time.sleep(0.03) or calls.append(None)) >= 0.03
+    assert len(calls) <= 10

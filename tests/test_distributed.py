@@ -298,7 +298,11 @@ def test_certified_velocity_over_shards_holds_its_bound(tmp_path, digits):
     from knnflow.index import Index
 
     Index.build(digits).save(tmp_path / "idx")
-    t = torch.cat([torch.linspace(0, 0.999, 48), torch.full((16,), 0.9)])
+    from knnflow.routing import ROUTE_PROBES
+
+    # Enough rows above the pinned exact floor that route="faster" certifies them beside the
+    # exact rows (fewer than ROUTE_PROBES would join the exact engine's call).
+    t = torch.cat([torch.linspace(0, 0.999, 48), torch.full((ROUTE_PROBES,), 0.9)])
     x = torch.cat([flow_queries(digits, float(ti), 1, seed=i) for i, ti in enumerate(t)])
     torch.save((x, t), tmp_path / "queries")
     mp.spawn(_certified_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)),

@@ -7,6 +7,7 @@ import torch
 from conftest import brute_force_velocity, flow_queries, relative_error
 
 import knnflow
+from knnflow.routing import ROUTE_PROBES
 
 
 @pytest.mark.parametrize("source", ["tensor", "index"])
@@ -216,8 +217,10 @@ def test_calibrated_floor_routes_hopeless_queries_to_the_exact_engine(digits, di
 def test_route_faster_sends_t_below_the_exact_floor_to_the_exact_engine(digits, digits_index):
     """Pinned floors (0.3, 0.9): t < 0.3 is a fallback, 0.3 ≤ t < 0.9 is routed to the exact
     engine (bound 0, not a fallback, exact even with fallback='none'), t ≥ 0.9 is certified;
-    every row within its bound of float64 brute force."""
-    t = torch.tensor([0.1, 0.5, 0.8, 0.95, 0.97, 0.2] * 8)
+    every row within its bound of float64 brute force. The batch has ROUTE_PROBES rows to
+    certify: fewer go to the exact engine with the others (next test)."""
+    repeats = ROUTE_PROBES // 2
+    t = torch.tensor([0.1, 0.5, 0.8, 0.95, 0.97, 0.2] * repeats)
     x = torch.cat([flow_queries(digits, float(ti), 1, seed=i) for i, ti in enumerate(t)])
     reference = brute_force_velocity(x, t, digits)
     for fallback in ("exact", "none"):
@@ -225,7 +228,7 @@ def test_route_faster_sends_t_below_the_exact_floor_to_the_exact_engine(digits, 
                                         floors=(0.3, 0.9))
         out = estimator(x, t)
         assert torch.equal(out.routed, (t >= 0.3) & (t < 0.9))
-        assert torch.equal(out.fallback[t < 0.3], torch.ones(16, dtype=torch.bool))
+        assert torch.equal(out.fallback[t < 0.3], torch.ones(2 * repeats, dtype=torch.bool))
         assert not out.fallback[out.routed].any()
         routed = out.routed.nonzero().squeeze(1)
         assert torch.equal(out.error_bound[routed], torch.zeros(len(routed), dtype=torch.float64))
@@ -235,7 +238,36 @@ def test_route_faster_sends_t_below_the_exact_floor_to_the_exact_engine(digits, 
         assert (out.evaluated[high] < digits_index.n).all()  # pruned, not routed
         kept = ~out.fallback if fallback == "none" else torch.ones(len(t), dtype=torch.bool)
         assert_bound_holds(VelocityRows(out, kept), reference[kept])
-        assert estimator.last_stats["routed"] == 16
+        assert estimator.last_stats["routed"] == 2 * repeats
+
+
+def test_route_faster_sends_a_few_rows_to_certify_along_with_the_exact_rows(digits,
+                                                                           digits_index):
+    """Where the exact engine runs for some rows of a call anyway, fewer than ROUTE_PROBES rows
+    to certify go to it too (routed, bound 0, exact); alone, or with fallback="none" (whose
+    fallback rows cost nothing), the same rows are certified."""
+    few = ROUTE_PROBES // 4
+    t = torch.tensor([0.5] * few + [0.95] * few)
+    x = torch.cat([flow_queries(digits, float(ti), 1, seed=i) for i, ti in enumerate(t)])
+    reference = brute_force_velocity(x, t, digits)
+    estimator = knnflow.KNNVelocity(digits_index, route="faster", floors=(0.3, 0.9))
+    out = estimator(x, t)
+    assert out.routed.all() and not out.fallback.any()
+    assert torch.equal(out.error_bound, torch.zeros(len(t), dtype=torch.float64))
+    assert relative_error(out.velocity, reference).max() < 1e-5
+    high = slice(few, None)
+    alone = estimator(x[high], t[high])
+    assert not alone.routed.any() and (alone.evaluated < digits_index.n).all()
+    assert_bound_holds(alone, reference[high])
+    # Below the certification floor with fallback="none": no exact call, so nothing joins it.
+    t_low = torch.tensor([0.1] * few + [0.95] * few)
+    none = knnflow.KNNVelocity(digits_index, route="faster", floors=(0.3, 0.9),
+                               fallback="none")(x, t_low)
+    assert not none.routed.any() and none.fallback[:few].all()
+    assert (none.evaluated[high] < digits_index.n).all()
+    # route="certify" certifies them whatever the batch holds.
+    pinned = knnflow.KNNVelocity(digits_index, route="certify", floors=(0.3, 0.3))(x, t)
+    assert not pinned.routed.any() and (pinned.evaluated[high] < digits_index.n).all()
 
 
 class VelocityRows:
@@ -260,9 +292,9 @@ def test_route_faster_picks_the_lowest_bin_where_certifying_is_faster(digits_ind
     estimator = knnflow.KNNVelocity(digits_index, route="faster")
     original = estimator.router.probes
 
-    def probes(t, gen):  # remember which bin is being timed
+    def probes(t, gen, **options):  # remember which bin is being timed
         estimator.route_timings_pending = float(t.min())
-        return original(t, gen)
+        return original(t, gen, **options)
 
     monkeypatch.setattr(estimator.router, "probes", probes)
     estimator.router.t_floor = 0.6
@@ -294,3 +326,20 @@ def test_an_empty_batch_gives_empty_outputs(digits, digits_index):
                       knnflow.KNNVelocity(digits_index, route="faster", floors=(0.5, 0.8))):
         out = estimator(torch.zeros(0, 1, 8, 8), torch.zeros(0))
         assert out.velocity.shape == (0, 1, 8, 8) and out.evaluated.shape == (0,)
+
+
+def test_route_timing_probes_are_shifted_images_the_set_does_not_hold(digits, digits_index):
+    """probes(unseen=True) at t = 1 is the drawn training image shifted by an eighth of its
+    height and width (8×8 digits: one pixel), which no training image equals; the same seed
+    without it gives the training images themselves, and so does an index of flat vectors."""
+    router = knnflow.KNNVelocity(digits_index, route="certify").router
+    ones = torch.ones(32, dtype=torch.float64)
+    plain = router.probes(ones, torch.Generator().manual_seed(3))
+    shifted = router.probes(ones, torch.Generator().manual_seed(3), unseen=True)
+    assert torch.cdist(plain.double(), digits.double()).min(dim=1).values.max() < 1e-6
+    expected = torch.roll(plain.reshape(32, 8, 8), (1, 1), dims=(1, 2)).reshape(32, 64)
+    assert torch.equal(shifted, expected)
+    assert torch.cdist(shifted.double(), digits.double()).min(dim=1).values.min() > 0.1
+    flat = knnflow.KNNVelocity(knnflow.Index.build(digits), route="certify").router
+    assert torch.equal(flat.probes(ones, torch.Generator().manual_seed(3), unseen=True),
+                       flat.probes(ones, torch.Generator().manual_seed(3)))

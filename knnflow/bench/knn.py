@@ -98,7 +98,8 @@ def bench_knn(dataset: str | None = None, root: str | None = None, limit: int | 
                               "faiss_device": faiss_device(device),
                               "oracle_window": oracle_window(index.n),
                               "gpu": torch.cuda.get_device_name() if device == "cuda" else None})
-    cases = [(label, t if torch.is_tensor(t) else torch.full((batch,), t))
+    # Grid rows at their exact t (float32 puts 0.95 just below a route bin's edge at 0.95).
+    cases = [(label, t if torch.is_tensor(t) else torch.full((batch,), t, dtype=torch.float64))
              for label, t in t_cases(ts, batch, gen, uniform=True)]
     for i, (label, t) in enumerate(cases):
         if progress:

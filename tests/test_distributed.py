@@ -15,7 +15,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import brute_force_velocity, relative_error
 
+from knnflow.distributed import leave_group
+
 N, DIM, WORLD = 37, 12, 2
+
+
+def _destroy_if_left() -> None:
+    """After a failure (no barrier: the other process may be elsewhere), drop the group; after
+    success leave_group already did, with a barrier first (without it, gloo's threads can abort
+    a process at exit: SIGABRT, "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def problem():
@@ -45,8 +55,9 @@ def _rank_main(rank: int, rendezvous: str, out: str) -> None:
             result = exact(x, t)
             saved[dtype] = (result.velocity, result.evaluated)
         torch.save(saved, f"{out}.{rank}")
+        leave_group()
     finally:
-        dist.destroy_process_group()
+        _destroy_if_left()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
@@ -116,8 +127,9 @@ def _train_rank(rank: int, rendezvous: str, jobs: list, route_timing=None) -> No
             except InputError as err:
                 with open(f"{folder}.error.{rank}", "w") as f:
                     f.write(str(err))
+        leave_group()
     finally:
-        dist.destroy_process_group()
+        _destroy_if_left()
 
 
 def _spawn_training(tmp_path, jobs: list, route_timing=None) -> None:
@@ -283,8 +295,9 @@ def _certified_rank(rank: int, rendezvous: str, folder: str) -> None:
         knnflow.timing.interleaved_seconds = _rank_timings
         saved["timed"] = timed.floors
         torch.save(saved, f"{folder}/out.{rank}")
+        leave_group()
     finally:
-        dist.destroy_process_group()
+        _destroy_if_left()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")

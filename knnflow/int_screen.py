@@ -237,9 +237,9 @@ def _measured_ratio(device: torch.device, batch: int = 256, dim: int = 3072,
 def _fastest_time(fn, repeats: int = 5, warm_calls: int = 20,
                   warm_seconds: float = 0.1) -> float:
     """The fastest of `repeats` timed calls, after a warm-up of `warm_calls` calls or
-    `warm_seconds`, whichever ends first: on a cold start (AMD Zen 5: the first ~15 int8
-    GEMMs of a process run 2-6× slower than the rest) one warm-up call left the probe reading
-    the cold calls, over PROBE_SLOW, and turned the int8 paths off for the whole process."""
+    `warm_seconds`, whichever ends first: on AMD Zen 5 the first ~15 int8 GEMMs of a process
+    run 2-6× slower than the rest, and a probe timed among them reads above PROBE_SLOW, which
+    would keep the int8 paths off for the whole process."""
     start = time.perf_counter()
     for _ in range(warm_calls):
         fn()

@@ -102,7 +102,7 @@ class Router:
         (wrapping round), an image the set does not hold, where the index knows an image shape
         of at least 8×8 (else a training point). Held-out images keep more points than the
         training points do, and certifying costs accordingly: on photos (n = 45,000) at t in
-        [0.95, 1) the certified path took 0.40 of the exact engine's time on training-point
+        [0.95, 1) the certified path takes 0.40 of the exact engine's time on training-point
         probes, but 3.8 on held-out images and 3.7 on shifted ones."""
         x1 = self.points[torch.randint(len(self.points), (len(t),), generator=gen)]
         shape = self.image_shape

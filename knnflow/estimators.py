@@ -43,7 +43,7 @@ from knnflow.pairs import (
 )
 from knnflow.prune import SketchScanner
 from knnflow.rounding import FLOAT64_ROUNDOFF, output_dtype, unit_roundoff
-from knnflow.routing import MIN_INDEX_T, ROUTE_PROBES, Router
+from knnflow.routing import Router
 from knnflow.sharded_index import ShardedIndex
 from knnflow.softmax import SoftmaxState
 
@@ -331,21 +331,7 @@ class KNNVelocity:
         t64 = t64.cpu()
         bound = torch.zeros(batch, dtype=torch.float64)
         evaluated = torch.full((batch,), self.index.n, dtype=torch.int64)
-        # Below MIN_INDEX_T the softmax is flat (nothing to prune) and x/t leaves float32 range;
-        # below the calibrated floor nothing certifies on this data set; below the exact floor
-        # (route="faster") the exact engine is faster than certifying.
-        t_floor, exact_floor = self.floors
-        fallback = t64 < max(MIN_INDEX_T, t_floor)
-        routed = ~fallback & (t64 < exact_floor)
-        exact_anyway = routed | fallback if self.fallback == "exact" else routed
-        if self.route == "faster" and bool(exact_anyway.any()):
-            # The exact engine runs for this call anyway, and its time hardly depends on the
-            # rows it takes; the timing that chose to certify was of ROUTE_PROBES rows, so
-            # fewer go with the others (photos, t ~ U[0,1): 13 rows at t ≥ 0.95 certified in
-            # 52 ms, while the other 243 rows took the exact engine as long as all 256).
-            few = ~fallback & ~routed
-            if int(few.sum()) < ROUTE_PROBES:
-                routed |= few
+        fallback, routed = self.router.split(t64)
         if self.fallback == "exact" and bool((fallback | routed).all()):
             # Every row goes to the exact engine: no rows to pick out or scatter back.
             self.last_stats = {"queries": batch, "fallback": int(fallback.sum()),

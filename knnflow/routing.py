@@ -54,7 +54,7 @@ class Router:
                  device: torch.device | None = None, image_shape: tuple[int, ...] | None = None):
         self.points, self.certify, self.exact = points, certify, exact
         self.image_shape = tuple(image_shape) if image_shape else None
-        self.fallback_exact, self.group = fallback_exact, group
+        self.fallback_exact, self.timed, self.group = fallback_exact, timed, group
         self.device = device or torch.device("cpu")
         self.timings: list[dict[str, float]] = []
         self._t_floor: float | None = None if calibrate else 0.0
@@ -94,6 +94,27 @@ class Router:
         if self._t_floor is None or self._exact_floor is None:
             return None
         return self._t_floor, max(self._t_floor, self._exact_floor)
+
+    def split(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(fallback, routed) masks for a call's times t (calibrating and timing on first use).
+
+        Below MIN_INDEX_T the softmax is flat (nothing to prune) and x/t leaves float32 range;
+        below the calibrated floor nothing certifies on this data set: fallback. Below the exact
+        floor (timed routes) the exact engine is faster than certifying: routed. With timed
+        routes, where the exact engine runs for some rows of the call anyway (routed, or
+        fallback with fallback_exact), fewer than ROUTE_PROBES rows left to certify are routed
+        too: the exact engine's time hardly depends on the rows it takes, and the timing that
+        chose to certify was of ROUTE_PROBES rows (photos, t ~ U[0,1): 13 rows at t ≥ 0.95
+        certified in 52 ms, while the other 243 rows took the exact engine as long as all 256)."""
+        t_floor, exact_floor = self.floors
+        fallback = t < max(MIN_INDEX_T, t_floor)
+        routed = ~fallback & (t < exact_floor)
+        if self.timed:
+            exact_anyway = routed | fallback if self.fallback_exact else routed
+            to_certify = ~fallback & ~routed
+            if bool(exact_anyway.any()) and int(to_certify.sum()) < ROUTE_PROBES:
+                routed |= to_certify
+        return fallback, routed
 
     def probes(self, t: Tensor, gen: torch.Generator, unseen: bool = False) -> Tensor:
         """Seeded float32 queries (1-t)·x0 + t·x1 with x1 drawn from the training points.

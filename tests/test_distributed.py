@@ -309,10 +309,9 @@ def test_certified_velocity_over_shards_holds_its_bound(tmp_path, digits):
 
     from knnflow.estimators import KNNVelocity
     from knnflow.index import Index
-
-    Index.build(digits).save(tmp_path / "idx")
     from knnflow.routing import ROUTE_PROBES
 
+    Index.build(digits).save(tmp_path / "idx")
     # Enough rows above the pinned exact floor that route="faster" certifies them beside the
     # exact rows (fewer than ROUTE_PROBES would join the exact engine's call).
     t = torch.cat([torch.linspace(0, 0.999, 48), torch.full((ROUTE_PROBES,), 0.9)])

@@ -162,8 +162,8 @@ def knn(
              "set's weights); its exact fallback runs on --device.")] = "cpu",
     route: Annotated[str, typer.Option(
         help="(b)'s route: certify (every t above the calibrated floor), faster (t bins where "
-             "the exact engine is faster, timed once, go to it) or auto (faster when --device "
-             "is cuda or n·d ≥ 10^7).")] = "auto",
+             "the exact engine is faster, timed once, go to it) or auto (faster, on every data "
+             "set and device).")] = "auto",
     json_out: JsonOutOption = None,
 ) -> None:
     """Certified kNN velocity (b) against the exact engine (a) and top-k truncation (c), with

@@ -84,8 +84,8 @@ def train_command(
     knn_route: Annotated[str, typer.Option(
         help=f"knn-efm: {', '.join(KNN_ROUTES)}. certify: certify every row above the t where "
              "certifying stops succeeding; faster: rows at t where the exact engine is faster "
-             "(timed once per run, kept in checkpoints) go to it; auto: faster on --device "
-             "cuda or for an index of n·d ≥ 10^7 values, else certify.")] = KNN_ROUTES[0],
+             "(timed once per run, kept in checkpoints) go to it; auto: faster, on every "
+             "data set and device.")] = KNN_ROUTES[0],
     shard_data: Annotated[bool, typer.Option(
         help="exact or knn-efm, under torchrun: each process's target holds (exact) or scans "
              "and weighs (knn-efm) 1/N of the training set on its device, and û* of the whole "

@@ -136,10 +136,6 @@ class ExactVelocity:
         )
 
 
-# route="auto" times the routes (as "faster") on a GPU and on data of at least n·d values: on
-# real images the exact engine outruns certifying below t ≈ 0.85-0.9 (photos, n = 45,000,
-# d = 3,072); smaller data certifies every t above the floor (calls of a few ms time badly).
-AUTO_TIMED_SIZE = 10**7
 # The kept set's screen drops at least e^-LIVE_NATS_MIN of Z_K (pairs.LIVE_NATS at most).
 LIVE_NATS_MIN = 20.0
 
@@ -210,9 +206,11 @@ class KNNVelocity:
     anyway, fewer than ROUTE_PROBES rows to certify go to it too (routed): its time hardly
     depends on its row count, and the timing was of ROUTE_PROBES rows. The choice
     depends on timings, so two estimators may route differently; `floors` holds it and can be
-    passed back to pin it (a resumed training run does). "auto" (default): "faster" when the
-    exact engine runs on a GPU or the index holds at least AUTO_TIMED_SIZE numbers (n·d),
-    else "certify".
+    passed back to pin it (a resumed training run does). "auto" (default): "faster", on every
+    data set and device: on real images the exact engine outruns certifying at most t (on a
+    CPU with fast int8 GEMMs, photos at every t from the calibrated floor; the digits at
+    every t, certifying taking 2.5-3.5× its time on the probes), and only a timing tells
+    which on a given machine.
     floors: (certification floor, exact floor) from an earlier estimator's `floors`: no
     calibration and no timing.
     group: a torch.distributed process group over which the training points are split
@@ -285,9 +283,7 @@ class KNNVelocity:
         self.scanner = SketchScanner(self.sketches, budgets.scan_chunk, self.search_device,
                                      plan_n=index.n)
         if route == "auto":
-            large = index.n * index.dim >= AUTO_TIMED_SIZE
-            on_gpu = self.exact.train.points.device.type == "cuda"
-            route = "faster" if on_gpu or large else "certify"
+            route = "faster"
         self.route = route
         self.router = Router(index.points, lambda x64, t: self._certified(x64, t)[3],
                              self.exact, fallback_exact=fallback == "exact",

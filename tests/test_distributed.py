@@ -283,7 +283,8 @@ def _certified_rank(rank: int, rendezvous: str, folder: str) -> None:
         index = Index.load(f"{folder}/idx")
         x, t = torch.load(f"{folder}/queries")
         saved = {}
-        for name, kwargs in (("certify", {}), ("none", {"fallback": "none"}),
+        for name, kwargs in (("certify", {"route": "certify"}),
+                             ("none", {"fallback": "none", "route": "certify"}),
                              ("faster", {"route": "faster", "floors": (0.3, 0.6)})):
             estimator = KNNVelocity(index, tol=1e-4, group=dist.group.WORLD, **kwargs)
             out = estimator(x, t)
@@ -334,7 +335,7 @@ def test_certified_velocity_over_shards_holds_its_bound(tmp_path, digits):
     assert outs[0]["certify"][5] == outs[1]["certify"][5]  # one calibrated floor
     # The left-out mass is counted over all shards: the bounds are the single process's
     # (same threshold from the best seed of all, same kept points), up to summation order.
-    single = KNNVelocity(Index.load(tmp_path / "idx"), tol=1e-4)(x, t)
+    single = KNNVelocity(Index.load(tmp_path / "idx"), tol=1e-4, route="certify")(x, t)
     velocity, bound, _, fallback, _, _ = outs[0]["certify"]
     both = ~fallback & ~single.fallback
     assert int(both.sum()) >= 16

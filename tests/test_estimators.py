@@ -71,7 +71,7 @@ def digits_index():
 
 @pytest.mark.parametrize("t", KNN_TS)
 def test_knn_bound_holds_on_digits(digits, digits_index, t):
-    estimator = knnflow.KNNVelocity(digits_index, tol=1e-4)
+    estimator = knnflow.KNNVelocity(digits_index, tol=1e-4, route="certify")
     x = flow_queries(digits, t, 128, seed=int(t * 1000))
     out = estimator(x, t)
     reference = brute_force_velocity(x, t, digits)
@@ -89,7 +89,8 @@ def test_half_precision_queries_get_float32_velocities_within_the_bound(digits, 
     the velocity of half-precision queries comes back in float32."""
     x = flow_queries(digits, 0.9, 64, seed=5).to(dtype)
     reference = brute_force_velocity(x, 0.9, digits)  # û* at the rounded queries themselves
-    for estimator in (knnflow.KNNVelocity(digits_index, tol=1e-4, calibrate=False),
+    for estimator in (knnflow.KNNVelocity(digits_index, tol=1e-4, calibrate=False,
+                                          route="certify"),
                       knnflow.ExactVelocity(digits_index)):
         out = estimator(x, 0.9)
         assert out.velocity.dtype == torch.float32 and out.velocity.shape == x.shape
@@ -97,7 +98,8 @@ def test_half_precision_queries_get_float32_velocities_within_the_bound(digits, 
 
 
 def test_knn_prunes_where_the_softmax_has_collapsed(digits, digits_index):
-    out = knnflow.KNNVelocity(digits_index)(flow_queries(digits, 0.95, 64), 0.95)
+    out = knnflow.KNNVelocity(digits_index, route="certify")(flow_queries(digits, 0.95, 64),
+                                                             0.95)
     assert out.fallback.double().mean() < 0.1
     assert out.evaluated.double().median() < digits.shape[0] / 10
 
@@ -106,7 +108,8 @@ def test_knn_certifies_right_up_to_t_one(digits, digits_index):
     """The kept set's screen leaves out mass that the bound counts (e^-L of Z_K); near t = 1
     the bound divides by 1-t, so L grows with ln(1/(1-t)) and those queries still certify
     (the trainer's t ~ U[0,1) reaches 1 - 2^-24)."""
-    estimator = knnflow.KNNVelocity(digits_index, tol=1e-4, calibrate=False, fallback="none")
+    estimator = knnflow.KNNVelocity(digits_index, tol=1e-4, calibrate=False, fallback="none",
+                                    route="certify")
     gen = torch.Generator().manual_seed(3)
     points = digits.reshape(len(digits), -1).to(torch.float64)
     for eps in (1e-4, 1e-5, 2.0**-24):
@@ -121,7 +124,7 @@ def test_knn_certifies_right_up_to_t_one(digits, digits_index):
 def test_knn_bound_holds_with_batched_t(digits, digits_index):
     t = torch.linspace(0, 0.999, 64)
     x = torch.cat([flow_queries(digits, float(ti), 1, seed=i) for i, ti in enumerate(t)])
-    out = knnflow.KNNVelocity(digits_index)(x, t)
+    out = knnflow.KNNVelocity(digits_index, route="certify")(x, t)
     assert_bound_holds(out, brute_force_velocity(x, t, digits))
 
 
@@ -143,7 +146,7 @@ def test_knn_bound_holds_on_random_sets(seed, t, tol, duplicates, far, dim):
     x = flow_queries(points, t, 16, seed=seed)
     if far:
         x = x * 30
-    out = knnflow.KNNVelocity(index, tol=tol)(x, t)
+    out = knnflow.KNNVelocity(index, tol=tol, route="certify")(x, t)
     reference = brute_force_velocity(x, t, points)
     assert_bound_holds(out, reference)
     assert (out.error_bound <= tol * out.velocity.to(torch.float64).norm(dim=1) + 1e-12).all()
@@ -163,7 +166,7 @@ def test_knn_on_image_sized_data_uses_both_sketches(precision):
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        estimator = knnflow.KNNVelocity(index)
+        estimator = knnflow.KNNVelocity(index, route="certify")
         for t in (0.3, 0.7, 0.95):
             x = flow_queries(held_out, t, 32, seed=3, jitter=0.0)
             if precision == "medium" and t == 0.3:  # all fall back: the exact engine says
@@ -193,7 +196,7 @@ def test_knn_refuses_an_index_of_other_data(digits, digits_index):
 def test_calibrated_floor_routes_hopeless_queries_to_the_exact_engine(digits, digits_index):
     """Below the floor no query is tried: it is a fallback, bound 0, equal to the exact engine;
     above it the estimator prunes. Without calibration the floor is 0 and queries are tried."""
-    estimator = knnflow.KNNVelocity(digits_index, tol=1e-4)
+    estimator = knnflow.KNNVelocity(digits_index, tol=1e-4, route="certify")
     floor = estimator.t_floor
     assert 0.001 <= floor < 1.0
     assert estimator.t_floor == knnflow.KNNVelocity(digits_index, tol=1e-4).t_floor  # seeded
@@ -308,7 +311,7 @@ def test_route_faster_picks_the_lowest_bin_where_certifying_is_faster(digits_ind
     monkeypatch.setattr("knnflow.timing.interleaved_seconds",
                         lambda calls, repeats, device: {"exact": 1.0, "certified": 2.0})
     assert never.floors == (0.9, 1.0)  # nothing pays: every t goes to the exact engine
-    assert knnflow.KNNVelocity(digits_index, route="auto").route == "certify"  # on a CPU
+    assert knnflow.KNNVelocity(digits_index, route="auto").route == "faster"
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -457,11 +457,12 @@ def certified_case(case: str) -> tuple[knnflow.VelocityOutput, Tensor]:
     if case == "digits, t in [0.65, 0.85]":
         data, count = digits(), 512
         t = 0.65 + 0.2 * torch.rand(count, generator=gen, dtype=torch.float64)
-        estimator = knnflow.KNNVelocity(digits_index(), tol=1e-4)
+        estimator = knnflow.KNNVelocity(digits_index(), tol=1e-4, route="certify")
     else:  # "100 digits, t = 0.3" or "... 0.5": few enough points that K can be all of them
         data, count = digits()[:100], 64
         t = torch.full((count,), float(case.rsplit("=", 1)[1]), dtype=torch.float64)
-        estimator = knnflow.KNNVelocity(knnflow.Index.build(data), tol=1e-4, calibrate=False)
+        estimator = knnflow.KNNVelocity(knnflow.Index.build(data), tol=1e-4, calibrate=False,
+                                        route="certify")
     x1 = data[torch.randint(len(data), (count,), generator=gen)].to(torch.float64)
     noise = torch.randn(count, data.shape[1], generator=gen, dtype=torch.float64)
     x = ((1 - t)[:, None] * noise + t[:, None] * x1).to(torch.float32)

@@ -95,7 +95,7 @@ def test_float16_index_serves_the_engine_exactly(tmp_path):
     errors = relative_error(velocity, brute_force_velocity(x, 0.7, points))
     assert float(errors.median()) <= 1e-5 and float(errors.max()) <= 1e-4
     x = flow_queries(points.float(), 0.9, 32, seed=2)
-    result = knnflow.KNNVelocity(index, tol=1e-3)(x, 0.9)
+    result = knnflow.KNNVelocity(index, tol=1e-3, route="certify")(x, 0.9)
     truth = brute_force_velocity(x, 0.9, points)
     error = (result.velocity.double() - truth).norm(dim=1)
     certified = ~result.fallback & ~result.routed

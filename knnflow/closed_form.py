@@ -388,10 +388,11 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet,
               settings: EngineSettings) -> tuple[SoftmaxState, Tensor]:
     """(state, rest) for a small training set in one chunk. One float32 GEMM screens the
     logits, the second sums their weights, and each row's error is estimated as in
-    `_float32_error` (with no exact part: the largest screened weight is the top, 1/Z of the
-    total). Rows whose float32 screen is too coarse for the weight floor (t → 1) keep the
-    points it cannot rule out (the dropped-mass margin widened by twice its proven error) and,
-    when those are few, weigh them exactly from float64 differences. Rows whose estimate
+    `_float32_error`, after the top weight is made exact (`_exact_top_`): the largest weight
+    left screened is then the second, at most min(1/Z, 1 - 1/Z) of the total. Rows whose
+    float32 screen is too coarse for the weight floor (t → 1) keep the points it cannot rule
+    out (the dropped-mass margin widened by twice its proven error) and, when those are few,
+    weigh them exactly from float64 differences. Rows whose estimate
     exceeds FLOAT64_TARGET, and coarse rows with many such points, take one float64 GEMM: its
     weights directly where its rounding stays below DOT_FORM_NATS, else as a screen whose few
     live weights are computed from differences. `rest` marks the rows with too many of
@@ -428,7 +429,11 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet,
         d_sq = denoiser.square().sum(dim=1)
         q_z = q * inv_z
         spread = (q_z - d_sq).clamp_(min=0.0)
-        estimate = (SCREEN_SAFETY * (typical if every else typical[rows]) * (spread * inv_z).sqrt_()
+        # The top weight is made exact below (_exact_top_), so the largest weight left
+        # screened is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
+        screened_max = torch.minimum(inv_z, (1 - inv_z).clamp_(min=0.0))
+        estimate = (SCREEN_SAFETY * (typical if every else typical[rows])
+                    * (spread * screened_max).sqrt_()
                     + FLOAT32_ROUNDOFF * (math.sqrt(n) * d_sq.sqrt_() + q_z.sqrt_())) / gap
         ref = top.to(torch.float64) - sr * (x_sq if every else x_sq[rows])
         ref = _exact_top_(ref, z, sums, first, xr, tr, sr, train)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 import knnflow
+import knnflow.closed_form
 from knnflow.errors import InputError
 
 MEDIAN_LIMIT, MAX_LIMIT = 1e-5, 1e-4
@@ -556,6 +557,51 @@ def test_one_pass_makes_coarse_rows_exact(monkeypatch, t):
     _, exact = reference(x, t, digits())
     assert_contract(knnflow.closed_form_velocity(x, t, digits()), exact)
     assert calls == []
+
+
+def test_one_pass_error_estimate_leaves_out_the_exact_top(monkeypatch):
+    """One pass makes each row's top weight exact (_exact_top_), so its float32 error comes
+    from the other weights, the largest at most 1 - λ_top of the total. Rows whose top holds
+    most of the weight, and whose estimate from that (in float64, by brute force:
+    SCREEN_SAFETY·σ·√((1 - λ_top)·V)/‖D - x‖ plus the float32 sums' rounding) lies under
+    half FLOAT64_TARGET, take no float64 GEMM, and still meet the contract; an estimate
+    that counted the top as screened (λ_top) sent many of them to it."""
+    from knnflow.closed_form import FLOAT64_TARGET, SCREEN_SAFETY
+    from knnflow.rounding import FLOAT32_ROUNDOFF, screening_error_bound
+
+    data = digits()
+    p64 = data.to(torch.float64)
+    gen = torch.Generator().manual_seed(85)
+    t = 0.9
+    x1 = digits("test")[torch.randint(299, (512,), generator=gen)]
+    x = (1 - t) * torch.randn(512, 64, generator=gen) + t * x1
+    x64 = x.to(torch.float64)
+    logits = -(x64[:, None, :] - t * p64[None]).square().sum(dim=2) / (2 * (1 - t) ** 2)
+    weights = torch.softmax(logits, dim=1)
+    denoiser = weights @ p64
+    spread = weights @ p64.square().sum(dim=1) - denoiser.square().sum(dim=1)
+    gap = (denoiser - x64).norm(dim=1)
+    top = weights.max(dim=1).values
+    _, typical = screening_error_bound(x64.norm(dim=1), torch.full((512,), t, dtype=torch.float64),
+                                       float(p64.norm(dim=1).max()), 64, torch.float32,
+                                       x.device)
+    without_top = SCREEN_SAFETY * typical * ((1 - top).clamp(min=0) * spread).sqrt() / gap
+    with_top = SCREEN_SAFETY * typical * (top * spread).sqrt() / gap
+    sums = FLOAT32_ROUNDOFF * (data.shape[0] ** 0.5 * denoiser.norm(dim=1)) / gap
+    clear = (top > 0.5) & (without_top + sums < FLOAT64_TARGET / 2)
+    assert int((clear & (with_top > FLOAT64_TARGET)).sum()) >= 20  # the case at issue
+    redone: list[int] = []
+    holds = knnflow.closed_form.dot_form_holds
+
+    def spy(x_norm, *args):
+        redone.append(x_norm.shape[0])
+        return holds(x_norm, *args)
+
+    monkeypatch.setattr(knnflow.closed_form, "dot_form_holds", spy)
+    rows = clear.nonzero().squeeze(1)
+    _, exact = reference(x[rows], t, data)
+    assert_contract(knnflow.closed_form_velocity(x[rows], t, data), exact)
+    assert redone == []
 
 
 def test_one_pass_leaves_many_live_near_copies_to_the_streaming_engine(monkeypatch):

@@ -220,6 +220,8 @@ def train_command(
                  ("ms on the target", f"{last.ms_target:.1f}")]
         if last.fallback is not None:
             rows.append(("knn-efm fallback (last step)", f"{last.fallback:.0%} of the rows"))
+        if last.routed is not None:
+            rows.append(("knn-efm routed (last step)", f"{last.routed:.0%} of the rows"))
     console.print(key_value_table("Training finished", rows))
     if logged and logged[-1].fallback is not None:
         given = ("the exact û* (--knn-fallback exact): their target is û* all the same, only "
@@ -227,6 +229,10 @@ def train_command(
                  "the EFM estimate (--knn-fallback efm)")
         err_console.print(f"note: fallback rows are those at t below where certifying "
                           f"succeeds, or over --knn-budget; they got {given}", soft_wrap=True)
+        if logged[-1].routed:
+            err_console.print("note: routed rows are those at t where the exact engine is faster "
+                              "than certifying here (--knn-route; timed once, kept in the "
+                              "checkpoints): they got the exact û*", soft_wrap=True)
 
 
 def sample_command(

@@ -238,6 +238,7 @@ class KNNEFMTarget(Target):
         velocity = out.velocity.to(torch.float64)
         evaluated = out.evaluated.to(velocity.device, torch.float64)
         rows = out.fallback.nonzero().squeeze(1).to(x_t.device)
+        self.routed = float(out.routed.double().mean())
         if self.efm is not None and rows.numel():
             velocity[rows] = self.efm.velocity_from(x1[rows], x_t[rows], t[rows], generator)
             evaluated[rows] = self.efm.candidates(rows.numel())

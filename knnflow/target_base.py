@@ -22,6 +22,8 @@ class TargetBatch:
 
     fallback: fraction of the batch that knn-efm sent to its fallback (None for others).
     evaluated: mean number of training points read per row. seconds: time spent on the target.
+    routed: fraction that knn-efm sent to the exact engine because it is faster at their t
+    (KNNVelocity's route; None for other targets).
     """
 
     x_t: Tensor
@@ -29,6 +31,7 @@ class TargetBatch:
     fallback: float | None
     evaluated: float
     seconds: float
+    routed: float | None = None
 
 
 def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
@@ -50,6 +53,8 @@ class Target:
     OPTIONS: dict[str, object] = {}
     # The fewest rows a batch may have (ot-cfm pairs noise and images within the batch).
     MIN_BATCH = 1
+    # The last batch's share of rows routed to the exact engine (knn-efm sets it).
+    routed: float | None = None
 
     @classmethod
     def check_options(cls, options: Mapping) -> dict:
@@ -97,7 +102,7 @@ class Target:
         if self.device.type == "cuda":  # the time spent must include the queued GPU work
             torch.cuda.current_stream(self.device).synchronize()
         return TargetBatch(x_t, target.to(x1.dtype).reshape(x1.shape), fallback, evaluated,
-                           time.perf_counter() - began)
+                           time.perf_counter() - began, self.routed)
 
     def couple(self, x0: Tensor, x1: Tensor) -> Tensor:
         """The noise paired with each x1 (the batch's own x0 but for coupled targets)."""

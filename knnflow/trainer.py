@@ -65,6 +65,7 @@ class StepMetrics:
     ms_target: float
     fallback: float | None
     lr: float
+    routed: float | None = None
 
 
 def load_training_data(config: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -229,18 +230,20 @@ def train(config: TrainConfig, folder: Path, resume: bool = False, overwrite: bo
             lr = lr_at(step, config)
             loss = optimizer_step(model, ema, optimizer, batch, t, config, step, lr, device)
             done = step + 1
-            # The loss, the target's variance and knn-efm's fallback fraction over the whole
-            # batch (all processes); the times are process 0's.
-            loss_value, variance, fallback = _batch_means(
+            # The loss, the target's variance and knn-efm's fallback and routed fractions over
+            # the whole batch (all processes); the times are process 0's.
+            loss_value, variance, fallback, routed = _batch_means(
                 torch.tensor([float(loss.detach()), float(batch.target.square().mean()),
-                              math.nan if batch.fallback is None else batch.fallback],
+                              math.nan if batch.fallback is None else batch.fallback,
+                              math.nan if batch.routed is None else batch.routed],
                              dtype=torch.float64), world)
             if not math.isfinite(loss_value):
                 raise OptionError(f"the loss became {loss_value} at step {done}; lower {{lr}}",
                                   "lr")
             entry = StepMetrics(done, loss_value, variance,
                                 1e3 * (time.perf_counter() - began), 1e3 * batch.seconds,
-                                None if batch.fallback is None else fallback, lr)
+                                None if batch.fallback is None else fallback, lr,
+                                None if batch.routed is None else routed)
             if done % config.log_every == 0 or done == config.steps:
                 if rank == 0:
                     metrics_file.write(json.dumps(asdict(entry)) + "\n")

@@ -101,6 +101,21 @@ def test_knn_efm_target_is_within_its_tolerance(digits, digits_index):
     assert 0 <= out.fallback <= 1
 
 
+def test_knn_efm_reports_its_routed_share(digits, digits_index):
+    """With the floors pinned at (0.3, 0.6): rows below 0.3 fall back, rows in [0.3, 0.6) go to
+    the exact engine as routed, rows above certify (64 of them, enough not to join the exact
+    engine's call); the batch reports each share, and the routed rows' targets are û*."""
+    t = torch.cat([torch.full((32,), 0.1), torch.full((32,), 0.45), torch.full((64,), 0.9)])
+    x0, x1, t = flow_batch(digits, 128, 7, t)
+    target = make_target("knn-efm", index=digits_index, data=digits, route="faster")
+    target.restore({"knn_floors": [0.3, 0.6]})
+    out = target(x0, x1, t)
+    assert out.fallback == 0.25 and out.routed == 0.25
+    exact = brute_force_velocity(out.x_t, t, digits)
+    assert relative_error(out.target[32:64], exact[32:64]).max() < 1e-4
+    assert make_target("efm", data=digits)(x0, x1, t).routed is None
+
+
 def test_knn_efm_falls_back_to_efm_and_reports_it(digits, digits_index):
     x0, x1, t = flow_batch(digits, 64, 6, torch.full((64,), 0.05))  # nothing certifies here
     target = make_target("knn-efm", index=digits_index, data=digits, fallback="efm", m=1)

@@ -329,6 +329,7 @@ def test_train_knn_efm_without_index_builds_and_reuses_the_default_index(tmp_pat
     assert (tmp_path / "indices" / "digits-train" / "manifest.json").is_file()
     # The summary explains the fallback share, and a run shorter than its warm-up says so.
     assert re.search(r"knn-efm fallback \(last step\) [│ ]+\d+% of the rows", first.stdout)
+    assert re.search(r"knn-efm routed \(last step\) [│ ]+\d+% of the rows", first.stdout)
     assert "note: fallback rows are those at t below where certifying succeeds, or over " \
            "--knn-budget; they got the exact û*" in first.stderr
     assert "warning: --steps 2 ends inside the 100-step warm-up: the learning rate reaches " \

@@ -401,11 +401,12 @@ def train(
     table = Table(title=(f"Training step time: {data_text(c)}, n={c['n']}, preset {c['preset']} "
                          f"({c['parameters']:,} parameters), batch {c['batch']}, "
                          f"{machine_text(c)}"), title_justify="left")
-    for column in ("target", "ms / step", "ms on target", "× cfm", "knn fallback"):
+    for column in ("target", "ms / step", "ms on target", "× cfm", "knn fallback", "knn routed"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in result.rows:
         table.add_row(row.target, f"{row.ms_step:.1f}", f"{row.ms_target:.1f}",
-                      f"{row.ratio:.2f}×", "" if row.fallback is None else f"{row.fallback:.0%}")
+                      f"{row.ratio:.2f}×", "" if row.fallback is None else f"{row.fallback:.0%}",
+                      "" if row.routed is None else f"{row.routed:.0%}")
     console.print(table)
     console.print(f"Median over {c['steps']} steps after {c['warmup']} warm-up steps; a step is "
                   "the target, forward, backward, clipping, Adam and the EMA update"

@@ -189,7 +189,7 @@ def test_bench_targets_orders_the_targets_by_error():
 
 def test_bench_train_steps_every_target_like_the_trainer():
     """Every target named gets a row with its step time, the target's share of it and, for
-    knn-efm, the fallback fraction; target names are parsed or refused in one line."""
+    knn-efm, the fallback and routed fractions; target names are parsed or refused in one line."""
     from knnflow.bench import bench_train, parse_target_label
 
     result = bench_train(dataset="digits", limit=300, targets=("cfm", "efm-n-shared", "knn-efm"),
@@ -197,7 +197,10 @@ def test_bench_train_steps_every_target_like_the_trainer():
     assert [row.target for row in result.rows] == ["cfm", "efm-n-shared", "knn-efm"]
     assert result.rows[0].ratio == 1.0
     assert all(row.ms_step > row.ms_target >= 0 for row in result.rows)
-    assert result.rows[2].fallback is not None and 0 <= result.rows[2].fallback <= 1
+    knn = result.rows[2]
+    assert knn.fallback is not None and knn.routed is not None
+    assert 0 <= knn.fallback + knn.routed <= 1
+    assert result.rows[0].routed is None and result.rows[0].fallback is None
     assert parse_target_label("efm-n", 300) == {"name": "efm", "m": 300, "pool": "independent"}
     with pytest.raises(InputError, match="unknown target"):
         parse_target_label("efm-0", 300)

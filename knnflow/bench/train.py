@@ -46,6 +46,7 @@ class TrainRow:
     ms_target: float
     ratio: float
     fallback: float | None
+    routed: float | None = None
 
 
 @dataclass
@@ -84,6 +85,7 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
     step_ms = {label: [] for label in specs}
     target_ms = {label: [] for label in specs}
     fallback = {label: [] for label in specs}
+    routed = {label: [] for label in specs}
     total = len(specs) * (warmup + steps)
 
     def trainer(label: str, spec: dict):
@@ -112,6 +114,8 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
             target_ms[label].append(1e3 * out.seconds)
             if out.fallback is not None:
                 fallback[label].append(out.fallback)
+            if out.routed is not None:
+                routed[label].append(out.routed)
         return now
 
     if prefetch:
@@ -155,5 +159,6 @@ def bench_train(dataset: str | None = None, root: str | None = None, limit: int 
         result.rows.append(TrainRow(
             target=label, ms_step=ms, ms_target=statistics.median(target_ms[label]),
             ratio=ms / base if base else math.nan,
-            fallback=statistics.mean(fallback[label]) if fallback[label] else None))
+            fallback=statistics.mean(fallback[label]) if fallback[label] else None,
+            routed=statistics.mean(routed[label]) if routed[label] else None))
     return result

@@ -340,11 +340,12 @@ def targets(
     for label in result.error:
         table.add_column(label, justify="right", no_wrap=True)
     table.add_column("knn-efm fallback", justify="right", no_wrap=True)
+    table.add_column("knn-efm routed", justify="right", no_wrap=True)
     for i, label in enumerate(result.bins):
         table.add_row(label, *[f"{result.error[name][i]:.2e}" for name in result.error],
-                      f"{result.fallback[i]:.0%}")
+                      f"{result.fallback[i]:.0%}", f"{result.routed[i]:.0%}")
     table.add_row("ms / batch", *[f"{result.ms_per_batch[name]:.1f}" for name in result.error],
-                  "", style="bold")
+                  "", "", style="bold")
     console.print(table)
     console.print("efm pools are independent (the paper's algorithm) unless marked shared (its "
                   "released code); û* from the exact engine; ms: median over the bins.")

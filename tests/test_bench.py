@@ -185,6 +185,9 @@ def test_bench_targets_orders_the_targets_by_error():
         assert result.error["knn-efm"][i] <= 1e-6 * max(result.error["cfm"][i], 1e-12) + 1e-10
     assert sum(result.error["efm-1000"]) < sum(result.error["efm-128"]) < sum(result.error["cfm"])
     assert all(ms >= 0 for ms in result.ms_per_batch.values())
+    # Below the digits' calibrated floor (0.7) every knn-efm row falls back; none is routed.
+    assert result.fallback[:2] == [1.0, 1.0] and result.routed[:2] == [0.0, 0.0]
+    assert all(0 <= f + r <= 1 for f, r in zip(result.fallback, result.routed, strict=True))
 
 
 def test_bench_train_steps_every_target_like_the_trainer():

@@ -4,7 +4,7 @@ and its cost."""
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ class TargetsBench(BenchResult):
     error: dict[str, list[float]]
     ms_per_batch: dict[str, float]
     fallback: list[float]
+    routed: list[float] = field(default_factory=list)
 
 
 def bench_targets(dataset: str | None = None, root: str | None = None, limit: int | None = None,
@@ -51,7 +52,7 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
     gen = torch.Generator().manual_seed(seed)
     error = {label: [] for label in targets}
     seconds = {label: [] for label in targets}
-    fallback, labels = [], []
+    fallback, routed, labels = [], [], []
     for b in range(bins):
         if progress:
             progress("bench targets", b, bins)
@@ -70,6 +71,7 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
             seconds[label].append(out.seconds)
             if label == "knn-efm":
                 fallback.append(out.fallback)
+                routed.append(out.routed)
     if progress:
         progress("bench targets", bins, bins)
     return TargetsBench(
@@ -77,4 +79,4 @@ def bench_targets(dataset: str | None = None, root: str | None = None, limit: in
                 "threads": torch.get_num_threads(), "torch": torch.__version__},
         bins=labels, error=error,
         ms_per_batch={label: 1e3 * statistics.median(v) for label, v in seconds.items()},
-        fallback=fallback)
+        fallback=fallback, routed=routed)

@@ -107,7 +107,14 @@ class Router:
         chose to certify was of ROUTE_PROBES rows (photos, t ~ U[0,1): 13 rows at t ≥ 0.95
         certified in 52 ms, while the other 243 rows took the exact engine as long as all 256)."""
         t_floor, exact_floor = self.floors
-        fallback = t < max(MIN_INDEX_T, t_floor)
+        low = max(MIN_INDEX_T, t_floor)
+        if t.numel():  # a batch all below one floor (the common case) needs no masks
+            first, last = (float(v) for v in t.aminmax())
+            below = last < low
+            if below or (first >= low and last < exact_floor):
+                every = torch.ones(t.shape, dtype=torch.bool, device=t.device)
+                return (every, ~every) if below else (~every, every)
+        fallback = t < low
         routed = ~fallback & (t < exact_floor)
         if self.timed:
             exact_anyway = routed | fallback if self.fallback_exact else routed

@@ -324,6 +324,36 @@ def test_route_and_floors_are_checked(digits_index, kwargs, message):
         knnflow.KNNVelocity(digits_index, **kwargs)
 
 
+def test_router_split_follows_the_floors(digits_index):
+    """Router.split against its definition, with the floors pinned at (0.3, 0.6): fallback
+    below 0.3 (and below MIN_INDEX_T), routed in [0.3, 0.6), and with timed routes fewer
+    than ROUTE_PROBES rows left to certify join the exact engine's rows when there are any;
+    for batches all on one side of a floor (the quick path) and mixed ones alike."""
+    from knnflow.routing import MIN_INDEX_T, ROUTE_PROBES
+
+    gen = torch.Generator().manual_seed(9)
+    batches = [torch.full((40,), 0.1), torch.full((40,), 0.45), torch.full((40,), 0.9),
+               torch.full((40,), 0.3), torch.full((40,), 0.6), torch.zeros(8),
+               torch.cat([torch.full((10,), 0.1), torch.full((10,), 0.45)]),
+               torch.cat([torch.full((10,), 0.45), torch.full((70,), 0.9)]),
+               torch.cat([torch.full((10,), 0.45), torch.full((30,), 0.9)]),
+               torch.rand(256, generator=gen)]
+    for fallback_kind in ("exact", "none"):
+        estimator = knnflow.KNNVelocity(digits_index, route="faster", floors=(0.3, 0.6),
+                                        fallback=fallback_kind)
+        for t in batches:
+            t = t.to(torch.float64)
+            fallback, routed = estimator.router.split(t)
+            want_fallback = t < max(0.3, MIN_INDEX_T)
+            want_routed = ~want_fallback & (t < 0.6)
+            exact_anyway = want_routed | (want_fallback if fallback_kind == "exact"
+                                          else torch.zeros_like(want_fallback))
+            to_certify = ~want_fallback & ~want_routed
+            if bool(exact_anyway.any()) and int(to_certify.sum()) < ROUTE_PROBES:
+                want_routed = want_routed | to_certify
+            assert torch.equal(fallback, want_fallback) and torch.equal(routed, want_routed)
+
+
 def test_an_empty_batch_gives_empty_outputs(digits, digits_index):
     for estimator in (knnflow.ExactVelocity(digits), knnflow.KNNVelocity(digits_index),
                       knnflow.KNNVelocity(digits_index, route="faster", floors=(0.5, 0.8))):

@@ -31,7 +31,7 @@ class TargetBatch:
     fallback: float | None
     evaluated: float
     seconds: float
-    routed: float | None = None
+    routed: float | None
 
 
 def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:

@@ -65,7 +65,7 @@ class StepMetrics:
     ms_target: float
     fallback: float | None
     lr: float
-    routed: float | None = None
+    routed: float | None
 
 
 def load_training_data(config: TrainConfig) -> tuple[Tensor, Tensor]:

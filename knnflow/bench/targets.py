@@ -4,7 +4,7 @@ and its cost."""
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ class TargetsBench(BenchResult):
     error: dict[str, list[float]]
     ms_per_batch: dict[str, float]
     fallback: list[float]
-    routed: list[float] = field(default_factory=list)
+    routed: list[float]
 
 
 def bench_targets(dataset: str | None = None, root: str | None = None, limit: int | None = None,

@@ -46,7 +46,7 @@ class TrainRow:
     ms_target: float
     ratio: float
     fallback: float | None
-    routed: float | None = None
+    routed: float | None
 
 
 @dataclass

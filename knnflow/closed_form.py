@@ -71,7 +71,12 @@ from knnflow.softmax import SoftmaxState, rescale
 # (engine_settings.EngineSettings, one record per device kind) say.
 # Weights below exp(-margin) of the largest are dropped: with margin = log(n) + 36 the dropped
 # mass is below e^-36 ≈ 2e-16 of the total, under float64 rounding of the sums.
+LN_2 = math.log(2.0)
+LOG2_E = 1.0 / LN_2
 DROPPED_MASS_NATS = 36.0
+# Added to the one pass's margin in bits where its float32 weights (exp2 of the differences
+# to the top, each within an ulp) decide which points are live.
+PAIR_MARGIN_SLACK_BITS = 1e-3
 # The float32 rows' estimated relative error (_float32_error): above ACCURACY_TARGET their
 # largest screened weights (the recorded head) are recomputed exactly; rows still above
 # FLOAT64_TARGET are computed again with every live weight exact. The estimate stays above
@@ -108,6 +113,10 @@ FLOAT32_SCREEN_MAX = 1e30
 
 def check_t(t: float | Tensor, batch: int, device: torch.device | str = "cpu") -> Tensor:
     """t as a float64 (batch,) tensor, after checking that every value lies in [0, 1)."""
+    if isinstance(t, (float, int)) and not isinstance(t, bool):
+        if not 0 <= t < 1:  # (also NaN)
+            raise InputError(f"t must lie in [0, 1); got {float(t)!r}")
+        return torch.full((batch,), float(t), dtype=torch.float64, device=device)
     t64 = torch.as_tensor(t, dtype=torch.float64, device=device)
     if t64.ndim == 0:
         t64 = t64.expand(batch)
@@ -244,6 +253,15 @@ class TrainingSet:
             self.derived["grid"] = grid_of(self.points)
         return self.derived["grid"]
 
+    def sq_norms_as(self, dtype: torch.dtype) -> Tensor:
+        """sq_norms in `dtype`, converted on first use and kept."""
+        if dtype == self.sq_norms.dtype:
+            return self.sq_norms
+        key = ("sq_norms", dtype)
+        if key not in self.derived:
+            self.derived[key] = self.sq_norms.to(dtype)
+        return self.derived[key]
+
     def to(self, device: torch.device | str) -> TrainingSet:
         """The same training set with its tensors on `device`."""
         return TrainingSet(self.points.to(device), self.sq_norms.to(device), self.max_norm,
@@ -325,40 +343,32 @@ def _closed_form_state(xf: Tensor, t64: Tensor, train: TrainingSet, *, chunk_siz
                       "screening bounds widen for it, but its dense sums are then accurate "
                       "only to ~1e-3 relative; keep TF32/bf16 off (torch's default) for "
                       "exact û*", stacklevel=2)
-    state = SoftmaxState.empty(batch, train.dim, device)
     if batch == 0:
-        return state
+        return SoftmaxState.empty(batch, train.dim, device)
     x64 = xf.to(torch.float64)
-    # t = 0: every logit is -‖x‖²/2, so every weight is equal and D is the mean, exactly.
-    flat = t64 == 0
-    if bool(flat.any()):
-        state.ref[flat] = -0.5 * x64[flat].square().sum(dim=1)
-        state.z[flat] = float(train.n)
-        state.s[flat] = train.sums.to(device)
-    rows = (~flat).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return state
+    t_min, t_max = (float(v) for v in t64.aminmax())
     settings = engine_settings(device)
     chunk_size = chunk_size or settings.chunk
-    overflow = torch.zeros(batch, dtype=torch.bool, device=device)
+    may_overflow = False
     if compute_dtype == torch.float32:
         # The screen's magnitudes must stay far inside float32's range (3.4e38).
         # (checked per row only when the batch's largest query and t could overflow)
-        x_max, t_max = float(x64.abs().max()), float(t64.max())
-        reach_max = x_max * math.sqrt(train.dim) + t_max * train.max_norm
-        if not reach_max * reach_max / (1 - t_max) ** 2 < FLOAT32_SCREEN_MAX:
-            s = 0.5 / (1 - t64) ** 2
-            reach = x64.norm(dim=1) + t64 * train.max_norm
-            overflow = ~(2 * s * reach * reach < FLOAT32_SCREEN_MAX) & ~flat
-            rows = (~flat & ~overflow).nonzero().squeeze(1)
-    if rows.numel() and compute_dtype == torch.float32 and train.n <= chunk_size and (
-            train.n * train.dim <= settings.small_set_numbers):
-        if rows.numel() == batch:  # the usual case: no row to pick out or scatter back
-            state, rest = _one_pass(x64, t64, train, settings)
-        else:
+        reach_max = float(x64.abs().amax()) * math.sqrt(train.dim) + t_max * train.max_norm
+        may_overflow = not reach_max * reach_max / (1 - t_max) ** 2 < FLOAT32_SCREEN_MAX
+    one_pass = compute_dtype == torch.float32 and train.n <= chunk_size and (
+        train.n * train.dim <= settings.small_set_numbers)
+    if one_pass and t_min > 0 and not may_overflow:
+        # The usual case: every row takes the one pass, none to pick out or scatter back.
+        state, rows = _one_pass(x64, t64, train, settings, shared_t=t_min == t_max)
+        if rows.numel() == 0:
+            return state
+        overflow = None
+    else:
+        state, rows, overflow = _flat_and_overflow_rows(x64, t64, train, may_overflow)
+        if one_pass and rows.numel():
             part, rest = _one_pass(x64[rows], t64[rows], train, settings)
             _scatter_state(state, rows, part)
-        rows = rows[rest]
+            rows = rows[rest]
     grid = None
     if rows.numel() and compute_dtype == torch.float32:
         grid = _grid_for(train, settings, device, chunk_size)
@@ -377,16 +387,38 @@ def _closed_form_state(xf: Tensor, t64: Tensor, train: TrainingSet, *, chunk_siz
             part, _ = _stream(x64[rows], t64[rows], train, chunk_size, compute_dtype,
                               settings, exact_only=True, grid=grid)
             _scatter_state(state, rows, part)
-    if bool(overflow.any()):
+    if overflow is not None and bool(overflow.any()):
         rows = overflow.nonzero().squeeze(1)
         part, _ = _stream(x64[rows], t64[rows], train, chunk_size, torch.float64, settings)
         _scatter_state(state, rows, part)
     return state
 
 
-def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet,
-              settings: EngineSettings) -> tuple[SoftmaxState, Tensor]:
-    """(state, rest) for a small training set in one chunk. One float32 GEMM screens the
+def _flat_and_overflow_rows(x64: Tensor, t64: Tensor, train: TrainingSet,
+                            may_overflow: bool) -> tuple[SoftmaxState, Tensor, Tensor]:
+    """(state, rows, overflow): the state with the rows at t = 0 set, the indices of the
+    other rows whose float32 screen stays in range, and the mask of those that would
+    overflow it (checked per row where may_overflow)."""
+    batch, device = x64.shape[0], x64.device
+    state = SoftmaxState.empty(batch, train.dim, device)
+    # t = 0: every logit is -‖x‖²/2, so every weight is equal and D is the mean, exactly.
+    flat = t64 == 0
+    if bool(flat.any()):
+        state.ref[flat] = -0.5 * x64[flat].square().sum(dim=1)
+        state.z[flat] = float(train.n)
+        state.s[flat] = train.sums.to(device)
+    overflow = torch.zeros(batch, dtype=torch.bool, device=device)
+    if may_overflow:
+        s = 0.5 / (1 - t64) ** 2
+        reach = x64.norm(dim=1) + t64 * train.max_norm
+        overflow = ~(2 * s * reach * reach < FLOAT32_SCREEN_MAX) & ~flat
+    return state, (~flat & ~overflow).nonzero().squeeze(1), overflow
+
+
+def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettings,
+              shared_t: bool | None = None) -> tuple[SoftmaxState, Tensor]:
+    """(state, rest) for a small training set in one chunk (shared_t: whether every query
+    has the same t; None: look). One float32 GEMM screens the
     logits, the second sums their weights, and each row's error is estimated as in
     `_float32_error`, after the top weight is made exact (`_exact_top_`): the largest weight
     left screened is then the second, at most min(1/Z, 1 - 1/Z) of the total. Rows whose
@@ -395,55 +427,76 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet,
     weigh them exactly from float64 differences. Rows whose estimate
     exceeds FLOAT64_TARGET, and coarse rows with many such points, take one float64 GEMM: its
     weights directly where its rounding stays below DOT_FORM_NATS, else as a screen whose few
-    live weights are computed from differences. `rest` marks the rows with too many of
-    those, left to the streaming engine."""
+    live weights are computed from differences. `rest` holds the indices of the rows with
+    too many of those, left to the streaming engine."""
     batch, dim = x64.shape
     n, device = train.n, x64.device
-    s = 0.5 / (1 - t) ** 2
-    x_sq = x64.square().sum(dim=1)
-    x_norm = x_sq.sqrt()
+    s = (1 - t).pow_(-2).mul_(0.5)
+    x_norm = torch.linalg.vector_norm(x64, dim=1)
+    x_sq = x_norm.square()
     proven, typical = screening_error_bound(x_norm, t, train.max_norm, dim, torch.float32,
-                                            device)
+                                            device, s)
     # Weights below e^-floor of the top stay at e^-floor instead of 0: for rows whose bound
     # allows it, at most n·e^-(log n + 36) of the total, under the dropped mass; never
     # subnormal, nor their products with the points (those slow the second GEMM ~3×).
     floor = settings.one_pass_floor_nats
     coarse = proven > (floor - math.log(n) - DROPPED_MASS_NATS) / 2
-    redo = coarse.clone()
-    state = SoftmaxState.empty(batch, dim, device)
-    every = not bool(redo.any())
-    rows = None if every else (~redo).nonzero().squeeze(1)
+    every = not bool(coarse.any())
+    if every:
+        rows = redo = None
+    else:
+        redo = coarse.clone()
+        state = SoftmaxState.empty(batch, dim, device)
+        rows = (~redo).nonzero().squeeze(1)
     if every or rows.numel():
         xr, tr, sr = (x64, t, s) if every else (x64[rows], t[rows], s[rows])
         points = train.points.to(torch.float32)
-        sq = train.sq_norms.to(torch.float32)
-        logits = screened_logits(xr, tr, sr, points, sq)
-        top, first = logits.max(dim=1)
-        weights = logits.sub_(top[:, None]).clamp_(min=-floor).exp_()
+        sq = train.sq_norms_as(torch.float32)
+        # In bits (log2 of the weights): torch's exp2 runs ~3× faster than its exp on CPUs.
+        logits = screened_logits(xr, tr, sr * LOG2_E, points, sq,
+                                 shared_t=shared_t if every else None)
+        first = row_argmax(logits)
+        top = logits.gather(1, first[:, None])
+        weights = logits.sub_(top).clamp_(min=-floor * LOG2_E).exp2_()
+        top = top.squeeze(1)
         z = weights.sum(dim=1).to(torch.float64)
         sums = (weights @ points).to(torch.float64)
         q = (weights @ sq).to(torch.float64)
-        inv_z = 1 / z
+        inv_z = z.reciprocal()
         denoiser = sums * inv_z[:, None]
-        gap = (denoiser - xr).norm(dim=1)
-        d_sq = denoiser.square().sum(dim=1)
-        q_z = q * inv_z
-        spread = (q_z - d_sq).clamp_(min=0.0)
+        gap = torch.linalg.vector_norm(denoiser - xr, dim=1)
+        d_norm = torch.linalg.vector_norm(denoiser, dim=1)
+        q_z = q.mul_(inv_z)
         # The top weight is made exact below (_exact_top_), so the largest weight left
         # screened is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
         screened_max = torch.minimum(inv_z, (1 - inv_z).clamp_(min=0.0))
-        estimate = (SCREEN_SAFETY * (typical if every else typical[rows])
-                    * (spread * screened_max).sqrt_()
-                    + FLOAT32_ROUNDOFF * (math.sqrt(n) * d_sq.sqrt_() + q_z.sqrt_())) / gap
-        ref = top.to(torch.float64) - sr * (x_sq if every else x_sq[rows])
+        spread = torch.addcmul(q_z, d_norm, d_norm, value=-1.0).clamp_(min=0.0)
+        scatter = spread.mul_(screened_max).sqrt_().mul_(typical if every else typical[rows])
+        rounding = torch.add(q_z.sqrt_(), d_norm, alpha=math.sqrt(n)).mul_(FLOAT32_ROUNDOFF)
+        estimate = rounding.add_(scatter, alpha=SCREEN_SAFETY).div_(gap)
+        ref = torch.addcmul(top.to(torch.float64).mul_(LN_2), sr,
+                            x_sq if every else x_sq[rows], value=-1.0)
         ref = _exact_top_(ref, z, sums, first, xr, tr, sr, train)
         if every:
             state = SoftmaxState(ref, z, sums)
-            redo = ~(estimate <= FLOAT64_TARGET)
+            if float(estimate.amax()) <= FLOAT64_TARGET:  # (NaN fails it too)
+                return state, first[:0]
+            redo = torch.zeros(batch, dtype=torch.bool, device=device)
         else:
             state.ref[rows], state.z[rows], state.s[rows] = ref, z, sums
-            redo[rows] = ~(estimate <= FLOAT64_TARGET)
-    if bool(coarse.any()):
+        # Rows the float32 sums leave too inaccurate, mostly a few points sharing the mass:
+        # as for coarse rows below, the points within the dropped-mass margin widened by
+        # twice the proven bound (their float32 weights show which) hold every weight that
+        # matters; where they are few, they are weighed exactly from differences.
+        bad = (~(estimate <= FLOAT64_TARGET)).nonzero().squeeze(1)
+        margin = ((math.log(n) + DROPPED_MASS_NATS + 2 * (proven if every else proven[rows])[bad])
+                  * LOG2_E + 4 * FLOAT32_ROUNDOFF * top[bad].abs() + PAIR_MARGIN_SLACK_BITS)
+        live = weights[bad] >= torch.exp2(-margin)[:, None]
+        few = _row_counts(live) <= settings.one_pass_pair_rows
+        bad = bad if every else rows[bad]
+        _live_pairs_into(state, x64, t, s, train, bad[few], live[few])
+        redo[bad[~few]] = True
+    if not every:
         # Too coarse for the floor, not for a screen: the float32 logits within the dropped-
         # mass margin widened by twice the proven bound hold every weight that matters, few
         # per row near t = 1, computed exactly from differences (the rest take the float64
@@ -461,15 +514,15 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet,
         redo[rows[few]] = False
     rows = redo.nonzero().squeeze(1)
     if rows.numel() == 0:
-        return state, redo
+        return state, rows
     # In place where it can (fresh temporaries of this size are page-faulted in on each call).
     p64 = train.points.to(torch.float64)
     sr, tr = s[rows], t[rows]
     full = torch.mm(x64[rows], p64.T).mul_((2 * sr * tr)[:, None])
     full.addr_(-sr * tr * tr, train.sq_norms)  # the logits less s‖x‖², the same for every j
-    best, first = full.max(dim=1)
+    first = row_argmax(full)
+    best = full.gather(1, first[:, None]).squeeze(1)
     direct = dot_form_holds(x_norm[rows], tr, train.max_norm, sr)
-    rest = torch.zeros(batch, dtype=torch.bool, device=device)
     if bool(direct.any()):
         every = bool(direct.all())
         w64 = full if every else full[direct]
@@ -480,16 +533,15 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet,
                                       first[direct], x64[done], t[done], s[done], train)
         state.z[done], state.s[done] = z, sums
         if every:
-            return state, rest
+            return state, rows[:0]
     screened = rows[~direct]
     bound, _ = screening_error_bound(x_norm[screened], t[screened], train.max_norm, dim,
                                      torch.float64, device)
     margin = math.log(n) + DROPPED_MASS_NATS + 2 * bound
     live = full[~direct] >= (best[~direct] - margin)[:, None]
     few = _row_counts(live) <= settings.one_pass_pair_rows
-    rest[screened[~few]] = True
     _live_pairs_into(state, x64, t, s, train, screened[few], live[few])
-    return state, rest
+    return state, screened[~few]
 
 
 class _Screen:
@@ -511,15 +563,26 @@ class _Screen:
         return torch.addmm(bias, self.query, points.T)
 
 
-def screened_logits(x64: Tensor, t: Tensor, s: Tensor, points: Tensor, sq: Tensor) -> Tensor:
+def screened_logits(x64: Tensor, t: Tensor, s: Tensor, points: Tensor, sq: Tensor,
+                    shared_t: bool | None = None) -> Tensor:
     """float32 screened logits 2st⟨x, x_j⟩ - st²‖x_j‖² (B, n) over float32 points and norms.
-    With one t for the batch its scalars fold into the GEMM (alpha, beta) and the queries
-    are only rounded to float32; else as `_Screen`."""
-    if bool((t == t[0]).all()):
+    With one t for the batch (shared_t; None: look) its scalars fold into the GEMM (alpha,
+    beta) and the queries are only rounded to float32; else as `_Screen`."""
+    if shared_t is None:
+        shared_t = bool((t == t[0]).all())
+    if shared_t:
         t0, s0 = float(t[0]), float(s[0])
         return torch.addmm(sq[None, :], x64.to(torch.float32), points.T,
                            beta=-s0 * t0 * t0, alpha=2 * s0 * t0)
     return _Screen(x64, t, s, torch.float32, shared_t=False)(points, sq)
+
+
+def row_argmax(values: Tensor) -> Tensor:
+    """Each row's index of its largest value, the first of equals (as argmax(dim=1)); on a
+    CPU by numpy's, which runs ~5× faster than torch's at the one pass's shapes."""
+    if values.device.type == "cpu" and not values.requires_grad:
+        return torch.from_numpy(values.numpy().argmax(axis=1))
+    return values.argmax(dim=1)
 
 
 def largest_logits(x: Tensor, t: float, data: Tensor | TrainingSet) -> Tensor:
@@ -580,12 +643,13 @@ def _live_pairs_into(state: SoftmaxState, x64: Tensor, t: Tensor, s: Tensor,
 def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor, t: Tensor,
                 s: Tensor, train: TrainingSet) -> Tensor:
     """Make each row's top weight exact in place: the sums hold it as weight 1 at the
-    reference `ref` (its dot-form logit); the other weights keep their ratio to it. Returns
+    reference `ref` (its dot-form logit, overwritten); the other weights keep their ratio to
+    it. Returns
     the new reference, its logit from float64 differences, so log Z and max λ carry no
     rounding of the top (analysis.collapse reads them)."""
     top = train.points[first].to(torch.float64)
-    exact = -s * difference_sq(x64, t[:, None], top)
-    scale = torch.exp(ref - exact)
+    exact = difference_sq(x64, t[:, None], top).mul_(s).neg_()
+    scale = ref.sub_(exact).exp_()
     z.sub_(1.0).clamp_(min=0.0).mul_(scale).add_(1.0)
     sums.sub_(top).mul_(scale[:, None]).add_(top)
     return exact

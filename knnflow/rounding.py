@@ -53,8 +53,10 @@ def matmul_input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
 
 
 def screening_error_bound(x_norm: Tensor, t: Tensor, max_norm: float, dim: int,
-                          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(proven, typical) bounds on |screened logit - exact logit| in nats, per query.
+                          dtype: torch.dtype, device: torch.device,
+                          s: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(proven, typical) bounds on |screened logit - exact logit| in nats, per query (s:
+    the caller's 1/(2(1-t)²), where it has them).
 
     The screened logit is fl(fl(a·x)·x_j) - fl(b·‖x_j‖²) with a = 2st, b = st², s = 1/(2(1-t)²).
     With A = a‖x‖R and Bn = bR² (R the largest data norm), a dot product of length d has error
@@ -67,11 +69,14 @@ def screening_error_bound(x_norm: Tensor, t: Tensor, max_norm: float, dim: int,
     u = FLOAT64_ROUNDOFF if dtype == torch.float64 else FLOAT32_ROUNDOFF
     u_in = matmul_input_roundoff(dtype, device)
     gamma = dim * u / (1 - dim * u)
-    s = 0.5 / (1 - t) ** 2
-    a_term = 2 * s * t * x_norm * max_norm
-    b_term = s * t * t * max_norm**2
-    proven = 1.01 * ((gamma + 2 * u_in + 4 * u) * a_term + 6 * u * b_term)
-    typical = (u + 2 * u_in) * (a_term + b_term)
+    # a_term = 2st·‖x‖·R and b_term = st²·R² (few ops: this runs on every call of the exact
+    # engine)
+    st = t / (1 - t).square_().mul_(2.0) if s is None else s * t
+    a_term = (st * x_norm).mul_(2 * max_norm)
+    b_term = st.mul_(t).mul_(max_norm**2)
+    proven = torch.add(a_term * (1.01 * (gamma + 2 * u_in + 4 * u)), b_term,
+                       alpha=1.01 * 6 * u)
+    typical = (a_term + b_term).mul_(u + 2 * u_in)
     return proven, typical
 
 

@@ -546,10 +546,11 @@ def count_streaming_calls(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("t", [0.75, 0.8, 0.9999])
 def test_one_pass_makes_coarse_rows_exact(monkeypatch, t):
     """Small sets take one pass (closed_form._one_pass). At t = 0.75-0.8 some held-out rows'
-    float32 error estimates are too high and they take a float64 GEMM; at t = 0.9999 the
-    float32 screen is too coarse for the weight floor in every row (bound ~10^3 nats) and
-    only screens for the few weights that may matter, computed from differences. None
-    reaches the streaming engine, and all meet the contract."""
+    float32 error estimates are too high and they are made exact from their few live weights
+    or a float64 GEMM; at t = 0.9999 the float32 screen is too coarse for the weight floor
+    in every row (bound ~10^3 nats) and only screens for the few weights that may matter,
+    computed from differences. None reaches the streaming engine, and all meet the
+    contract."""
     calls = count_streaming_calls(monkeypatch)
     gen = torch.Generator().manual_seed(int(t * 1e4))
     x1 = digits("test")[torch.randint(299, (128,), generator=gen)]
@@ -557,6 +558,47 @@ def test_one_pass_makes_coarse_rows_exact(monkeypatch, t):
     _, exact = reference(x, t, digits())
     assert_contract(knnflow.closed_form_velocity(x, t, digits()), exact)
     assert calls == []
+
+
+def test_one_pass_weighs_inaccurate_rows_with_few_live_points_from_differences(monkeypatch):
+    """At t = 0.8 some held-out rows' float32 error estimates exceed FLOAT64_TARGET: a few
+    points share their mass. The points within the dropped-mass margin, read off the float32
+    weights, are few, and are weighed from float64 differences, with no float64 GEMM. With
+    EngineSettings.one_pass_pair_rows = 0 the same rows take the float64 GEMM instead. Both
+    ways meet the contract."""
+    import dataclasses
+
+    from knnflow.engine_settings import CPU_SETTINGS
+
+    gen = torch.Generator().manual_seed(80)
+    t = 0.8
+    x1 = digits("test")[torch.randint(299, (256,), generator=gen)]
+    x = (1 - t) * torch.randn(256, 64, generator=gen) + t * x1
+    _, exact = reference(x, t, digits())
+    holds, pairs_into = knnflow.closed_form.dot_form_holds, knnflow.closed_form._live_pairs_into
+    routes: dict[str, list[int]] = {}
+
+    def gemm_spy(x_norm, *args):
+        routes["gemm"].append(x_norm.shape[0])
+        return holds(x_norm, *args)
+
+    def pairs_spy(state, x64, t, s, train, done, live):
+        routes["pairs"].append(done.shape[0])
+        return pairs_into(state, x64, t, s, train, done, live)
+
+    monkeypatch.setattr(knnflow.closed_form, "dot_form_holds", gemm_spy)
+    monkeypatch.setattr(knnflow.closed_form, "_live_pairs_into", pairs_spy)
+    found = {}
+    for pair_rows in (CPU_SETTINGS.one_pass_pair_rows, 0):
+        chosen = dataclasses.replace(CPU_SETTINGS, one_pass_pair_rows=pair_rows)
+        monkeypatch.setattr(knnflow.closed_form, "engine_settings", lambda device: chosen)
+        routes.update(gemm=[], pairs=[])
+        assert_contract(knnflow.closed_form_velocity(x, t, digits()), exact)
+        found[pair_rows] = {route: sum(rows) for route, rows in routes.items()}
+    paired = found[CPU_SETTINGS.one_pass_pair_rows]["pairs"]
+    assert paired >= 10  # the case at issue
+    assert found[CPU_SETTINGS.one_pass_pair_rows]["gemm"] == 0
+    assert found[0] == {"gemm": paired, "pairs": 0}
 
 
 def test_one_pass_error_estimate_leaves_out_the_exact_top(monkeypatch):

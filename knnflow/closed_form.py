@@ -359,7 +359,8 @@ def _closed_form_state(xf: Tensor, t64: Tensor, train: TrainingSet, *, chunk_siz
         train.n * train.dim <= settings.small_set_numbers)
     if one_pass and t_min > 0 and not may_overflow:
         # The usual case: every row takes the one pass, none to pick out or scatter back.
-        state, rows = _one_pass(x64, t64, train, settings, shared_t=t_min == t_max)
+        state, rows = _one_pass(x64, t64, train, settings,
+                                t_shared=t_min if t_min == t_max else None)
         if rows.numel() == 0:
             return state
         overflow = None
@@ -416,9 +417,9 @@ def _flat_and_overflow_rows(x64: Tensor, t64: Tensor, train: TrainingSet,
 
 
 def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettings,
-              shared_t: bool | None = None) -> tuple[SoftmaxState, Tensor]:
-    """(state, rest) for a small training set in one chunk (shared_t: whether every query
-    has the same t; None: look). One float32 GEMM screens the
+              t_shared: float | None = None) -> tuple[SoftmaxState, Tensor]:
+    """(state, rest) for a small training set in one chunk (t_shared: the t of every query,
+    where the caller knows they share one). One float32 GEMM screens the
     logits, the second sums their weights, and each row's error is estimated as in
     `_float32_error`, after the top weight is made exact (`_exact_top_`): the largest weight
     left screened is then the second, at most min(1/Z, 1 - 1/Z) of the total. Rows whose
@@ -434,8 +435,10 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     s = (1 - t).pow_(-2).mul_(0.5)
     x_norm = torch.linalg.vector_norm(x64, dim=1)
     x_sq = x_norm.square()
-    proven, typical = screening_error_bound(x_norm, t, train.max_norm, dim, torch.float32,
-                                            device, s)
+    # (with one t, the bound and the screen take it as a float: fewer small operations)
+    t_screen, s_screen = (t, s) if t_shared is None else (t_shared, 0.5 / (1 - t_shared) ** 2)
+    proven, typical = screening_error_bound(x_norm, t_screen, train.max_norm, dim,
+                                            torch.float32, device, s_screen)
     # Weights below e^-floor of the top stay at e^-floor instead of 0: for rows whose bound
     # allows it, at most n·e^-(log n + 36) of the total, under the dropped mass; never
     # subnormal, nor their products with the points (those slow the second GEMM ~3×).
@@ -453,8 +456,8 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
         points = train.points.to(torch.float32)
         sq = train.sq_norms_as(torch.float32)
         # In bits (log2 of the weights): torch's exp2 runs ~3× faster than its exp on CPUs.
-        logits = screened_logits(xr, tr, sr * LOG2_E, points, sq,
-                                 shared_t=shared_t if every else None)
+        logits = (screened_logits(xr, t_screen, s_screen * LOG2_E, points, sq) if every
+                  else screened_logits(xr, tr, sr * LOG2_E, points, sq))
         first = row_argmax(logits)
         top = logits.gather(1, first[:, None])
         weights = logits.sub_(top).clamp_(min=-floor * LOG2_E).exp2_()
@@ -563,18 +566,18 @@ class _Screen:
         return torch.addmm(bias, self.query, points.T)
 
 
-def screened_logits(x64: Tensor, t: Tensor, s: Tensor, points: Tensor, sq: Tensor,
-                    shared_t: bool | None = None) -> Tensor:
+def screened_logits(x64: Tensor, t: Tensor | float, s: Tensor | float, points: Tensor,
+                    sq: Tensor) -> Tensor:
     """float32 screened logits 2st⟨x, x_j⟩ - st²‖x_j‖² (B, n) over float32 points and norms.
-    With one t for the batch (shared_t; None: look) its scalars fold into the GEMM (alpha,
-    beta) and the queries are only rounded to float32; else as `_Screen`."""
-    if shared_t is None:
-        shared_t = bool((t == t[0]).all())
-    if shared_t:
-        t0, s0 = float(t[0]), float(s[0])
-        return torch.addmm(sq[None, :], x64.to(torch.float32), points.T,
-                           beta=-s0 * t0 * t0, alpha=2 * s0 * t0)
-    return _Screen(x64, t, s, torch.float32, shared_t=False)(points, sq)
+    With one t for the batch (t and s floats, or tensors of equal values) its scalars fold
+    into the GEMM (alpha, beta) and the queries are only rounded to float32; else as
+    `_Screen`."""
+    if torch.is_tensor(t):
+        if not bool((t == t[0]).all()):
+            return _Screen(x64, t, s, torch.float32, shared_t=False)(points, sq)
+        t, s = float(t[0]), float(s[0])
+    return torch.addmm(sq[None, :], x64.to(torch.float32), points.T, beta=-s * t * t,
+                       alpha=2 * s * t)
 
 
 def row_argmax(values: Tensor) -> Tensor:

@@ -52,11 +52,11 @@ def matmul_input_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     return {"ieee": 0.0, "tf32": TF32_ROUNDOFF}.get(mode, BF16_ROUNDOFF)
 
 
-def screening_error_bound(x_norm: Tensor, t: Tensor, max_norm: float, dim: int,
+def screening_error_bound(x_norm: Tensor, t: Tensor | float, max_norm: float, dim: int,
                           dtype: torch.dtype, device: torch.device,
-                          s: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(proven, typical) bounds on |screened logit - exact logit| in nats, per query (s:
-    the caller's 1/(2(1-t)²), where it has them).
+                          s: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """(proven, typical) bounds on |screened logit - exact logit| in nats, per query (t per
+    query or one float for all; s: the caller's 1/(2(1-t)²), where it has them).
 
     The screened logit is fl(fl(a·x)·x_j) - fl(b·‖x_j‖²) with a = 2st, b = st², s = 1/(2(1-t)²).
     With A = a‖x‖R and Bn = bR² (R the largest data norm), a dot product of length d has error
@@ -71,9 +71,11 @@ def screening_error_bound(x_norm: Tensor, t: Tensor, max_norm: float, dim: int,
     gamma = dim * u / (1 - dim * u)
     # a_term = 2st·‖x‖·R and b_term = st²·R² (few ops: this runs on every call of the exact
     # engine)
-    st = t / (1 - t).square_().mul_(2.0) if s is None else s * t
-    a_term = (st * x_norm).mul_(2 * max_norm)
-    b_term = st.mul_(t).mul_(max_norm**2)
+    if s is None:
+        s = 0.5 / (1 - t) ** 2
+    st = s * t
+    a_term = (x_norm * st).mul_(2 * max_norm)
+    b_term = st * t * max_norm**2
     proven = torch.add(a_term * (1.01 * (gamma + 2 * u_in + 4 * u)), b_term,
                        alpha=1.01 * 6 * u)
     typical = (a_term + b_term).mul_(u + 2 * u_in)

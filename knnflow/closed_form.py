@@ -419,17 +419,17 @@ def _flat_and_overflow_rows(x64: Tensor, t64: Tensor, train: TrainingSet,
 def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettings,
               t_shared: float | None = None) -> tuple[SoftmaxState, Tensor]:
     """(state, rest) for a small training set in one chunk (t_shared: the t of every query,
-    where the caller knows they share one). One float32 GEMM screens the
-    logits, the second sums their weights, and each row's error is estimated as in
-    `_float32_error`, after the top weight is made exact (`_exact_top_`): the largest weight
-    left screened is then the second, at most min(1/Z, 1 - 1/Z) of the total. Rows whose
-    float32 screen is too coarse for the weight floor (t → 1) keep the points it cannot rule
-    out (the dropped-mass margin widened by twice its proven error) and, when those are few,
-    weigh them exactly from float64 differences. Rows whose estimate
-    exceeds FLOAT64_TARGET, and coarse rows with many such points, take one float64 GEMM: its
-    weights directly where its rounding stays below DOT_FORM_NATS, else as a screen whose few
-    live weights are computed from differences. `rest` holds the indices of the rows with
-    too many of those, left to the streaming engine."""
+    where the caller knows they share one). One float32 GEMM screens the logits of every row,
+    the second sums their weights, and each row's error is estimated as in `_float32_error`,
+    after the top weight is made exact (`_exact_top_`): the largest weight left screened is
+    then the second, at most min(1/Z, 1 - 1/Z) of the total. Rows whose estimate exceeds
+    FLOAT64_TARGET, and rows whose float32 screen is too coarse for the weight floor (t → 1),
+    keep the points that may matter (within the dropped-mass margin widened by twice the
+    screen's proven error) and, when those are few, weigh them exactly from float64
+    differences. Rows with many take one float64 GEMM: its weights directly where its
+    rounding stays below DOT_FORM_NATS, else as a screen whose few live weights are computed
+    from differences. `rest` holds the indices of the rows with too many of those, left to
+    the streaming engine."""
     batch, dim = x64.shape
     n, device = train.n, x64.device
     s = (1 - t).pow_(-2).mul_(0.5)
@@ -444,77 +444,60 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     # subnormal, nor their products with the points (those slow the second GEMM ~3×).
     floor = settings.one_pass_floor_nats
     coarse = proven > (floor - math.log(n) - DROPPED_MASS_NATS) / 2
-    every = not bool(coarse.any())
-    if every:
-        rows = redo = None
-    else:
-        redo = coarse.clone()
-        state = SoftmaxState.empty(batch, dim, device)
-        rows = (~redo).nonzero().squeeze(1)
-    if every or rows.numel():
-        xr, tr, sr = (x64, t, s) if every else (x64[rows], t[rows], s[rows])
-        points = train.points.to(torch.float32)
-        sq = train.sq_norms_as(torch.float32)
-        # In bits (log2 of the weights): torch's exp2 runs ~3× faster than its exp on CPUs.
-        logits = (screened_logits(xr, t_screen, s_screen * LOG2_E, points, sq) if every
-                  else screened_logits(xr, tr, sr * LOG2_E, points, sq))
-        first = row_argmax(logits)
-        top = logits.gather(1, first[:, None])
-        weights = logits.sub_(top).clamp_(min=-floor * LOG2_E).exp2_()
-        top = top.squeeze(1)
-        z = weights.sum(dim=1).to(torch.float64)
-        sums = (weights @ points).to(torch.float64)
-        q = (weights @ sq).to(torch.float64)
-        inv_z = z.reciprocal()
-        denoiser = sums * inv_z[:, None]
-        gap = torch.linalg.vector_norm(denoiser - xr, dim=1)
-        d_norm = torch.linalg.vector_norm(denoiser, dim=1)
-        q_z = q.mul_(inv_z)
-        # The top weight is made exact below (_exact_top_), so the largest weight left
-        # screened is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
-        screened_max = torch.minimum(inv_z, (1 - inv_z).clamp_(min=0.0))
-        spread = torch.addcmul(q_z, d_norm, d_norm, value=-1.0).clamp_(min=0.0)
-        scatter = spread.mul_(screened_max).sqrt_().mul_(typical if every else typical[rows])
-        rounding = torch.add(q_z.sqrt_(), d_norm, alpha=math.sqrt(n)).mul_(FLOAT32_ROUNDOFF)
-        estimate = rounding.add_(scatter, alpha=SCREEN_SAFETY).div_(gap)
-        ref = torch.addcmul(top.to(torch.float64).mul_(LN_2), sr,
-                            x_sq if every else x_sq[rows], value=-1.0)
-        ref = _exact_top_(ref, z, sums, first, xr, tr, sr, train)
-        if every:
-            state = SoftmaxState(ref, z, sums)
-            if float(estimate.amax()) <= FLOAT64_TARGET:  # (NaN fails it too)
-                return state, first[:0]
-            redo = torch.zeros(batch, dtype=torch.bool, device=device)
-        else:
-            state.ref[rows], state.z[rows], state.s[rows] = ref, z, sums
-        # Rows the float32 sums leave too inaccurate, mostly a few points sharing the mass:
-        # as for coarse rows below, the points within the dropped-mass margin widened by
-        # twice the proven bound (their float32 weights show which) hold every weight that
-        # matters; where they are few, they are weighed exactly from differences.
-        bad = (~(estimate <= FLOAT64_TARGET)).nonzero().squeeze(1)
-        margin = ((math.log(n) + DROPPED_MASS_NATS + 2 * (proven if every else proven[rows])[bad])
-                  * LOG2_E + 4 * FLOAT32_ROUNDOFF * top[bad].abs() + PAIR_MARGIN_SLACK_BITS)
-        live = weights[bad] >= torch.exp2(-margin)[:, None]
-        few = _row_counts(live) <= settings.one_pass_pair_rows
-        bad = bad if every else rows[bad]
-        _live_pairs_into(state, x64, t, s, train, bad[few], live[few])
-        redo[bad[~few]] = True
-    if not every:
+    any_coarse = bool(coarse.any())
+    # Every row is screened, coarse ones too (their states are set again below): one GEMM
+    # for the batch, no rows to pick out.
+    points = train.points.to(torch.float32)
+    sq = train.sq_norms_as(torch.float32)
+    # In bits (log2 of the weights): torch's exp2 runs ~3× faster than its exp on CPUs.
+    logits = screened_logits(x64, t_screen, s_screen * LOG2_E, points, sq)
+    first = row_argmax(logits)
+    top = logits.gather(1, first[:, None])
+    weights = logits.sub_(top).clamp_(min=-floor * LOG2_E).exp2_()
+    top = top.squeeze(1)
+    z = weights.sum(dim=1).to(torch.float64)
+    sums = (weights @ points).to(torch.float64)
+    q = (weights @ sq).to(torch.float64)
+    inv_z = z.reciprocal()
+    denoiser = sums * inv_z[:, None]
+    gap = torch.linalg.vector_norm(denoiser - x64, dim=1)
+    d_norm = torch.linalg.vector_norm(denoiser, dim=1)
+    q_z = q.mul_(inv_z)
+    # The top weight is made exact below (_exact_top_), so the largest weight left screened
+    # is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
+    screened_max = torch.minimum(inv_z, (1 - inv_z).clamp_(min=0.0))
+    spread = torch.addcmul(q_z, d_norm, d_norm, value=-1.0).clamp_(min=0.0)
+    scatter = spread.mul_(screened_max).sqrt_().mul_(typical)
+    rounding = torch.add(q_z.sqrt_(), d_norm, alpha=math.sqrt(n)).mul_(FLOAT32_ROUNDOFF)
+    estimate = rounding.add_(scatter, alpha=SCREEN_SAFETY).div_(gap)
+    ref = torch.addcmul(top.to(torch.float64).mul_(LN_2), s, x_sq, value=-1.0)
+    state = SoftmaxState(_exact_top_(ref, z, sums, first, x64, t, s, train), z, sums)
+    if not any_coarse and float(estimate.amax()) <= FLOAT64_TARGET:  # (NaN fails it too)
+        return state, first[:0]
+    # Rows the float32 sums leave too inaccurate, mostly a few points sharing the mass: as
+    # for coarse rows, the points within the dropped-mass margin widened by twice the proven
+    # bound (here their float32 weights show which) hold every weight that matters; where
+    # they are few, they are weighed exactly from differences.
+    bad = (~(estimate <= FLOAT64_TARGET) & ~coarse).nonzero().squeeze(1)
+    margin = ((math.log(n) + DROPPED_MASS_NATS + 2 * proven[bad]) * LOG2_E
+              + 4 * FLOAT32_ROUNDOFF * top[bad].abs() + PAIR_MARGIN_SLACK_BITS)
+    rows, live = [bad], [weights[bad] >= torch.exp2(-margin)[:, None]]
+    if any_coarse:
         # Too coarse for the floor, not for a screen: the float32 logits within the dropped-
         # mass margin widened by twice the proven bound hold every weight that matters, few
-        # per row near t = 1, computed exactly from differences (the rest take the float64
-        # GEMM below).
-        rows = coarse.nonzero().squeeze(1)
-        logits = screened_logits(x64[rows], t[rows], s[rows], train.points.to(torch.float32),
-                           train.sq_norms.to(torch.float32))
+        # per row near t = 1.
+        rows.append(coarse.nonzero().squeeze(1))
+        logits = screened_logits(x64[rows[1]], t[rows[1]], s[rows[1]], points, sq)
         top = logits.amax(dim=1).to(torch.float64)
         # (the threshold's own float32 rounding, a few units in the last place of the top)
-        margin = (math.log(n) + DROPPED_MASS_NATS + 2 * proven[rows]
+        margin = (math.log(n) + DROPPED_MASS_NATS + 2 * proven[rows[1]]
                   + 4 * FLOAT32_ROUNDOFF * top.abs())
-        live = logits >= (top - margin).to(torch.float32)[:, None]
-        few = _row_counts(live) <= settings.one_pass_pair_rows
-        _live_pairs_into(state, x64, t, s, train, rows[few], live[few])
-        redo[rows[few]] = False
+        live.append(logits >= (top - margin).to(torch.float32)[:, None])
+    rows, live = (rows[0], live[0]) if len(rows) == 1 else (torch.cat(rows), torch.cat(live))
+    few = _row_counts(live) <= settings.one_pass_pair_rows
+    _live_pairs_into(state, x64, t, s, train, rows[few], live[few])
+    redo = torch.zeros(batch, dtype=torch.bool, device=device)
+    redo[rows[~few]] = True
     rows = redo.nonzero().squeeze(1)
     if rows.numel() == 0:
         return state, rows

@@ -32,6 +32,7 @@ alone.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -450,7 +451,8 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     points = train.points.to(torch.float32)
     sq = train.sq_norms_as(torch.float32)
     # In bits (log2 of the weights): torch's exp2 runs ~3× faster than its exp on CPUs.
-    logits = screened_logits(x64, t_screen, s_screen * LOG2_E, points, sq)
+    logits = screened_logits(x64, t_screen, s_screen * LOG2_E, points, sq,
+                             out=_logits_buffer(batch, n, device))
     first = row_argmax(logits)
     top = logits.gather(1, first[:, None])
     weights = logits.sub_(top).clamp_(min=-floor * LOG2_E).exp2_()
@@ -542,25 +544,47 @@ class _Screen:
         self.b = (s * t * t).to(dtype)
         self.shared_t = bool((t == t[0]).all()) if shared_t is None else shared_t
 
-    def __call__(self, points: Tensor, sq: Tensor) -> Tensor:
+    def __call__(self, points: Tensor, sq: Tensor, out: Tensor | None = None) -> Tensor:
         """(B, m) screened logits over points (m, d) and their squared norms sq (m,), both in
-        the screen's dtype."""
-        bias = (-self.b[0] * sq)[None, :] if self.shared_t else torch.outer(-self.b, sq)
-        return torch.addmm(bias, self.query, points.T)
+        the screen's dtype (into `out` where given). With one t per query the bias is added
+        in place, with no B×m temporary: the same two roundings as a bias matrix."""
+        if self.shared_t:
+            return torch.addmm((-self.b[0] * sq)[None, :], self.query, points.T, out=out)
+        return torch.mm(self.query, points.T, out=out).addr_(self.b, sq, alpha=-1.0)
 
 
 def screened_logits(x64: Tensor, t: Tensor | float, s: Tensor | float, points: Tensor,
-                    sq: Tensor) -> Tensor:
+                    sq: Tensor, out: Tensor | None = None) -> Tensor:
     """float32 screened logits 2st⟨x, x_j⟩ - st²‖x_j‖² (B, n) over float32 points and norms.
     With one t for the batch (t and s floats, or tensors of equal values) its scalars fold
     into the GEMM (alpha, beta) and the queries are only rounded to float32; else as
-    `_Screen`."""
+    `_Screen`. Into `out` where given."""
     if torch.is_tensor(t):
         if not bool((t == t[0]).all()):
-            return _Screen(x64, t, s, torch.float32, shared_t=False)(points, sq)
+            return _Screen(x64, t, s, torch.float32, shared_t=False)(points, sq, out)
         t, s = float(t[0]), float(s[0])
     return torch.addmm(sq[None, :], x64.to(torch.float32), points.T, beta=-s * t * t,
-                       alpha=2 * s * t)
+                       alpha=2 * s * t, out=out)
+
+
+# The one pass's B×n logits, kept between calls on CPUs (one buffer per thread, up to this
+# many bytes): a fresh buffer of that size is often page-faulted in and zeroed by the kernel
+# on every call, which costs more than the GEMM that fills it.
+_WORKSPACE = threading.local()
+WORKSPACE_MAX_BYTES = 64 << 20
+
+
+def _logits_buffer(rows: int, cols: int, device: torch.device) -> Tensor | None:
+    """A (rows, cols) float32 buffer for one pass's logits: this thread's kept one on a
+    CPU, None (a fresh output) elsewhere or above WORKSPACE_MAX_BYTES. Valid until the next
+    call on this thread."""
+    size = rows * cols
+    if device.type != "cpu" or 4 * size > WORKSPACE_MAX_BYTES:
+        return None
+    buffer = getattr(_WORKSPACE, "logits", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _WORKSPACE.logits = torch.empty(size, dtype=torch.float32)
+    return buffer[:size].view(rows, cols)
 
 
 def row_argmax(values: Tensor) -> Tensor:

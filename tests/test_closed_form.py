@@ -36,6 +36,44 @@ def test_matches_float64_brute_force(dataset, t, request):
     assert err.max() <= 1e-4
 
 
+@pytest.mark.parametrize("per_query_t", [False, True])
+def test_kept_logits_buffer_changes_nothing(digits, per_query_t, monkeypatch):
+    """Small sets' one pass writes its logits into a buffer kept per thread on CPUs
+    (closed_form._logits_buffer). Results are bit-identical to fresh outputs (the buffer
+    off), for one t and for one t per query; a call on another batch size does not change a
+    result already returned; and threads calling at once each get what they get alone."""
+    import threading
+
+    from knnflow import closed_form
+
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for count in (256, 96):
+        t = (torch.rand(count, generator=gen, dtype=torch.float64) if per_query_t
+             else torch.full((count,), 0.6, dtype=torch.float64))
+        batches.append((flow_queries(digits, t, count, seed=count), t))
+    kept = [closed_form_velocity(x, t, digits) for x, t in batches]
+    first = kept[0].clone()
+    closed_form_velocity(*batches[1], digits)
+    assert torch.equal(kept[0], first)
+    results: dict[int, list] = {}
+
+    def worker(i: int) -> None:
+        results[i] = [closed_form_velocity(x, t, digits) for _ in range(5) for x, t in batches]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(3):
+        for j, v in enumerate(results[i]):
+            assert torch.equal(v, kept[j % 2])
+    monkeypatch.setattr(closed_form, "WORKSPACE_MAX_BYTES", 0)
+    for (x, t), v in zip(batches, kept, strict=True):
+        assert torch.equal(closed_form_velocity(x, t, digits), v)
+
+
 def test_float64_mode_is_float64_accurate(digits):
     x = flow_queries(digits, 0.7, 64).to(torch.float64)
     v = closed_form_velocity(x, 0.7, digits, compute_dtype=torch.float64)

@@ -591,7 +591,8 @@ def test_one_pass_weighs_inaccurate_rows_with_few_live_points_from_differences(m
     found = {}
     for pair_rows in (CPU_SETTINGS.one_pass_pair_rows, 0):
         chosen = dataclasses.replace(CPU_SETTINGS, one_pass_pair_rows=pair_rows)
-        monkeypatch.setattr(knnflow.closed_form, "engine_settings", lambda device: chosen)
+        monkeypatch.setattr(knnflow.closed_form, "engine_settings",
+                            lambda device, chosen=chosen: chosen)
         routes.update(gemm=[], pairs=[])
         assert_contract(knnflow.closed_form_velocity(x, t, digits()), exact)
         found[pair_rows] = {route: sum(rows) for route, rows in routes.items()}

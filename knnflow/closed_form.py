@@ -461,9 +461,11 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     sums = (weights @ points).to(torch.float64)
     q = (weights @ sq).to(torch.float64)
     inv_z = z.reciprocal()
-    denoiser = sums * inv_z[:, None]
-    gap = torch.linalg.vector_norm(denoiser - x64, dim=1)
-    d_norm = torch.linalg.vector_norm(denoiser, dim=1)
+    # ‖D - x‖ and ‖D‖ for D = S/Z, with one B×d temporary (fresh ones of 128 KB are often
+    # page-faulted in on every call)
+    gap = torch.linalg.vector_norm(torch.addcmul(sums, z[:, None], x64, value=-1.0), dim=1)
+    gap.mul_(inv_z)
+    d_norm = torch.linalg.vector_norm(sums, dim=1).mul_(inv_z)
     q_z = q.mul_(inv_z)
     # The top weight is made exact below (_exact_top_), so the largest weight left screened
     # is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
@@ -658,7 +660,7 @@ def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor
     the new reference, its logit from float64 differences, so log Z and max λ carry no
     rounding of the top (analysis.collapse reads them)."""
     top = train.points[first].to(torch.float64)
-    exact = difference_sq(x64, t[:, None], top).mul_(s).neg_()
+    exact = torch.addcmul(x64, t[:, None], top, value=-1.0).square_().sum(dim=1).mul_(s).neg_()
     scale = ref.sub_(exact).exp_()
     z.sub_(1.0).clamp_(min=0.0).mul_(scale).add_(1.0)
     sums.sub_(top).mul_(scale[:, None]).add_(top)

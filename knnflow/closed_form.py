@@ -1290,7 +1290,6 @@ def closed_form_velocity(x: Tensor, t: float | Tensor, data: Tensor | TrainingSe
     amplify float32 rounding of D - x.
     """
     state = closed_form_state(x, t, data, **engine_options)
-    x64 = x.reshape(x.shape[0], math.prod(x.shape[1:])).to(torch.float64)
-    t64 = check_t(t, x.shape[0], x.device)
-    velocity = velocity_from_denoiser(state.denoiser(), x64, t64)
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    velocity = state.velocity_(flat, check_t(t, x.shape[0], x.device))
     return velocity.to(output_dtype(x)).reshape(x.shape)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from knnflow.choices import EFM_M, EFM_POOLS, KNN_BUDGET, KNN_FALLBACKS, KNN_TOL, ROUTES
-from knnflow.closed_form import TrainingSet, closed_form_state, velocity_from_denoiser
+from knnflow.closed_form import TrainingSet, closed_form_state
 from knnflow.errors import IndexMismatchError, InputError, OptionError
 from knnflow.estimators import KNNVelocity, SearchBudgets
 from knnflow.images import flip_images
@@ -141,7 +141,7 @@ class EFMTarget(Target):
                     drawn = self._points(ids[part], flips[part])
                     pairs.add_grouped_(state, pair_rows[part], drawn,
                                        torch.arange(len(drawn), device=x64.device))
-        return velocity_from_denoiser(state.denoiser(), x64, t64)
+        return state.velocity_(x64, t64)
 
 
 class KNNEFMTarget(Target):

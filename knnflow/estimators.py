@@ -127,7 +127,7 @@ class ExactVelocity:
                                    compute_dtype=self.compute_dtype)
         if self.group is not None:
             all_reduce_state_(state, self.group)
-        velocity = velocity_from_denoiser(state.denoiser(), flat.to(torch.float64), t64)
+        velocity = state.velocity_(flat, t64)
         batch = x.shape[0]
         return VelocityOutput(
             velocity=velocity.to(dtype=output_dtype(x), device=x.device).reshape(x.shape),

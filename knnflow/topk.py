@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from knnflow.closed_form import check_t, flatten_queries, velocity_from_denoiser
+from knnflow.closed_form import check_t, flatten_queries
 from knnflow.errors import InputError
 from knnflow.estimators import ExactVelocity, VelocityOutput
 from knnflow.index import Index
@@ -84,4 +84,4 @@ class TopKVelocity:
         state = SoftmaxState.empty(len(t), x64.shape[1])
         ExactPairs(x64, t, 0.5 / (1 - t) ** 2, self.train.max_norm).add_grouped_(
             state, rows, self.train.points, ids.reshape(-1), self.train.sq_norms)
-        return velocity_from_denoiser(state.denoiser(), x64, t)
+        return state.velocity_(x64, t)

@@ -138,6 +138,18 @@ def test_merge_with_an_empty_state_is_identity(digits):
     assert torch.equal(merged.denoiser(), state.denoiser())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_velocity_in_place_equals_velocity_from_the_denoiser(digits, dtype):
+    """SoftmaxState.velocity_ overwrites S with (D - x)/(1 - t): bit-identical to
+    velocity_from_denoiser on D and the float64 queries, for queries of any float dtype."""
+    gen = torch.Generator().manual_seed(7)
+    t = torch.rand(32, generator=gen, dtype=torch.float64)
+    x = flow_queries(digits, t, 32).to(dtype)
+    state = closed_form_state(x, t, digits)
+    expected = velocity_from_denoiser(state.denoiser(), x.to(torch.float64), t)
+    assert torch.equal(state.velocity_(x, t), expected)
+
+
 def test_cancellation_trap_two_close_points():
     """Two training points 1e-3 apart at t = 0.999: the GEMM form loses their weights entirely."""
     gen = torch.Generator().manual_seed(0)

@@ -16,13 +16,12 @@ from knnflow.bench.common import (
     bench_data,
     check_ts,
     default_ts,
-    per_query_t,
     t_cases,
 )
 from knnflow.bench.measure import peak_extra_bytes, relative_errors
 from knnflow.bench.references import float64_velocity, naive_velocity
 from knnflow.choices import BENCH_DATASET as DEFAULT_DATASET
-from knnflow.closed_form import TrainingSet, closed_form_state
+from knnflow.closed_form import TrainingSet, closed_form_velocity
 from knnflow.devices import resolve_device
 from knnflow.engine_settings import engine_settings
 from knnflow.errors import OptionError
@@ -133,13 +132,12 @@ def _exact_row(label: str, t: float | Tensor, x: Tensor, points: Tensor, points_
     n, dim = points.shape
     reference = float64_velocity(x.cpu(), t, points)
     t_dev = t if not torch.is_tensor(t) else t.to(dev)
-    one_minus_t = (1 - per_query_t(t, batch)).to(dev)[:, None]
 
     def naive() -> Tensor:
         return naive_velocity(x, t_dev, points_dev)
 
     def engine() -> Tensor:
-        return (closed_form_state(x, t_dev, train).denoiser() - x.to(torch.float64)) / one_minus_t
+        return closed_form_velocity(x, t_dev, train)
 
     seconds = interleaved_seconds({"naive": naive, "engine": engine, **gemms}, repeats, dev,
                                   BENCH_SAMPLE_SECONDS)

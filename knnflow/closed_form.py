@@ -354,7 +354,8 @@ def _closed_form_state(xf: Tensor, t64: Tensor, train: TrainingSet, *, chunk_siz
     if compute_dtype == torch.float32:
         # The screen's magnitudes must stay far inside float32's range (3.4e38).
         # (checked per row only when the batch's largest query and t could overflow)
-        reach_max = float(x64.abs().amax()) * math.sqrt(train.dim) + t_max * train.max_norm
+        x_low, x_high = (float(v) for v in x64.aminmax())  # (no B×d temporary)
+        reach_max = max(-x_low, x_high) * math.sqrt(train.dim) + t_max * train.max_norm
         may_overflow = not reach_max * reach_max / (1 - t_max) ** 2 < FLOAT32_SCREEN_MAX
     one_pass = compute_dtype == torch.float32 and train.n <= chunk_size and (
         train.n * train.dim <= settings.small_set_numbers)
@@ -461,11 +462,14 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     sums = (weights @ points).to(torch.float64)
     q = (weights @ sq).to(torch.float64)
     inv_z = z.reciprocal()
-    # ‖D - x‖ and ‖D‖ for D = S/Z, with one B×d temporary (fresh ones of 128 KB are often
-    # page-faulted in on every call)
-    gap = torch.linalg.vector_norm(torch.addcmul(sums, z[:, None], x64, value=-1.0), dim=1)
+    # ‖D‖ and ‖D - x‖ for D = S/Z, the latter from ‖S‖² - 2Z⟨S, x⟩ + Z²‖x‖² (no B×d
+    # temporary: fresh ones of 128 KB are often page-faulted in on every call). Its float64
+    # cancellation, ~u·(‖x‖/‖D - x‖)² relative, is far below what an estimate needs.
+    s_norm = torch.linalg.vector_norm(sums, dim=1)
+    s_dot_x = torch.bmm(sums[:, None, :], x64[:, :, None]).view(batch)
+    gap = (s_norm.square() - 2 * z * s_dot_x + z.square() * x_sq).clamp_(min=0.0).sqrt_()
     gap.mul_(inv_z)
-    d_norm = torch.linalg.vector_norm(sums, dim=1).mul_(inv_z)
+    d_norm = s_norm.mul_(inv_z)
     q_z = q.mul_(inv_z)
     # The top weight is made exact below (_exact_top_), so the largest weight left screened
     # is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
@@ -542,7 +546,9 @@ class _Screen:
 
     def __init__(self, x64: Tensor, t: Tensor, s: Tensor, dtype: torch.dtype,
                  shared_t: bool | None = None):
-        self.query = ((2 * s * t)[:, None] * x64).to(dtype)
+        # (rounded to `dtype` first: no float64 B×d temporary; the product's rounding and the
+        # inputs' stay within the bound's few u·A)
+        self.query = x64.to(dtype, copy=True).mul_((2 * s * t).to(dtype)[:, None])
         self.b = (s * t * t).to(dtype)
         self.shared_t = bool((t == t[0]).all()) if shared_t is None else shared_t
 

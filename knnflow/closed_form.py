@@ -451,7 +451,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     # for the batch, no rows to pick out.
     points = train.points.to(torch.float32)
     sq = train.sq_norms_as(torch.float32)
-    # In bits (log2 of the weights): torch's exp2 runs ~3× faster than its exp on CPUs.
+    # In bits (log2 of the weights): torch's exp2 runs 3-4× faster than its exp on CPUs.
     logits = screened_logits(x64, t_screen, s_screen * LOG2_E, points, sq,
                              out=_logits_buffer(batch, n, device))
     first = row_argmax(logits)

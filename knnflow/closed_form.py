@@ -447,59 +447,67 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     floor = settings.one_pass_floor_nats
     coarse = proven > (floor - math.log(n) - DROPPED_MASS_NATS) / 2
     any_coarse = bool(coarse.any())
-    # Every row is screened, coarse ones too (their states are set again below): one GEMM
-    # for the batch, no rows to pick out.
-    points = train.points.to(torch.float32)
-    sq = train.sq_norms_as(torch.float32)
-    # In bits (log2 of the weights): torch's exp2 runs 3-4× faster than its exp on CPUs.
-    logits = screened_logits(x64, t_screen, s_screen * LOG2_E, points, sq,
-                             out=_logits_buffer(batch, n, device))
-    first = row_argmax(logits)
-    top = logits.gather(1, first[:, None])
-    weights = logits.sub_(top).clamp_(min=-floor * LOG2_E).exp2_()
-    top = top.squeeze(1)
-    z = weights.sum(dim=1).to(torch.float64)
-    sums = (weights @ points).to(torch.float64)
-    q = (weights @ sq).to(torch.float64)
-    inv_z = z.reciprocal()
-    # ‖D‖ and ‖D - x‖ for D = S/Z, the latter from ‖S‖² - 2Z⟨S, x⟩ + Z²‖x‖² (no B×d
-    # temporary: fresh ones of 128 KB are often page-faulted in on every call). Its float64
-    # cancellation, ~u·(‖x‖/‖D - x‖)² relative, is far below what an estimate needs.
-    s_norm = torch.linalg.vector_norm(sums, dim=1)
-    s_dot_x = torch.bmm(sums[:, None, :], x64[:, :, None]).view(batch)
-    gap = (s_norm.square() - 2 * z * s_dot_x + z.square() * x_sq).clamp_(min=0.0).sqrt_()
-    gap.mul_(inv_z)
-    d_norm = s_norm.mul_(inv_z)
-    q_z = q.mul_(inv_z)
-    # The top weight is made exact below (_exact_top_), so the largest weight left screened
-    # is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
-    screened_max = torch.minimum(inv_z, (1 - inv_z).clamp_(min=0.0))
-    spread = torch.addcmul(q_z, d_norm, d_norm, value=-1.0).clamp_(min=0.0)
-    scatter = spread.mul_(screened_max).sqrt_().mul_(typical)
-    rounding = torch.add(q_z.sqrt_(), d_norm, alpha=math.sqrt(n)).mul_(FLOAT32_ROUNDOFF)
-    estimate = rounding.add_(scatter, alpha=SCREEN_SAFETY).div_(gap)
-    ref = torch.addcmul(top.to(torch.float64).mul_(LN_2), s, x_sq, value=-1.0)
-    state = SoftmaxState(_exact_top_(ref, z, sums, first, x64, t, s, train), z, sums)
-    if not any_coarse and float(estimate.amax()) <= FLOAT64_TARGET:  # (NaN fails it too)
-        return state, first[:0]
-    # Rows the float32 sums leave too inaccurate, mostly a few points sharing the mass: as
-    # for coarse rows, the points within the dropped-mass margin widened by twice the proven
-    # bound (here their float32 weights show which) hold every weight that matters; where
-    # they are few, they are weighed exactly from differences.
-    bad = (~(estimate <= FLOAT64_TARGET) & ~coarse).nonzero().squeeze(1)
-    margin = ((math.log(n) + DROPPED_MASS_NATS + 2 * proven[bad]) * LOG2_E
-              + 4 * FLOAT32_ROUNDOFF * top[bad].abs() + PAIR_MARGIN_SLACK_BITS)
-    rows, live = [bad], [weights[bad] >= torch.exp2(-margin)[:, None]]
+    rows: list[Tensor] = []
+    live: list[Tensor] = []
+    if any_coarse and bool(coarse.all()):  # (near t = 1: no row needs the batch's screen)
+        state = SoftmaxState.empty(batch, dim, device)
+    else:
+        # Every row is screened, coarse ones too (their states are set again below): one GEMM
+        # for the batch, no rows to pick out.
+        points = train.points.to(torch.float32)
+        sq = train.sq_norms_as(torch.float32)
+        # In bits (log2 of the weights): torch's exp2 runs 3-4× faster than its exp on CPUs.
+        logits = screened_logits(x64, t_screen, s_screen * LOG2_E, points, sq,
+                                 out=_logits_buffer(batch, n, device))
+        first = row_argmax(logits)
+        top = logits.gather(1, first[:, None])
+        weights = logits.sub_(top).clamp_(min=-floor * LOG2_E).exp2_()
+        top = top.squeeze(1)
+        z = weights.sum(dim=1).to(torch.float64)
+        sums = (weights @ points).to(torch.float64)
+        q = (weights @ sq).to(torch.float64)
+        inv_z = z.reciprocal()
+        # ‖D‖ and ‖D - x‖ for D = S/Z, the latter from ‖S‖² - 2Z⟨S, x⟩ + Z²‖x‖² (no B×d
+        # temporary: fresh ones of 128 KB are often page-faulted in on every call). Its float64
+        # cancellation, ~u·(‖x‖/‖D - x‖)² relative, is far below what an estimate needs.
+        s_norm = torch.linalg.vector_norm(sums, dim=1)
+        s_dot_x = torch.bmm(sums[:, None, :], x64[:, :, None]).view(batch)
+        gap = (s_norm.square() - 2 * z * s_dot_x + z.square() * x_sq).clamp_(min=0.0).sqrt_()
+        gap.mul_(inv_z)
+        d_norm = s_norm.mul_(inv_z)
+        q_z = q.mul_(inv_z)
+        # The top weight is made exact below (_exact_top_), so the largest weight left screened
+        # is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
+        screened_max = torch.minimum(inv_z, (1 - inv_z).clamp_(min=0.0))
+        spread = torch.addcmul(q_z, d_norm, d_norm, value=-1.0).clamp_(min=0.0)
+        scatter = spread.mul_(screened_max).sqrt_().mul_(typical)
+        rounding = torch.add(q_z.sqrt_(), d_norm, alpha=math.sqrt(n)).mul_(FLOAT32_ROUNDOFF)
+        estimate = rounding.add_(scatter, alpha=SCREEN_SAFETY).div_(gap)
+        ref = torch.addcmul(top.to(torch.float64).mul_(LN_2), s, x_sq, value=-1.0)
+        state = SoftmaxState(_exact_top_(ref, z, sums, first, x64, t, s, train), z, sums)
+        if not any_coarse and float(estimate.amax()) <= FLOAT64_TARGET:  # (NaN fails it too)
+            return state, first[:0]
+        # Rows the float32 sums leave too inaccurate, mostly a few points sharing the mass: as
+        # for coarse rows, the points within the dropped-mass margin widened by twice the proven
+        # bound (here their float32 weights show which) hold every weight that matters; where
+        # they are few, they are weighed exactly from differences.
+        bad = (~(estimate <= FLOAT64_TARGET) & ~coarse).nonzero().squeeze(1)
+        margin = ((math.log(n) + DROPPED_MASS_NATS + 2 * proven[bad]) * LOG2_E
+                  + 4 * FLOAT32_ROUNDOFF * top[bad].abs() + PAIR_MARGIN_SLACK_BITS)
+        rows.append(bad)
+        live.append(weights[bad] >= torch.exp2(-margin)[:, None])
     if any_coarse:
         # Too coarse for the floor, not for a screen: the float32 logits within the dropped-
         # mass margin widened by twice the proven bound hold every weight that matters, few
         # per row near t = 1.
-        rows.append(coarse.nonzero().squeeze(1))
-        logits = screened_logits(x64[rows[1]], t[rows[1]], s[rows[1]], points, sq)
+        near = coarse.nonzero().squeeze(1)
+        logits = screened_logits(x64[near], t[near], s[near], train.points.to(torch.float32),
+                                 train.sq_norms_as(torch.float32))
         top = logits.amax(dim=1).to(torch.float64)
         # (the threshold's own float32 rounding, a few units in the last place of the top)
-        margin = (math.log(n) + DROPPED_MASS_NATS + 2 * proven[rows[1]]
+        margin = (math.log(n) + DROPPED_MASS_NATS + 2 * proven[near]
                   + 4 * FLOAT32_ROUNDOFF * top.abs())
+        rows.append(near)
         live.append(logits >= (top - margin).to(torch.float32)[:, None])
     rows, live = (rows[0], live[0]) if len(rows) == 1 else (torch.cat(rows), torch.cat(live))
     few = _row_counts(live) <= settings.one_pass_pair_rows

@@ -449,13 +449,13 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     any_coarse = bool(coarse.any())
     rows: list[Tensor] = []
     live: list[Tensor] = []
+    points = train.points.to(torch.float32)
+    sq = train.sq_norms_as(torch.float32)
     if any_coarse and bool(coarse.all()):  # (near t = 1: no row needs the batch's screen)
         state = SoftmaxState.empty(batch, dim, device)
     else:
         # Every row is screened, coarse ones too (their states are set again below): one GEMM
         # for the batch, no rows to pick out.
-        points = train.points.to(torch.float32)
-        sq = train.sq_norms_as(torch.float32)
         # In bits (log2 of the weights): torch's exp2 runs 3-4× faster than its exp on CPUs.
         logits = screened_logits(x64, t_screen, s_screen * LOG2_E, points, sq,
                                  out=_logits_buffer(batch, n, device))
@@ -501,8 +501,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
         # mass margin widened by twice the proven bound hold every weight that matters, few
         # per row near t = 1.
         near = coarse.nonzero().squeeze(1)
-        logits = screened_logits(x64[near], t[near], s[near], train.points.to(torch.float32),
-                                 train.sq_norms_as(torch.float32))
+        logits = screened_logits(x64[near], t[near], s[near], points, sq)
         top = logits.amax(dim=1).to(torch.float64)
         # (the threshold's own float32 rounding, a few units in the last place of the top)
         margin = (math.log(n) + DROPPED_MASS_NATS + 2 * proven[near]
@@ -512,9 +511,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     rows, live = (rows[0], live[0]) if len(rows) == 1 else (torch.cat(rows), torch.cat(live))
     few = _row_counts(live) <= settings.one_pass_pair_rows
     _live_pairs_into(state, x64, t, s, train, rows[few], live[few])
-    redo = torch.zeros(batch, dtype=torch.bool, device=device)
-    redo[rows[~few]] = True
-    rows = redo.nonzero().squeeze(1)
+    rows = rows[~few]
     if rows.numel() == 0:
         return state, rows
     # In place where it can (fresh temporaries of this size are page-faulted in on each call).
@@ -674,7 +671,7 @@ def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor
     the new reference, its logit from float64 differences, so log Z and max λ carry no
     rounding of the top (analysis.collapse reads them)."""
     top = train.points[first].to(torch.float64)
-    exact = torch.addcmul(x64, t[:, None], top, value=-1.0).square_().sum(dim=1).mul_(s).neg_()
+    exact = difference_sq(x64, t[:, None], top).mul_(s).neg_()
     scale = ref.sub_(exact).exp_()
     z.sub_(1.0).clamp_(min=0.0).mul_(scale).add_(1.0)
     sums.sub_(top).mul_(scale[:, None]).add_(top)

@@ -118,8 +118,10 @@ def dot_form_sq(x_sq: Tensor, dots: Tensor, t: Tensor | float, p_sq: Tensor) -> 
 
 def difference_sq(x: Tensor, t: Tensor | float, p: Tensor) -> Tensor:
     """‖x - t·p‖² from the difference itself, summed over the last dimension (the arguments
-    broadcast): no cancellation, one pass more over the points than the dot form."""
-    return (x - t * p).square().sum(dim=-1)
+    broadcast): no cancellation, one pass more over the points than the dot form. One
+    temporary: fresh ones of 128 KB and more are often page-faulted in on every call."""
+    diff = torch.addcmul(x, t, p, value=-1.0) if torch.is_tensor(t) else torch.add(x, p, alpha=-t)
+    return diff.square_().sum(dim=-1)
 
 
 def dot_form_holds(x_norm: Tensor, t: Tensor, max_norm: float, s: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -256,11 +257,19 @@ class TrainingSet:
 
     def sq_norms_as(self, dtype: torch.dtype) -> Tensor:
         """sq_norms in `dtype`, converted on first use and kept."""
-        if dtype == self.sq_norms.dtype:
-            return self.sq_norms
-        key = ("sq_norms", dtype)
+        return self._kept_as("sq_norms", self.sq_norms, dtype)
+
+    def points_as(self, dtype: torch.dtype) -> Tensor:
+        """The points in `dtype`, converted on first use and kept (for small sets: the one
+        pass reads them whole on every call)."""
+        return self._kept_as("points", self.points, dtype)
+
+    def _kept_as(self, name: str, values: Tensor, dtype: torch.dtype) -> Tensor:
+        if dtype == values.dtype:
+            return values
+        key = (name, dtype)
         if key not in self.derived:
-            self.derived[key] = self.sq_norms.to(dtype)
+            self.derived[key] = values.to(dtype)
         return self.derived[key]
 
     def to(self, device: torch.device | str) -> TrainingSet:
@@ -449,7 +458,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     any_coarse = bool(coarse.any())
     rows: list[Tensor] = []
     live: list[Tensor] = []
-    points = train.points.to(torch.float32)
+    points = train.points_as(torch.float32)
     sq = train.sq_norms_as(torch.float32)
     if any_coarse and bool(coarse.all()):  # (near t = 1: no row needs the batch's screen)
         state = SoftmaxState.empty(batch, dim, device)
@@ -459,30 +468,20 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
         # In bits (log2 of the weights): torch's exp2 runs 3-4× faster than its exp on CPUs.
         logits = screened_logits(x64, t_screen, s_screen * LOG2_E, points, sq,
                                  out=_logits_buffer(batch, n, device))
-        first = row_argmax(logits)
-        top = logits.gather(1, first[:, None])
-        weights = logits.sub_(top).clamp_(min=-floor * LOG2_E).exp2_()
-        top = top.squeeze(1)
+        # (torch's max over rows splits them between threads as the passes below do: numpy's
+        # argmax on one thread, then those passes, move half the logits between the cores'
+        # caches twice after the GEMM; its index is the first of equal maxima)
+        top, first = logits.max(dim=1)
+        weights = logits.sub_(top[:, None]).clamp_(min=-floor * LOG2_E).exp2_()
         z = weights.sum(dim=1).to(torch.float64)
         sums = (weights @ points).to(torch.float64)
         q = (weights @ sq).to(torch.float64)
-        inv_z = z.reciprocal()
         # ‖D‖ and ‖D - x‖ for D = S/Z, the latter from ‖S‖² - 2Z⟨S, x⟩ + Z²‖x‖² (no B×d
         # temporary: fresh ones of 128 KB are often page-faulted in on every call). Its float64
         # cancellation, ~u·(‖x‖/‖D - x‖)² relative, is far below what an estimate needs.
         s_norm = torch.linalg.vector_norm(sums, dim=1)
         s_dot_x = torch.bmm(sums[:, None, :], x64[:, :, None]).view(batch)
-        gap = (s_norm.square() - 2 * z * s_dot_x + z.square() * x_sq).clamp_(min=0.0).sqrt_()
-        gap.mul_(inv_z)
-        d_norm = s_norm.mul_(inv_z)
-        q_z = q.mul_(inv_z)
-        # The top weight is made exact below (_exact_top_), so the largest weight left screened
-        # is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
-        screened_max = torch.minimum(inv_z, (1 - inv_z).clamp_(min=0.0))
-        spread = torch.addcmul(q_z, d_norm, d_norm, value=-1.0).clamp_(min=0.0)
-        scatter = spread.mul_(screened_max).sqrt_().mul_(typical)
-        rounding = torch.add(q_z.sqrt_(), d_norm, alpha=math.sqrt(n)).mul_(FLOAT32_ROUNDOFF)
-        estimate = rounding.add_(scatter, alpha=SCREEN_SAFETY).div_(gap)
+        estimate = _one_pass_estimate(z, s_norm, s_dot_x, q, x_sq, typical, n)
         ref = torch.addcmul(top.to(torch.float64).mul_(LN_2), s, x_sq, value=-1.0)
         state = SoftmaxState(_exact_top_(ref, z, sums, first, x64, t, s, train), z, sums)
         if not any_coarse and float(estimate.amax()) <= FLOAT64_TARGET:  # (NaN fails it too)
@@ -515,7 +514,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     if rows.numel() == 0:
         return state, rows
     # In place where it can (fresh temporaries of this size are page-faulted in on each call).
-    p64 = train.points.to(torch.float64)
+    p64 = train.points_as(torch.float64)
     sr, tr = s[rows], t[rows]
     full = torch.mm(x64[rows], p64.T).mul_((2 * sr * tr)[:, None])
     full.addr_(-sr * tr * tr, train.sq_norms)  # the logits less s‖x‖², the same for every j
@@ -541,6 +540,35 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     few = _row_counts(live) <= settings.one_pass_pair_rows
     _live_pairs_into(state, x64, t, s, train, screened[few], live[few])
     return state, screened[~few]
+
+
+def _one_pass_estimate(z: Tensor, s_norm: Tensor, s_dot_x: Tensor, q: Tensor, x_sq: Tensor,
+                       typical: Tensor, n: int) -> Tensor:
+    """The one pass's error estimate per row, relative to ‖D - x‖, as `_float32_error`'s
+    for a single chunk: from Z, ‖S‖, ⟨S, x⟩ and Σ w_j‖x_j‖² (float64, (B,) each) and the
+    screen's typical error. The top weight is made exact (_exact_top_), so the largest weight
+    left screened is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
+    On a CPU in numpy, on the tensors' memory: some 25 operations on B values, each a few
+    times faster than torch's there."""
+    cpu = z.device.type == "cpu"
+    xp = np if cpu else torch
+    if cpu:
+        z, s_norm, s_dot_x, q, x_sq, typical = (v.numpy() for v in
+                                                 (z, s_norm, s_dot_x, q, x_sq, typical))
+
+    def above_0(v):
+        return np.maximum(v, 0.0) if cpu else v.clamp(min=0.0)
+
+    inv_z = 1 / z
+    gap = xp.sqrt(above_0(s_norm * s_norm - 2 * z * s_dot_x + z * z * x_sq)) * inv_z
+    d_norm, q_z = s_norm * inv_z, q * inv_z
+    screened_max = xp.minimum(inv_z, above_0(1 - inv_z))
+    scatter = xp.sqrt(above_0(q_z - d_norm * d_norm) * screened_max) * typical
+    rounding = (xp.sqrt(q_z) + math.sqrt(n) * d_norm) * FLOAT32_ROUNDOFF
+    if not cpu:
+        return (rounding + SCREEN_SAFETY * scatter) / gap
+    with np.errstate(divide="ignore", invalid="ignore"):  # (D = x: inf, as torch gives)
+        return torch.from_numpy((rounding + SCREEN_SAFETY * scatter) / gap)
 
 
 class _Screen:
@@ -670,7 +698,7 @@ def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor
     it. Returns
     the new reference, its logit from float64 differences, so log Z and max λ carry no
     rounding of the top (analysis.collapse reads them)."""
-    top = train.points[first].to(torch.float64)
+    top = torch.index_select(train.points_as(torch.float64), 0, first)
     exact = difference_sq(x64, t[:, None], top).mul_(s).neg_()
     scale = ref.sub_(exact).exp_()
     z.sub_(1.0).clamp_(min=0.0).mul_(scale).add_(1.0)
@@ -1291,8 +1319,9 @@ def closed_form_denoiser(x: Tensor, t: float | Tensor, data: Tensor | TrainingSe
     return state.denoiser().to(output_dtype(x)).reshape(x.shape)
 
 
-def closed_form_velocity(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet,
-                         **engine_options) -> Tensor:
+def closed_form_velocity(x: Tensor, t: float | Tensor, data: Tensor | TrainingSet, *,
+                         chunk_size: int | None = None,
+                         compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """The exact optimal velocity û*(x, t), shaped like x (typed as `output_dtype`).
 
     x: (B, d) or (B, C, H, W); t: a float or a (B,) tensor in [0, 1); data: (n, d) training
@@ -1300,7 +1329,10 @@ def closed_form_velocity(x: Tensor, t: float | Tensor, data: Tensor | TrainingSe
     unchanged). Computed in float64 from the softmax state, so the 1/(1-t) factor does not
     amplify float32 rounding of D - x.
     """
-    state = closed_form_state(x, t, data, **engine_options)
-    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
-    velocity = state.velocity_(flat, check_t(t, x.shape[0], x.device))
-    return velocity.to(output_dtype(x)).reshape(x.shape)
+    train = as_training_set(data)
+    # (the float64 queries serve the engine and the velocity: no mixed-dtype B×d passes)
+    x64 = flatten_queries(x, train.dim).to(torch.float64)
+    t64 = check_t(t, x64.shape[0], x64.device)
+    state = _closed_form_state(x64, t64, train, chunk_size=chunk_size,
+                               compute_dtype=compute_dtype)
+    return state.velocity_(x64, t64).to(output_dtype(x)).reshape(x.shape)

@@ -117,7 +117,8 @@ class ExactVelocity:
         return state.denoiser()
 
     def __call__(self, x: Tensor, t: float | Tensor) -> VelocityOutput:
-        flat = flatten_queries(x, self.train.dim).to(self.train.points.device)
+        # (float64 once: the engine and the velocity both take it, no mixed-dtype passes)
+        flat = flatten_queries(x, self.train.dim).to(self.train.points.device, torch.float64)
         return self._velocity(x, flat, check_t(t, flat.shape[0], flat.device))
 
     def _velocity(self, x: Tensor, flat: Tensor, t64: Tensor) -> VelocityOutput:

@@ -679,7 +679,7 @@ def _live_pairs_into(state: SoftmaxState, x64: Tensor, t: Tensor, s: Tensor,
     if local.numel() == 0:
         return
     r = done[local]
-    pair = torch.index_select(train.points, 0, c).to(torch.float64)
+    pair = torch.index_select(train.points_as(torch.float64), 0, c)
     diff = torch.index_select(x64, 0, r).addcmul_(t[r, None], pair, value=-1.0)
     logits = -s[r] * diff.square_().sum(dim=1)
     top = torch.full((done.numel(),), -math.inf, dtype=torch.float64,
@@ -694,16 +694,16 @@ def _live_pairs_into(state: SoftmaxState, x64: Tensor, t: Tensor, s: Tensor,
 def _exact_top_(ref: Tensor, z: Tensor, sums: Tensor, first: Tensor, x64: Tensor, t: Tensor,
                 s: Tensor, train: TrainingSet) -> Tensor:
     """Make each row's top weight exact in place: the sums hold it as weight 1 at the
-    reference `ref` (its dot-form logit, overwritten); the other weights keep their ratio to
-    it. Returns
-    the new reference, its logit from float64 differences, so log Z and max λ carry no
-    rounding of the top (analysis.collapse reads them)."""
+    reference `ref` (its dot-form logit), and the other weights relative to that reference.
+    The top's weight becomes e^(exact - ref), its logit from float64 differences, so log Z
+    (ref + log z) and max λ carry no rounding of the top (analysis.collapse reads them).
+    Returns ref. (One B×d pass over the sums: S + (e^(exact - ref) - 1)·x_top.)"""
     top = torch.index_select(train.points_as(torch.float64), 0, first)
     exact = difference_sq(x64, t[:, None], top).mul_(s).neg_()
-    scale = ref.sub_(exact).exp_()
-    z.sub_(1.0).clamp_(min=0.0).mul_(scale).add_(1.0)
-    sums.sub_(top).mul_(scale[:, None]).add_(top)
-    return exact
+    gain = torch.expm1(exact.sub_(ref))
+    z.add_(gain)
+    sums.addcmul_(top, gain[:, None])
+    return ref
 
 
 def _int_screen_fits(train: TrainingSet, settings: EngineSettings, device: torch.device) -> bool:

@@ -483,7 +483,13 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
         s_dot_x = torch.bmm(sums[:, None, :], x64[:, :, None]).view(batch)
         estimate = _one_pass_estimate(z, s_norm, s_dot_x, q, x_sq, typical, n)
         ref = torch.addcmul(top.to(torch.float64).mul_(LN_2), s, x_sq, value=-1.0)
-        state = SoftmaxState(_exact_top_(ref, z, sums, first, x64, t, s, train), z, sums)
+        # The top weights are made exact where one holds more than half its row's mass (Z <
+        # 2; then in every row, as picking rows out costs more): the estimate leaves them out.
+        # In a batch without such rows each top is the largest screened weight, which the
+        # estimate counts, and its screening error moves log Z no more than the others' do.
+        if bool((z < 2).any()):
+            _exact_top_(ref, z, sums, first, x64, t, s, train)
+        state = SoftmaxState(ref, z, sums)
         if not any_coarse and float(estimate.amax()) <= FLOAT64_TARGET:  # (NaN fails it too)
             return state, first[:0]
         # Rows the float32 sums leave too inaccurate, mostly a few points sharing the mass: as
@@ -546,8 +552,9 @@ def _one_pass_estimate(z: Tensor, s_norm: Tensor, s_dot_x: Tensor, q: Tensor, x_
                        typical: Tensor, n: int) -> Tensor:
     """The one pass's error estimate per row, relative to ‖D - x‖, as `_float32_error`'s
     for a single chunk: from Z, ‖S‖, ⟨S, x⟩ and Σ w_j‖x_j‖² (float64, (B,) each) and the
-    screen's typical error. The top weight is made exact (_exact_top_), so the largest weight
-    left screened is the second, at most min(λ_top, 1 - λ_top) of the total (λ_top = 1/Z).
+    screen's typical error. The top weights are made exact (_exact_top_) in a batch where
+    some λ_top = 1/Z exceeds 1/2, so the largest weight left screened is at most min(λ_top,
+    1 - λ_top) of the total: the second there, the top itself in a batch without.
     On a CPU in numpy, on the tensors' memory: some 25 operations on B values, each a few
     times faster than torch's there."""
     cpu = z.device.type == "cpu"

@@ -201,6 +201,27 @@ def _per_sample(values: Tensor | float, like: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class ScreenFrame:
+    """The one pass's screen in a frame centred on `center` (float64 (d,), or None: the
+    points as they are): the points x_j - center and their squared norms in float32, and the
+    largest norm, exact. The logits are the same in it: ℓ_j = -s‖(x - t·c) - t(x_j - c)‖²."""
+
+    center: Tensor | None
+    points: Tensor
+    sq_norms: Tensor
+    max_norm: float
+
+
+# The one pass screens in a frame centred on the data's mean where that shrinks the largest
+# norm below this fraction of the points' own (digits: 7.5 → 6.0), for batches whose screen
+# errs by more than SCREEN_CENTRE_NATS (typical, screening_error_bound) in some row: below
+# it the float32 rows are all accurate (digits: t < 0.65) and the frame's few B×d passes
+# would cost ~5% of a call for nothing.
+SCREEN_CENTRE_GAIN = 0.9
+SCREEN_CENTRE_NATS = 2e-5
+
+
+@dataclass(frozen=True)
 class TrainingSet:
     """Training points (n, d) with what the engine needs about them, computed once.
 
@@ -263,6 +284,24 @@ class TrainingSet:
         """The points in `dtype`, converted on first use and kept (for small sets: the one
         pass reads them whole on every call)."""
         return self._kept_as("points", self.points, dtype)
+
+    def screen_frame(self) -> ScreenFrame:
+        """The frame the one pass screens in, found on first use and kept: centred on the
+        points' mean where that shrinks their largest norm (the screen's rounding grows with
+        ‖x‖·max‖x_j‖ and max‖x_j‖²), else the points as they are."""
+        if "frame" not in self.derived:
+            center = self.sums / self.n
+            centred = self.points.to(torch.float64) - center
+            norms = centred.square().sum(dim=1)
+            reach = float(norms.max().sqrt())
+            if reach < SCREEN_CENTRE_GAIN * self.max_norm:
+                frame = ScreenFrame(center, centred.to(torch.float32), norms.to(torch.float32),
+                                    reach)
+            else:
+                frame = ScreenFrame(None, self.points_as(torch.float32),
+                                    self.sq_norms_as(torch.float32), self.max_norm)
+            self.derived["frame"] = frame
+        return self.derived["frame"]
 
     def _kept_as(self, name: str, values: Tensor, dtype: torch.dtype) -> Tensor:
         if dtype == values.dtype:
@@ -450,6 +489,21 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     t_screen, s_screen = (t, s) if t_shared is None else (t_shared, 0.5 / (1 - t_shared) ** 2)
     proven, typical = screening_error_bound(x_norm, t_screen, train.max_norm, dim,
                                             torch.float32, device, s_screen)
+    # A batch whose screen errs by more than SCREEN_CENTRE_NATS somewhere is screened in the
+    # frame centred on the data (train.screen_frame), where it errs less: fewer rows then
+    # need float64 weights. xs = x - t·c are its queries; ⟨x, c⟩ gives ‖x - c‖ (‖D - x‖ in it).
+    frame = train.screen_frame()
+    xs, xs_sq, x_dot_c = x64, x_sq, None
+    if frame.center is None or not float(typical.amax()) > SCREEN_CENTRE_NATS:
+        frame = ScreenFrame(None, train.points_as(torch.float32),
+                            train.sq_norms_as(torch.float32), train.max_norm)
+    else:
+        xs = (torch.add(x64, frame.center, alpha=-t_shared) if t_shared is not None
+              else torch.addr(x64, t, frame.center, alpha=-1.0))
+        xs_sq = torch.linalg.vector_norm(xs, dim=1).square_()
+        x_dot_c = x64 @ frame.center
+        proven, typical = screening_error_bound(xs_sq.sqrt(), t_screen, frame.max_norm, dim,
+                                                torch.float32, device, s_screen)
     # Weights below e^-floor of the top stay at e^-floor instead of 0: for rows whose bound
     # allows it, at most n·e^-(log n + 36) of the total, under the dropped mass; never
     # subnormal, nor their products with the points (those slow the second GEMM ~3×).
@@ -458,8 +512,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     any_coarse = bool(coarse.any())
     rows: list[Tensor] = []
     live: list[Tensor] = []
-    points = train.points_as(torch.float32)
-    sq = train.sq_norms_as(torch.float32)
+    points, sq = frame.points, frame.sq_norms
     if any_coarse and bool(coarse.all()):  # (near t = 1: no row needs the batch's screen)
         state = SoftmaxState.empty(batch, dim, device)
     else:
@@ -467,7 +520,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
         # for the batch, no rows to pick out.
         # In bits (log2 of the weights): torch's exp2 runs 3-4× faster than its exp on AMD
         # EPYC CPUs (on Intel Xeons its exp is 1.7× faster, ~2% of a call).
-        logits = screened_logits(x64, t_screen, s_screen * LOG2_E, points, sq,
+        logits = screened_logits(xs, t_screen, s_screen * LOG2_E, points, sq,
                                  out=_logits_buffer(batch, n, device))
         # (torch's max over rows splits them between threads as the passes below do: numpy's
         # argmax on one thread, then those passes, move half the logits between the cores'
@@ -477,13 +530,21 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
         z = weights.sum(dim=1).to(torch.float64)
         sums = (weights @ points).to(torch.float64)
         q = (weights @ sq).to(torch.float64)
-        # ‖D‖ and ‖D - x‖ for D = S/Z, the latter from ‖S‖² - 2Z⟨S, x⟩ + Z²‖x‖² (no B×d
-        # temporary: fresh ones of 128 KB are often page-faulted in on every call). Its float64
-        # cancellation, ~u·(‖x‖/‖D - x‖)² relative, is far below what an estimate needs.
+        # In the frame (sums of x_j - c): ‖D - c‖ and ‖D - x‖ for D = S/Z, the latter from
+        # ‖S‖² - 2Z⟨S, x - c⟩ + Z²‖x - c‖² (no B×d temporary: fresh ones of 128 KB are often
+        # page-faulted in on every call). Its float64 cancellation, ~u·(‖x‖/‖D - x‖)²
+        # relative, is far below what an estimate needs.
         s_norm = torch.linalg.vector_norm(sums, dim=1)
         s_dot_x = torch.bmm(sums[:, None, :], x64[:, :, None]).view(batch)
-        estimate = _one_pass_estimate(z, s_norm, s_dot_x, q, x_sq, typical, n)
-        ref = torch.addcmul(top.to(torch.float64).mul_(LN_2), s, x_sq, value=-1.0)
+        xm_sq = x_sq
+        if frame.center is not None:  # ⟨S, x - c⟩ and ‖x - c‖², from ⟨S, c⟩ and ⟨x, c⟩
+            c = frame.center
+            s_dot_x.sub_(sums @ c)
+            xm_sq = (x_sq - 2 * x_dot_c).add_(float(c @ c))
+        estimate = _one_pass_estimate(z, s_norm, s_dot_x, q, xm_sq, typical, n)
+        ref = torch.addcmul(top.to(torch.float64).mul_(LN_2), s, xs_sq, value=-1.0)
+        if frame.center is not None:
+            sums.addr_(z, frame.center)  # back from the frame: Σ w_j x_j = S + Z·c
         # The top weights are made exact where one holds more than half its row's mass (Z <
         # 2; then in every row, as picking rows out costs more): the estimate leaves them out.
         # In a batch without such rows each top is the largest screened weight, which the
@@ -507,7 +568,7 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
         # mass margin widened by twice the proven bound hold every weight that matters, few
         # per row near t = 1.
         near = coarse.nonzero().squeeze(1)
-        logits = screened_logits(x64[near], t[near], s[near], points, sq)
+        logits = screened_logits(xs[near], t[near], s[near], points, sq)
         top = logits.amax(dim=1).to(torch.float64)
         # (the threshold's own float32 rounding, a few units in the last place of the top)
         margin = (math.log(n) + DROPPED_MASS_NATS + 2 * proven[near]

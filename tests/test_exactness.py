@@ -661,3 +661,54 @@ def test_one_pass_leaves_many_live_near_copies_to_the_streaming_engine(monkeypat
     _, exact = reference(x, t, data)
     assert_contract(knnflow.closed_form_velocity(x, t, data), exact)
     assert calls == [8]
+
+
+def test_one_pass_screens_in_the_centred_frame_where_it_errs_less(monkeypatch):
+    """The digits' largest norm shrinks from 7.5 to 6.0 about their mean, so a batch whose
+    screen would err by more than SCREEN_CENTRE_NATS is screened in the centred frame: its
+    logits there err within screening_error_bound's proven bound for the frame (against
+    float64 differences, on the digits shifted further from the origin too), fewer rows need
+    float64 pairs at t = 0.75 than without the frame, and both ways meet the contract."""
+    from knnflow.closed_form import TrainingSet, screened_logits
+    from knnflow.rounding import screening_error_bound
+
+    for shift in (0.0, 2.0):
+        points = digits().to(torch.float64) + shift
+        train = TrainingSet.from_points(points)
+        frame = train.screen_frame()
+        assert frame.center is not None
+        assert frame.max_norm < 0.9 * train.max_norm
+        gen = torch.Generator().manual_seed(7)
+        for t in (0.3, 0.75, 0.95):
+            x1 = digits("test")[torch.randint(299, (128,), generator=gen)].double() + shift
+            x64 = (1 - t) * torch.randn(128, 64, generator=gen, dtype=torch.float64) + t * x1
+            xs = x64 - t * frame.center
+            s = 0.5 / (1 - t) ** 2
+            got = screened_logits(xs, t, s, frame.points, frame.sq_norms).double()
+            exact = s * (xs.square().sum(dim=1, keepdim=True)
+                         - (x64[:, None, :] - t * points[None]).square().sum(dim=2))
+            proven, _ = screening_error_bound(xs.norm(dim=1), t, frame.max_norm, 64,
+                                              torch.float32, x64.device, s)
+            assert bool(((got - exact).abs().amax(dim=1) <= proven).all())
+
+    gen = torch.Generator().manual_seed(81)
+    t = 0.75
+    x1 = digits("test")[torch.randint(299, (256,), generator=gen)]
+    x = (1 - t) * torch.randn(256, 64, generator=gen) + t * x1
+    _, exact = reference(x, t, digits())
+    pairs_into = knnflow.closed_form._live_pairs_into
+    paired: list[int] = []
+
+    def pairs_spy(state, x64, t, s, train, done, live):
+        paired.append(done.shape[0])
+        return pairs_into(state, x64, t, s, train, done, live)
+
+    monkeypatch.setattr(knnflow.closed_form, "_live_pairs_into", pairs_spy)
+    counts = []
+    for nats in (knnflow.closed_form.SCREEN_CENTRE_NATS, math.inf):
+        monkeypatch.setattr(knnflow.closed_form, "SCREEN_CENTRE_NATS", nats)
+        paired.clear()
+        assert_contract(knnflow.closed_form_velocity(x, t, digits()), exact)
+        counts.append(sum(paired))
+    assert counts[1] >= 10  # without the frame: the case at issue
+    assert counts[0] <= counts[1] // 3

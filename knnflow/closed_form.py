@@ -611,15 +611,15 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
 
 
 def _one_pass_estimate(z: Tensor, s_norm: Tensor, s_dot_x: Tensor, q: Tensor, x_sq: Tensor,
-                       typical: Tensor, n: int) -> Tensor:
+                       typical: Tensor, n: int, in_numpy: bool | None = None) -> Tensor:
     """The one pass's error estimate per row, relative to ‖D - x‖, as `_float32_error`'s
     for a single chunk: from Z, ‖S‖, ⟨S, x⟩ and Σ w_j‖x_j‖² (float64, (B,) each) and the
     screen's typical error. The top weights are made exact (_exact_top_) in a batch where
     some λ_top = 1/Z exceeds 1/2, so the largest weight left screened is at most min(λ_top,
     1 - λ_top) of the total: the second there, the top itself in a batch without.
     On a CPU in numpy, on the tensors' memory: some 25 operations on B values, each a few
-    times faster than torch's there."""
-    cpu = z.device.type == "cpu"
+    times faster than torch's there (in_numpy: force either way; None: by device)."""
+    cpu = z.device.type == "cpu" if in_numpy is None else in_numpy
     xp = np if cpu else torch
     if cpu:
         z, s_norm, s_dot_x, q, x_sq, typical = (v.numpy() for v in

@@ -712,3 +712,27 @@ def test_one_pass_screens_in_the_centred_frame_where_it_errs_less(monkeypatch):
         counts.append(sum(paired))
     assert counts[1] >= 10  # without the frame: the case at issue
     assert counts[0] <= counts[1] // 3
+
+
+def test_one_pass_estimate_is_the_same_in_numpy_and_torch():
+    """The one pass's error estimate runs in numpy on CPUs and in torch elsewhere (GPUs): the
+    two agree to float64 rounding on random rows, on rows where Z = 1 (one weight) and on a
+    row with D = x (‖D - x‖ ≈ 0: an estimate that fails FLOAT64_TARGET either way)."""
+    from knnflow.closed_form import FLOAT64_TARGET, _one_pass_estimate
+
+    gen = torch.Generator().manual_seed(11)
+    f64 = dict(dtype=torch.float64)
+    z = 1 + 50 * torch.rand(64, generator=gen, **f64)
+    z[:4] = 1.0
+    x = torch.randn(64, 8, generator=gen, **f64)
+    d = torch.randn(64, 8, generator=gen, **f64)
+    d[-1] = x[-1]
+    sums = z[:, None] * d
+    q = z * (d.square().sum(dim=1) + torch.rand(64, generator=gen, **f64))
+    typical = 1e-6 * torch.rand(64, generator=gen, **f64)
+    args = (z, sums.norm(dim=1), (sums * x).sum(dim=1), q, x.square().sum(dim=1), typical, 500)
+    in_numpy = _one_pass_estimate(*args, in_numpy=True)
+    in_torch = _one_pass_estimate(*args, in_numpy=False)
+    assert not bool(in_numpy[-1] <= FLOAT64_TARGET) and not bool(in_torch[-1] <= FLOAT64_TARGET)
+    torch.testing.assert_close(in_numpy[:-1], in_torch[:-1], rtol=1e-12, atol=0)
+    assert bool((in_torch[:-1] > 0).all())

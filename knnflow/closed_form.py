@@ -294,14 +294,18 @@ class TrainingSet:
             centred = self.points.to(torch.float64) - center
             norms = centred.square().sum(dim=1)
             reach = float(norms.max().sqrt())
-            if reach < SCREEN_CENTRE_GAIN * self.max_norm:
-                frame = ScreenFrame(center, centred.to(torch.float32), norms.to(torch.float32),
-                                    reach)
-            else:
-                frame = ScreenFrame(None, self.points_as(torch.float32),
-                                    self.sq_norms_as(torch.float32), self.max_norm)
-            self.derived["frame"] = frame
+            self.derived["frame"] = (
+                ScreenFrame(center, centred.to(torch.float32), norms.to(torch.float32), reach)
+                if reach < SCREEN_CENTRE_GAIN * self.max_norm else self.plain_frame())
         return self.derived["frame"]
+
+    def plain_frame(self) -> ScreenFrame:
+        """The points as they are, as a screen frame (no centre), kept."""
+        if "plain frame" not in self.derived:
+            self.derived["plain frame"] = ScreenFrame(
+                None, self.points_as(torch.float32), self.sq_norms_as(torch.float32),
+                self.max_norm)
+        return self.derived["plain frame"]
 
     def _kept_as(self, name: str, values: Tensor, dtype: torch.dtype) -> Tensor:
         if dtype == values.dtype:
@@ -495,14 +499,14 @@ def _one_pass(x64: Tensor, t: Tensor, train: TrainingSet, settings: EngineSettin
     frame = train.screen_frame()
     xs, xs_sq, x_dot_c = x64, x_sq, None
     if frame.center is None or not float(typical.amax()) > SCREEN_CENTRE_NATS:
-        frame = ScreenFrame(None, train.points_as(torch.float32),
-                            train.sq_norms_as(torch.float32), train.max_norm)
+        frame = train.plain_frame()
     else:
         xs = (torch.add(x64, frame.center, alpha=-t_shared) if t_shared is not None
               else torch.addr(x64, t, frame.center, alpha=-1.0))
-        xs_sq = torch.linalg.vector_norm(xs, dim=1).square_()
+        xs_norm = torch.linalg.vector_norm(xs, dim=1)
+        xs_sq = xs_norm.square()
         x_dot_c = x64 @ frame.center
-        proven, typical = screening_error_bound(xs_sq.sqrt(), t_screen, frame.max_norm, dim,
+        proven, typical = screening_error_bound(xs_norm, t_screen, frame.max_norm, dim,
                                                 torch.float32, device, s_screen)
     # Weights below e^-floor of the top stay at e^-floor instead of 0: for rows whose bound
     # allows it, at most n·e^-(log n + 36) of the total, under the dropped mass; never
